@@ -1,0 +1,56 @@
+"""Corpora: local text files, or `datasets` names where the Hub is reachable.
+
+Every corpus is split once into a calibration part and a held-out evaluation part (its last
+`HOLDOUT_FRACTION`), so that evaluation never scores text a compressor was fitted on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HOLDOUT_FRACTION = 0.2
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def load_text(source: str | Path | None = None) -> str:
+    """The text of a corpus.
+
+    `source` is a local text file, or ``"dataset[:config][@split]"`` for `datasets.load_dataset`
+    (e.g. ``"wikitext:wikitext-2-raw-v1@validation"``). None is the shared WikiText-2 validation text.
+    """
+    source = DEFAULT_CORPUS if source is None else source
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif path.suffix in (".txt", ".md", ".text") or path.is_absolute() or str(source).startswith("."):
+        raise FileNotFoundError(
+            f"Corpus file {source} does not exist. Pass an existing text file, or a datasets name such as "
+            "'wikitext:wikitext-2-raw-v1@validation'."
+        )
+    else:
+        text = _load_dataset_text(str(source))
+    if not text.strip():
+        raise ValueError(f"Corpus {source} is empty.")
+    return text
+
+
+def _load_dataset_text(spec: str) -> str:
+    from datasets import load_dataset
+
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    dataset = load_dataset(name, config or None, split=split or "validation")
+    column = "text" if "text" in dataset.column_names else dataset.column_names[0]
+    return "\n".join(dataset[column])
+
+
+def split_text(text: str, holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[str, str]:
+    """(calibration part, held-out evaluation part), split at a line boundary."""
+    cut = text.rfind("\n", 0, int(len(text) * (1 - holdout_fraction)))
+    cut = cut if cut > 0 else int(len(text) * (1 - holdout_fraction))
+    return text[:cut], text[cut:]
+
+
+def heldout_text(source: str | Path | None = None) -> str:
+    """The evaluation part of a corpus."""
+    return split_text(load_text(source))[1]

@@ -1,0 +1,216 @@
+"""An honest evaluator: streaming perplexity, passkey retrieval by depth, and the memory held.
+
+* Streaming perplexity feeds the text in chunks: every token is predicted from the compressed past
+  plus the exact tokens of its own chunk. The first chunk's tokens are not scored (they would be
+  predicted from an uncompressed prefix); a dense cache gives exactly the perplexity of one plain
+  forward pass over the same scored tokens.
+* Passkey retrieval hides a five-digit key at a relative depth of a haystack of real prose. The
+  haystack is fed first and compressed before the question arrives (the cache cannot know the
+  question); the question is then fed and the answer generated greedily. A trial counts only if the
+  generated text contains the exact key.
+* Memory is what the cache holds at the end of the longest run, against a `DynamicCache`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvcompress import H2OCache, StreamingLLMCache
+from kvcompress.cache import CompressedCache
+
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+CACHE_BUILDERS = {
+    "dense": lambda ratio: DynamicCache(),
+    "streamingllm": lambda ratio: StreamingLLMCache(ratio=ratio),
+    "h2o": lambda ratio: H2OCache(ratio=ratio),
+}
+PASSKEY_INTRO = (
+    "Below is a long text. Somewhere in it is a five-digit pass key. "
+    "Remember it, you will be asked for it at the end.\n\n"
+)
+PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+PASSKEY_QUESTION = "\n\nNow answer: what is the five-digit pass key mentioned in the text above? The pass key is"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache to evaluate: a method name from `CACHE_BUILDERS` and its compression ratio."""
+
+    method: str
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if self.method not in CACHE_BUILDERS:
+            raise ValueError(f"Unknown cache '{self.method}'; choose from {', '.join(CACHE_BUILDERS)}.")
+        if self.method != "dense" and self.ratio is None:
+            raise ValueError(f"Cache '{self.method}' needs a compression ratio.")
+
+    def build(self):
+        return CACHE_BUILDERS[self.method](self.ratio)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.ratio is None else f"{self.method} {self.ratio:g}:1"
+
+
+def cache_nbytes(cache) -> tuple[int, int]:
+    """(bytes held, bytes a dense cache would hold) for a compressed or a plain transformers cache."""
+    if isinstance(cache, CompressedCache):
+        return cache.nbytes(), cache.dense_nbytes()
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    return held, held
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    scored_tokens: int
+    nbytes: int
+    dense_nbytes: int
+
+
+@torch.no_grad()
+def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int = 32) -> PerplexityResult:
+    """Perplexity of tokens `chunk_size..T-1` of `input_ids` ([1, T]), fed chunk by chunk through `cache`."""
+    total = input_ids.shape[1]
+    if total <= chunk_size:
+        raise ValueError(f"Need more than one chunk of text: {total} tokens with chunk_size={chunk_size}.")
+    nll, scored = torch.zeros((), dtype=torch.float64), 0
+    for start in range(0, total - 1, chunk_size):
+        chunk = input_ids[:, start : start + chunk_size]
+        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
+        first = max(chunk_size, start + 1)  # first target token scored from this chunk
+        targets = input_ids[0, first : start + chunk.shape[1] + 1]
+        if len(targets):
+            predicted = logits[first - 1 - start : first - 1 - start + len(targets)]
+            nll += torch.nn.functional.cross_entropy(predicted.float(), targets, reduction="sum").double()
+            scored += len(targets)
+    held, dense = cache_nbytes(cache)
+    return PerplexityResult(float(torch.exp(nll / scored)), scored, held, dense)
+
+
+@torch.no_grad()
+def reference_perplexity(model, input_ids: torch.Tensor, first_scored: int) -> float:
+    """Perplexity of tokens `first_scored..T-1` from one plain forward pass (the check on the streaming one)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[0]
+    targets = input_ids[0, first_scored:]
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[first_scored - 1 : -1].float(), targets)))
+
+
+def passkey_context(tokenizer, haystack_ids: list[int], context_tokens: int, depth: float, key: int, offset: int = 0) -> tuple[str, str]:
+    """(context with the key hidden at `depth`, question) of about `context_tokens` tokens in all."""
+    needle = PASSKEY_NEEDLE.format(key=key)
+    fixed = len(tokenizer(PASSKEY_INTRO + needle + PASSKEY_QUESTION).input_ids)
+    room = context_tokens - fixed
+    if room <= 0 or offset + room > len(haystack_ids):
+        raise ValueError(f"Cannot build a {context_tokens}-token passkey prompt from {len(haystack_ids)} haystack tokens at offset {offset}.")
+    hay = haystack_ids[offset : offset + room]
+    cut = int(len(hay) * depth)
+    return PASSKEY_INTRO + tokenizer.decode(hay[:cut]) + needle + tokenizer.decode(hay[cut:]), PASSKEY_QUESTION
+
+
+@torch.no_grad()
+def passkey_trial(model, tokenizer, cache, context: str, question: str, key: int, max_new_tokens: int = 8, prefill_chunk_size: int | None = None) -> bool:
+    """Feed the context, then the question; True if the greedy answer contains the key."""
+    context_ids = tokenizer(context, return_tensors="pt").input_ids.to(model.device)
+    question_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    step = prefill_chunk_size or context_ids.shape[1]
+    for start in range(0, context_ids.shape[1], step):
+        model(input_ids=context_ids[:, start : start + step], past_key_values=cache, use_cache=True)
+    full = torch.cat([context_ids, question_ids], dim=1)
+    out = model.generate(
+        input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    return str(key) in tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)
+
+
+@dataclass
+class EvaluationRow:
+    cache: str
+    perplexity: float | None = None
+    passkey: dict = field(default_factory=dict)
+    nbytes: int = 0
+    dense_nbytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def measured_ratio(self) -> float:
+        return self.dense_nbytes / self.nbytes if self.nbytes else float("nan")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    specs: list[CacheSpec],
+    text: str,
+    ppl_tokens: int = 1024,
+    ppl_chunk: int = 32,
+    passkey_tokens: int = 1536,
+    depths=DEPTHS,
+    trials: int = 2,
+    seed: int = 0,
+) -> list[EvaluationRow]:
+    """Evaluate every cache on the same text and the same passkey prompts."""
+    ids = tokenizer(text).input_ids
+    if len(ids) < ppl_tokens + passkey_tokens * trials:
+        raise ValueError(f"The evaluation text has {len(ids)} tokens; need at least {ppl_tokens + passkey_tokens * trials}.")
+    ppl_ids = torch.tensor([ids[:ppl_tokens]], device=model.device)
+    haystack = ids[ppl_tokens:]
+    rng = random.Random(seed)
+    prompts = [
+        (depth, key, *passkey_context(tokenizer, haystack, passkey_tokens, depth, key, offset=trial * passkey_tokens))
+        for trial in range(trials)
+        for depth in depths
+        for key in [rng.randint(10000, 99999)]
+    ]
+    rows = []
+    progress = tqdm(total=len(specs) * (1 + len(prompts)), desc="evaluate", unit="run")
+    for spec in specs:
+        row, started = EvaluationRow(spec.label), time.perf_counter()
+        if ppl_tokens:
+            progress.set_postfix_str(f"{spec.label}: perplexity")
+            row.perplexity = streaming_perplexity(model, ppl_ids, spec.build(), ppl_chunk).perplexity
+            progress.update()
+        hits = {depth: [] for depth in depths}
+        for depth, key, context, question in prompts:
+            progress.set_postfix_str(f"{spec.label}: passkey depth {depth}")
+            cache = spec.build()
+            hits[depth].append(passkey_trial(model, tokenizer, cache, context, question, key))
+            row.nbytes, row.dense_nbytes = cache_nbytes(cache)
+            progress.update()
+        row.passkey = {depth: sum(h) / len(h) for depth, h in hits.items() if h}
+        row.seconds = time.perf_counter() - started
+        rows.append(row)
+    progress.close()
+    return rows
+
+
+def format_table(rows: list[EvaluationRow], ppl_tokens: int, passkey_tokens: int) -> str:
+    """A markdown table: cache, measured ratio, memory, perplexity (and change vs dense), passkey by depth."""
+    depths = sorted({d for row in rows for d in row.passkey})
+    dense_ppl = next((row.perplexity for row in rows if row.cache == "dense"), None)
+    header = ["cache", "measured ratio", "held KiB", "dense KiB", f"PPL@{ppl_tokens}", "ΔPPL"]
+    header += [f"pk {d:g}" for d in depths] + [f"passkey@{passkey_tokens}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        delta = f"{100 * (row.perplexity / dense_ppl - 1):+.1f}%" if dense_ppl and row.perplexity else "-"
+        mean = sum(row.passkey.values()) / len(row.passkey) if row.passkey else float("nan")
+        cells = [
+            row.cache, f"{row.measured_ratio:.2f}", f"{row.nbytes / 1024:.0f}", f"{row.dense_nbytes / 1024:.0f}",
+            "-" if row.perplexity is None else f"{row.perplexity:.3f}", delta,
+        ]
+        cells += [f"{row.passkey.get(d, float('nan')):.2f}" for d in depths] + [f"{mean:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[EvaluationRow]) -> str:
+    return json.dumps([asdict(row) | {"measured_ratio": row.measured_ratio} for row in rows], indent=2)

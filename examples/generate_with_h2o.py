@@ -1,0 +1,19 @@
+"""Generate with a compressed KV cache: H2O at 4:1 on the embedded default model.
+
+    python examples/generate_with_h2o.py
+"""
+
+import torch
+
+import kvcompress
+
+model, tokenizer = kvcompress.load_model()  # for your own model: kvcompress.enable(model)
+messages = [{"role": "user", "content": "Explain in three sentences why the KV cache grows during generation."}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+cache = kvcompress.H2OCache(ratio=4)  # or StreamingLLMCache(budget=256), H2OCache(budget=256), ...
+with torch.no_grad():
+    output = model.generate(**inputs, past_key_values=cache, max_new_tokens=96, do_sample=False)
+
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(f"KV cache: {cache.nbytes() / 1024:.0f} KiB held, {cache.dense_nbytes() / 1024:.0f} KiB dense ({cache.compression_ratio:.2f}:1)")

@@ -1,0 +1,25 @@
+"""kvcompress: KV-cache compression for HuggingFace causal LMs, as plain `transformers.Cache` objects.
+
+    model, tokenizer = kvcompress.load_model()            # or kvcompress.enable(your_model)
+    cache = kvcompress.H2OCache(ratio=8)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+"""
+
+from .attention import AttentionNotEnabledError, enable
+from .baselines import H2OCache, StreamingLLMCache
+from .cache import Budget, CompressedCache, CompressedLayer, Slots
+from .models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionNotEnabledError",
+    "Budget",
+    "CompressedCache",
+    "CompressedLayer",
+    "H2OCache",
+    "Slots",
+    "StreamingLLMCache",
+    "enable",
+    "load_model",
+]

@@ -1,0 +1,169 @@
+"""Attention routing: how a compressed cache layer takes part in the attention it feeds.
+
+A `transformers.Cache` only sees keys and values (`update`); it never sees the queries or the mask.
+Compressed caches need both: slots that hold evicted-row filler or merged tokens do not map to
+positions, so the positional mask transformers builds is wrong for them; H2O needs the attention
+its tokens receive; padding must be known to keep each row's sink and window in its own tokens.
+
+kvcompress registers two attention implementations with transformers' `AttentionInterface`:
+`kvcompress_sdpa` and `kvcompress_eager`. For a model without a compressed cache they are exactly
+sdpa / eager. With one, `CompressedCache.update` leaves the layer it updated as *pending*; the
+attention function of that layer picks it up, attends with the layer's own per-slot mask and bias
+when needed (otherwise it defers to the base implementation unchanged) and hands back what the
+layer needs to compress: which new tokens are padding and, if asked, the attention each slot got.
+
+The one extra line for a model not loaded by `kvcompress.load_model` is `kvcompress.enable(model)`.
+A compressed cache used without it raises at its next update instead of silently going wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BASE_IMPLEMENTATIONS = {"sdpa": "kvcompress_sdpa", "eager": "kvcompress_eager"}
+
+_pending = threading.local()
+
+
+class AttentionNotEnabledError(RuntimeError):
+    """A compressed cache was updated but the model's attention does not route through kvcompress."""
+
+
+def check_supported_config(config) -> None:
+    """Raise if a model config is not a plain full-attention Llama-family decoder."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"kvcompress supports Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"this model is '{model_type}'. Use one of the supported architectures."
+        )
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        layer_types = ["sliding_attention"]
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(
+            f"kvcompress needs full attention in every layer; this {model_type} model has layer types "
+            f"{sorted(set(layer_types))}. Disable sliding-window attention in its config (sliding_window=None)."
+        )
+
+
+def enable(model):
+    """Route `model`'s attention through kvcompress so compressed caches work under `generate()`.
+
+    Keeps the model's base implementation (sdpa or eager); returns the model for chaining.
+    """
+    check_supported_config(model.config)
+    current = model.config._attn_implementation
+    if current in BASE_IMPLEMENTATIONS.values():
+        return model
+    if current not in BASE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"kvcompress wraps 'sdpa' or 'eager' attention; this model uses '{current}'. "
+            "Load it with attn_implementation='sdpa' (or 'eager') first."
+        )
+    model.set_attn_implementation(BASE_IMPLEMENTATIONS[current])
+    return model
+
+
+def expect_attention(layer) -> None:
+    """Called by the cache on every update: the layer's attention must come next and collect it."""
+    stale = getattr(_pending, "layer", None)
+    if stale is not None:
+        _pending.layer = None
+        raise AttentionNotEnabledError(
+            f"The kvcompress attention did not run after the cache update of layer {stale.layer_idx}: "
+            "the model's attention does not route through kvcompress. Call kvcompress.enable(model) once "
+            "(or load the model with kvcompress.load_model, or attn_implementation='kvcompress_sdpa')."
+        )
+    _pending.layer = layer
+
+
+def _take_pending(module):
+    layer = getattr(_pending, "layer", None)
+    if layer is None:
+        return None
+    _pending.layer = None
+    if layer.layer_idx != getattr(module, "layer_idx", None):
+        raise RuntimeError(
+            f"Cache layer {layer.layer_idx} was updated but attention ran for layer "
+            f"{getattr(module, 'layer_idx', None)}; kvcompress caches need one update per attention call."
+        )
+    return layer
+
+
+def _new_token_masks(attention_mask, q_len: int, kv_len: int, device):
+    """From transformers' 4D mask: which new tokens are real ([B, q]) and what each new query sees among them."""
+    if attention_mask is None:
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        return None, causal[None, None]
+    if attention_mask.shape[-1] < q_len:
+        raise RuntimeError(f"Attention mask of length {attention_mask.shape[-1]} is shorter than the {q_len} new tokens.")
+    new = attention_mask[..., -q_len:]
+    if new.dtype != torch.bool:
+        new = new > torch.finfo(new.dtype).min / 2
+    return new.any(dim=-2)[:, 0], new
+
+
+def _attend_with_slot_mask(layer, query, key, value, new_keep, query_valid, scaling):
+    """Grouped-query attention over the layer's slots with its filler mask and bias; also the attention each slot got."""
+    batch, num_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = num_heads // kv_heads
+    old_len = kv_len - q_len
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, head_dim), key.transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len).float() * scaling
+    bias = layer.slot_bias(old_len)
+    if bias is not None:
+        scores[..., :old_len] += bias[:, :, None, None, :]
+    old_keep = layer.slot_filled(old_len)[:, :, None, None, :].expand(batch, kv_heads, 1, q_len, old_len)
+    keep = torch.cat([old_keep, new_keep[:, None].expand(batch, kv_heads, 1, q_len, q_len)], dim=-1)
+    probs = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    output = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, kv_len), value)
+    output = output.view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+    received = None
+    if layer.tracks_attention:
+        if query_valid is not None:
+            probs = probs * query_valid[:, None, None, :, None]
+        received = probs.sum(dim=(2, 3))
+    return output, received
+
+
+def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = _take_pending(module)
+    if layer is None:
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer.check_module(module, kwargs)
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    new_valid, new_keep = _new_token_masks(attention_mask, q_len, kv_len, query.device)
+    mask_fits = attention_mask is None or attention_mask.shape[-1] == kv_len
+    if layer.needs_slot_mask() or not mask_fits:
+        if dropout and module.training:
+            raise RuntimeError("kvcompress caches are for inference; attention dropout in training mode is not supported.")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output, received = _attend_with_slot_mask(layer, query, key, value, new_keep, new_valid, scaling)
+    else:
+        output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        received = None
+    layer.after_attention(new_valid, received)
+    return output, None
+
+
+def kvcompress_sdpa(module, query, key, value, attention_mask, **kwargs):
+    return _compressed_attention(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+
+
+def kvcompress_eager(module, query, key, value, attention_mask, **kwargs):
+    return _compressed_attention(eager_attention_forward, module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("kvcompress_sdpa", kvcompress_sdpa)
+AttentionInterface.register("kvcompress_eager", kvcompress_eager)
+AttentionMaskInterface.register("kvcompress_sdpa", sdpa_mask)
+AttentionMaskInterface.register("kvcompress_eager", eager_mask)

@@ -1,0 +1,409 @@
+"""The shared compressed-cache machinery every method builds on.
+
+Per layer, batch row and KV head, a `CompressedLayer` holds one table of (key, value) slots that
+attention reads, laid out as ``[store | tail]``:
+
+* the *store*: the first `sink` real tokens of the row, exact, and whatever the method chose to
+  keep for tokens that left the recent window (kept tokens, merged super-tokens, ...);
+* the *tail*: the row's raw tokens that have not been handed to the method yet, exact and in
+  order. It always holds at least the recent window.
+
+Once a row's tail (sink excluded) is longer than its window by `block_size` tokens or more, the
+oldest whole blocks are handed to the method (`compress_blocks`), which returns the slots to store
+for them, or none. Rows and heads may end up with different slot counts (padding, per-head
+eviction): the table stays rectangular and the gaps are *filler* slots (token id -1) that the
+kvcompress attention masks out. Attention is invariant to slot order, so layout is free.
+
+Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
+batch compresses each row exactly as it would alone. Compression runs right after the layer's
+attention (see `kvcompress.attention`), so prefill attention is exact and, with
+`generate(prefill_chunk_size=...)`, prefill memory is bounded too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import check_supported_config, expect_attention
+
+FILLER = -1
+SYNTHESIZED = -2
+
+
+@dataclass
+class Slots:
+    """A flat list of blocks of slots: the batch row of each block and, per KV head, its slots.
+
+    Shapes: ``rows [n]``, ``keys``/``values [n, heads, k, head_dim]``, ``token_ids``/``scores``/
+    ``bias``/``keep [n, heads, k]``. `token_ids` are real token indices (or `SYNTHESIZED`), `scores`
+    the attention the slot has received so far (when the layer tracks it), `bias` an additive
+    attention logit bias, `keep` which slots a per-head policy retains.
+    """
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    token_ids: torch.Tensor
+    scores: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many tokens a row may hold: a fixed count, or one token in `ratio` of those seen."""
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError("Give the budget either as a token count (budget=...) or as a compression ratio (ratio=...), not both or neither.")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens <= 0):
+            raise ValueError(f"budget must be a positive number of tokens, got {self.tokens!r}.")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio >= 1):
+            raise ValueError(f"ratio must be a compression ratio >= 1 (e.g. 8 for 8:1), got {self.ratio!r}.")
+
+    def at(self, seen: torch.Tensor) -> torch.Tensor:
+        """Tokens a row may hold after seeing `seen` real tokens (per row)."""
+        if self.tokens is not None:
+            return torch.full_like(seen, self.tokens)
+        return torch.ceil(seen / self.ratio).long()
+
+    def check_sink(self, sink: int) -> None:
+        if self.tokens is not None and sink >= self.tokens:
+            raise ValueError(f"sink ({sink}) must be smaller than the budget ({self.tokens} tokens): the sink alone would fill it.")
+
+    def __str__(self):
+        return f"{self.tokens} tokens" if self.tokens is not None else f"{self.ratio:g}:1"
+
+
+def _pack(keep: torch.Tensor, tensors: dict, right_align: bool) -> dict:
+    """Keep the `keep` slots of each (row, head), in order, in a table as short as the fullest (row, head).
+
+    Gaps become filler slots (token id -1) at the end, or at the start when `right_align`.
+    """
+    length = int(keep.sum(-1).max()) if keep.numel() else 0
+    order = torch.argsort((keep if right_align else ~keep).to(torch.int8), dim=-1, stable=True)
+    order = order[..., keep.shape[-1] - length:] if right_align else order[..., :length]
+    packed = {}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            packed[name] = None
+        elif tensor.dim() == 4:
+            packed[name] = tensor.gather(2, order[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+        else:
+            packed[name] = tensor.gather(2, order)
+    packed["token_ids"] = packed["token_ids"].masked_fill(~keep.gather(2, order), FILLER)
+    return packed
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer of a compressed cache: exact sink and recent window, method-defined store in between.
+
+    Subclasses say what to keep for blocks leaving the window (`compress_blocks`), and may bound the
+    store (`select_store`), size the window per row (`window_size`) or ask for the attention each
+    slot receives (`tracks_attention`).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    tracks_attention = False  # ask attention for the mass each slot receives (kept in `scores`)
+    uses_bias = False  # slots carry an additive attention-logit bias (kept in `bias`)
+
+    def __init__(self, layer_idx: int, sink: int = 4, window: int = 64, block_size: int = 1):
+        super().__init__()
+        for name, value, low in (("sink", sink, 0), ("window", window, 0), ("block_size", block_size, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        self.layer_idx = layer_idx
+        self.sink, self.window, self.block_size = sink, window, block_size
+        self._model_checked = False
+        self.reset()
+
+    # ----------------------------------------------------------------------------------- contract
+    def compress_blocks(self, blocks: Slots) -> Slots | None:
+        """Slots to store for whole blocks of `block_size` tokens leaving the window (None: store nothing)."""
+        raise NotImplementedError
+
+    def select_store(self, token_ids: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Optional bound on the store: which store slots ([B, H, S]) to keep after new ones arrived."""
+        return None
+
+    def window_size(self, seen: torch.Tensor) -> torch.Tensor:
+        """Raw tokens (sink excluded) each row keeps exact, given the real tokens it has seen."""
+        return torch.full_like(seen, self.window)
+
+    # ----------------------------------------------------------------------- transformers contract
+    def reset(self) -> None:
+        self.keys = self.values = self.token_ids = self.scores = self.bias = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.store_length = 0
+        self.seen = self.handed = None
+        self.has_fillers = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(batch, heads, 0, head_dim)
+        self.values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
+        self.token_ids = torch.empty(batch, heads, 0, dtype=torch.int32, device=self.device)
+        self.scores = torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None
+        self.bias = torch.empty(batch, heads, 0, device=self.device) if self.uses_bias else None
+        self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.handed = torch.zeros_like(self.seen)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the new tokens and return every slot for this forward's (exact) attention."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1] or key_states.shape[3] != self.keys.shape[3]:
+            raise ValueError(
+                f"Layer {self.layer_idx} holds batch/heads/head_dim {tuple(self.keys.shape[i] for i in (0, 1, 3))} but got "
+                f"{tuple(key_states.shape[i] for i in (0, 1, 3))}; use a fresh cache (or cache.reset()) for a new batch."
+            )
+        batch, heads, new, _ = key_states.shape
+        ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.token_ids = torch.cat([self.token_ids, ids[:, None].expand(batch, heads, new)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, heads, new)], dim=-1)
+        self.cumulative_length += new
+        self._new_tokens = new
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        return stored + query_length, self.cumulative_length - stored
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError(
+            "Beam search is not supported by kvcompress caches: beams would share compressed state that was "
+            "built from different histories. Use greedy or sampling decoding (num_beams=1)."
+        )
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError(
+            "kvcompress caches cannot be cropped (assisted/speculative decoding): compressed slots cannot be "
+            "rolled back token by token. Generate without an assistant model."
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices])
+
+    def _map_rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "token_ids", "scores", "bias", "seen", "handed"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    # ------------------------------------------------------------------------ attention handshake
+    def check_module(self, module, attention_kwargs: dict) -> None:
+        """Refuse attention features this cache would silently ignore."""
+        if not self._model_checked:
+            check_supported_config(module.config)
+            self._model_checked = True
+        for feature in ("sliding_window", "softcap", "s_aux"):
+            if attention_kwargs.get(feature) is not None:
+                raise ValueError(f"Attention with {feature} is not supported by kvcompress caches.")
+
+    def needs_slot_mask(self) -> bool:
+        """Whether attention must use this layer's own slot mask rather than the positional one."""
+        return self.has_fillers or self.bias is not None or self.tracks_attention
+
+    def slot_filled(self, length: int) -> torch.Tensor:
+        return self.token_ids[..., :length] != FILLER
+
+    def slot_bias(self, length: int) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[..., :length]
+
+    def after_attention(self, new_valid: torch.Tensor | None, received: torch.Tensor | None) -> None:
+        """Record which new tokens were padding and the attention slots got, then compress."""
+        new = self._new_tokens
+        if new_valid is not None and not bool(new_valid.all()):
+            self._check_left_padding(new_valid)
+            ids = (self.seen[:, None] + new_valid.long().cumsum(-1) - 1).to(torch.int32)
+            ids = ids.masked_fill(~new_valid, FILLER)
+            self.token_ids[..., -new:] = ids[:, None]
+            self.has_fillers = True
+            self.seen += new_valid.sum(-1)
+        else:
+            self.seen += new
+        if received is not None:
+            self.scores += received
+        self._compress()
+
+    def _check_left_padding(self, new_valid: torch.Tensor) -> None:
+        real_before_pad = (~new_valid[:, 1:] & new_valid[:, :-1]).any()
+        pad_after_history = ((self.seen > 0) & (~new_valid).any(-1)).any()
+        if bool(real_before_pad) or bool(pad_after_history):
+            raise ValueError(
+                "kvcompress caches support left padding only (padding before each row's first token). "
+                "Set tokenizer.padding_side = 'left'."
+            )
+
+    # -------------------------------------------------------------------------------- compression
+    def _compress(self) -> None:
+        raw = self.seen - self.handed
+        to_sink = (self.sink - self.handed).clamp(min=0).minimum(raw)
+        blocks = (raw - to_sink - self.window_size(self.seen)).clamp(min=0) // self.block_size
+        hand = to_sink + blocks * self.block_size
+        if not bool((hand > 0).any()):
+            return
+        slots = self._slot_tensors()
+        store = {name: None if t is None else t[:, :, : self.store_length] for name, t in slots.items()}
+        tail = {name: None if t is None else t[:, :, self.store_length :] for name, t in slots.items()}
+        # Each row's tail is its filler slots, then its raw tokens oldest first.
+        first_raw = tail["token_ids"].shape[2] - raw
+        offset = torch.arange(tail["token_ids"].shape[2], device=self.device) - first_raw[:, None]
+
+        parts = [store]
+        if bool((to_sink > 0).any()):
+            sink_part = (offset >= 0) & (offset < to_sink[:, None])
+            parts.append(self._take(tail, sink_part[:, None].expand_as(tail["token_ids"])))
+        method_slots = self._method_slots(tail, first_raw + to_sink, blocks)
+        if method_slots is not None:
+            parts.append(method_slots)
+        store = {name: None if t is None else torch.cat([part[name] for part in parts], dim=2) for name, t in store.items()}
+        keep = store["token_ids"] != FILLER
+        selected = self.select_store(store["token_ids"], store["scores"])
+        if selected is not None:
+            keep &= selected
+        if not bool(keep.all()):
+            store = _pack(keep, store, right_align=False)
+        if bool((first_raw == first_raw[0]).all() and (hand == hand[0]).all()):
+            start = int(first_raw[0] + hand[0])  # rows in step: what stays of the tail is a slice
+            tail = {name: None if t is None else t[:, :, start:] for name, t in tail.items()}
+        else:
+            tail = _pack((offset >= hand[:, None])[:, None].expand_as(tail["token_ids"]), tail, right_align=True)
+
+        self.store_length = store["keys"].shape[2]
+        for name in store:
+            setattr(self, name, None if store[name] is None else torch.cat([store[name], tail[name]], dim=2))
+        self.handed += hand
+        self.has_fillers = bool((self.token_ids == FILLER).any())
+
+    def _slot_tensors(self) -> dict:
+        return {"keys": self.keys, "values": self.values, "token_ids": self.token_ids, "scores": self.scores, "bias": self.bias}
+
+    @staticmethod
+    def _take(slots: dict, keep: torch.Tensor) -> dict:
+        """The same slot tensors with everything outside `keep` marked as filler."""
+        taken = dict(slots)
+        taken["token_ids"] = slots["token_ids"].masked_fill(~keep, FILLER)
+        return taken
+
+    def _method_slots(self, tail: dict, start: torch.Tensor, blocks: torch.Tensor) -> dict | None:
+        """Hand each row's whole blocks to the method; lay what it returns out per row (gaps are fillers)."""
+        if not bool((blocks > 0).any()):
+            return None
+        rows = torch.repeat_interleave(torch.arange(len(blocks), device=self.device), blocks)
+        block_in_row = torch.arange(len(rows), device=self.device) - torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
+        index = (start[rows] + block_in_row * self.block_size)[:, None] + torch.arange(self.block_size, device=self.device)
+        heads = self.keys.shape[1]
+        where = (rows[:, None, None], torch.arange(heads, device=self.device)[None, :, None], index[:, None, :])
+
+        def gather(tensor):  # [B, H, T, ...] -> [n, H, block_size, ...]
+            return None if tensor is None else tensor[where]
+
+        handed = Slots(rows, gather(tail["keys"]), gather(tail["values"]), gather(tail["token_ids"]), gather(tail["scores"]), gather(tail["bias"]))
+        out = self.compress_blocks(handed)
+        if out is None or out.keys.shape[2] == 0:
+            return None
+        ids = out.token_ids if out.keep is None else out.token_ids.masked_fill(~out.keep, FILLER)
+        if out.bias is not None and self.bias is None:
+            raise RuntimeError(f"{type(self).__name__} returned slot biases but does not set uses_bias = True.")
+        out = replace(out, token_ids=ids)
+        # Row r's blocks go side by side: [B, H, max_blocks * k] with filler where a row has fewer blocks.
+        per_block = out.keys.shape[2]
+        width = int(blocks.max()) * per_block
+        position = (block_in_row[:, None] * per_block + torch.arange(per_block, device=self.device))[:, None, :]
+        batch = len(blocks)
+        laid = {}
+        for name, value, fill in (("keys", out.keys, 0.0), ("values", out.values, 0.0), ("token_ids", out.token_ids, FILLER), ("scores", out.scores, 0.0), ("bias", out.bias, 0.0)):
+            if name in ("scores", "bias") and tail[name] is None:
+                laid[name] = None
+                continue
+            if value is None:
+                value = torch.zeros(len(rows), heads, per_block, device=self.device)
+            shape = (batch, heads, width) + tuple(value.shape[3:])
+            target = torch.full(shape, fill, dtype=value.dtype, device=self.device)
+            target[where[0], where[1], position] = value
+            laid[name] = target
+        return laid
+
+    # ------------------------------------------------------------------------------------ memory
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._slot_tensors().values() if t is not None)
+
+    def dense_nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        batch, heads, _, head_dim = self.keys.shape
+        return 2 * batch * heads * self.cumulative_length * head_dim * self.keys.element_size()
+
+    def tokens_held(self) -> torch.Tensor:
+        """Filled slots per (row, head)."""
+        return (self.token_ids != FILLER).sum(-1)
+
+
+class CompressedCache(Cache):
+    """A `transformers.Cache` of `CompressedLayer`s: pass it to `model.generate(past_key_values=...)`.
+
+    Subclasses set `layer_class` and pass its keyword arguments; layers are created on first use.
+    """
+
+    layer_class: type[CompressedLayer] = CompressedLayer
+
+    def __init__(self, config=None, **layer_kwargs):
+        if config is not None:
+            check_supported_config(config)
+        self._layer_kwargs = layer_kwargs
+        self.layer_class(layer_idx=0, **layer_kwargs)  # validate the arguments now, not at the first update
+        super().__init__(layer_class_to_replicate=self.layer_class)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self.layer_class(layer_idx=len(self.layers), **self._layer_kwargs))
+        layer = self.layers[layer_idx]
+        expect_attention(layer)
+        return layer.update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        """Bytes this cache actually holds (keys, values and the per-slot bookkeeping)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def dense_nbytes(self) -> int:
+        """Bytes a `DynamicCache` would hold for the same tokens."""
+        return sum(layer.dense_nbytes() for layer in self.layers)
+
+    @property
+    def compression_ratio(self) -> float:
+        held = self.nbytes()
+        return self.dense_nbytes() / held if held else 1.0
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self._layer_kwargs.items())})"
+

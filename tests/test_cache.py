@@ -1,0 +1,122 @@
+"""Mechanics of the shared compressed-cache core and the baselines, on tiny random models."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
+from kvcompress import H2OCache, StreamingLLMCache
+
+CACHES = {
+    "streamingllm": lambda budget: StreamingLLMCache(budget=budget),
+    "h2o": lambda budget: H2OCache(budget=budget),
+    "h2o-block4": lambda budget: H2OCache(budget=budget, block_size=4),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 8], ids=["whole-prefill", "chunked-prefill"])
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_matches_dense_when_budget_covers_the_sequence(arch, cache, chunk):
+    model = tiny_model(arch)
+    ids = prompt_ids(24)
+    dense = greedy(model, DynamicCache(), ids, prefill_chunk_size=chunk)
+    compressed = CACHES[cache](24 + 32)
+    assert torch.equal(greedy(model, compressed, ids, prefill_chunk_size=chunk), dense)
+    assert compressed.get_seq_length() == 24 + 32 - 1  # positions: every token seen, the last one not fed back
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_matches_dense_under_eager_attention(cache):
+    model = tiny_model("llama", attn_implementation="eager")
+    assert model.config._attn_implementation == "kvcompress_eager"
+    ids = prompt_ids(24)
+    assert torch.equal(greedy(model, CACHES[cache](64), ids), greedy(model, DynamicCache(), ids))
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_memory_shrinks_to_the_budget(cache):
+    model = tiny_model("llama")
+    compressed = CACHES[cache](16)
+    greedy(model, compressed, prompt_ids(48), new_tokens=32)
+    seen = 48 + 32 - 1
+    for layer in compressed.layers:
+        held = layer.tokens_held()
+        assert int(held.max()) <= 16 and int(held.min()) >= 16 - 3  # block-wise eviction may leave up to 3 slots free
+        assert layer.keys.shape[2] == int(held.max())  # no dead slots are kept
+    assert compressed.dense_nbytes() == 2 * 2 * 2 * seen * 16 * 4  # K+V, layers, KV heads, tokens, head_dim, fp32
+    assert compressed.compression_ratio > 0.9 * seen / 16  # the bookkeeping costs under 10%
+
+
+@pytest.mark.parametrize("cache_class", [StreamingLLMCache, H2OCache])
+def test_ratio_budget_tracks_tokens_seen(cache_class):
+    model = tiny_model("llama")
+    compressed = cache_class(ratio=4)
+    greedy(model, compressed, prompt_ids(60), new_tokens=40)
+    seen = 60 + 40 - 1
+    assert int(compressed.layers[0].tokens_held().max()) == -(-seen // 4)
+    assert 3.5 < compressed.compression_ratio < 4.2
+
+
+def test_chunked_prefill_bounds_attention_span_and_memory():
+    model = tiny_model("llama")
+    spans = {}
+    for chunk in (None, 8):
+        cache = StreamingLLMCache(budget=16)
+        seen_lengths = []
+        original = cache.update
+
+        def recording_update(key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
+            seen_lengths.append(keys.shape[2])
+            return keys, values
+
+        cache.update = recording_update
+        greedy(model, cache, prompt_ids(64), new_tokens=4, prefill_chunk_size=chunk)
+        spans[chunk] = max(seen_lengths)
+    assert spans[None] == 64  # the whole prompt attends exactly, then is compressed
+    assert spans[8] <= 16 + 8  # chunked: never more than the budget plus one chunk
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_left_padded_batch_equals_each_row_alone(arch, cache):
+    model = tiny_model(arch)
+    ids = prompt_ids(30, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    batched = greedy(model, CACHES[cache](12), ids, mask)
+    assert torch.equal(batched[0], greedy(model, CACHES[cache](12), ids[:1])[0])
+    assert torch.equal(batched[1], greedy(model, CACHES[cache](12), ids[1:, 7:])[0])
+
+
+def test_unpadded_batch_equals_each_row_alone():
+    model = tiny_model("qwen2")
+    ids = prompt_ids(30, batch=3)
+    batched = greedy(model, H2OCache(budget=12), ids)
+    for row in range(3):
+        assert torch.equal(batched[row], greedy(model, H2OCache(budget=12), ids[row : row + 1])[0])
+
+
+def test_reset_makes_a_used_cache_behave_like_a_fresh_one():
+    model = tiny_model("llama")
+    ids = prompt_ids(40)
+    cache = H2OCache(budget=16)
+    first = greedy(model, cache, ids)
+    assert cache.get_seq_length() > 0 and cache.nbytes() > 0
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    assert torch.equal(greedy(model, cache, ids), first)
+    assert torch.equal(greedy(model, H2OCache(budget=16), ids), first)
+
+
+def test_sampling_with_several_return_sequences_matches_dense():
+    model = tiny_model("llama")
+    ids = prompt_ids(20)
+    outputs = []
+    for cache in (DynamicCache(), StreamingLLMCache(budget=64)):
+        torch.manual_seed(3)
+        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=16, do_sample=True, num_return_sequences=3, pad_token_id=0)
+        outputs.append(out)
+    assert outputs[0].shape[0] == 3
+    assert torch.equal(outputs[0], outputs[1])

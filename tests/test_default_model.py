@@ -1,0 +1,67 @@
+"""Behaviour on the real default model, SmolLM2-135M-Instruct: the evaluator is exact, the caches keep their promises."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from calibration.cli import main as cli_main
+from calibration.data import heldout_text
+from calibration.evaluate import DEPTHS, passkey_context, passkey_trial, reference_perplexity, streaming_perplexity
+from kvcompress import H2OCache, StreamingLLMCache
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def heldout_ids(default_model):
+    return default_model[1](heldout_text()).input_ids
+
+
+def test_dense_streaming_perplexity_equals_one_forward_pass(default_model, heldout_ids):
+    model, _ = default_model
+    ids = torch.tensor([heldout_ids[:1024]])
+    streamed = streaming_perplexity(model, ids, DynamicCache(), chunk_size=32)
+    reference = reference_perplexity(model, ids, first_scored=32)
+    assert streamed.scored_tokens == 1024 - 32
+    assert abs(streamed.perplexity / reference - 1) < 1e-3
+    assert 5 < reference < 40  # real prose, a working model
+
+
+def test_dense_passkey_retrieval_at_1k_tokens(default_model, heldout_ids):
+    model, tokenizer = default_model
+    for index, depth in enumerate(DEPTHS):
+        key = 31337 + 1111 * index
+        context, question = passkey_context(tokenizer, heldout_ids[2048:], 1024, depth, key)
+        assert passkey_trial(model, tokenizer, DynamicCache(), context, question, key), f"dense missed the key at depth {depth}"
+
+
+@pytest.fixture(scope="module")
+def streaming_results(default_model, heldout_ids):
+    model, _ = default_model
+    ids = torch.tensor([heldout_ids[:768]])
+    caches = {"dense": DynamicCache(), "h2o 2:1": H2OCache(ratio=2), "h2o 4:1": H2OCache(ratio=4), "streamingllm 4:1": StreamingLLMCache(ratio=4)}
+    return {name: streaming_perplexity(model, ids, cache, chunk_size=32) for name, cache in caches.items()}
+
+
+@pytest.mark.parametrize("name, ratio", [("h2o 2:1", 2), ("h2o 4:1", 4), ("streamingllm 4:1", 4)])
+def test_compressed_caches_hold_the_promised_memory(streaming_results, name, ratio):
+    result = streaming_results[name]
+    assert result.dense_nbytes == streaming_results["dense"].nbytes
+    assert 0.95 * ratio < result.dense_nbytes / result.nbytes < 1.02 * ratio
+
+
+def test_h2o_stays_close_to_dense_at_2x(streaming_results):
+    assert streaming_results["h2o 2:1"].perplexity < 1.10 * streaming_results["dense"].perplexity
+
+
+def test_h2o_beats_streamingllm_at_equal_memory(streaming_results):
+    h2o, streaming = streaming_results["h2o 4:1"], streaming_results["streamingllm 4:1"]
+    assert abs(h2o.nbytes / streaming.nbytes - 1) < 0.05
+    assert h2o.perplexity < streaming.perplexity
+
+
+def test_generate_cli_demo_finds_the_passkey_with_a_4x_smaller_cache(capsys):
+    cli_main(["generate", "--cache", "h2o", "--ratio", "4", "--context-tokens", "1024"])
+    printed = capsys.readouterr().out
+    assert "-> found" in printed
+    assert "x smaller" in printed

