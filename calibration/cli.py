@@ -74,6 +74,10 @@ def _evaluate(args) -> None:
     if args.output:
         Path(args.output).write_text(rows_to_json(rows))
         print(f"\nwrote {args.output}")
+    if args.plot:
+        from .plots import plot_quality_vs_compression
+
+        print(f"wrote {plot_quality_vs_compression(rows, args.plot, title=str(model.config.name_or_path).split('/')[-1])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--depths", nargs="+", type=float, default=list(DEPTHS))
     evaluate_.add_argument("--trials", type=int, default=2, help="passkey prompts per depth")
     evaluate_.add_argument("--output", default=None, help="also write the results as JSON")
+    evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
     evaluate_.set_defaults(run=_evaluate)
     return parser
 

@@ -72,24 +72,26 @@ def enable(model):
     return model
 
 
-def expect_attention(layer) -> None:
-    """Called by the cache on every update: the layer's attention must come next and collect it."""
-    stale = getattr(_pending, "layer", None)
+def expect_attention(layer, keys: torch.Tensor) -> None:
+    """Called by the cache after each update: the layer's attention, over `keys`, must come next and collect it."""
+    stale = getattr(_pending, "entry", None)
     if stale is not None:
-        _pending.layer = None
+        _pending.entry = None
         raise AttentionNotEnabledError(
-            f"The kvcompress attention did not run after the cache update of layer {stale.layer_idx}: "
+            f"The kvcompress attention did not run after the cache update of layer {stale[0].layer_idx}: "
             "the model's attention does not route through kvcompress. Call kvcompress.enable(model) once "
             "(or load the model with kvcompress.load_model, or attn_implementation='kvcompress_sdpa')."
         )
-    _pending.layer = layer
+    _pending.entry = (layer, keys)
 
 
-def _take_pending(module):
-    layer = getattr(_pending, "layer", None)
-    if layer is None:
+def _take_pending(module, key: torch.Tensor):
+    """The compressed layer whose update produced `key`, if any."""
+    entry = getattr(_pending, "entry", None)
+    _pending.entry = None
+    if entry is None or entry[1] is not key:  # no compressed cache, or a forward that died before its attention
         return None
-    _pending.layer = None
+    layer = entry[0]
     if layer.layer_idx != getattr(module, "layer_idx", None):
         raise RuntimeError(
             f"Cache layer {layer.layer_idx} was updated but attention ran for layer "
@@ -98,17 +100,21 @@ def _take_pending(module):
     return layer
 
 
-def _new_token_masks(attention_mask, q_len: int, kv_len: int, device):
-    """From transformers' 4D mask: which new tokens are real ([B, q]) and what each new query sees among them."""
+def _new_token_validity(attention_mask, q_len: int):
+    """Which new tokens are real ([B, q]) according to transformers' 4D mask; None when there is no padding."""
     if attention_mask is None:
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-        return None, causal[None, None]
+        return None
+    return _new_token_keep(attention_mask, q_len).any(dim=-2)[:, 0]
+
+
+def _new_token_keep(attention_mask, q_len: int, device=None):
+    """What each new query may see among the new tokens ([B or 1, 1, q, q] bool): causal and padding."""
+    if attention_mask is None:
+        return torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     if attention_mask.shape[-1] < q_len:
         raise RuntimeError(f"Attention mask of length {attention_mask.shape[-1]} is shorter than the {q_len} new tokens.")
     new = attention_mask[..., -q_len:]
-    if new.dtype != torch.bool:
-        new = new > torch.finfo(new.dtype).min / 2
-    return new.any(dim=-2)[:, 0], new
+    return new if new.dtype == torch.bool else new > torch.finfo(new.dtype).min / 2
 
 
 def _attend_with_slot_mask(layer, query, key, value, new_keep, query_valid, scaling):
@@ -136,17 +142,18 @@ def _attend_with_slot_mask(layer, query, key, value, new_keep, query_valid, scal
 
 
 def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layer = _take_pending(module)
+    layer = _take_pending(module, key)
     if layer is None:
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer.check_module(module, kwargs)
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    new_valid, new_keep = _new_token_masks(attention_mask, q_len, kv_len, query.device)
+    new_valid = _new_token_validity(attention_mask, q_len)
     mask_fits = attention_mask is None or attention_mask.shape[-1] == kv_len
     if layer.needs_slot_mask() or not mask_fits:
         if dropout and module.training:
             raise RuntimeError("kvcompress caches are for inference; attention dropout in training mode is not supported.")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        new_keep = _new_token_keep(attention_mask, q_len, query.device)
         output, received = _attend_with_slot_mask(layer, query, key, value, new_keep, new_valid, scaling)
     else:
         output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

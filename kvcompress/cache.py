@@ -146,6 +146,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store_length = 0
         self.seen = self.handed = None
         self.has_fillers = False
+        self._tokens_until_check = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -251,7 +252,9 @@ class CompressedLayer(CacheLayerMixin):
             self.seen += new
         if received is not None:
             self.scores += received
-        self._compress()
+        self._tokens_until_check -= new
+        if self._tokens_until_check <= 0:
+            self._compress()
 
     def _check_left_padding(self, new_valid: torch.Tensor) -> None:
         real_before_pad = (~new_valid[:, 1:] & new_valid[:, :-1]).any()
@@ -266,8 +269,11 @@ class CompressedLayer(CacheLayerMixin):
     def _compress(self) -> None:
         raw = self.seen - self.handed
         to_sink = (self.sink - self.handed).clamp(min=0).minimum(raw)
-        blocks = (raw - to_sink - self.window_size(self.seen)).clamp(min=0) // self.block_size
+        over = (raw - to_sink - self.window_size(self.seen)).clamp(min=0)
+        blocks = over // self.block_size
         hand = to_sink + blocks * self.block_size
+        # No row can hand off a block before this many more tokens arrive: windows never shrink as tokens arrive.
+        self._tokens_until_check = 1 if bool((self.handed + hand < self.sink).any()) else int((self.block_size - over % self.block_size).min())
         if not bool((hand > 0).any()):
             return
         slots = self._slot_tensors()
@@ -284,7 +290,8 @@ class CompressedLayer(CacheLayerMixin):
         method_slots = self._method_slots(tail, first_raw + to_sink, blocks)
         if method_slots is not None:
             parts.append(method_slots)
-        store = {name: None if t is None else torch.cat([part[name] for part in parts], dim=2) for name, t in store.items()}
+        if len(parts) > 1:
+            store = {name: None if t is None else torch.cat([part[name] for part in parts], dim=2) for name, t in store.items()}
         keep = store["token_ids"] != FILLER
         selected = self.select_store(store["token_ids"], store["scores"])
         if selected is not None:
@@ -388,8 +395,9 @@ class CompressedCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self.layer_class(layer_idx=len(self.layers), **self._layer_kwargs))
         layer = self.layers[layer_idx]
-        expect_attention(layer)
-        return layer.update(key_states, value_states)
+        keys, values = layer.update(key_states, value_states)
+        expect_attention(layer, keys)
+        return keys, values
 
     def nbytes(self) -> int:
         """Bytes this cache actually holds (keys, values and the per-slot bookkeeping)."""

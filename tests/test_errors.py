@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import kvcompress
 from conftest import greedy, prompt_ids, tiny_model
@@ -82,12 +82,15 @@ def test_right_padding_is_refused():
         tiny_model()(input_ids=ids, attention_mask=mask, past_key_values=H2OCache(budget=8))
 
 
-def test_reusing_a_cache_for_another_batch_size_is_refused():
+def test_reusing_a_cache_for_another_batch_size_is_refused_and_leaves_nothing_behind():
     model = tiny_model()
     cache = StreamingLLMCache(budget=8)
     model(input_ids=prompt_ids(12), past_key_values=cache)
+    dense_before = model(input_ids=prompt_ids(10, batch=2), past_key_values=DynamicCache()).logits
     with pytest.raises(ValueError, match="use a fresh cache"):
-        model(input_ids=prompt_ids(4, batch=2), past_key_values=cache)
+        model(input_ids=prompt_ids(10, batch=2), past_key_values=cache)
+    dense_after = model(input_ids=prompt_ids(10, batch=2), past_key_values=DynamicCache()).logits
+    assert torch.equal(dense_before, dense_after)
 
 
 def test_missing_default_model_package_names_the_install_command(monkeypatch, tmp_path):

@@ -1,0 +1,64 @@
+"""Evaluator mechanics on a tiny model: exact streaming perplexity, the table, the plot, bad input."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from calibration.data import load_text, split_text
+from calibration.evaluate import CacheSpec, EvaluationRow, format_table, reference_perplexity, streaming_perplexity
+from calibration.plots import plot_quality_vs_compression
+from conftest import prompt_ids, tiny_model
+from kvcompress import H2OCache
+
+
+@pytest.mark.parametrize("chunk", [8, 13])
+def test_dense_streaming_perplexity_is_exact(chunk):
+    model, ids = tiny_model("qwen3"), prompt_ids(100)
+    streamed = streaming_perplexity(model, ids, DynamicCache(), chunk_size=chunk)
+    assert streamed.scored_tokens == 100 - chunk
+    assert abs(streamed.perplexity / reference_perplexity(model, ids, chunk) - 1) < 1e-5
+
+
+def test_compressed_streaming_perplexity_reports_memory_held():
+    result = streaming_perplexity(tiny_model(), prompt_ids(100), H2OCache(budget=20), chunk_size=10)
+    assert result.nbytes < result.dense_nbytes / 4
+
+
+def test_streaming_perplexity_needs_more_than_one_chunk():
+    with pytest.raises(ValueError, match="more than one chunk"):
+        streaming_perplexity(tiny_model(), prompt_ids(16), DynamicCache(), chunk_size=32)
+
+
+@pytest.mark.parametrize("spec, message", [(("pca", 2), "Unknown cache 'pca'"), (("h2o", None), "needs a compression ratio")])
+def test_bad_cache_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        CacheSpec(*spec)
+
+
+def _rows():
+    return [
+        EvaluationRow("dense", 10.0, {0.1: 1.0, 0.9: 1.0}, 1000, 1000),
+        EvaluationRow("h2o 2:1", 11.0, {0.1: 1.0, 0.9: 0.5}, 500, 1000),
+        EvaluationRow("h2o 4:1", 13.0, {0.1: 0.5, 0.9: 0.0}, 250, 1000),
+    ]
+
+
+def test_table_lists_every_cache_with_its_measured_ratio_and_change_vs_dense():
+    table = format_table(_rows(), 1024, 1536).splitlines()
+    assert len(table) == 2 + 3
+    assert "| h2o 4:1 | 4.00 |" in table[4] and "+30.0%" in table[4] and "| 0.25 |" in table[4]
+
+
+def test_plot_is_written(tmp_path):
+    path = plot_quality_vs_compression(_rows(), tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_split_keeps_a_heldout_tail(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}\n" for i in range(100)))
+    calibration, heldout = split_text(load_text(corpus))
+    assert calibration + heldout == corpus.read_text()
+    assert 0.15 < len(heldout) / len(corpus.read_text()) < 0.25
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text(tmp_path / "missing.txt")
