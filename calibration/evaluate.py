@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,7 +83,7 @@ def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int 
     total = input_ids.shape[1]
     if total <= chunk_size:
         raise ValueError(f"Need more than one chunk of text: {total} tokens with chunk_size={chunk_size}.")
-    nll, scored = torch.zeros((), dtype=torch.float64), 0
+    nll, scored = 0.0, 0
     for start in range(0, total - 1, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
         logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
@@ -90,10 +91,10 @@ def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int 
         targets = input_ids[0, first : start + chunk.shape[1] + 1]
         if len(targets):
             predicted = logits[first - 1 - start : first - 1 - start + len(targets)]
-            nll += torch.nn.functional.cross_entropy(predicted.float(), targets, reduction="sum").double()
+            nll += float(torch.nn.functional.cross_entropy(predicted.float(), targets, reduction="sum"))
             scored += len(targets)
     held, dense = cache_nbytes(cache)
-    return PerplexityResult(float(torch.exp(nll / scored)), scored, held, dense)
+    return PerplexityResult(math.exp(nll / scored), scored, held, dense)
 
 
 @torch.no_grad()

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random-weight models of each supported architecture, and the real default model."""
+"""Shared fixtures: tiny random-weight models of each supported architecture, and the real default model.
+
+KVCOMPRESS_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (default: cpu).
+"""
+
+import os
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ ARCHITECTURES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
 }
 VOCAB = 128
+DEVICE = torch.device(os.environ.get("KVCOMPRESS_TEST_DEVICE", "cpu"))
 
 
 def tiny_config(arch: str, attn_implementation: str = "sdpa", **overrides):
@@ -37,13 +43,13 @@ def tiny_config(arch: str, attn_implementation: str = "sdpa", **overrides):
 def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", enable: bool = True, **overrides):
     """A random-weight model (seeded, float32, eval mode), routed through kvcompress attention if `enable`."""
     torch.manual_seed(0)
-    model = ARCHITECTURES[arch][1](tiny_config(arch, attn_implementation, **overrides)).eval()
+    model = ARCHITECTURES[arch][1](tiny_config(arch, attn_implementation, **overrides)).eval().to(DEVICE)
     return kvcompress.enable(model) if enable else model
 
 
 def prompt_ids(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator).to(DEVICE)
 
 
 def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, **kwargs):

@@ -120,3 +120,13 @@ def test_sampling_with_several_return_sequences_matches_dense():
         outputs.append(out)
     assert outputs[0].shape[0] == 3
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_cache_follows_the_model_dtype(cache):
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    compressed = CACHES[cache](16)
+    out = greedy(model, compressed, prompt_ids(40), new_tokens=8)
+    assert out.shape == (1, 8)
+    assert all(layer.keys.dtype == torch.bfloat16 and layer.values.dtype == torch.bfloat16 for layer in compressed.layers)
+    assert compressed.dense_nbytes() == 2 * 2 * 2 * (40 + 8 - 1) * 16 * 2  # bf16: 2 bytes per element
