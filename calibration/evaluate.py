@@ -27,11 +27,7 @@ from kvcompress import H2OCache, StreamingLLMCache
 from kvcompress.cache import CompressedCache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-CACHE_BUILDERS = {
-    "dense": lambda ratio: DynamicCache(),
-    "streamingllm": lambda ratio: StreamingLLMCache(ratio=ratio),
-    "h2o": lambda ratio: H2OCache(ratio=ratio),
-}
+CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
 PASSKEY_INTRO = (
     "Below is a long text. Somewhere in it is a five-digit pass key. "
     "Remember it, you will be asked for it at the end.\n\n"
@@ -40,21 +36,30 @@ PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.
 PASSKEY_QUESTION = "\n\nNow answer: what is the five-digit pass key mentioned in the text above? The pass key is"
 
 
+def build_cache(method: str, ratio: float | None = None, budget: int | None = None):
+    """A fresh cache by name: 'dense', or a compressed method with its ratio or token budget."""
+    if method not in CACHE_CLASSES:
+        raise ValueError(f"Unknown cache '{method}'; choose from {', '.join(CACHE_CLASSES)}.")
+    if method == "dense":
+        return DynamicCache()
+    return CACHE_CLASSES[method](budget=budget, ratio=ratio)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
-    """A cache to evaluate: a method name from `CACHE_BUILDERS` and its compression ratio."""
+    """A cache to evaluate: a method name from `CACHE_CLASSES` and its compression ratio."""
 
     method: str
     ratio: float | None = None
 
     def __post_init__(self):
-        if self.method not in CACHE_BUILDERS:
-            raise ValueError(f"Unknown cache '{self.method}'; choose from {', '.join(CACHE_BUILDERS)}.")
+        if self.method not in CACHE_CLASSES:
+            raise ValueError(f"Unknown cache '{self.method}'; choose from {', '.join(CACHE_CLASSES)}.")
         if self.method != "dense" and self.ratio is None:
             raise ValueError(f"Cache '{self.method}' needs a compression ratio.")
 
     def build(self):
-        return CACHE_BUILDERS[self.method](self.ratio)
+        return build_cache(self.method, self.ratio)
 
     @property
     def label(self) -> str:

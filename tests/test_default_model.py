@@ -1,5 +1,7 @@
 """Behaviour on the real default model, SmolLM2-135M-Instruct: the evaluator is exact, the caches keep their promises."""
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -64,4 +66,4 @@ def test_generate_cli_demo_finds_the_passkey_with_a_4x_smaller_cache(capsys):
     cli_main(["generate", "--cache", "h2o", "--ratio", "4", "--context-tokens", "1024"])
     printed = capsys.readouterr().out
     assert "-> found" in printed
-    assert "x smaller" in printed
+    assert float(re.search(r"compression (\d+\.\d+):1", printed).group(1)) > 3.5
