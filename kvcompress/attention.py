@@ -29,6 +29,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BASE_IMPLEMENTATIONS = {"sdpa": "kvcompress_sdpa", "eager": "kvcompress_eager"}
 
+SCORES_PER_CHUNK = 2**26  # attention scores held at once by the slot-mask path (256 MB in float32)
+
 _pending = threading.local()
 
 
@@ -118,27 +120,37 @@ def _new_token_keep(attention_mask, q_len: int, device=None):
 
 
 def _attend_with_slot_mask(layer, query, key, value, new_keep, query_valid, scaling):
-    """Grouped-query attention over the layer's slots with its filler mask and bias; also the attention each slot got."""
+    """Grouped-query attention over the layer's slots with its filler mask and bias; also the attention each slot got.
+
+    Queries go in chunks so that at most `SCORES_PER_CHUNK` scores exist at once (long prefills, H2O).
+    """
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = num_heads // kv_heads
-    old_len = kv_len - q_len
-    scores = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, head_dim), key.transpose(-1, -2))
-    scores = scores.view(batch, kv_heads, groups, q_len, kv_len).float() * scaling
+    groups, old_len = num_heads // kv_heads, kv_len - q_len
+    grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
+    old_keep = layer.slot_filled(old_len)[:, :, None, None, :]
     bias = layer.slot_bias(old_len)
-    if bias is not None:
-        scores[..., :old_len] += bias[:, :, None, None, :]
-    old_keep = layer.slot_filled(old_len)[:, :, None, None, :].expand(batch, kv_heads, 1, q_len, old_len)
-    keep = torch.cat([old_keep, new_keep[:, None].expand(batch, kv_heads, 1, q_len, q_len)], dim=-1)
-    probs = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
-    output = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, kv_len), value)
-    output = output.view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
-    received = None
-    if layer.tracks_attention:
-        if query_valid is not None:
-            probs = probs * query_valid[:, None, None, :, None]
-        received = probs.sum(dim=(2, 3))
-    return output, received
+    chunk = max(1, SCORES_PER_CHUNK // (batch * num_heads * kv_len))
+    outputs, received = [], 0.0
+    for start in range(0, q_len, chunk):
+        queries = grouped[:, :, :, start : start + chunk]
+        size = queries.shape[3]
+        scores = torch.matmul(queries.reshape(batch, kv_heads, groups * size, head_dim), key.transpose(-1, -2))
+        scores = scores.view(batch, kv_heads, groups, size, kv_len).float() * scaling
+        if bias is not None:
+            scores[..., :old_len] += bias[:, :, None, None, :]
+        keep = torch.cat(
+            [old_keep.expand(batch, kv_heads, 1, size, old_len), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)],
+            dim=-1,
+        )
+        probs = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        outputs.append(torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * size, kv_len), value).view(batch, kv_heads, groups, size, head_dim))
+        if layer.tracks_attention:
+            if query_valid is not None:
+                probs = probs * query_valid[:, None, None, start : start + size, None]
+            received = received + probs.sum(dim=(2, 3))
+    output = torch.cat(outputs, dim=3).view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+    return output, (received if layer.tracks_attention else None)
 
 
 def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -130,3 +130,39 @@ def test_cache_follows_the_model_dtype(cache):
     assert out.shape == (1, 8)
     assert all(layer.keys.dtype == torch.bfloat16 and layer.values.dtype == torch.bfloat16 for layer in compressed.layers)
     assert compressed.dense_nbytes() == 2 * 2 * 2 * (40 + 8 - 1) * 16 * 2  # bf16: 2 bytes per element
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_streamingllm_holds_exactly_each_rows_sink_and_most_recent_tokens(block_size):
+    model = tiny_model("llama")
+    ids = prompt_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    cache = StreamingLLMCache(budget=16, sink=4, block_size=block_size)
+    greedy(model, cache, ids, mask, new_tokens=20, prefill_chunk_size=8)
+    for layer in cache.layers:
+        for row, seen in enumerate((40 + 20 - 1, 31 + 20 - 1)):
+            assert int(layer.seen[row]) == seen
+            for head in range(layer.keys.shape[1]):
+                held = sorted(int(t) for t in layer.token_ids[row, head] if t >= 0)
+                recent = held[4:]
+                assert held[:4] == [0, 1, 2, 3]
+                assert recent == list(range(seen - len(recent), seen))  # the newest tokens, none missing
+                assert 16 - (block_size - 1) <= len(held) <= 16
+
+
+def test_query_chunking_of_the_slot_mask_attention_changes_nothing(monkeypatch):
+    from kvcompress import attention
+
+    model = tiny_model("qwen2")
+    ids = prompt_ids(48, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    whole_cache = H2OCache(budget=20)
+    whole = greedy(model, whole_cache, ids, mask)
+    monkeypatch.setattr(attention, "SCORES_PER_CHUNK", 2 * 4 * 48 * 7)  # 7 queries per chunk in the prefill
+    chunked_cache = H2OCache(budget=20)
+    assert torch.equal(greedy(model, chunked_cache, ids, mask), whole)
+    for a, b in zip(whole_cache.layers, chunked_cache.layers):
+        assert torch.equal(a.token_ids, b.token_ids)
+        assert torch.allclose(a.scores, b.scores, atol=1e-5)
