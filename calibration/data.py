@@ -15,13 +15,16 @@ DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "dat
 def load_text(source: str | Path | None = None) -> str:
     """The text of a corpus.
 
-    `source` is a local text file, or ``"dataset[:config][@split]"`` for `datasets.load_dataset`
-    (e.g. ``"wikitext:wikitext-2-raw-v1@validation"``). None is the shared WikiText-2 validation text.
+    `source` is a local text file, or ``"dataset[:config][@split]"`` for `datasets.load_dataset`: a Hub
+    name (e.g. ``"wikitext:wikitext-2-raw-v1@validation"``) or a local dataset directory
+    (e.g. ``"corpus_dir@train"``). None is the shared WikiText-2 validation text.
     """
     source = DEFAULT_CORPUS if source is None else source
     path = Path(source)
     if path.is_file():
         text = path.read_text(encoding="utf-8")
+    elif Path(str(source).partition("@")[0]).is_dir():
+        text = _load_dataset_text(str(source))
     elif path.suffix in (".txt", ".md", ".text") or path.is_absolute() or str(source).startswith("."):
         raise FileNotFoundError(
             f"Corpus file {source} does not exist. Pass an existing text file, or a datasets name such as "
@@ -38,7 +41,7 @@ def _load_dataset_text(spec: str) -> str:
     from datasets import load_dataset
 
     name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
+    name, _, config = name.partition(":") if not Path(name).is_dir() else (name, "", "")
     dataset = load_dataset(name, config or None, split=split or "validation")
     column = "text" if "text" in dataset.column_names else dataset.column_names[0]
     return "\n".join(dataset[column])

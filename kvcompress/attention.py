@@ -168,8 +168,9 @@ def _compressed_attention(base, module, query, key, value, attention_mask, scali
         new_keep = _new_token_keep(attention_mask, q_len, query.device)
         output, received = _attend_with_slot_mask(layer, query, key, value, new_keep, new_valid, scaling)
     else:
-        output, _ = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        received = None
+        output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer.after_attention(new_valid, None)
+        return output, weights
     layer.after_attention(new_valid, received)
     return output, None
 

@@ -62,3 +62,11 @@ def test_corpus_split_keeps_a_heldout_tail(tmp_path):
     assert 0.15 < len(heldout) / len(corpus.read_text()) < 0.25
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_text(tmp_path / "missing.txt")
+
+
+def test_a_local_dataset_directory_loads_through_datasets(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part.txt").write_text("first line of prose\nsecond line of prose\n")
+    text = load_text(f"{corpus}@train")
+    assert "first line of prose" in text and "second line of prose" in text
