@@ -166,3 +166,16 @@ def test_query_chunking_of_the_slot_mask_attention_changes_nothing(monkeypatch):
     for a, b in zip(whole_cache.layers, chunked_cache.layers):
         assert torch.equal(a.token_ids, b.token_ids)
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_a_second_generate_call_continues_the_cache_like_dense(cache):
+    model = tiny_model("llama")
+    first_turn, second_turn = prompt_ids(20), prompt_ids(10, seed=2)
+    outputs = []
+    for kv in (DynamicCache(), CACHES[cache](128)):
+        reply = greedy(model, kv, first_turn, new_tokens=12)
+        history = torch.cat([first_turn, reply, second_turn], dim=1)  # the next turn: whole conversation, cache reused
+        outputs.append(greedy(model, kv, history, new_tokens=12))
+        assert kv.get_seq_length() == history.shape[1] + 12 - 1
+    assert torch.equal(outputs[0], outputs[1])
