@@ -1,0 +1,137 @@
+"""Collection: run the frozen model over a corpus and sample what its attention sees.
+
+Per layer and KV head we keep a uniform sample of the post-RoPE keys and the values (the same
+tokens for every layer and head, so keys and values stay paired) and a uniform sample of the
+queries of the head's GQA group. Memory is bounded by reservoir sampling: each streamed item gets a
+random priority and the `samples` items with the smallest priorities are kept, which is a uniform
+sample without replacement of everything seen.
+
+The model's attention is observed through a recording attention implementation, registered with
+transformers like kvcompress' own, so nothing model-specific (q/k norms, RoPE variants) is redone.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+RECORDING_IMPLEMENTATION = "kvcompress_record"
+_recorder = threading.local()
+
+
+@dataclass
+class AttentionSamples:
+    """Samples per layer and KV head. Shapes: keys/values ``[layers, kv_heads, n, head_dim]``, queries ``[layers, kv_heads, m, head_dim]``.
+
+    `token_index` ``[n]`` and `query_token_index` ``[m]`` are positions in the collected token stream;
+    `query_member` ``[m]`` says which query head of the group (0..groups-1) each query came from.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    token_index: torch.Tensor
+    query_token_index: torch.Tensor
+    query_member: torch.Tensor
+    tokens_seen: int
+
+
+class _Reservoir:
+    """The `size` items with the smallest random priorities among all items added so far."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.priority = None
+        self.items: dict[str, torch.Tensor] = {}
+
+    def add(self, priority: torch.Tensor, items: dict[str, torch.Tensor], dim: dict[str, int]) -> None:
+        """`priority` ``[t]``; each item tensor has its t entries along dimension `dim[name]`."""
+        if self.priority is not None:
+            priority = torch.cat([self.priority, priority])
+            items = {name: torch.cat([self.items[name], tensor], dim=dim[name]) for name, tensor in items.items()}
+        keep = priority.argsort()[: self.size].sort().values  # sorted: samples stay in stream order
+        self.priority = priority[keep]
+        self.items = {name: tensor.index_select(dim[name], keep.to(tensor.device)) for name, tensor in items.items()}
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    layers = getattr(_recorder, "layers", None)
+    if layers is not None:
+        layers[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(RECORDING_IMPLEMENTATION, _recording_attention)
+AttentionMaskInterface.register(RECORDING_IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def recording_attention(model):
+    """Within the block, every forward of `model` leaves each layer's (query, key, value) in the yielded dict."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(RECORDING_IMPLEMENTATION)
+    _recorder.layers = {}
+    try:
+        yield _recorder.layers
+    finally:
+        _recorder.layers = None
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def collect_attention_samples(
+    model,
+    token_ids: torch.Tensor,
+    samples: int = 4096,
+    query_samples: int | None = None,
+    sequence_length: int = 1024,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> AttentionSamples:
+    """Run `model` over `token_ids` (a 1-D stream, e.g. a tokenized corpus) in sequences of `sequence_length`
+    tokens and sample its attention inputs."""
+    query_samples = samples if query_samples is None else query_samples
+    if samples <= 0 or query_samples <= 0 or sequence_length <= 1:
+        raise ValueError("samples and query_samples must be positive and sequence_length at least 2.")
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be one stream of tokens (1-D), got shape {tuple(token_ids.shape)}.")
+    ids = token_ids[:max_tokens] if max_tokens else token_ids
+    if len(ids) < samples:
+        raise ValueError(
+            f"Too little calibration data: the text has {len(ids)} tokens but {samples} samples per head were asked "
+            "for. Give more text (e.g. a larger corpus file) or ask for fewer samples."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    kv_reservoir, query_reservoir = _Reservoir(samples), _Reservoir(query_samples)
+    starts = range(0, len(ids), sequence_length)
+    with recording_attention(model) as recorded:
+        for start in tqdm(starts, desc="collect", unit="seq"):
+            chunk = ids[start : start + sequence_length]
+            model(input_ids=chunk[None].to(model.device), use_cache=False)
+            layers = [recorded[index] for index in sorted(recorded)]
+            keys = torch.stack([key[0] for _, key, _ in layers])  # [layers, kv_heads, t, head_dim]
+            values = torch.stack([value[0] for _, _, value in layers])
+            queries = torch.stack([query[0] for query, _, _ in layers])  # [layers, heads, t, head_dim]
+            length, kv_heads = keys.shape[2], keys.shape[1]
+            groups = queries.shape[1] // kv_heads
+            position = torch.arange(start, start + length)
+            kv_reservoir.add(torch.rand(length, generator=generator), {"keys": keys, "values": values, "token_index": position}, {"keys": 2, "values": 2, "token_index": 0})
+            # One stream item per (token, member of the group): [layers, kv_heads, t * groups, head_dim].
+            grouped = queries.view(len(layers), kv_heads, groups, length, -1).transpose(2, 3).reshape(len(layers), kv_heads, length * groups, -1)
+            query_reservoir.add(
+                torch.rand(length * groups, generator=generator),
+                {"queries": grouped, "query_token_index": position.repeat_interleave(groups), "query_member": torch.arange(groups).repeat(length)},
+                {"queries": 2, "query_token_index": 0, "query_member": 0},
+            )
+            recorded.clear()
+    return AttentionSamples(
+        kv_reservoir.items["keys"], kv_reservoir.items["values"], query_reservoir.items["queries"], kv_reservoir.items["token_index"],
+        query_reservoir.items["query_token_index"], query_reservoir.items["query_member"], len(ids),
+    )
