@@ -34,9 +34,7 @@ def fill(cache, config, batch: int, tokens: int, chunk: int = 4096):
             size = min(chunk, tokens - start)
             k = torch.randn(batch, config.num_key_value_heads, size, head_dim, device="cuda", dtype=torch.bfloat16)
             if isinstance(cache, kvcompress.CompressedCache):
-                while len(cache.layers) <= layer_idx:
-                    cache.layers.append(cache.layer_class(layer_idx=len(cache.layers), **cache._layer_kwargs))
-                layer = cache.layers[layer_idx]
+                layer = cache.layer(layer_idx)
                 layer.update(k, torch.randn_like(k))
                 layer.after_attention(None, None)
             else:

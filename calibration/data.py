@@ -41,7 +41,9 @@ def _load_dataset_text(spec: str) -> str:
     from datasets import load_dataset
 
     name, _, split = spec.partition("@")
-    name, _, config = name.partition(":") if not Path(name).is_dir() else (name, "", "")
+    config = ""
+    if not Path(name).is_dir():  # a Hub name may carry ":config"; a local directory is taken whole
+        name, _, config = name.partition(":")
     dataset = load_dataset(name, config or None, split=split or "validation")
     column = "text" if "text" in dataset.column_names else dataset.column_names[0]
     return "\n".join(dataset[column])

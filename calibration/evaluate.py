@@ -36,13 +36,16 @@ PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.
 PASSKEY_QUESTION = "\n\nNow answer: what is the five-digit pass key mentioned in the text above? The pass key is"
 
 
-def build_cache(method: str, ratio: float | None = None, budget: int | None = None):
-    """A fresh cache by name: 'dense', or a compressed method with its ratio or token budget."""
+def _cache_class(method: str):
     if method not in CACHE_CLASSES:
         raise ValueError(f"Unknown cache '{method}'; choose from {', '.join(CACHE_CLASSES)}.")
-    if method == "dense":
-        return DynamicCache()
-    return CACHE_CLASSES[method](budget=budget, ratio=ratio)
+    return CACHE_CLASSES[method]
+
+
+def build_cache(method: str, ratio: float | None = None, budget: int | None = None):
+    """A fresh cache by name: 'dense', or a compressed method with its ratio or token budget."""
+    cache_class = _cache_class(method)
+    return cache_class() if method == "dense" else cache_class(budget=budget, ratio=ratio)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,7 @@ class CacheSpec:
     ratio: float | None = None
 
     def __post_init__(self):
-        if self.method not in CACHE_CLASSES:
-            raise ValueError(f"Unknown cache '{self.method}'; choose from {', '.join(CACHE_CLASSES)}.")
+        _cache_class(self.method)
         if self.method != "dense" and self.ratio is None:
             raise ValueError(f"Cache '{self.method}' needs a compression ratio.")
 

@@ -167,12 +167,12 @@ def _compressed_attention(base, module, query, key, value, attention_mask, scali
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         new_keep = _new_token_keep(attention_mask, q_len, query.device)
         output, received = _attend_with_slot_mask(layer, query, key, value, new_keep, new_valid, scaling)
+        weights = None
     else:
         output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        layer.after_attention(new_valid, None)
-        return output, weights
+        received = None
     layer.after_attention(new_valid, received)
-    return output, None
+    return output, weights
 
 
 def kvcompress_sdpa(module, query, key, value, attention_mask, **kwargs):

@@ -135,7 +135,10 @@ class CompressedLayer(CacheLayerMixin):
         return None
 
     def window_size(self, seen: torch.Tensor) -> torch.Tensor:
-        """Raw tokens (sink excluded) each row keeps exact, given the real tokens it has seen."""
+        """Raw tokens (sink excluded) each row keeps exact, given the real tokens it has seen.
+
+        Must not shrink as `seen` grows: compression checks are skipped until a block can be due.
+        """
         return torch.full_like(seen, self.window)
 
     # ----------------------------------------------------------------------- transformers contract
@@ -391,10 +394,14 @@ class CompressedCache(Cache):
         self.layer_class(layer_idx=0, **layer_kwargs)  # validate the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=self.layer_class)
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+    def layer(self, layer_idx: int) -> CompressedLayer:
+        """The layer `layer_idx`, created (with those before it) on first use."""
         while len(self.layers) <= layer_idx:
             self.layers.append(self.layer_class(layer_idx=len(self.layers), **self._layer_kwargs))
-        layer = self.layers[layer_idx]
+        return self.layers[layer_idx]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layer(layer_idx)
         keys, values = layer.update(key_states, value_states)
         expect_attention(layer, keys)
         return keys, values
