@@ -1,6 +1,6 @@
 """Decode time per token of each cache against `DynamicCache`, measured in the same run.
 
-    python benchmarks/decode_speed.py [--model PATH] [--contexts 128 1536] [--new-tokens 32] [--repeats 3]
+    python benchmarks/decode_speed.py [--model PATH] [--contexts 128 1536] [--new-tokens 32] [--repeats 3] [--compressors DIR ...]
 
 For each context length, every cache prefills the same prompt and then decodes `--new-tokens`
 tokens one forward at a time; caches take turns within each repeat (so drift in machine load
@@ -8,6 +8,8 @@ hits all of them alike) and the median over repeats is reported. "core" is a Str
 whose budget covers the whole sequence: nothing is compressed, so its extra time is the overhead
 of the shared machinery (routing, bookkeeping) alone. "block 16" caches evict 16 tokens at a time
 (holding up to 15 tokens of their budget less) and rebuild their table 16x less often.
+`--compressors` adds fitted compressors (`kvcompress calibrate --output DIR`): their caches decode
+the whole store from latents at every step.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from transformers import DynamicCache
 
 import kvcompress
 from calibration.data import heldout_text
-from calibration.evaluate import cache_nbytes
+from calibration.evaluate import CacheSpec, cache_nbytes
 
 
-def caches_for(context: int, new_tokens: int) -> dict:
+def caches_for(context: int, new_tokens: int, compressors: list[str], baselines: bool = True) -> dict:
+    fitted = {CacheSpec.fitted(path).label: CacheSpec.fitted(path).build for path in compressors}
+    if not baselines:
+        return {"dense (DynamicCache)": DynamicCache} | fitted
     return {
         "dense (DynamicCache)": DynamicCache,
         "core (no compression)": lambda: kvcompress.StreamingLLMCache(budget=context + new_tokens),
@@ -36,7 +41,7 @@ def caches_for(context: int, new_tokens: int) -> dict:
         "h2o 8:1": lambda: kvcompress.H2OCache(ratio=8),
         "streamingllm 8:1, block 16": lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=16),
         "h2o 8:1, block 16": lambda: kvcompress.H2OCache(ratio=8, block_size=16),
-    }
+    } | fitted
 
 
 @torch.no_grad()
@@ -56,6 +61,8 @@ def main(argv=None) -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1536])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compressors", nargs="+", default=[], metavar="DIR", help="fitted compressor directories to time too")
+    parser.add_argument("--no-baselines", action="store_true", help="time only dense and the --compressors")
     args = parser.parse_args(argv)
 
     model, tokenizer = kvcompress.load_model(args.model)
@@ -66,7 +73,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for context in args.contexts:
         prompt = torch.tensor([ids[:context]], device=model.device)
-        factories = caches_for(context, args.new_tokens)
+        factories = caches_for(context, args.new_tokens, args.compressors, baselines=not args.no_baselines)
         runs = {name: [] for name in factories}
         decode_seconds_per_token(model, prompt, DynamicCache(), 4)  # warm-up
         for _ in range(args.repeats):

@@ -1,8 +1,9 @@
-"""The `kvcompress` command line: `generate` and `evaluate`."""
+"""The `kvcompress` command line: `generate`, `evaluate` and `calibrate`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -20,6 +21,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache_from_arguments(args):
+    if args.compressor:
+        return CacheSpec.fitted(args.compressor).build()
     if args.cache != "dense" and (args.ratio is None) == (args.budget is None):
         raise SystemExit(f"error: --cache {args.cache} needs exactly one of --ratio or --budget")
     return build_cache(args.cache, ratio=args.ratio, budget=args.budget)
@@ -58,6 +61,7 @@ def _evaluate(args) -> None:
 
     specs = [CacheSpec("dense")] if "dense" in args.caches else []
     specs += [CacheSpec(method, ratio) for method in args.caches if method != "dense" for ratio in args.ratios]
+    specs += [CacheSpec.fitted(path) for path in args.compressors]
     model, tokenizer = load_model(args.model)
     rows = evaluate(
         model, tokenizer, specs, heldout_text(args.data), ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
@@ -76,6 +80,74 @@ def _evaluate(args) -> None:
         print(f"wrote {plot_quality_vs_compression(rows, args.plot, title=str(model.config.name_or_path).split('/')[-1])}")
 
 
+def _calibrate(args) -> None:
+    from kvcompress import load_model
+    from kvcompress.config import RankConfig
+    from kvcompress.models import kv_shape
+
+    from .calibrate import LowRankCalibration
+
+    if args.rank is not None and (args.target_memory_reduction is not None or args.config):
+        raise SystemExit("error: --rank sets every head's rank; it cannot be combined with --target-memory-reduction or --config")
+    if args.rank is None and args.target_memory_reduction is None and not args.config:
+        raise SystemExit("error: give --rank R, --target-memory-reduction F or --config FILE (a config may be combined with a memory target)")
+    if args.rank_v is not None and args.rank is None:
+        raise SystemExit("error: --rank-v needs --rank")
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    shape = layers, kv_heads, head_dim, head_dim
+    if args.config:
+        template = RankConfig.load(args.config, *shape)
+    else:
+        full = shape[2] if args.rank is None else args.rank
+        template = RankConfig.uniform(*shape, full, args.rank_v if args.rank is not None else None, algo=args.method)
+    needs_fisher = args.target_memory_reduction is not None or bool(args.plot)
+    calibration = LowRankCalibration.collect(
+        model, tokenizer, args.data, samples=args.samples, tokens=args.tokens, sink=args.sink,
+        fisher_sequences=args.fisher_sequences if needs_fisher else 0, eval_tokens=args.eval_tokens, name_or_path=args.model,
+    )
+    ranks, source = calibration.ranks(template, args.target_memory_reduction)
+    settings = {"sink": args.sink, "window": args.window, "block_size": args.block_size}
+    compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
+    seconds = time.perf_counter() - started
+    report = calibration.measure(compressor, fit_metrics, source, seconds)
+
+    output = Path(args.output)
+    compressor.save_pretrained(output)
+    ranks.save(output / "ranks.json")
+    (output / "calibration_results.json").write_text(json.dumps(report.metrics(), indent=2) + "\n")
+    if calibration.fisher is not None:
+        (output / "fisher.json").write_text(json.dumps(calibration.fisher.summary(calibration.data.num_heads), indent=2) + "\n")
+    print(f"\n{report.summary()}\n\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, ranks.json, calibration_results.json)")
+    if args.plot:
+        _plot_sweep(args, calibration, template, settings, report.baseline_perplexity)
+    if args.push_to_hub:
+        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+
+
+def _plot_sweep(args, calibration, template, settings, baseline: float) -> None:
+    """PPL vs memory for Fisher-guided and uniform ranks at several memory targets."""
+    from kvcompress.config import RankConfig
+
+    from .plots import plot_perplexity_vs_memory
+
+    curves = {"fisher-guided ranks": [], "uniform ranks": []}
+    shape = template.num_layers, template.num_kv_heads, template.d_k, template.d_v
+    for target in args.sweep:
+        uniform_rank = round(template.d_k * (1 - target))
+        for label, (ranks, _) in (
+            ("fisher-guided ranks", calibration.ranks(template, target)),
+            ("uniform ranks", (RankConfig.uniform(*shape, uniform_rank, algo=args.method), "given")),
+        ):
+            compressor, metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
+            report = calibration.measure(compressor, metrics, label, 0.0, baseline=baseline)
+            curves[label].append((ranks.memory_fraction(), report.perplexity))
+            print(f"{args.method} {label} at {100 * ranks.memory_fraction():.1f}% memory: perplexity {report.perplexity:.3f} ({100 * report.degradation:+.2f}%)")
+    title = f"{args.method} on {str(calibration.signature['name_or_path']).split('/')[-1]}"
+    print(f"wrote {plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="KV-cache compression for HuggingFace causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o")
     generate.add_argument("--ratio", type=float, default=None, help="compression ratio, e.g. 4 for 4:1")
     generate.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
+    generate.add_argument("--compressor", default=None, metavar="DIR", help="use a fitted compressor (kvcompress calibrate --output) instead of --cache")
     generate.add_argument("--max-new-tokens", type=int, default=16)
     generate.add_argument("--context-tokens", type=int, default=1536, help="passkey demo: prompt length")
     generate.add_argument("--depth", type=float, default=0.5, help="passkey demo: where the key is hidden (0..1)")
@@ -94,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate_ = commands.add_parser("evaluate", help="streaming perplexity, passkey retrieval and memory of several caches")
     _add_model_arguments(evaluate_)
-    evaluate_.add_argument("--caches", nargs="+", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
+    evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
     evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8])
+    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR", help="also evaluate fitted compressors (kvcompress calibrate --output)")
     evaluate_.add_argument("--ppl-tokens", type=int, default=1024)
     evaluate_.add_argument("--ppl-chunk", type=int, default=32)
     evaluate_.add_argument("--passkey-tokens", type=int, default=1536)
@@ -104,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--output", default=None, help="also write the results as JSON")
     evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
     evaluate_.set_defaults(run=_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="fit a low-rank compressor (pca or kvsplice), measure it and save it")
+    _add_model_arguments(calibrate)
+    calibrate.add_argument("--method", choices=["pca", "kvsplice"], required=True)
+    calibrate.add_argument("--rank", type=int, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
+    calibrate.add_argument("--rank-v", type=int, default=None, help="uniform rank of the values, with --rank")
+    calibrate.add_argument("--target-memory-reduction", type=float, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
+    calibrate.add_argument("--config", default=None, help="rank config JSON (seed-003 shape); with a memory target, its enabled heads get Fisher ranks")
+    calibrate.add_argument("--output", required=True, help="directory for the compressor artifact")
+    calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo")
+    calibrate.add_argument("--plot", default=None, help="also sweep memory targets and plot perplexity vs memory to this PNG")
+    calibrate.add_argument("--sweep", nargs="+", type=float, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
+    calibrate.add_argument("--samples", type=int, default=4096, help="key/value samples per head")
+    calibrate.add_argument("--tokens", type=int, default=16384, help="calibration tokens to collect from")
+    calibrate.add_argument("--fisher-sequences", type=int, default=8, help="512-token sequences for Fisher information")
+    calibrate.add_argument("--kvsplice-steps", type=int, default=300)
+    calibrate.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the perplexity check")
+    calibrate.add_argument("--sink", type=int, default=4)
+    calibrate.add_argument("--window", type=int, default=64)
+    calibrate.add_argument("--block-size", type=int, default=16)
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 

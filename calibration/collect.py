@@ -30,8 +30,10 @@ _recorder = threading.local()
 class AttentionSamples:
     """Samples per layer and KV head. Shapes: keys/values ``[layers, kv_heads, n, head_dim]``, queries ``[layers, kv_heads, m, head_dim]``.
 
-    `token_index` ``[n]`` and `query_token_index` ``[m]`` are positions in the collected token stream;
-    `query_member` ``[m]`` says which query head of the group (0..groups-1) each query came from.
+    `token_index` ``[n]`` and `query_token_index` ``[m]`` are positions in the collected token stream,
+    which the model saw in sequences of `sequence_length` tokens (so a token's position in its
+    sequence, its RoPE position, is its index modulo `sequence_length`); `query_member` ``[m]`` says
+    which query head of the group (0..groups-1) each query came from.
     """
 
     keys: torch.Tensor
@@ -41,6 +43,7 @@ class AttentionSamples:
     query_token_index: torch.Tensor
     query_member: torch.Tensor
     tokens_seen: int
+    sequence_length: int
 
 
 class _Reservoir:
@@ -73,16 +76,25 @@ AttentionMaskInterface.register(RECORDING_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
+def attention_implementation(model, name: str):
+    """Within the block, `model` attends with the registered attention implementation `name`."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
 def recording_attention(model):
     """Within the block, every forward of `model` leaves each layer's (query, key, value) in the yielded dict."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(RECORDING_IMPLEMENTATION)
     _recorder.layers = {}
     try:
-        yield _recorder.layers
+        with attention_implementation(model, RECORDING_IMPLEMENTATION):
+            yield _recorder.layers
     finally:
         _recorder.layers = None
-        model.set_attn_implementation(previous)
 
 
 @torch.no_grad()
@@ -133,5 +145,5 @@ def collect_attention_samples(
             recorded.clear()
     return AttentionSamples(
         kv_reservoir.items["keys"], kv_reservoir.items["values"], query_reservoir.items["queries"], kv_reservoir.items["token_index"],
-        query_reservoir.items["query_token_index"], query_reservoir.items["query_member"], len(ids),
+        query_reservoir.items["query_token_index"], query_reservoir.items["query_member"], len(ids), sequence_length,
     )

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +26,12 @@ from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache
 from kvcompress.cache import CompressedCache
+from kvcompress.hub import CONFIG_FILE
+from kvcompress.lowrank import KVSpliceCache, PCACache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
+FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache}  # built from a compressor artifact
 PASSKEY_INTRO = (
     "Below is a long text. Somewhere in it is a five-digit pass key. "
     "Remember it, you will be asked for it at the end.\n\n"
@@ -50,21 +54,39 @@ def build_cache(method: str, ratio: float | None = None, budget: int | None = No
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A cache to evaluate: a method name from `CACHE_CLASSES` and its compression ratio."""
+    """A cache to evaluate: a method name from `CACHE_CLASSES` and its compression ratio, or a fitted compressor's directory."""
 
     method: str
     ratio: float | None = None
+    path: str | None = None
 
     def __post_init__(self):
+        if self.path is not None:
+            return
         _cache_class(self.method)
         if self.method != "dense" and self.ratio is None:
             raise ValueError(f"Cache '{self.method}' needs a compression ratio.")
 
+    @classmethod
+    def fitted(cls, path: str) -> CacheSpec:
+        """The compressor saved in directory `path` (its method is read from its config)."""
+        config_file = Path(path) / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a compressor directory (no {CONFIG_FILE}); make one with kvcompress calibrate.")
+        method = json.loads(config_file.read_text()).get("method")
+        if method not in FITTED_CACHE_CLASSES:
+            raise ValueError(f"{path} holds a {method!r} compressor; the evaluator knows {', '.join(FITTED_CACHE_CLASSES)}.")
+        return cls(method, path=str(path))
+
     def build(self):
+        if self.path is not None:
+            return FITTED_CACHE_CLASSES[self.method].from_pretrained(self.path)
         return build_cache(self.method, self.ratio)
 
     @property
     def label(self) -> str:
+        if self.path is not None:
+            return f"{self.method} {Path(self.path).name}"
         return self.method if self.ratio is None else f"{self.method} {self.ratio:g}:1"
 
 

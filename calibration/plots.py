@@ -40,6 +40,26 @@ def plot_quality_vs_compression(rows, path: str | Path, title: str = "") -> Path
     passkey_axis.set_ylim(-0.05, 1.05)
     if title:
         figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_perplexity_vs_memory(curves: dict[str, list[tuple[float, float]]], baseline: float, path: str | Path, title: str = "") -> Path:
+    """Perplexity against the share of dense K/V memory kept, one line per curve of (memory, perplexity) points."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(curves.items()):
+        points = sorted(points)
+        axis.plot([100 * memory for memory, _ in points], [ppl for _, ppl in points], marker="o", label=label)
+    axis.axhline(baseline, color="black", linestyle="--", label="dense")
+    axis.set_xlabel("K/V memory kept in the compressed store (% of dense)")
+    axis.set_ylabel("streaming perplexity on held-out text")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title)
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
 """kvcompress: KV-cache compression for HuggingFace causal LMs, as plain `transformers.Cache` objects.
 
     model, tokenizer = kvcompress.load_model()            # or kvcompress.enable(your_model)
-    cache = kvcompress.H2OCache(ratio=8)
+    cache = kvcompress.H2OCache(ratio=8)                  # or PCACache.from_pretrained("dir-or-hub-id"), ...
     model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
 
 from .attention import AttentionNotEnabledError, enable
 from .baselines import H2OCache, StreamingLLMCache
 from .cache import Budget, CompressedCache, CompressedLayer, Slots
+from .config import ConfigError, RankConfig
+from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import load_model
 
 __version__ = "0.1.0"
@@ -17,7 +19,13 @@ __all__ = [
     "Budget",
     "CompressedCache",
     "CompressedLayer",
+    "ConfigError",
     "H2OCache",
+    "KVSpliceCache",
+    "KVSpliceCompressor",
+    "PCACache",
+    "PCACompressor",
+    "RankConfig",
     "Slots",
     "StreamingLLMCache",
     "enable",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import Budget, CompressedCache, CompressedLayer, Slots
+from .cache import FILLER, Budget, CompressedCache, CompressedLayer, Slots
 
 
 class _BudgetedLayer(CompressedLayer):
@@ -57,11 +57,10 @@ class H2OLayer(_BudgetedLayer):
         return blocks  # every token leaving the window is a heavy-hitter candidate; select_store bounds them
 
     def select_store(self, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        candidates = token_ids >= self.sink
         heavy_room = self.room(self.seen) - self.window_size(self.seen)
-        ranked = scores.masked_fill(~candidates, float("-inf"))
+        ranked = scores.masked_fill(token_ids == FILLER, float("-inf"))
         rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        return ~candidates | (rank < heavy_room[:, None, None])
+        return rank < heavy_room[:, None, None]
 
 
 class StreamingLLMCache(CompressedCache):

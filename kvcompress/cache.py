@@ -1,17 +1,19 @@
 """The shared compressed-cache machinery every method builds on.
 
-Per layer, batch row and KV head, a `CompressedLayer` holds one table of (key, value) slots that
-attention reads, laid out as ``[store | tail]``:
+Per layer, batch row and KV head, a `CompressedLayer` holds two parts, and attention reads the
+table ``[store | tail]`` they make:
 
-* the *store*: the first `sink` real tokens of the row, exact, and whatever the method chose to
-  keep for tokens that left the recent window (kept tokens, merged super-tokens, ...);
-* the *tail*: the row's raw tokens that have not been handed to the method yet, exact and in
-  order. It always holds at least the recent window.
+* the *tail*: the row's first `sink` real tokens and its raw tokens that have not been handed to
+  the method yet, exact and in order. It always holds at least the recent window.
+* the *store*: whatever the method chose to keep for tokens that left the recent window (kept
+  tokens, merged super-tokens, low-rank latents, ...), in the method's own encoding
+  (`encode_store` / `decode_store`; by default plain keys and values). Only the encoded form is
+  held between forward passes; decoded keys and values exist only while attention runs.
 
 Once a row's tail (sink excluded) is longer than its window by `block_size` tokens or more, the
 oldest whole blocks are handed to the method (`compress_blocks`), which returns the slots to store
 for them, or none. Rows and heads may end up with different slot counts (padding, per-head
-eviction): the table stays rectangular and the gaps are *filler* slots (token id -1) that the
+eviction): the parts stay rectangular and the gaps are *filler* slots (token id -1) that the
 kvcompress attention masks out. Attention is invariant to slot order, so layout is free.
 
 Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
@@ -84,7 +86,9 @@ class Budget:
 def _pack(keep: torch.Tensor, tensors: dict, right_align: bool) -> dict:
     """Keep the `keep` slots of each (row, head), in order, in a table as short as the fullest (row, head).
 
-    Gaps become filler slots (token id -1) at the end, or at the start when `right_align`.
+    Gaps become filler slots (token id -1) at the end, or at the start when `right_align`. A tensor
+    with a head dimension of 1 is shared by all heads (its slots are aligned across heads, so every
+    head keeps the same ones).
     """
     length = int(keep.sum(-1).max()) if keep.numel() else 0
     order = torch.argsort((keep if right_align else ~keep).to(torch.int8), dim=-1, stable=True)
@@ -94,9 +98,9 @@ def _pack(keep: torch.Tensor, tensors: dict, right_align: bool) -> dict:
         if tensor is None:
             packed[name] = None
         elif tensor.dim() == 4:
-            packed[name] = tensor.gather(2, order[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+            packed[name] = tensor.gather(2, order[:, : tensor.shape[1], :, None].expand(-1, -1, -1, tensor.shape[-1]))
         else:
-            packed[name] = tensor.gather(2, order)
+            packed[name] = tensor.gather(2, order[:, : tensor.shape[1]])
     packed["token_ids"] = packed["token_ids"].masked_fill(~keep.gather(2, order), FILLER)
     return packed
 
@@ -105,15 +109,16 @@ class CompressedLayer(CacheLayerMixin):
     """One layer of a compressed cache: exact sink and recent window, method-defined store in between.
 
     Subclasses say what to keep for blocks leaving the window (`compress_blocks`), and may bound the
-    store (`select_store`), size the window per row (`window_size`) or ask for the attention each
-    slot receives (`tracks_attention`).
+    store (`select_store`), size the window per row (`window_size`), ask for the attention each
+    slot receives (`tracks_attention`) or hold the store in their own encoding (`encode_store`,
+    `decode_store`).
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
     tracks_attention = False  # ask attention for the mass each slot receives (kept in `scores`)
-    uses_bias = False  # slots carry an additive attention-logit bias (kept in `bias`)
+    uses_bias = False  # store slots carry an additive attention-logit bias (kept in `bias`)
 
     def __init__(self, layer_idx: int, sink: int = 4, window: int = 64, block_size: int = 1):
         super().__init__()
@@ -141,12 +146,25 @@ class CompressedLayer(CacheLayerMixin):
         """
         return torch.full_like(seen, self.window)
 
+    def encode_store(self, slots: dict) -> dict:
+        """The form in which new store slots are held: by default their keys and values as they are.
+
+        `slots` holds ``keys``/``values [B, H, n, D]``, ``token_ids [B, H, n]`` and, when the layer
+        uses them, ``scores`` and ``bias``. The result must keep ``token_ids`` (and those two) and
+        may hold any other tensors laid out ``[B, H or 1, n, ...]`` (1: shared by all heads).
+        """
+        return slots
+
+    def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, S, D]`` of the store for attention (transient: not kept)."""
+        return store["keys"], store["values"]
+
     # ----------------------------------------------------------------------- transformers contract
     def reset(self) -> None:
-        self.keys = self.values = self.token_ids = self.scores = self.bias = None
+        self.store: dict = {}
+        self.tail: dict = {}
         self.is_initialized = False
         self.cumulative_length = 0
-        self.store_length = 0
         self.seen = self.handed = None
         self.has_fillers = False
         self._tokens_until_check = 0
@@ -154,36 +172,45 @@ class CompressedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty(batch, heads, 0, head_dim)
-        self.values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
-        self.token_ids = torch.empty(batch, heads, 0, dtype=torch.int32, device=self.device)
-        self.scores = torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None
-        self.bias = torch.empty(batch, heads, 0, device=self.device) if self.uses_bias else None
+        empty = {
+            "keys": key_states.new_empty(batch, heads, 0, head_dim),
+            "values": value_states.new_empty(batch, heads, 0, value_states.shape[-1]),
+            "token_ids": torch.empty(batch, heads, 0, dtype=torch.int32, device=self.device),
+            "scores": torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None,
+        }
+        self.tail = dict(empty)
+        self.store = self.encode_store(empty | {"bias": torch.empty(batch, heads, 0, device=self.device) if self.uses_bias else None})
         self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.handed = torch.zeros_like(self.seen)
         self.is_initialized = True
+
+    @property
+    def store_length(self) -> int:
+        return self.store["token_ids"].shape[2] if self.is_initialized else 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new tokens and return every slot for this forward's (exact) attention."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1] or key_states.shape[3] != self.keys.shape[3]:
+        tail = self.tail
+        if key_states.shape[0] != tail["keys"].shape[0] or key_states.shape[1] != tail["keys"].shape[1] or key_states.shape[3] != tail["keys"].shape[3]:
             raise ValueError(
-                f"Layer {self.layer_idx} holds batch/heads/head_dim {tuple(self.keys.shape[i] for i in (0, 1, 3))} but got "
+                f"Layer {self.layer_idx} holds batch/heads/head_dim {tuple(tail['keys'].shape[i] for i in (0, 1, 3))} but got "
                 f"{tuple(key_states.shape[i] for i in (0, 1, 3))}; use a fresh cache (or cache.reset()) for a new batch."
             )
         batch, heads, new, _ = key_states.shape
         ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.token_ids = torch.cat([self.token_ids, ids[:, None].expand(batch, heads, new)], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
-        if self.bias is not None:
-            self.bias = torch.cat([self.bias, self.bias.new_zeros(batch, heads, new)], dim=-1)
+        tail["keys"] = torch.cat([tail["keys"], key_states], dim=-2)
+        tail["values"] = torch.cat([tail["values"], value_states], dim=-2)
+        tail["token_ids"] = torch.cat([tail["token_ids"], ids[:, None].expand(batch, heads, new)], dim=-1)
+        if tail["scores"] is not None:
+            tail["scores"] = torch.cat([tail["scores"], tail["scores"].new_zeros(batch, heads, new)], dim=-1)
         self.cumulative_length += new
         self._new_tokens = new
-        return self.keys, self.values
+        if self.store_length == 0:
+            return tail["keys"], tail["values"]
+        keys, values = self.decode_store(self.store)
+        return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -192,8 +219,8 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.keys.shape[-2] if self.is_initialized else 0
-        return stored + query_length, self.cumulative_length - stored
+        held = self.table_token_ids().shape[-1] if self.is_initialized else 0
+        return held + query_length, self.cumulative_length - held
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError(
@@ -216,10 +243,11 @@ class CompressedLayer(CacheLayerMixin):
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in ("keys", "values", "token_ids", "scores", "bias", "seen", "handed"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
+        for part in (self.store, self.tail):
+            for name, tensor in part.items():
+                if tensor is not None:
+                    part[name] = fn(tensor)
+        self.seen, self.handed = fn(self.seen), fn(self.handed)
 
     # ------------------------------------------------------------------------ attention handshake
     def check_module(self, module, attention_kwargs: dict) -> None:
@@ -233,13 +261,22 @@ class CompressedLayer(CacheLayerMixin):
 
     def needs_slot_mask(self) -> bool:
         """Whether attention must use this layer's own slot mask rather than the positional one."""
-        return self.has_fillers or self.bias is not None or self.tracks_attention
+        return self.has_fillers or self.uses_bias or self.tracks_attention
+
+    def table_token_ids(self) -> torch.Tensor:
+        """Token id of every slot of the attention table ``[store | tail]`` ([B, H, slots]; -1: filler)."""
+        return torch.cat([self.store["token_ids"], self.tail["token_ids"]], dim=-1)
 
     def slot_filled(self, length: int) -> torch.Tensor:
-        return self.token_ids[..., :length] != FILLER
+        """Which of the first `length` table slots hold a token ([B, H, length])."""
+        return self.table_token_ids()[..., :length] != FILLER
 
     def slot_bias(self, length: int) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias[..., :length]
+        """Additive logit bias of the first `length` table slots (tail slots have none)."""
+        if not self.uses_bias:
+            return None
+        bias = self.store["bias"]
+        return torch.cat([bias, bias.new_zeros(*bias.shape[:2], length - bias.shape[2])], dim=-1)
 
     def after_attention(self, new_valid: torch.Tensor | None, received: torch.Tensor | None) -> None:
         """Record which new tokens were padding and the attention slots got, then compress."""
@@ -248,13 +285,15 @@ class CompressedLayer(CacheLayerMixin):
             self._check_left_padding(new_valid)
             ids = (self.seen[:, None] + new_valid.long().cumsum(-1) - 1).to(torch.int32)
             ids = ids.masked_fill(~new_valid, FILLER)
-            self.token_ids[..., -new:] = ids[:, None]
+            self.tail["token_ids"][..., -new:] = ids[:, None]
             self.has_fillers = True
             self.seen += new_valid.sum(-1)
         else:
             self.seen += new
         if received is not None:
-            self.scores += received
+            stored = self.store_length
+            self.store["scores"] += received[..., :stored]
+            self.tail["scores"] += received[..., stored:]
         self._tokens_until_check -= new
         if self._tokens_until_check <= 0:
             self._compress()
@@ -270,58 +309,40 @@ class CompressedLayer(CacheLayerMixin):
 
     # -------------------------------------------------------------------------------- compression
     def _compress(self) -> None:
-        raw = self.seen - self.handed
-        to_sink = (self.sink - self.handed).clamp(min=0).minimum(raw)
-        over = (raw - to_sink - self.window_size(self.seen)).clamp(min=0)
+        raw = self.seen - self.seen.clamp(max=self.sink) - self.handed  # handable tokens: not sink, not handed yet
+        over = (raw - self.window_size(self.seen)).clamp(min=0)
         blocks = over // self.block_size
-        hand = to_sink + blocks * self.block_size
+        hand = blocks * self.block_size
         # No row can hand off a block before this many more tokens arrive: windows never shrink as tokens arrive.
-        self._tokens_until_check = 1 if bool((self.handed + hand < self.sink).any()) else int((self.block_size - over % self.block_size).min())
+        self._tokens_until_check = int((self.block_size - over % self.block_size).min())
         if not bool((hand > 0).any()):
             return
-        slots = self._slot_tensors()
-        store = {name: None if t is None else t[:, :, : self.store_length] for name, t in slots.items()}
-        tail = {name: None if t is None else t[:, :, self.store_length :] for name, t in slots.items()}
-        # Each row's tail is its filler slots, then its raw tokens oldest first.
-        first_raw = tail["token_ids"].shape[2] - raw
-        offset = torch.arange(tail["token_ids"].shape[2], device=self.device) - first_raw[:, None]
+        tail = self.tail
+        length = tail["token_ids"].shape[2]
+        first = length - raw  # each row's tail is its fillers, its sink, then its handable tokens oldest first
+        method_slots = self._method_slots(tail, first, blocks)
 
-        parts = [store]
-        if bool((to_sink > 0).any()):
-            sink_part = (offset >= 0) & (offset < to_sink[:, None])
-            parts.append(self._take(tail, sink_part[:, None].expand_as(tail["token_ids"])))
-        method_slots = self._method_slots(tail, first_raw + to_sink, blocks)
+        if bool((first == first[0]).all() and (hand == hand[0]).all()):  # rows in step: cut one range out
+            start, stop = int(first[0]), int(first[0] + hand[0])
+            self.tail = {name: None if t is None else (t[:, :, stop:] if start == 0 else torch.cat([t[:, :, :start], t[:, :, stop:]], dim=2)) for name, t in tail.items()}
+        else:
+            index = torch.arange(length, device=self.device)
+            keep = (index < first[:, None]) | (index >= (first + hand)[:, None])
+            self.tail = _pack(keep[:, None] & (tail["token_ids"] != FILLER), tail, right_align=True)
+
+        store = self.store
         if method_slots is not None:
-            parts.append(method_slots)
-        if len(parts) > 1:
-            store = {name: None if t is None else torch.cat([part[name] for part in parts], dim=2) for name, t in store.items()}
+            encoded = self.encode_store(method_slots)
+            store = {name: None if t is None else torch.cat([t, encoded[name]], dim=2) for name, t in store.items()}
         keep = store["token_ids"] != FILLER
-        selected = self.select_store(store["token_ids"], store["scores"])
+        selected = self.select_store(store["token_ids"], store.get("scores"))
         if selected is not None:
             keep &= selected
         if not bool(keep.all()):
             store = _pack(keep, store, right_align=False)
-        if bool((first_raw == first_raw[0]).all() and (hand == hand[0]).all()):
-            start = int(first_raw[0] + hand[0])  # rows in step: what stays of the tail is a slice
-            tail = {name: None if t is None else t[:, :, start:] for name, t in tail.items()}
-        else:
-            tail = _pack((offset >= hand[:, None])[:, None].expand_as(tail["token_ids"]), tail, right_align=True)
-
-        self.store_length = store["keys"].shape[2]
-        for name in store:
-            setattr(self, name, None if store[name] is None else torch.cat([store[name], tail[name]], dim=2))
+        self.store = store
         self.handed += hand
-        self.has_fillers = bool((self.token_ids == FILLER).any())
-
-    def _slot_tensors(self) -> dict:
-        return {"keys": self.keys, "values": self.values, "token_ids": self.token_ids, "scores": self.scores, "bias": self.bias}
-
-    @staticmethod
-    def _take(slots: dict, keep: torch.Tensor) -> dict:
-        """The same slot tensors with everything outside `keep` marked as filler."""
-        taken = dict(slots)
-        taken["token_ids"] = slots["token_ids"].masked_fill(~keep, FILLER)
-        return taken
+        self.has_fillers = bool((store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
 
     def _method_slots(self, tail: dict, start: torch.Tensor, blocks: torch.Tensor) -> dict | None:
         """Hand each row's whole blocks to the method; lay what it returns out per row (gaps are fillers)."""
@@ -330,18 +351,18 @@ class CompressedLayer(CacheLayerMixin):
         rows = torch.repeat_interleave(torch.arange(len(blocks), device=self.device), blocks)
         block_in_row = torch.arange(len(rows), device=self.device) - torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
         index = (start[rows] + block_in_row * self.block_size)[:, None] + torch.arange(self.block_size, device=self.device)
-        heads = self.keys.shape[1]
+        heads = tail["keys"].shape[1]
         where = (rows[:, None, None], torch.arange(heads, device=self.device)[None, :, None], index[:, None, :])
 
         def gather(tensor):  # [B, H, T, ...] -> [n, H, block_size, ...]
             return None if tensor is None else tensor[where]
 
-        handed = Slots(rows, gather(tail["keys"]), gather(tail["values"]), gather(tail["token_ids"]), gather(tail["scores"]), gather(tail["bias"]))
+        handed = Slots(rows, gather(tail["keys"]), gather(tail["values"]), gather(tail["token_ids"]), gather(tail["scores"]))
         out = self.compress_blocks(handed)
         if out is None or out.keys.shape[2] == 0:
             return None
         ids = out.token_ids if out.keep is None else out.token_ids.masked_fill(~out.keep, FILLER)
-        if out.bias is not None and self.bias is None:
+        if out.bias is not None and not self.uses_bias:
             raise RuntimeError(f"{type(self).__name__} returned slot biases but does not set uses_bias = True.")
         out = replace(out, token_ids=ids)
         # Row r's blocks go side by side: [B, H, max_blocks * k] with filler where a row has fewer blocks.
@@ -350,8 +371,9 @@ class CompressedLayer(CacheLayerMixin):
         position = (block_in_row[:, None] * per_block + torch.arange(per_block, device=self.device))[:, None, :]
         batch = len(blocks)
         laid = {}
+        wanted = {"scores": self.tracks_attention, "bias": self.uses_bias}
         for name, value, fill in (("keys", out.keys, 0.0), ("values", out.values, 0.0), ("token_ids", out.token_ids, FILLER), ("scores", out.scores, 0.0), ("bias", out.bias, 0.0)):
-            if name in ("scores", "bias") and tail[name] is None:
+            if not wanted.get(name, True):
                 laid[name] = None
                 continue
             if value is None:
@@ -364,19 +386,27 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------ memory
     def nbytes(self) -> int:
+        """Bytes of memory this layer holds: every storage behind its tensors, counted once."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in self._slot_tensors().values() if t is not None)
+        storages = {}
+        for part in (self.store, self.tail):
+            for tensor in part.values():
+                if tensor is not None:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def dense_nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        batch, heads, _, head_dim = self.keys.shape
-        return 2 * batch * heads * self.cumulative_length * head_dim * self.keys.element_size()
+        keys, values = self.tail["keys"], self.tail["values"]
+        batch, heads = keys.shape[:2]
+        return batch * heads * self.cumulative_length * (keys.shape[-1] + values.shape[-1]) * keys.element_size()
 
     def tokens_held(self) -> torch.Tensor:
         """Filled slots per (row, head)."""
-        return (self.token_ids != FILLER).sum(-1)
+        return (self.table_token_ids() != FILLER).sum(-1)
 
 
 class CompressedCache(Cache):

@@ -71,17 +71,27 @@ def default_model_path() -> Path:
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=torch.float32, device=None, attn_implementation="sdpa", revision=None):
     """Return `(model, tokenizer)` ready for compressed caches.
 
-    `name_or_path` is a local directory or a Hub id; None loads the embedded default model.
-    The model's attention is routed through kvcompress (`kvcompress.enable`), which is exactly
-    `attn_implementation` when no compressed cache is in use.
+    `name_or_path` is a local directory or a Hub id; None (or "SmolLM2-135M-Instruct") loads the
+    embedded default model, whose config then names it so. The model's attention is routed through
+    kvcompress (`kvcompress.enable`), which is exactly `attn_implementation` when no compressed
+    cache is in use.
     """
-    path = default_model_path() if name_or_path is None else name_or_path
+    embedded = name_or_path in (None, DEFAULT_MODEL)
+    path = default_model_path() if embedded else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision)
     if device is not None:
         model = model.to(device)
     model.eval()
+    if embedded:
+        model.config._name_or_path = DEFAULT_MODEL  # what artifacts fitted on it record as their base model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return enable(model), tokenizer
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a Llama-family config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim

@@ -43,7 +43,7 @@ def test_memory_shrinks_to_the_budget(cache):
     for layer in compressed.layers:
         held = layer.tokens_held()
         assert int(held.max()) <= 16 and int(held.min()) >= 16 - 3  # block-wise eviction may leave up to 3 slots free
-        assert layer.keys.shape[2] == int(held.max())  # no dead slots are kept
+        assert layer.table_token_ids().shape[2] == int(held.max())  # no dead slots are kept
     assert compressed.dense_nbytes() == 2 * 2 * 2 * seen * 16 * 4  # K+V, layers, KV heads, tokens, head_dim, fp32
     assert compressed.compression_ratio > 0.9 * seen / 16  # the bookkeeping costs under 10%
 
@@ -128,7 +128,7 @@ def test_cache_follows_the_model_dtype(cache):
     compressed = CACHES[cache](16)
     out = greedy(model, compressed, prompt_ids(40), new_tokens=8)
     assert out.shape == (1, 8)
-    assert all(layer.keys.dtype == torch.bfloat16 and layer.values.dtype == torch.bfloat16 for layer in compressed.layers)
+    assert all(layer.tail["keys"].dtype == torch.bfloat16 and layer.tail["values"].dtype == torch.bfloat16 for layer in compressed.layers)
     assert compressed.dense_nbytes() == 2 * 2 * 2 * (40 + 8 - 1) * 16 * 2  # bf16: 2 bytes per element
 
 
@@ -143,8 +143,8 @@ def test_streamingllm_holds_exactly_each_rows_sink_and_most_recent_tokens(block_
     for layer in cache.layers:
         for row, seen in enumerate((40 + 20 - 1, 31 + 20 - 1)):
             assert int(layer.seen[row]) == seen
-            for head in range(layer.keys.shape[1]):
-                held = sorted(int(t) for t in layer.token_ids[row, head] if t >= 0)
+            for head in range(layer.tail["keys"].shape[1]):
+                held = sorted(int(t) for t in layer.table_token_ids()[row, head] if t >= 0)
                 recent = held[4:]
                 assert held[:4] == [0, 1, 2, 3]
                 assert recent == list(range(seen - len(recent), seen))  # the newest tokens, none missing
@@ -164,8 +164,9 @@ def test_query_chunking_of_the_slot_mask_attention_changes_nothing(monkeypatch):
     chunked_cache = H2OCache(budget=20)
     assert torch.equal(greedy(model, chunked_cache, ids, mask), whole)
     for a, b in zip(whole_cache.layers, chunked_cache.layers):
-        assert torch.equal(a.token_ids, b.token_ids)
-        assert torch.allclose(a.scores, b.scores, atol=1e-5)
+        assert torch.equal(a.table_token_ids(), b.table_token_ids())
+        for part in ("store", "tail"):
+            assert torch.allclose(getattr(a, part)["scores"], getattr(b, part)["scores"], atol=1e-5)
 
 
 @pytest.mark.parametrize("cache", sorted(CACHES))

@@ -1,0 +1,257 @@
+"""Compressor artifacts: a directory (or a Hub model repo of the same layout) that any method saves and loads.
+
+    compressor_config.json   method, format and kvcompress versions, the base model and its shapes,
+                             cache settings, ranks, calibration data and fit metrics
+    model.safetensors        the fitted tensors
+    README.md                a generated model card
+
+`CompressorArtifact` follows `huggingface_hub.ModelHubMixin`: `save_pretrained`, `push_to_hub`
+and `from_pretrained` (a local directory or a Hub id). Loading checks the format version and the
+method at once; a loaded artifact is shared by every cache built from the same files; and the
+first attention call of each layer checks that the artifact was fitted for that model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
+from .models import kv_shape
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "compressor_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FINGERPRINT_TOLERANCE = 1e-2  # relative; loose enough for bf16/fp16 copies of the same weights
+
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A fitted **{{ method }}** KV-cache compressor for {{ base_model_link }}, made with
+[kvcompress](https://github.com/kvcompress/kvcompress) {{ version }}. It plugs into `model.generate()` as a
+`transformers.Cache`.
+
+```python
+import kvcompress
+from kvcompress import {{ cache_class }}
+
+model, tokenizer = kvcompress.load_model("{{ base_model }}")   # or kvcompress.enable(your_model)
+cache = {{ cache_class }}.from_pretrained("{{ repo_id }}")
+output = model.generate(**tokenizer("...", return_tensors="pt"), past_key_values=cache, max_new_tokens=64)
+```
+
+## Fit
+
+- Base model: `{{ base_model }}` ({{ shapes }})
+- Calibration data: {{ data }}
+- Settings: {{ settings }}
+
+## Metrics (measured at calibration, on text not used for fitting)
+
+{{ metrics }}
+"""
+
+
+class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcompress", "kv-cache-compression"], model_card_template=MODEL_CARD):
+    """The fitted part of a compressed cache: a config dict and named tensors.
+
+    Subclasses set `method` and `cache_class_name` and check their tensors in `validate`.
+    """
+
+    method: str = ""
+    cache_class_name: str = ""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
+        self.config = config | {"method": self.method}
+        self.tensors = tensors
+        self._hub_mixin_config = None  # the config lives in compressor_config.json, not the mixin's config.json
+        self._checked_layers: set[int] = set()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise if the tensors do not match the config."""
+
+    # ------------------------------------------------------------------------------------ saving
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from . import __version__
+
+        config = {"format_version": FORMAT_VERSION, "kvcompress_version": __version__} | self.config
+        (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({name: tensor.contiguous() for name, tensor in self.tensors.items()}, str(Path(save_directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+        (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
+
+    def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
+        from . import __version__
+
+        base = self.config["base_model"]
+        base_id = base.get("name_or_path", "?")
+        metrics = self.config.get("metrics") or {}
+        table = "\n".join(["| metric | value |", "|---|---|"] + [f"| {name} | {_format(value)} |" for name, value in metrics.items()])
+        return ModelCard.from_template(
+            card_data=self._hub_mixin_info.model_card_data,
+            template_str=self._hub_mixin_info.model_card_template,
+            title=f"{self.method} compressor for {base_id}",
+            method=self.method,
+            cache_class=self.cache_class_name,
+            base_model=base_id,
+            base_model_link=f"[{base_id}](https://huggingface.co/{base_id})" if base_id.count("/") == 1 and not base_id.startswith((".", "/")) else f"`{base_id}`",
+            version=__version__,
+            repo_id=repo_id or "path/to/this/directory",
+            shapes=f"{base['num_layers']} layers, {base['num_kv_heads']} KV heads, head dim {base['head_dim']}",
+            data=json.dumps(self.config.get("calibration", {})),
+            settings=json.dumps(self.config.get("cache", {})),
+            metrics=table if metrics else "(none recorded)",
+            **kwargs,
+        )
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload `save_pretrained`'s directory to a Hub model repo (the card shows `repo_id` in its usage snippet)."""
+        kwargs.setdefault("model_card_kwargs", {})
+        kwargs["model_card_kwargs"] = {"repo_id": repo_id} | kwargs["model_card_kwargs"]
+        return super().push_to_hub(repo_id, **kwargs)
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None, cache_dir=None, force_download: bool = False, local_files_only: bool = False, token=None, **kwargs):
+        """Load from a directory made by `save_pretrained` or a Hub repo id; the same files give the same shared object."""
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+            force_download=force_download, local_files_only=local_files_only, token=token, **kwargs,
+        )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token, **kwargs):
+        if kwargs:
+            raise TypeError(f"Unexpected argument(s) {sorted(kwargs)} for {cls.__name__}.from_pretrained.")
+        config_file, weights_file = _resolve(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token)
+        return _load(cls, str(config_file), str(weights_file), _stamp(config_file), _stamp(weights_file))
+
+    # ------------------------------------------------------------------------------ model checks
+    def check_shapes(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Raise if a layer's key/value states do not have the shapes this artifact was fitted for."""
+        base = self.config["base_model"]
+        expected = (base["num_kv_heads"], base["head_dim"])
+        got = (key_states.shape[1], key_states.shape[-1])
+        if layer_idx >= base["num_layers"] or got != expected or value_states.shape[-1] != base.get("head_dim_v", base["head_dim"]):
+            raise ValueError(
+                f"This {self.method} compressor was fitted for {base.get('name_or_path')} ({base['num_layers']} layers, "
+                f"{expected[0]} KV heads of dim {expected[1]}) but layer {layer_idx} of this model has {got[0]} KV heads of dim "
+                f"{got[1]}. Use a compressor fitted for this model (kvcompress calibrate --model ...)."
+            )
+
+    def check_module(self, module) -> None:
+        """Once per layer: raise if the attention module's K/V projections are not the ones this artifact was fitted on."""
+        layer_idx = module.layer_idx
+        if layer_idx in self._checked_layers:
+            return
+        fingerprint = self.config["base_model"].get("fingerprint")
+        if fingerprint is not None:
+            for name in ("k_proj", "v_proj"):
+                got = float(getattr(module, name).weight.detach().float().norm())
+                expected = fingerprint[name][layer_idx]
+                if not math.isclose(got, expected, rel_tol=FINGERPRINT_TOLERANCE):
+                    raise ValueError(
+                        f"This {self.method} compressor was fitted for {self.config['base_model'].get('name_or_path')}, not for this "
+                        f"model: layer {layer_idx} {name} weight norm is {got:.4g}, the fitted model's was {expected:.4g}. "
+                        "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
+                    )
+        self._checked_layers.add(layer_idx)
+
+
+def model_signature(model, name_or_path: str | None = None, revision: str | None = None) -> dict:
+    """The `base_model` section of a compressor config: identity, shapes and a K/V-projection fingerprint."""
+    config = model.config
+    attention = [layer.self_attn for layer in model.model.layers]
+    num_layers, num_kv_heads, head_dim = kv_shape(config)
+    return {
+        "name_or_path": name_or_path or config._name_or_path,
+        "revision": revision,
+        "model_type": config.model_type,
+        "num_layers": num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "fingerprint": {name: [float(getattr(a, name).weight.detach().float().norm()) for a in attention] for name in ("k_proj", "v_proj")},
+    }
+
+
+def _format(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = Path(path).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
+    """Paths of the config and weights files of a local directory or a Hub repo."""
+    directory = Path(model_id)
+    if directory.is_dir():
+        files = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{directory} has no {file.name}: it is not a complete kvcompress compressor directory (made by save_pretrained or kvcompress calibrate).")
+        return files
+    if directory.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
+    try:
+        return tuple(Path(hf_hub_download(model_id, filename, **download_kwargs)) for filename in (CONFIG_FILE, WEIGHTS_FILE))
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{model_id} is not a local directory ({directory.resolve()} does not exist), and as a Hub repo id it could not be "
+            "downloaded: the Hub was not reachable and the repo is not in the local Hub cache."
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"Hub repo {model_id!r} has no revision {download_kwargs.get('revision')!r}.") from None
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"Hub repo {model_id!r} is not a kvcompress compressor: {error}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp) -> CompressorArtifact:
+    """One artifact per (class, files, file versions): caches built from the same files share its tensors."""
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_file} is not valid JSON ({error}); re-download or re-save the compressor.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_file} must hold a JSON object.")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ConfigError(f"{config_file} has no integer 'format_version': it was not written by kvcompress.")
+    if version > FORMAT_VERSION:
+        raise ConfigError(
+            f"{config_file} has format version {version}, newer than this kvcompress reads ({FORMAT_VERSION}); "
+            f"it was written by kvcompress {config.get('kvcompress_version', '?')}. Upgrade kvcompress (pip install -U kvcompress)."
+        )
+    method = config.get("method")
+    if method != cls.method:
+        owner = next((sub for sub in _artifact_classes() if sub.method == method), None)
+        hint = f"load it with {owner.cache_class_name}.from_pretrained" if owner else "it is not a known kvcompress method"
+        raise ConfigError(f"{config_file} holds a {method!r} compressor, not {cls.method!r}: {hint}.")
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_file} is corrupt or not a safetensors file ({error}). Re-download it (force_download=True) or re-save the compressor.") from None
+    config = {key: value for key, value in config.items() if key not in ("format_version", "kvcompress_version")}
+    return cls(config, tensors)
+
+
+def _artifact_classes(base=CompressorArtifact):
+    for sub in base.__subclasses__():
+        yield sub
+        yield from _artifact_classes(sub)

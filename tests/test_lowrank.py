@@ -1,0 +1,265 @@
+"""PCACache and KVSpliceCache on tiny random models: exactness at full rank, real memory savings,
+heterogeneous ranks, padding, artifacts and their errors."""
+
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from transformers import DynamicCache
+
+from calibration.calibrate import LowRankCalibration
+from conftest import ARCHITECTURES, DEVICE, VOCAB, greedy, prompt_ids, tiny_model
+from kvcompress.config import ConfigError, HeadRanks, RankConfig
+from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE
+from kvcompress.lowrank import KVSpliceCache, PCACache, PCACompressor
+from kvcompress.models import kv_shape
+
+SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
+
+
+def calibrate(model, fisher_sequences: int = 0) -> LowRankCalibration:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (1536,), generator=generator)
+    heldout = torch.randint(3, VOCAB, (1, 96), generator=generator)
+    return LowRankCalibration.from_token_ids(
+        model, ids, heldout, samples=384, tokens=1536, sequence_length=128, fisher_sequences=fisher_sequences, fisher_sequence_length=128, name_or_path="tiny",
+    )
+
+
+def uniform(model, rank_k: int, rank_v: int | None = None, algo: str = "pca") -> RankConfig:
+    layers, heads, dim = kv_shape(model.config)
+    return RankConfig.uniform(layers, heads, dim, dim, rank_k, rank_v, algo=algo)
+
+
+def fitted(model, rank_k: int, rank_v: int | None = None, method: str = "pca"):
+    return calibrate(model).fit(method, uniform(model, rank_k, rank_v, method), SETTINGS)[0]
+
+
+@torch.no_grad()
+def stream_logits(model, cache, ids):
+    logits = [model(input_ids=ids[:, :24], past_key_values=cache).logits]
+    for position in range(24, ids.shape[1]):
+        logits.append(model(input_ids=ids[:, position : position + 1], past_key_values=cache).logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_full_rank_pca_equals_dense(arch):
+    model = tiny_model(arch)
+    ids = prompt_ids(48)
+    compressed = PCACache(fitted(model, 16))
+    assert torch.allclose(stream_logits(model, compressed, ids), stream_logits(model, DynamicCache(), ids), atol=1e-4)
+    assert compressed.layers[0].store_length > 20  # the tokens really went through the latents
+
+
+def test_error_grows_as_rank_shrinks():
+    model = tiny_model("llama")
+    ids = prompt_ids(48)
+    dense = stream_logits(model, DynamicCache(), ids)
+    calibration = calibrate(model)
+    errors = [
+        float((stream_logits(model, PCACache(calibration.fit("pca", uniform(model, rank), SETTINGS)[0]), ids) - dense).abs().max())
+        for rank in (4, 10, 16)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
+
+
+def test_store_holds_only_latents_and_the_memory_saving_is_real():
+    model = tiny_model("llama")
+    cache = PCACache(fitted(model, 4, 8))
+    greedy(model, cache, prompt_ids(60), new_tokens=40)
+    layer = cache.layers[0]
+    stored = layer.store_length
+    assert set(layer.store) == {"key_latents", "value_latents", "token_ids"}  # no full keys or values are kept
+    assert layer.store["key_latents"].shape == (1, 1, stored, 2 * 4) and layer.store["value_latents"].shape == (1, 1, stored, 2 * 8)
+    tail = layer.tail["token_ids"].shape[2]
+    expected = stored * (2 * 4 + 2 * 8) * 4 + stored * 2 * 4 + tail * 2 * (16 + 16 + 1) * 4  # latents, store ids, exact tail
+    assert layer.nbytes() == expected
+    assert cache.nbytes() < 0.55 * cache.dense_nbytes()
+
+
+def test_heterogeneous_ranks_per_head_and_for_keys_and_values():
+    model = tiny_model("qwen3")
+    ranks = uniform(model, 8)
+    ranks.heads[0, 0] = HeadRanks(2, 14)
+    ranks.heads[1, 1] = HeadRanks(16, 16, enabled=False)
+    compressor = calibrate(model).fit("pca", ranks, SETTINGS)[0]
+    cache = PCACache(compressor)
+    out = greedy(model, cache, prompt_ids(40), new_tokens=16)
+    assert out.shape == (1, 16)
+    assert cache.layers[0].store["key_latents"].shape[-1] == 2 + 8
+    assert cache.layers[0].store["value_latents"].shape[-1] == 14 + 8
+    assert cache.layers[1].store["key_latents"].shape[-1] == 8 + 16
+    assert torch.allclose(compressor.tensors["layers.1.heads.1.key.decoder"], torch.eye(16))  # a disabled head stays exact
+
+
+def test_left_padded_batch_matches_each_row_alone():
+    model = tiny_model("mistral")
+    compressor = fitted(model, 6, 10)
+    ids = prompt_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    batched = greedy(model, PCACache(compressor), ids, mask, new_tokens=20)
+    alone = [greedy(model, PCACache(compressor), ids[row : row + 1, start:], new_tokens=20) for row, start in ((0, 0), (1, 7))]
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_kvsplice_improves_the_attention_output_over_pca_and_runs_under_generate():
+    model = tiny_model("llama")
+    calibration = calibrate(model)
+    compressor, metrics = calibration.fit("kvsplice", uniform(model, 4, 6, "kvsplice"), SETTINGS)
+    assert metrics["heads_improved_over_pca"] > 0
+    assert metrics["validation_attention_error"] < metrics["validation_attention_error_pca"]
+    assert greedy(model, KVSpliceCache(compressor), prompt_ids(40), new_tokens=8).shape == (1, 8)
+
+
+def test_fisher_information_and_fisher_ranks():
+    model = tiny_model("llama")
+    calibration = calibrate(model, fisher_sequences=2)
+    fisher = calibration.fisher
+    assert fisher.keys.shape == (4, 16, 16) and fisher.values.shape == (4, 16, 16)
+    assert float(torch.linalg.eigvalsh(fisher.keys.double()).min()) > -1e-12 and float(fisher.values.diagonal(dim1=1, dim2=2).sum()) > 0
+    summary = fisher.summary(num_heads=2)
+    assert set(summary) == {"0/0", "0/1", "1/0", "1/1"} and summary["1/1"]["cond_v"] >= 1
+    ranks, source = calibration.ranks(uniform(model, 16), 0.5)
+    assert source == "fisher" and ranks.memory_fraction() == 0.5
+    # A group whose values the loss is 1000x more sensitive to gets more value rank.
+    fisher.values[2] *= 1000
+    boosted = calibration.ranks(uniform(model, 16), 0.5)[0]
+    assert boosted.heads[1, 0].value > ranks.heads[1, 0].value and boosted.memory_fraction() == 0.5
+
+
+def test_save_and_load_round_trip_shares_weights(tmp_path):
+    model = tiny_model("llama")
+    compressor = fitted(model, 6, 10)
+    compressor.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["method"] == "pca" and config["format_version"] == 1 and config["base_model"]["num_kv_heads"] == 2
+    assert "PCACache.from_pretrained" in (tmp_path / "README.md").read_text()
+    first, second = PCACache.from_pretrained(tmp_path), PCACache.from_pretrained(str(tmp_path))
+    assert first.compressor is second.compressor  # loaded once, shared by every cache
+    ids = prompt_ids(40)
+    assert torch.equal(greedy(model, first, ids), greedy(model, PCACache(compressor), ids))
+    assert first.layers[0].window == 8  # cache settings travel with the artifact
+
+
+def test_artifact_errors(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    fitted(model, 6).save_pretrained(tmp_path / "pca")
+    with pytest.raises(FileNotFoundError, match="is not a compressor directory"):
+        PCACache.from_pretrained(tmp_path / "nowhere")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a relative path that does not exist looks like a repo id
+    with pytest.raises(FileNotFoundError, match="is not a local directory .* the Hub was not reachable"):
+        PCACache.from_pretrained("results/no-such-run")
+    with pytest.raises(ConfigError, match="load it with PCACache"):
+        KVSpliceCache.from_pretrained(tmp_path / "pca")
+
+    def variant(name, edit):
+        target = tmp_path / name
+        target.mkdir()
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            (target / file).write_bytes((tmp_path / "pca" / file).read_bytes())
+        edit(target)
+        return target
+
+    missing = variant("missing", lambda d: (d / WEIGHTS_FILE).unlink())
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        PCACache.from_pretrained(missing)
+    corrupt = variant("corrupt", lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"))
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        PCACache.from_pretrained(corrupt)
+
+    def edit_config(change):
+        def edit(directory):
+            config = json.loads((directory / CONFIG_FILE).read_text())
+            change(config)
+            (directory / CONFIG_FILE).write_text(json.dumps(config))
+        return edit
+
+    newer = variant("newer", edit_config(lambda c: c.update(format_version=99)))
+    with pytest.raises(ConfigError, match="newer than this kvcompress reads"):
+        PCACache.from_pretrained(newer)
+    mismatched = variant("mismatched", edit_config(lambda c: c["ranks"]["per_layer_head"]["1/0"].update(rank=3)))
+    with pytest.raises(ConfigError, match="do not match its ranks: layers.1.heads.0.key.encoder"):
+        PCACache.from_pretrained(mismatched)
+
+
+def test_a_compressor_for_another_model_is_refused():
+    compressor = fitted(tiny_model("llama"), 6)
+    other_weights = tiny_model("llama")
+    torch.nn.init.normal_(other_weights.model.layers[0].self_attn.k_proj.weight)
+    with pytest.raises(ValueError, match="fitted for tiny, not for this model: layer 0 k_proj"):
+        greedy(other_weights, PCACache(compressor), prompt_ids(20), new_tokens=2)
+    other_shape = tiny_model("llama", num_key_value_heads=4)
+    with pytest.raises(ValueError, match="2 KV heads of dim 16\\) but layer 0 of this model has 4 KV heads"):
+        greedy(other_shape, PCACache(compressor), prompt_ids(20), new_tokens=2)
+
+
+def test_a_cache_refuses_the_other_methods_compressor():
+    with pytest.raises(TypeError, match="KVSpliceCache needs a KVSpliceCompressor, got PCACompressor"):
+        KVSpliceCache(fitted(tiny_model("llama"), 6))
+
+
+SEED_EXAMPLE = {
+    "global": {"target_memory_reduction": 0.5, "d_head": 16, "algo_default": "kvsplice", "rank": 8},
+    "per_layer_head": {"0/0": {"enabled": True, "rank": 4, "algo": "kvsplice", "d_k": 16, "d_v": 16}, "0/1": {"enabled": False}},
+}
+
+
+def test_rank_config_in_the_seed_shape():
+    ranks = RankConfig.from_json(SEED_EXAMPLE, 2, 2, 16, 16)
+    assert ranks.heads[0, 0] == HeadRanks(4, 4, True, "kvsplice")
+    assert ranks.heads[0, 1] == HeadRanks(16, 16, False, "kvsplice")
+    assert ranks.heads[1, 1] == HeadRanks(8, 8, True, "kvsplice")  # left out: the global rank
+    assert RankConfig.from_json(ranks.to_json(), 2, 2, 16, 16) == ranks
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["per_layer_head"]["0/0"].update(rank=17), r"per_layer_head\['0/0'\].rank must be an integer from 1 to 16"),
+        (lambda c: c["per_layer_head"]["0/0"].update(rank_k=2), r"per_layer_head\['0/0'\] gives both 'rank' and 'rank_k'"),
+        (lambda c: c["per_layer_head"]["0/0"].update(algo="svd"), r"per_layer_head\['0/0'\].algo is 'svd'"),
+        (lambda c: c["per_layer_head"]["0/0"].update(d_k=64), r"per_layer_head\['0/0'\].d_k is 64 but the model's heads have 16"),
+        (lambda c: c["per_layer_head"]["0/0"].update(enabled="yes"), r"per_layer_head\['0/0'\].enabled must be true or false"),
+        (lambda c: c["per_layer_head"]["0/0"].update(ranks=3), r"per_layer_head\['0/0'\] has unknown field\(s\) \['ranks'\]"),
+        (lambda c: c["per_layer_head"].update({"5/0": {"rank": 2}}), r"per_layer_head\['5/0'\] is outside the model"),
+        (lambda c: c["per_layer_head"].update({"first": {"rank": 2}}), "must look like 'layer/head'"),
+        (lambda c: c["global"].pop("rank"), r"no entry for 2 head\(s\) \(first: '1/0'\)"),
+        (lambda c: c["global"].update(target_memory_reduction=2), "global.target_memory_reduction must be a fraction"),
+        (lambda c: c.update(layers={}), r"Unknown top-level field\(s\) \['layers'\]"),
+    ],
+)
+def test_invalid_rank_configs_name_the_field(edit, message):
+    config = json.loads(json.dumps(SEED_EXAMPLE))
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        RankConfig.from_json(config, 2, 2, 16, 16)
+
+
+def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
+    from calibration.evaluate import CacheSpec
+
+    fitted(tiny_model("llama"), 6).save_pretrained(tmp_path / "run-a")
+    spec = CacheSpec.fitted(tmp_path / "run-a")
+    assert spec.label == "pca run-a" and isinstance(spec.build(), PCACache)
+    with pytest.raises(FileNotFoundError, match="is not a compressor directory"):
+        CacheSpec.fitted(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--rank", "8", "--target-memory-reduction", "0.5"], "cannot be combined"),
+        (["--rank", "8", "--config", "ranks.json"], "cannot be combined"),
+        ([], "give --rank R, --target-memory-reduction F or --config FILE"),
+        (["--target-memory-reduction", "0.5", "--rank-v", "8"], "--rank-v needs --rank"),
+    ],
+)
+def test_calibrate_refuses_conflicting_rank_options(arguments, message, capsys):
+    from calibration.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["calibrate", "--method", "pca", "--output", "unused", *arguments])
