@@ -33,6 +33,7 @@ from kvcompress.lowrank import rotate
 from kvcompress.models import kv_shape
 
 from .collect import AttentionSamples, attention_implementation
+from .training import BestPerGroup
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FISHER_IMPLEMENTATION = "kvcompress_fisher"
@@ -182,8 +183,9 @@ def fit_kvsplice(
 
     generator = torch.Generator().manual_seed(seed)
     initial = validate()
-    best_loss, best_state = initial[0].clone(), {kind: module.state() for kind, module in params.items()}
-    optimizer = torch.optim.Adam([p for module in params.values() for p in module.parameters()], lr=learning_rate)
+    modules = torch.nn.ModuleDict(params)
+    best = BestPerGroup(modules, initial[0])
+    optimizer = torch.optim.Adam(modules.parameters(), lr=learning_rate)
     for step in tqdm(range(1, steps + 1), desc="kvsplice", unit="step"):
         sequence = training[torch.randint(len(training), (1,), generator=generator)]
         loss = loss_per_group(sequence)[0]
@@ -193,20 +195,15 @@ def fit_kvsplice(
             module.mask_gradients(train_mask)
         optimizer.step()
         if step % evaluate_every == 0 or step == steps:
-            current = validate()[0]
-            better = current < best_loss
-            best_loss = torch.where(better, current, best_loss)
-            for kind, module in params.items():
-                best_state[kind] = module.state(keep=best_state[kind], take=better)
-    for kind, module in params.items():
-        module.load(best_state[kind])
+            best.update(modules, validate()[0])
+    best.restore(modules)
     final = validate()
     metrics = {
         "validation_attention_error_pca": float(initial[1].mean()),
         "validation_attention_error": float(final[1].mean()),
         "validation_reconstruction_error_pca": float(initial[2].mean() / 2),
         "validation_reconstruction_error": float(final[2].mean() / 2),
-        "heads_improved_over_pca": int((final[0] < initial[0] - 1e-9).sum()),
+        "heads_improved_over_pca": best.improved_groups,
     }
     return params["key"].export(key_ranks), params["value"].export(value_ranks), metrics
 
@@ -242,18 +239,6 @@ class _Autoencoder(torch.nn.Module):
         for parameter in self.parameters():
             if parameter.grad is not None:
                 parameter.grad *= trained.view(-1, *([1] * (parameter.dim() - 1)))
-
-    def state(self, keep: dict | None = None, take: torch.Tensor | None = None) -> dict:
-        """A copy of the parameters; with `keep`, groups not in `take` keep their values from `keep`."""
-        current = {name: p.detach().clone() for name, p in self.named_parameters()}
-        if keep is None:
-            return current
-        return {name: torch.where(take.view(-1, *([1] * (t.dim() - 1))), t, keep[name]) for name, t in current.items()}
-
-    def load(self, state: dict) -> None:
-        with torch.no_grad():
-            for name, parameter in self.named_parameters():
-                parameter.copy_(state[name])
 
     def export(self, ranks: list[int]) -> list[dict]:
         """Fold the latent scale/shift into the encoder: per group encoder [D, r], bias [r], decoder [r, D], bias [D]."""

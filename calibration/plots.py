@@ -59,6 +59,38 @@ def plot_perplexity_vs_memory(curves: dict[str, list[tuple[float, float]]], base
     return _save(figure, path)
 
 
+def plot_gate_report(report: dict, path: str | Path, title: str = "") -> Path:
+    """Per-head AUC histogram, reliability curve and confusion matrices (at 0.5 and 0.1) of trained gates."""
+    heads = list(report["heads"].values())
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    aucs = [head["auc"] for head in heads if head["auc"] == head["auc"]]
+    axes[0].hist(aucs, bins=20, range=(0.5, 1.0), color="tab:blue")
+    axes[0].axvline(report["median_auc"], color="black", linestyle="--", label=f"median {report['median_auc']:.3f}")
+    axes[0].set_xlabel("held-out ROC AUC per head")
+    axes[0].set_ylabel("heads")
+    axes[0].legend()
+    for head in heads:
+        points = head["reliability"]
+        axes[1].plot([p["predicted"] for p in points], [p["observed"] for p in points], color="tab:blue", alpha=0.15)
+    axes[1].plot([0, 1], [0, 1], color="black", linestyle="--")
+    axes[1].set_xlabel("gate probability (bin mean)")
+    axes[1].set_ylabel("observed positive rate")
+    axes[1].set_title("reliability, one line per head")
+    for axis, threshold in zip(axes[2:], ("0.5", "0.1")):
+        counts = {name: sum(head["confusion"][threshold][name] for head in heads) for name in ("tn", "fp", "fn", "tp")}
+        matrix = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+        axis.imshow(matrix, cmap="Blues")
+        for row in range(2):
+            for column in range(2):
+                axis.text(column, row, f"{matrix[row][column]:,}", ha="center", va="center")
+        axis.set_xticks([0, 1], ["evict", "keep"])
+        axis.set_yticks([0, 1], ["not needed", "needed"])
+        axis.set_title(f"all heads, threshold {threshold}")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
 def _save(figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)

@@ -1,0 +1,175 @@
+"""Training the retention gates of seed 004: labels from the frozen model's attention, a balanced
+binary classifier per KV head, and the reports that say how good each gate is.
+
+**Label.** Per layer and KV head, a token is *positive* when, after it has left the local window
+of `window` tokens, some future query gives it at least `threshold` of its attention (the
+probability averaged over the query heads of the GQA group). Its score is that largest share:
+``max over queries i >= j + window of mean over the group of p[i, j]``. Tokens of the attention
+sink (never evicted) and tokens with fewer than `min_future` queries after leaving the window (too
+little future to judge) are not labelled.
+
+**Gate input.** The key before RoPE (the rotation at the token's position is undone), so a gate
+judges what a token is, not where it sits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvcompress.gate import GateBank
+from kvcompress.lowrank import rotate
+from kvcompress.models import kv_shape
+
+from .collect import recording_attention
+from .training import BestPerGroup
+
+
+@dataclass
+class RetentionLabels:
+    """Labelled keys per group (G = layers * KV heads); the same tokens for every group."""
+
+    keys: torch.Tensor  # [G, n, D], pre-RoPE, float32
+    future_attention: torch.Tensor  # [G, n]: the largest attention share from a query beyond the window
+    sequence: torch.Tensor  # [n]: which calibration sequence each token came from
+    num_layers: int
+    num_heads: int
+    window: int
+    threshold: float
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.future_attention >= self.threshold
+
+    def positive_rate(self) -> torch.Tensor:
+        return self.labels.float().mean(dim=1)
+
+
+@torch.no_grad()
+def collect_retention_labels(
+    model, token_ids: torch.Tensor, inv_freq: torch.Tensor, window: int = 64, sink: int = 4, threshold: float = 0.02,
+    sequence_length: int = 1024, min_future: int = 64, max_tokens: int | None = None,
+) -> RetentionLabels:
+    """Run `model` over `token_ids` in sequences of `sequence_length` and label every token that can be judged."""
+    ids = token_ids[:max_tokens] if max_tokens else token_ids
+    last = sequence_length - window - min_future  # labelled positions: sink .. last-1
+    if last <= sink or len(ids) < sequence_length:
+        raise ValueError(
+            f"Too little calibration data for retention labels: need sequences of {sequence_length} tokens with room for the "
+            f"sink ({sink}), the window ({window}) and {min_future} future queries; the text has {len(ids)} tokens."
+        )
+    keys, future, sequences = [], [], []
+    positions = torch.arange(sink, last)
+    causal_future = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None] >= window  # query i, key j
+    with recording_attention(model) as recorded:
+        for index, start in enumerate(tqdm(range(0, len(ids) - sequence_length + 1, sequence_length), desc="labels", unit="seq")):
+            model(input_ids=ids[start : start + sequence_length][None].to(model.device), use_cache=False)
+            layer_keys, layer_future = [], []
+            for layer in sorted(recorded):
+                query, key, _ = recorded[layer]
+                query, key = query[0].float().cpu(), key[0].float().cpu()
+                heads, dim = key.shape[0], key.shape[-1]
+                grouped = query.view(heads, -1, sequence_length, dim)
+                scores = torch.matmul(grouped, key[:, None].transpose(-1, -2)) * dim**-0.5
+                causal = torch.ones(sequence_length, sequence_length, dtype=torch.bool).tril()
+                probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
+                share = probs.masked_fill(~causal_future, 0.0).amax(dim=1)  # [H, j]
+                layer_future.append(share[:, sink:last])
+                unrotated = rotate(key[:, sink:last][None], positions[None], inv_freq, inverse=True)[0]
+                layer_keys.append(unrotated)
+            keys.append(torch.cat(layer_keys))
+            future.append(torch.cat(layer_future))
+            sequences.append(torch.full((last - sink,), index))
+            recorded.clear()
+    num_layers, num_heads, _ = kv_shape(model.config)
+    return RetentionLabels(torch.cat(keys, 1), torch.cat(future, 1), torch.cat(sequences), num_layers, num_heads, window, threshold)
+
+
+def _balanced_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per group: mean of the BCE over positives and over negatives (each class weighs half)."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    positives, negatives = labels.float(), (~labels).float()
+    return 0.5 * (loss * positives).sum(1) / positives.sum(1).clamp(min=1) + 0.5 * (loss * negatives).sum(1) / negatives.sum(1).clamp(min=1)
+
+
+def auc_per_group(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ROC AUC of each row of `scores` ``[G, n]`` against `labels` (Mann-Whitney; NaN without both classes)."""
+    ranks = scores.argsort(dim=1).argsort(dim=1).double() + 1
+    positives = labels.double().sum(1)
+    negatives = labels.shape[1] - positives
+    rank_sum = (ranks * labels.double()).sum(1)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def train_gates(
+    data: RetentionLabels, hidden: int = 256, steps: int = 600, batch: int = 256, learning_rate: float = 1e-3,
+    validation_sequences: int = 2, evaluate_every: int = 50, patience: int = 4, seed: int = 0,
+) -> tuple[GateBank, dict]:
+    """Train every head's gate at once on balanced batches; each head keeps its best held-out state."""
+    sequences = data.sequence.unique()
+    if len(sequences) <= validation_sequences:
+        raise ValueError(f"Gate training needs labels from more than {validation_sequences} sequences to hold some out; collect from more text.")
+    held_out = torch.isin(data.sequence, sequences[-validation_sequences:])
+    labels = data.labels
+    train_keys, train_labels = data.keys[:, ~held_out], labels[:, ~held_out]
+    valid_keys, valid_labels = data.keys[:, held_out], labels[:, held_out]
+    torch.manual_seed(seed)
+    gates = GateBank(data.num_layers, data.num_heads, data.keys.shape[-1], hidden)
+    scale = train_keys.std(dim=1, keepdim=True).clamp(min=1e-6)  # keys vary a lot in scale across heads; fold a per-dim scale into w1
+    with torch.no_grad():
+        gates.w1 /= scale.transpose(1, 2)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=learning_rate)
+
+    def validation_loss() -> torch.Tensor:
+        with torch.no_grad():
+            return _balanced_loss(gates(valid_keys), valid_labels)
+
+    best = BestPerGroup(gates, validation_loss())
+    generator = torch.Generator().manual_seed(seed)
+    half = batch // 2
+    weights = {True: train_labels.float() + 1e-12, False: (~train_labels).float() + 1e-12}  # oversample each class to half a batch
+    stale = 0
+    progress = tqdm(range(1, steps + 1), desc="gates", unit="step")
+    for step in progress:
+        index = torch.cat([torch.multinomial(weights[cls], half, replacement=True, generator=generator) for cls in (True, False)], dim=1)
+        keys = train_keys.gather(1, index[..., None].expand(-1, -1, train_keys.shape[-1]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(gates(keys), train_labels.gather(1, index).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % evaluate_every == 0:
+            stale = 0 if best.update(gates, validation_loss()) else stale + 1
+            progress.set_postfix(validation=f"{float(best.loss.mean()):.4f}")
+            if stale >= patience:
+                break
+    best.restore(gates)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(gates(valid_keys))
+    return gates, gate_report(probabilities, valid_labels, data)
+
+
+def gate_report(probabilities: torch.Tensor, labels: torch.Tensor, data: RetentionLabels) -> dict:
+    """Per-head AUC, positive rate, confusion at thresholds 0.5 and 0.1, and reliability bins, on held-out tokens."""
+    auc = auc_per_group(probabilities, labels)
+    report = {"label": {"window": data.window, "threshold": data.threshold}, "heads": {}}
+    bins = torch.linspace(0, 1, 11)
+    for group in range(probabilities.shape[0]):
+        p, y = probabilities[group], labels[group]
+        confusion = {}
+        for threshold in (0.5, 0.1):
+            kept = p >= threshold
+            confusion[str(threshold)] = {"tp": int((kept & y).sum()), "fp": int((kept & ~y).sum()), "fn": int((~kept & y).sum()), "tn": int((~kept & ~y).sum())}
+        which = torch.bucketize(p, bins[1:-1])
+        reliability = [
+            {"predicted": float(p[which == b].mean()), "observed": float(y[which == b].float().mean()), "count": int((which == b).sum())}
+            for b in range(10) if bool((which == b).any())
+        ]
+        report["heads"][f"{group // data.num_heads}/{group % data.num_heads}"] = {
+            "auc": float(auc[group]), "positive_rate": float(y.float().mean()), "confusion": confusion, "reliability": reliability,
+        }
+    finite = auc[~auc.isnan()]
+    report["median_auc"] = float(finite.median()) if len(finite) else float("nan")
+    report["mean_positive_rate"] = float(labels.float().mean())
+    return report
