@@ -33,8 +33,7 @@ class CalibrationReport:
     """What a calibration measured; `summary()` is the readable form."""
 
     method: str
-    rank_source: str
-    rank_memory_fraction: float
+    setting: str  # what was fitted, in words (ranks, keep ratio, ...)
     baseline_perplexity: float
     perplexity: float
     nbytes: int
@@ -56,7 +55,6 @@ class CalibrationReport:
             "baseline_perplexity": self.baseline_perplexity,
             "perplexity": self.perplexity,
             "perplexity_degradation": self.degradation,
-            "rank_memory_fraction": self.rank_memory_fraction,
             "measured_memory_savings": self.memory_savings,
             "eval_tokens": self.eval_tokens,
             "calibration_seconds": self.seconds,
@@ -64,17 +62,33 @@ class CalibrationReport:
 
     def summary(self) -> str:
         lines = [
-            f"Method:                 {self.method} (ranks: {self.rank_source})",
+            f"Method:                 {self.method} ({self.setting})",
             f"Baseline perplexity:    {self.baseline_perplexity:.2f}",
             f"Compressed perplexity:  {self.perplexity:.2f}",
             f"Perplexity degradation: {100 * self.degradation:+.2f}%",
-            f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens "
-            f"({100 * (1 - self.rank_memory_fraction):.1f}% in the compressed store; sink and recent window stay exact)",
-            f"Calibration time:       {self.seconds:.1f}s (load, collect, Fisher when asked, fit; the checks above not included)",
+            f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens (sink and recent window included)",
+            f"Calibration time:       {self.seconds:.1f}s (load, collection, fit; the checks above not included)",
         ]
         for name, value in self.fit_metrics.items():
             lines.append(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
         return "\n".join(lines)
+
+
+def measure(model, heldout_ids: torch.Tensor, compressor, cache, setting: str, seconds: float, fit_metrics: dict, baseline: float | None = None) -> CalibrationReport:
+    """Streaming perplexity and memory of `cache` on held-out tokens against the dense cache (unless `baseline` is given).
+
+    The report's metrics are also recorded in the compressor's config (its model card shows them).
+    """
+    from transformers import DynamicCache
+
+    if baseline is None:
+        baseline = streaming_perplexity(model, heldout_ids, DynamicCache()).perplexity
+    result = streaming_perplexity(model, heldout_ids, cache)
+    report = CalibrationReport(
+        compressor.method, setting, baseline, result.perplexity, result.nbytes, result.dense_nbytes, heldout_ids.shape[1], seconds, fit_metrics,
+    )
+    compressor.config["metrics"] = report.metrics()
+    return report
 
 
 @dataclass
@@ -146,15 +160,7 @@ class LowRankCalibration:
 
     def measure(self, compressor, fit_metrics: dict, rank_source: str, seconds: float, baseline: float | None = None) -> CalibrationReport:
         """Perplexity and memory of the compressor on the held-out tokens (and of the dense cache unless given)."""
-        from transformers import DynamicCache
-
-        if baseline is None:
-            baseline = streaming_perplexity(self.model, self.heldout_ids, DynamicCache()).perplexity
-        cache_class = LOWRANK_METHODS[compressor.method][1]
-        result = streaming_perplexity(self.model, self.heldout_ids, cache_class(compressor))
-        report = CalibrationReport(
-            compressor.method, rank_source, compressor.ranks.memory_fraction(), baseline, result.perplexity, result.nbytes,
-            result.dense_nbytes, self.heldout_ids.shape[1], seconds, fit_metrics,
-        )
-        compressor.config["metrics"] = report.metrics()
-        return report
+        fraction = compressor.ranks.memory_fraction()
+        setting = f"ranks: {rank_source}; the compressed store keeps {100 * fraction:.1f}% of dense K/V"
+        cache = LOWRANK_METHODS[compressor.method][1](compressor)
+        return measure(self.model, self.heldout_ids, compressor, cache, setting, seconds, {"rank_memory_fraction": fraction} | fit_metrics, baseline)

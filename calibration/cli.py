@@ -81,6 +81,8 @@ def _evaluate(args) -> None:
 
 
 def _calibrate(args) -> None:
+    if args.method == "gate":
+        return _calibrate_gates(args)
     from kvcompress import load_model
     from kvcompress.config import RankConfig
     from kvcompress.models import kv_shape
@@ -122,6 +124,51 @@ def _calibrate(args) -> None:
     print(f"\n{report.summary()}\n\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, ranks.json, calibration_results.json)")
     if args.plot:
         _plot_sweep(args, calibration, template, settings, report.baseline_perplexity)
+    if args.push_to_hub:
+        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+
+
+def _calibrate_gates(args) -> None:
+    from kvcompress import load_model
+    from kvcompress.gate import GatedCache
+    from kvcompress.hub import model_signature
+
+    from .calibrate import measure
+    from .data import load_text, split_text
+    from .gates import collect_retention_labels, gate_compressor, train_gates
+    from .lowrank import rope_inv_freq
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    calibration_text, heldout = split_text(load_text(args.data))
+    heldout_ids = torch.tensor([tokenizer(heldout).input_ids[: args.eval_tokens]], device=model.device)
+    inv_freq = rope_inv_freq(model)
+    labels = collect_retention_labels(
+        model, torch.tensor(tokenizer(calibration_text).input_ids), inv_freq, window=args.window, sink=args.sink,
+        threshold=args.label_threshold, max_tokens=args.gate_tokens,
+    )
+    with torch.enable_grad():
+        gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps)
+    config = {
+        "base_model": model_signature(model, args.model),
+        "cache": {"sink": args.sink, "window": args.window, "block_size": args.block_size},
+        "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
+        "calibration": {"data": args.data or "shared WikiText-2 validation (calibration part)", "tokens": args.gate_tokens},
+    }
+    compressor = gate_compressor(gates, probabilities, inv_freq, config)
+    seconds = time.perf_counter() - started
+    fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]}
+    cache = GatedCache(compressor, args.keep_ratio)
+    summary = measure(model, heldout_ids, compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
+    output = Path(args.output)
+    compressor.save_pretrained(output)
+    (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    (output / "gate_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{summary.summary()}\n\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, gate_report.json, calibration_results.json)")
+    if args.plot:
+        from .plots import plot_gate_report
+
+        print(f"wrote {plot_gate_report(report, args.plot, title='retention gates on held-out tokens')}")
     if args.push_to_hub:
         print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
 
@@ -169,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate_)
     evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
     evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8])
-    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR", help="also evaluate fitted compressors (kvcompress calibrate --output)")
+    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR[@OPTIONS]", help="also evaluate fitted compressors (kvcompress calibrate --output), e.g. gate-dir@keep_ratio=0.08,policy=layer")
     evaluate_.add_argument("--ppl-tokens", type=int, default=1024)
     evaluate_.add_argument("--ppl-chunk", type=int, default=32)
     evaluate_.add_argument("--passkey-tokens", type=int, default=1536)
@@ -179,16 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
     evaluate_.set_defaults(run=_evaluate)
 
-    calibrate = commands.add_parser("calibrate", help="fit a low-rank compressor (pca or kvsplice), measure it and save it")
+    calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice or gate), measure it and save it")
     _add_model_arguments(calibrate)
-    calibrate.add_argument("--method", choices=["pca", "kvsplice"], required=True)
+    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate"], required=True)
     calibrate.add_argument("--rank", type=int, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
     calibrate.add_argument("--rank-v", type=int, default=None, help="uniform rank of the values, with --rank")
     calibrate.add_argument("--target-memory-reduction", type=float, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
     calibrate.add_argument("--config", default=None, help="rank config JSON (seed-003 shape); with a memory target, its enabled heads get Fisher ranks")
     calibrate.add_argument("--output", required=True, help="directory for the compressor artifact")
     calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo")
-    calibrate.add_argument("--plot", default=None, help="also sweep memory targets and plot perplexity vs memory to this PNG")
+    calibrate.add_argument("--plot", default=None, help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate)")
     calibrate.add_argument("--sweep", nargs="+", type=float, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
     calibrate.add_argument("--samples", type=int, default=4096, help="key/value samples per head")
     calibrate.add_argument("--tokens", type=int, default=16384, help="calibration tokens to collect from")
@@ -198,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--sink", type=int, default=4)
     calibrate.add_argument("--window", type=int, default=64)
     calibrate.add_argument("--block-size", type=int, default=16)
+    gate = calibrate.add_argument_group("gate")
+    gate.add_argument("--keep-ratio", type=float, default=0.125, help="share of tokens leaving the window the check keeps")
+    gate.add_argument("--label-threshold", type=float, default=0.02, help="attention share from a later query that makes a token worth keeping")
+    gate.add_argument("--gate-tokens", type=int, default=10240, help="calibration tokens to label (in sequences of 1024)")
+    gate.add_argument("--gate-steps", type=int, default=400)
+    gate.add_argument("--gate-hidden", type=int, default=256)
     calibrate.set_defaults(run=_calibrate)
     return parser
 

@@ -27,11 +27,12 @@ from transformers import DynamicCache
 from kvcompress import H2OCache, StreamingLLMCache
 from kvcompress.cache import CompressedCache
 from kvcompress.hub import CONFIG_FILE
+from kvcompress.gate import GatedCache
 from kvcompress.lowrank import KVSpliceCache, PCACache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
-FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache}  # built from a compressor artifact
+FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache, "gate": GatedCache}  # built from a compressor artifact
 PASSKEY_INTRO = (
     "Below is a long text. Somewhere in it is a five-digit pass key. "
     "Remember it, you will be asked for it at the end.\n\n"
@@ -59,6 +60,7 @@ class CacheSpec:
     method: str
     ratio: float | None = None
     path: str | None = None
+    options: tuple = ()  # (name, value) pairs for a fitted cache, e.g. (("keep_ratio", 0.08), ("policy", "layer"))
 
     def __post_init__(self):
         if self.path is not None:
@@ -68,26 +70,42 @@ class CacheSpec:
             raise ValueError(f"Cache '{self.method}' needs a compression ratio.")
 
     @classmethod
-    def fitted(cls, path: str) -> CacheSpec:
-        """The compressor saved in directory `path` (its method is read from its config)."""
+    def fitted(cls, spec: str | Path) -> CacheSpec:
+        """A saved compressor: ``DIR`` or ``DIR@name=value,...`` (options of its cache's from_pretrained, e.g. keep_ratio=0.08,policy=layer)."""
+        path, _, option_text = str(spec).partition("@")
         config_file = Path(path) / CONFIG_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a compressor directory (no {CONFIG_FILE}); make one with kvcompress calibrate.")
         method = json.loads(config_file.read_text()).get("method")
         if method not in FITTED_CACHE_CLASSES:
             raise ValueError(f"{path} holds a {method!r} compressor; the evaluator knows {', '.join(FITTED_CACHE_CLASSES)}.")
-        return cls(method, path=str(path))
+        options = []
+        for item in filter(None, option_text.split(",")):
+            name, equals, value = item.partition("=")
+            if not equals:
+                raise ValueError(f"Compressor option {item!r} in {spec!r} must look like name=value.")
+            options.append((name, _parse_value(value)))
+        return cls(method, path=path, options=tuple(options))
 
     def build(self):
         if self.path is not None:
-            return FITTED_CACHE_CLASSES[self.method].from_pretrained(self.path)
+            return FITTED_CACHE_CLASSES[self.method].from_pretrained(self.path, **dict(self.options))
         return build_cache(self.method, self.ratio)
 
     @property
     def label(self) -> str:
         if self.path is not None:
-            return f"{self.method} {Path(self.path).name}"
+            return " ".join([self.method, Path(self.path).name] + [f"{name}={value}" for name, value in self.options])
         return self.method if self.ratio is None else f"{self.method} {self.ratio:g}:1"
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def cache_nbytes(cache) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvcompress.gate import GateBank
+from kvcompress.gate import GateBank, GateCompressor
 from kvcompress.lowrank import rotate
 from kvcompress.models import kv_shape
 
@@ -106,8 +106,11 @@ def auc_per_group(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def train_gates(
     data: RetentionLabels, hidden: int = 256, steps: int = 600, batch: int = 256, learning_rate: float = 1e-3,
     validation_sequences: int = 2, evaluate_every: int = 50, patience: int = 4, seed: int = 0,
-) -> tuple[GateBank, dict]:
-    """Train every head's gate at once on balanced batches; each head keeps its best held-out state."""
+) -> tuple[GateBank, torch.Tensor, dict]:
+    """Train every head's gate at once on balanced batches; each head keeps its best held-out state.
+
+    Returns the gates, their probabilities on the held-out tokens ``[G, n]`` and the report on them.
+    """
     sequences = data.sequence.unique()
     if len(sequences) <= validation_sequences:
         raise ValueError(f"Gate training needs labels from more than {validation_sequences} sequences to hold some out; collect from more text.")
@@ -147,7 +150,7 @@ def train_gates(
     best.restore(gates)
     with torch.no_grad():
         probabilities = torch.sigmoid(gates(valid_keys))
-    return gates, gate_report(probabilities, valid_labels, data)
+    return gates, probabilities, gate_report(probabilities, valid_labels, data)
 
 
 def gate_report(probabilities: torch.Tensor, labels: torch.Tensor, data: RetentionLabels) -> dict:
@@ -173,3 +176,11 @@ def gate_report(probabilities: torch.Tensor, labels: torch.Tensor, data: Retenti
     report["median_auc"] = float(finite.median()) if len(finite) else float("nan")
     report["mean_positive_rate"] = float(labels.float().mean())
     return report
+
+
+def gate_compressor(gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict) -> GateCompressor:
+    """The artifact: gates, RoPE frequencies and held-out probabilities (for fitting thresholds at load time)."""
+    tensors = {f"gates.{name}": parameter.detach().float().contiguous() for name, parameter in gates.named_parameters()}
+    tensors["rope.inv_freq"] = inv_freq.float().contiguous()
+    tensors["heldout_probabilities"] = heldout_probabilities.reshape(gates.num_layers, gates.num_heads, -1).float().contiguous()
+    return GateCompressor(config | {"gates": {"hidden": gates.hidden}}, tensors)

@@ -64,7 +64,7 @@ def plot_gate_report(report: dict, path: str | Path, title: str = "") -> Path:
     heads = list(report["heads"].values())
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     aucs = [head["auc"] for head in heads if head["auc"] == head["auc"]]
-    axes[0].hist(aucs, bins=20, range=(0.5, 1.0), color="tab:blue")
+    axes[0].hist(aucs, bins=40, range=(0.0, 1.0), color="tab:blue")
     axes[0].axvline(report["median_auc"], color="black", linestyle="--", label=f"median {report['median_auc']:.3f}")
     axes[0].set_xlabel("held-out ROC AUC per head")
     axes[0].set_ylabel("heads")

@@ -9,6 +9,7 @@ from .attention import AttentionNotEnabledError, enable
 from .baselines import H2OCache, StreamingLLMCache
 from .cache import Budget, CompressedCache, CompressedLayer, Slots
 from .config import ConfigError, RankConfig
+from .gate import GateCompressor, GatedCache
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import load_model
 
@@ -20,6 +21,8 @@ __all__ = [
     "CompressedCache",
     "CompressedLayer",
     "ConfigError",
+    "GateCompressor",
+    "GatedCache",
     "H2OCache",
     "KVSpliceCache",
     "KVSpliceCompressor",

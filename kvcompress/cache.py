@@ -118,6 +118,7 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     tracks_attention = False  # ask attention for the mass each slot receives (kept in `scores`)
+    scores_store = False  # store slots keep a method-given score (`Slots.scores` from compress_blocks) without tracking attention
     uses_bias = False  # store slots carry an additive attention-logit bias (kept in `bias`)
 
     def __init__(self, layer_idx: int, sink: int = 4, window: int = 64, block_size: int = 1):
@@ -179,7 +180,8 @@ class CompressedLayer(CacheLayerMixin):
             "scores": torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None,
         }
         self.tail = dict(empty)
-        self.store = self.encode_store(empty | {"bias": torch.empty(batch, heads, 0, device=self.device) if self.uses_bias else None})
+        store_extras = {"scores": self.tracks_attention or self.scores_store, "bias": self.uses_bias}
+        self.store = self.encode_store(empty | {name: torch.empty(batch, heads, 0, device=self.device) if wanted else None for name, wanted in store_extras.items()})
         self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.handed = torch.zeros_like(self.seen)
         self.is_initialized = True
@@ -371,7 +373,7 @@ class CompressedLayer(CacheLayerMixin):
         position = (block_in_row[:, None] * per_block + torch.arange(per_block, device=self.device))[:, None, :]
         batch = len(blocks)
         laid = {}
-        wanted = {"scores": self.tracks_attention, "bias": self.uses_bias}
+        wanted = {"scores": self.tracks_attention or self.scores_store, "bias": self.uses_bias}
         for name, value, fill in (("keys", out.keys, 0.0), ("values", out.values, 0.0), ("token_ids", out.token_ids, FILLER), ("scores", out.scores, 0.0), ("bias", out.bias, 0.0)):
             if not wanted.get(name, True):
                 laid[name] = None

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .cache import FILLER, CompressedCache, Slots
+from .config import ConfigError
+from .hub import CompressorArtifact, FittedLayer
+from .lowrank import rotate
+
 
 class GateBank(torch.nn.Module):
     """Per-head MLPs ``head_dim -> hidden -> hidden -> 1`` (ReLU), returning retention logits."""
@@ -35,3 +40,187 @@ class GateBank(torch.nn.Module):
         flat = keys.transpose(0, 1).reshape(heads, batch * length, dim).to(self.w1.dtype)
         logits = self(flat, slice(layer * heads, (layer + 1) * heads))
         return logits.view(heads, batch, length).transpose(0, 1)
+
+
+POLICIES = ("head", "layer", "global")
+
+
+def fitted_thresholds(probabilities: torch.Tensor, keep_ratio: float, policy: str = "head", iterations: int = 40) -> torch.Tensor:
+    """Per-head probability thresholds ``[layers, heads]`` that keep `keep_ratio` of held-out tokens.
+
+    `probabilities` ``[layers, heads, n]`` are the gates' outputs on the same held-out tokens.
+    "head": each head keeps its own top `keep_ratio`. "layer" and "global": a token is kept by
+    every head of its layer (of the model) when any of them keeps it, so all heads share one
+    quantile level, found by bisection (per layer for "layer") so that the union keeps `keep_ratio`.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown retention policy {policy!r}; choose from {', '.join(POLICIES)}.")
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1] (e.g. 0.125 to keep about one token in 8), got {keep_ratio!r}.")
+    if keep_ratio == 1:
+        return torch.zeros(probabilities.shape[:2])  # keep every token, including ones less likely than any held-out one
+    ordered = probabilities.sort(dim=-1).values
+    last = ordered.shape[-1] - 1
+
+    def at_level(level: torch.Tensor) -> torch.Tensor:  # level [layers] in [0, 1] -> thresholds [layers, heads]
+        index = (level * last).round().long().clamp(0, last)
+        return ordered.gather(-1, index[:, None, None].expand(-1, ordered.shape[1], 1))[..., 0]
+
+    layers = probabilities.shape[0]
+    if policy == "head":
+        return at_level(torch.full((layers,), 1 - keep_ratio))
+    low, high = torch.zeros(layers), torch.ones(layers)
+    for _ in range(iterations):
+        level = (low + high) / 2
+        kept = probabilities >= at_level(level)[..., None]
+        rate = kept.any(1).float().mean(-1) if policy == "layer" else kept.any(1).any(0).float().mean().expand(layers)
+        too_many = rate > keep_ratio
+        low, high = torch.where(too_many, level, low), torch.where(too_many, high, level)
+    return at_level(high)
+
+
+class GateCompressor(CompressorArtifact):
+    """Fitted gates, the RoPE frequencies to undo the rotation of keys, and the gates' held-out probabilities.
+
+    Tensors: ``gates.{w1,b1,w2,b2,w3,b3}`` (the stacked `GateBank`), ``rope.inv_freq``, and
+    ``heldout_probabilities [layers, heads, n]`` from which thresholds are fitted for any keep ratio.
+    """
+
+    method = "gate"
+    cache_class_name = "GatedCache"
+
+    def validate(self) -> None:
+        base = self.config["base_model"]
+        layers, heads, dim = base["num_layers"], base["num_kv_heads"], base["head_dim"]
+        hidden = self.config["gates"]["hidden"]
+        groups = layers * heads
+        expected = {
+            "gates.w1": (groups, dim, hidden), "gates.b1": (groups, 1, hidden), "gates.w2": (groups, hidden, hidden),
+            "gates.b2": (groups, 1, hidden), "gates.w3": (groups, hidden, 1), "gates.b3": (groups, 1, 1), "rope.inv_freq": (dim // 2,),
+        }
+        for name, shape in expected.items():
+            if name not in self.tensors:
+                raise ConfigError(f"The gate compressor lacks tensor {name}; the weights file does not match its config.")
+            if tuple(self.tensors[name].shape) != shape:
+                raise ConfigError(f"The gate compressor's {name} is {tuple(self.tensors[name].shape)}, its config says {shape}.")
+        probabilities = self.tensors.get("heldout_probabilities")
+        if probabilities is None or tuple(probabilities.shape[:2]) != (layers, heads):
+            raise ConfigError("The gate compressor lacks its held-out probabilities [layers, heads, n]; thresholds cannot be fitted.")
+        self._banks: dict = {}
+
+    def bank(self, device) -> GateBank:
+        """The gate bank on `device`, built once and shared by every cache."""
+        if str(device) not in self._banks:
+            base = self.config["base_model"]
+            bank = GateBank(base["num_layers"], base["num_kv_heads"], base["head_dim"], self.config["gates"]["hidden"])
+            bank.load_state_dict({name.removeprefix("gates."): t for name, t in self.tensors.items() if name.startswith("gates.")})
+            self._banks[str(device)] = bank.to(device).eval().requires_grad_(False)
+        return self._banks[str(device)]
+
+    def thresholds(self, keep_ratio: float, policy: str = "head") -> torch.Tensor:
+        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy)
+
+    def __repr__(self):
+        return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
+
+
+class _UnionVotes:
+    """The global-union policy's votes, shared by all layers of one cache: per row and token, whether any
+    head of any layer keeps it, and how many layers have voted."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.kept = self.voted = None
+
+    def record(self, rows: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> None:
+        """`rows [n]`, `token_ids [n, k]`, `keep [n, k]` (any head of this layer keeps the token)."""
+        needed = (int(rows.max()) + 1, int(token_ids.max()) + 1)
+        if self.kept is None or self.kept.shape[0] < needed[0] or self.kept.shape[1] < needed[1]:
+            size = (max(needed[0], 0 if self.kept is None else self.kept.shape[0]), max(needed[1], 0 if self.kept is None else self.kept.shape[1]) * 2)
+            kept, voted = torch.zeros(size, dtype=torch.bool, device=rows.device), torch.zeros(size, dtype=torch.int16, device=rows.device)
+            if self.kept is not None:
+                kept[: self.kept.shape[0], : self.kept.shape[1]], voted[: self.voted.shape[0], : self.voted.shape[1]] = self.kept, self.voted
+            self.kept, self.voted = kept, voted
+        where = (rows[:, None].expand_as(token_ids), token_ids.long())
+        self.kept[where] = self.kept[where] | keep
+        self.voted.index_put_(where, torch.ones_like(token_ids, dtype=self.voted.dtype), accumulate=True)
+
+    def keep(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """For store slots ``[B, H, S]``: False only for tokens every layer has voted on and none kept."""
+        rows = torch.arange(token_ids.shape[0], device=token_ids.device)[:, None, None].expand_as(token_ids)
+        ids = token_ids.long().clamp(min=0)
+        return (self.voted[rows, ids] < self.num_layers) | self.kept[rows, ids]
+
+
+class GatedLayer(FittedLayer):
+    """Sink and recent window exact; a token leaving the window is kept when its gate's probability reaches
+    the head's threshold (per head, or by union over the layer's or the model's heads)."""
+
+    scores_store = True  # the store keeps each slot's gate probability (for the hard cap)
+
+    def __init__(
+        self, layer_idx: int, compressor: GateCompressor, thresholds: torch.Tensor, policy: str = "head",
+        max_tokens: int | None = None, votes: _UnionVotes | None = None, sink: int = 4, window: int = 64, block_size: int = 16,
+    ):
+        super().__init__(layer_idx, compressor, sink=sink, window=window, block_size=block_size)
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive number of tokens per head, got {max_tokens!r}.")
+        self.policy, self.max_tokens, self.votes = policy, max_tokens, votes
+        self.layer_thresholds = thresholds[layer_idx] if layer_idx < len(thresholds) else None
+
+    def compress_blocks(self, blocks: Slots) -> Slots:
+        positions = blocks.token_ids[:, 0]
+        keys = rotate(blocks.keys.float(), positions, self.compressor.inv_freq(positions.device), inverse=True)
+        probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(self.layer_idx, keys))  # [n, H, k]
+        keep = probabilities >= self.layer_thresholds.to(keys.device)[None, :, None]
+        if self.policy == "layer":
+            keep = keep.any(dim=1, keepdim=True).expand_as(keep)
+        elif self.policy == "global":
+            self.votes.record(blocks.rows, positions, keep.any(dim=1))
+            keep = None  # decided once every layer has voted (select_store)
+        return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
+
+    def select_store(self, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+        keep = self.votes.keep(token_ids) if self.policy == "global" else None
+        if self.max_tokens is not None:
+            ranked = scores.masked_fill(token_ids == FILLER if keep is None else (token_ids == FILLER) | ~keep, float("-inf"))
+            capped = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1) < self.max_tokens
+            keep = capped if keep is None else keep & capped
+        return keep
+
+
+class GatedCache(CompressedCache):
+    """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", keep_ratio=0.125)``.
+
+    `keep_ratio` is the share of the tokens leaving the window to keep (thresholds fitted per head on
+    held-out calibration data); `policy` is "head" (each head keeps its own tokens), "layer" or
+    "global" (a token is kept by all heads of the layer / the model when any of them keeps it);
+    `max_tokens` optionally caps each head's kept tokens (lowest gate probabilities go first).
+    """
+
+    layer_class = GatedLayer
+
+    def __init__(
+        self, compressor: GateCompressor, keep_ratio: float = 0.125, *, policy: str = "head", max_tokens: int | None = None,
+        sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
+    ):
+        if not isinstance(compressor, GateCompressor):
+            raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
+        votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
+        super().__init__(
+            config=config, compressor=compressor, thresholds=compressor.thresholds(keep_ratio, policy), policy=policy,
+            max_tokens=max_tokens, votes=votes, **compressor.cache_settings(sink=sink, window=window, block_size=block_size),
+        )
+        self.compressor, self.keep_ratio = compressor, keep_ratio
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id, keep_ratio: float = 0.125, *, policy: str = "head", max_tokens: int | None = None,
+        sink: int | None = None, window: int | None = None, block_size: int | None = None, revision=None, token=None, **download_kwargs,
+    ):
+        """A fresh cache from a gate directory or Hub repo; caches of the same files share the gates."""
+        compressor = GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
+        return cls(compressor, keep_ratio, policy=policy, max_tokens=max_tokens, sink=sink, window=window, block_size=block_size)
+
+    def __repr__(self):
+        return f"GatedCache(keep_ratio={self.keep_ratio}, policy={self._layer_kwargs['policy']}, max_tokens={self._layer_kwargs['max_tokens']})"

@@ -24,6 +24,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cache import CompressedLayer
 from .config import ConfigError
 from .models import kv_shape
 
@@ -81,6 +82,15 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
 
     def validate(self) -> None:
         """Raise if the tensors do not match the config."""
+
+    def cache_settings(self, **overrides) -> dict:
+        """The cache settings (sink, window, block_size) fitted with the artifact, with the non-None `overrides` applied."""
+        settings = dict(self.config.get("cache", {})) | {name: value for name, value in overrides.items() if value is not None}
+        return {name: value for name, value in settings.items() if name in ("sink", "window", "block_size")}
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """The base model's RoPE frequencies (for methods that work on keys before RoPE)."""
+        return self.tensors["rope.inv_freq"].to(device)
 
     # ------------------------------------------------------------------------------------ saving
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -167,6 +177,22 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
                         "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
                     )
         self._checked_layers.add(layer_idx)
+
+
+class FittedLayer(CompressedLayer):
+    """A cache layer driven by a fitted artifact, which checks at first use that it was fitted for this model."""
+
+    def __init__(self, layer_idx: int, compressor: CompressorArtifact, sink: int = 4, window: int = 64, block_size: int = 16):
+        super().__init__(layer_idx, sink=sink, window=window, block_size=block_size)
+        self.compressor = compressor
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.compressor.check_shapes(self.layer_idx, key_states, value_states)
+        super().lazy_initialization(key_states, value_states)
+
+    def check_module(self, module, attention_kwargs: dict) -> None:
+        super().check_module(module, attention_kwargs)
+        self.compressor.check_module(module)
 
 
 def model_signature(model, name_or_path: str | None = None, revision: str | None = None) -> dict:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .cache import CompressedCache, CompressedLayer, Slots
+from .cache import CompressedCache, Slots
 from .config import ConfigError, RankConfig
-from .hub import CompressorArtifact
+from .hub import CompressorArtifact, FittedLayer
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -113,9 +113,6 @@ class LowRankCompressor(CompressorArtifact):
             )
         return self._projections[slot]
 
-    def inv_freq(self, device) -> torch.Tensor:
-        return self.tensors["rope.inv_freq"].to(device)
-
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."
         return {name: self.tensors[prefix + name] for name in ("encoder", "encoder_bias", "decoder", "decoder_bias")}
@@ -134,23 +131,11 @@ class KVSpliceCompressor(LowRankCompressor):
     cache_class_name = "KVSpliceCache"
 
 
-class LowRankLayer(CompressedLayer):
+class LowRankLayer(FittedLayer):
     """Sink and recent window exact; older tokens as per-head latents of the compressor's projections."""
-
-    def __init__(self, layer_idx: int, compressor: LowRankCompressor, sink: int = 4, window: int = 64, block_size: int = 16):
-        super().__init__(layer_idx, sink=sink, window=window, block_size=block_size)
-        self.compressor = compressor
 
     def compress_blocks(self, blocks: Slots) -> Slots:
         return blocks  # every token is kept; encode_store makes it small
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.compressor.check_shapes(self.layer_idx, key_states, value_states)
-        super().lazy_initialization(key_states, value_states)
-
-    def check_module(self, module, attention_kwargs: dict) -> None:
-        super().check_module(module, attention_kwargs)
-        self.compressor.check_module(module)
 
     def encode_store(self, slots: dict) -> dict:
         keys, values = self.compressor.projections(self.layer_idx, slots["keys"].device, slots["keys"].dtype)
@@ -172,10 +157,7 @@ class _LowRankCache(CompressedCache):
     def __init__(self, compressor: LowRankCompressor, *, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None):
         if not isinstance(compressor, self.compressor_class):
             raise TypeError(f"{type(self).__name__} needs a {self.compressor_class.__name__}, got {type(compressor).__name__}.")
-        fitted = compressor.config.get("cache", {})
-        settings = {"sink": sink, "window": window, "block_size": block_size}
-        settings = {name: fitted.get(name) if value is None else value for name, value in settings.items()}
-        super().__init__(config=config, compressor=compressor, **{name: value for name, value in settings.items() if value is not None})
+        super().__init__(config=config, compressor=compressor, **compressor.cache_settings(sink=sink, window=window, block_size=block_size))
         self.compressor = compressor
 
     @classmethod

@@ -42,8 +42,8 @@ def test_labels_come_from_the_models_attention_beyond_the_window():
     from calibration.collect import recording_attention
 
     with torch.no_grad(), recording_attention(model) as recorded:
-        model(input_ids=ids[:256][None])
-        query, key, _ = recorded[1]
+        model(input_ids=ids[:256][None].to(model.device))
+        query, key, _ = (t.float().cpu() for t in recorded[1])
     scores = (query[0].view(2, 2, 256, 16) @ key[0][:, None].transpose(-1, -2)) / 4
     probs = scores.masked_fill(~torch.ones(256, 256, dtype=torch.bool).tril(), float("-inf")).softmax(-1).mean(1)
     token = 50
@@ -59,7 +59,7 @@ def test_training_learns_a_separable_rule_and_reports_it():
     future = torch.sigmoid(4 * keys[..., 0] + 2 * keys[..., 1]) * 0.2  # positive (>= 0.15) for about 1 token in 5
     data = RetentionLabels(keys, future, torch.arange(1200) // 200, num_layers=2, num_heads=2, window=8, threshold=0.15)
     with torch.enable_grad():
-        gates, report = train_gates(data, hidden=32, steps=300, batch=128, evaluate_every=25)
+        gates, _, report = train_gates(data, hidden=32, steps=300, batch=128, evaluate_every=25)
     assert report["median_auc"] > 0.97
     head = report["heads"]["1/0"]
     assert 0.05 < head["positive_rate"] < 0.5
@@ -73,5 +73,133 @@ def test_the_gate_report_plots(tmp_path):
 
     data = RetentionLabels(torch.randn(2, 600, 4), torch.rand(2, 600), torch.arange(600) // 100, 1, 2, 8, 0.8)
     with torch.enable_grad():
-        _, report = train_gates(data, hidden=8, steps=50, batch=32, evaluate_every=25)
+        _, _, report = train_gates(data, hidden=8, steps=50, batch=32, evaluate_every=25)
     assert plot_gate_report(report, tmp_path / "gates.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------ GatedCache
+from transformers import DynamicCache  # noqa: E402
+
+from conftest import greedy, prompt_ids  # noqa: E402
+from kvcompress.cache import FILLER  # noqa: E402
+from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
+from kvcompress.hub import model_signature  # noqa: E402
+from calibration.gates import gate_compressor  # noqa: E402
+
+SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
+
+
+def tiny_gates(model) -> GateCompressor:
+    ids = torch.randint(3, VOCAB, (5 * 128,), generator=torch.Generator().manual_seed(4))
+    inv_freq = rope_inv_freq(model)
+    labels = collect_retention_labels(model, ids, inv_freq, window=8, sink=4, threshold=0.05, sequence_length=128, min_future=16)
+    with torch.enable_grad():
+        gates, probabilities, _ = train_gates(labels, hidden=16, steps=30, batch=64, evaluate_every=10)
+    return gate_compressor(gates, probabilities, inv_freq, {"base_model": model_signature(model, "tiny"), "cache": SETTINGS})
+
+
+@pytest.fixture(scope="module")
+def gated():
+    model = tiny_model("llama")
+    return model, tiny_gates(model)
+
+
+@pytest.mark.parametrize("policy", ["head", "layer", "global"])
+def test_thresholds_keep_the_asked_share_of_held_out_tokens(policy):
+    probabilities = torch.rand(3, 4, 2000, generator=torch.Generator().manual_seed(5))
+    kept = probabilities >= fitted_thresholds(probabilities, 0.1, policy)[..., None]
+    if policy == "head":
+        rates = kept.float().mean(-1)
+    elif policy == "layer":
+        rates = kept.any(1).float().mean(-1)
+    else:
+        rates = kept.any(1).any(0).float().mean()[None]
+    assert torch.allclose(rates, torch.full_like(rates, 0.1), atol=0.005)
+
+
+@pytest.mark.parametrize("policy", ["head", "layer", "global"])
+def test_keeping_everything_equals_dense(gated, policy):
+    model, compressor = gated
+    ids = prompt_ids(40)
+    assert torch.equal(greedy(model, GatedCache(compressor, 1.0, policy=policy), ids), greedy(model, DynamicCache(), ids))
+
+
+def _held(layer):
+    return [[sorted(int(t) for t in layer.table_token_ids()[0, head] if t != FILLER) for head in range(2)]]
+
+
+def test_per_head_policy_keeps_exactly_the_tokens_each_gate_lets_through(gated):
+    model, compressor = gated
+    cache = GatedCache(compressor, 0.3)
+    greedy(model, cache, prompt_ids(60), new_tokens=20)
+    layer = cache.layers[1]
+    # The prompt's keys are computed in one exact prefill: recompute their gate probabilities from a dense run.
+    handed = min(int(layer.handed[0]), 60 - 4)
+    dense = DynamicCache()
+    model(input_ids=prompt_ids(60), past_key_values=dense)
+    keys = dense.layers[1].keys[:, :, 4 : 4 + handed]
+    from kvcompress.lowrank import rotate
+
+    positions = torch.arange(4, 4 + handed, device=keys.device)[None]
+    unrotated = rotate(keys, positions, compressor.inv_freq(keys.device), inverse=True)
+    probabilities = torch.sigmoid(compressor.bank(keys.device).layer_logits(1, unrotated))[0].cpu()
+    thresholds = compressor.thresholds(0.3)[1]
+    held = _held(layer)[0]
+    for head in range(2):
+        expected = [4 + i for i in range(handed) if probabilities[head, i] >= thresholds[head]]
+        middle = [t for t in held[head] if 4 <= t < 4 + handed]
+        assert middle == expected and 0 < len(expected) < handed
+    assert held[0] != held[1]  # heads keep their own tokens
+    assert cache.nbytes() < 0.7 * cache.dense_nbytes()
+
+
+def test_union_policies_keep_the_same_tokens_across_heads_and_layers(gated):
+    model, compressor = gated
+    layer_cache, global_cache = GatedCache(compressor, 0.3, policy="layer"), GatedCache(compressor, 0.3, policy="global")
+    for cache in (layer_cache, global_cache):
+        greedy(model, cache, prompt_ids(60), new_tokens=20)
+    for layer in layer_cache.layers:
+        heads = _held(layer)[0]
+        assert heads[0] == heads[1]
+    first, last = (set(_held(layer)[0][0]) for layer in global_cache.layers)
+    # The last layer decides each block for all layers; an earlier layer drops the block's rejected tokens at its next compression.
+    assert last <= first and len(last) < 60 + 20 - 1
+    newest = int(global_cache.layers[0].handed[0]) + 4
+    assert all(newest - 4 <= token < newest for token in first - last)
+
+
+def test_the_hard_cap_bounds_each_heads_store(gated):
+    model, compressor = gated
+    cache = GatedCache(compressor, 1.0, max_tokens=5)
+    greedy(model, cache, prompt_ids(60), new_tokens=20)
+    for layer in cache.layers:
+        assert int((layer.store["token_ids"] != FILLER).sum(-1).max()) <= 5
+
+
+def test_a_left_padded_batch_matches_each_row_alone(gated):
+    model, compressor = gated
+    ids = prompt_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    batched = greedy(model, GatedCache(compressor, 0.3), ids, mask, new_tokens=16)
+    alone = [greedy(model, GatedCache(compressor, 0.3), ids[row : row + 1, start:], new_tokens=16) for row, start in ((0, 0), (1, 6))]
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):
+    model, compressor = gated
+    compressor.save_pretrained(tmp_path)
+    loaded = GatedCache.from_pretrained(tmp_path, keep_ratio=0.3)
+    ids = prompt_ids(40)
+    assert torch.equal(greedy(model, loaded, ids), greedy(model, GatedCache(compressor, 0.3), ids))
+    assert GatedCache.from_pretrained(tmp_path).compressor is loaded.compressor
+    with pytest.raises(ValueError, match="Unknown retention policy 'heads'"):
+        GatedCache(compressor, 0.3, policy="heads")
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        GatedCache(compressor, 1.5)
+    with pytest.raises(ValueError, match="max_tokens must be a positive number"):
+        GatedCache(compressor, 0.3, max_tokens=0)
+    from kvcompress.lowrank import PCACache
+
+    with pytest.raises(Exception, match="load it with GatedCache"):
+        PCACache.from_pretrained(tmp_path)
