@@ -62,7 +62,8 @@ def collect_retention_labels(
         )
     keys, future, sequences = [], [], []
     positions = torch.arange(sink, last)
-    causal_future = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None] >= window  # query i, key j
+    distance = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None]  # query i minus key j
+    causal, causal_future = distance >= 0, distance >= window
     with recording_attention(model) as recorded:
         for index, start in enumerate(tqdm(range(0, len(ids) - sequence_length + 1, sequence_length), desc="labels", unit="seq")):
             model(input_ids=ids[start : start + sequence_length][None].to(model.device), use_cache=False)
@@ -73,7 +74,6 @@ def collect_retention_labels(
                 heads, dim = key.shape[0], key.shape[-1]
                 grouped = query.view(heads, -1, sequence_length, dim)
                 scores = torch.matmul(grouped, key[:, None].transpose(-1, -2)) * dim**-0.5
-                causal = torch.ones(sequence_length, sequence_length, dtype=torch.bool).tril()
                 probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
                 share = probs.masked_fill(~causal_future, 0.0).amax(dim=1)  # [H, j]
                 layer_future.append(share[:, sink:last])

@@ -106,16 +106,17 @@ class GateCompressor(CompressorArtifact):
         probabilities = self.tensors.get("heldout_probabilities")
         if probabilities is None or tuple(probabilities.shape[:2]) != (layers, heads):
             raise ConfigError("The gate compressor lacks its held-out probabilities [layers, heads, n]; thresholds cannot be fitted.")
-        self._banks: dict = {}
 
     def bank(self, device) -> GateBank:
         """The gate bank on `device`, built once and shared by every cache."""
-        if str(device) not in self._banks:
+
+        def build() -> GateBank:
             base = self.config["base_model"]
             bank = GateBank(base["num_layers"], base["num_kv_heads"], base["head_dim"], self.config["gates"]["hidden"])
             bank.load_state_dict({name.removeprefix("gates."): t for name, t in self.tensors.items() if name.startswith("gates.")})
-            self._banks[str(device)] = bank.to(device).eval().requires_grad_(False)
-        return self._banks[str(device)]
+            return bank.to(device).eval().requires_grad_(False)
+
+        return self.on_device("gates", device, build)
 
     def thresholds(self, keep_ratio: float, policy: str = "head") -> torch.Tensor:
         return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy)

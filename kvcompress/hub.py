@@ -78,6 +78,7 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self.tensors = tensors
         self._hub_mixin_config = None  # the config lives in compressor_config.json, not the mixin's config.json
         self._checked_layers: set[int] = set()
+        self._on_device: dict[str, dict] = {}
         self.validate()
 
     def validate(self) -> None:
@@ -88,9 +89,16 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         settings = dict(self.config.get("cache", {})) | {name: value for name, value in overrides.items() if value is not None}
         return {name: value for name, value in settings.items() if name in ("sink", "window", "block_size")}
 
+    def on_device(self, name: str, device, build):
+        """`build()`'s result for (`name`, `device`), built once and shared by every cache made from this artifact."""
+        cached = self._on_device.setdefault(name, {})
+        if str(device) not in cached:
+            cached[str(device)] = build()
+        return cached[str(device)]
+
     def inv_freq(self, device) -> torch.Tensor:
-        """The base model's RoPE frequencies (for methods that work on keys before RoPE)."""
-        return self.tensors["rope.inv_freq"].to(device)
+        """The base model's RoPE frequencies on `device` (for methods that work on keys before RoPE)."""
+        return self.on_device("rope.inv_freq", device, lambda: self.tensors["rope.inv_freq"].to(device))
 
     # ------------------------------------------------------------------------------------ saving
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -101,17 +101,13 @@ class LowRankCompressor(CompressorArtifact):
         wrong = [f"{name} {tuple(self.tensors[name].shape)} (config says {shape})" for name, shape in expected.items() if tuple(self.tensors[name].shape) != shape]
         if wrong:
             raise ConfigError(f"The {self.method} compressor's tensors do not match its ranks: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
-        self._projections: dict = {}
 
     def projections(self, layer_idx: int, device, dtype) -> tuple[AffineProjection, AffineProjection]:
         """(keys, values) projections of a layer on `device` in `dtype`, built once and shared by every cache."""
-        slot = (layer_idx, str(device), dtype)
-        if slot not in self._projections:
-            heads = range(self.config["base_model"]["num_kv_heads"])
-            self._projections[slot] = tuple(
-                AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in heads], device, dtype) for kind in ("key", "value")
-            )
-        return self._projections[slot]
+        heads = range(self.config["base_model"]["num_kv_heads"])
+        return self.on_device(f"layers.{layer_idx}.{dtype}", device, lambda: tuple(
+            AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in heads], device, dtype) for kind in ("key", "value")
+        ))
 
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."
