@@ -29,7 +29,7 @@ from calibration.evaluate import CacheSpec, cache_nbytes
 
 
 def caches_for(context: int, new_tokens: int, compressors: list[str], baselines: bool = True) -> dict:
-    fitted = {CacheSpec.fitted(path).label: CacheSpec.fitted(path).build for path in compressors}
+    fitted = {spec.label: spec.build for spec in map(CacheSpec.fitted, compressors)}
     if not baselines:
         return {"dense (DynamicCache)": DynamicCache} | fitted
     return {

@@ -74,6 +74,16 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
+def calibration_corpus(tokenizer, data: str | None, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(calibration token stream, held-out evaluation ids ``[1, eval_tokens]``, the corpus' name) of a corpus
+    (file or datasets name; None: the shared WikiText-2)."""
+    calibration_text, heldout = split_text(load_text(data))
+    heldout_ids = torch.tensor([tokenizer(heldout).input_ids[:eval_tokens]])
+    if heldout_ids.shape[1] < eval_tokens:
+        raise ValueError(f"The held-out part of the corpus has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. Give more text.")
+    return torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data or "shared WikiText-2 validation (calibration part)"
+
+
 def measure(model, heldout_ids: torch.Tensor, compressor, cache, setting: str, seconds: float, fit_metrics: dict, baseline: float | None = None) -> CalibrationReport:
     """Streaming perplexity and memory of `cache` on held-out tokens against the dense cache (unless `baseline` is given).
 
@@ -109,12 +119,8 @@ class LowRankCalibration:
     @classmethod
     def collect(cls, model, tokenizer, data: str | None = None, eval_tokens: int = 1024, **kwargs) -> LowRankCalibration:
         """Tokenize a corpus (file or datasets name; None: the shared WikiText-2) and collect from its calibration part."""
-        calibration_text, heldout = split_text(load_text(data))
-        heldout_ids = torch.tensor([tokenizer(heldout).input_ids[:eval_tokens]])
-        if heldout_ids.shape[1] < eval_tokens:
-            raise ValueError(f"The held-out part of the corpus has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. Give more text.")
-        data_name = data or "shared WikiText-2 validation (calibration part)"
-        return cls.from_token_ids(model, torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data_name=data_name, **kwargs)
+        token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, data, eval_tokens)
+        return cls.from_token_ids(model, token_ids, heldout_ids, data_name=data_name, **kwargs)
 
     @classmethod
     def from_token_ids(

@@ -133,19 +133,16 @@ def _calibrate_gates(args) -> None:
     from kvcompress.gate import GatedCache
     from kvcompress.hub import model_signature
 
-    from .calibrate import measure
-    from .data import load_text, split_text
+    from .calibrate import calibration_corpus, measure
     from .gates import collect_retention_labels, gate_compressor, train_gates
     from .lowrank import rope_inv_freq
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    calibration_text, heldout = split_text(load_text(args.data))
-    heldout_ids = torch.tensor([tokenizer(heldout).input_ids[: args.eval_tokens]], device=model.device)
+    token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     inv_freq = rope_inv_freq(model)
     labels = collect_retention_labels(
-        model, torch.tensor(tokenizer(calibration_text).input_ids), inv_freq, window=args.window, sink=args.sink,
-        threshold=args.label_threshold, max_tokens=args.gate_tokens,
+        model, token_ids, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens,
     )
     with torch.enable_grad():
         gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps)
@@ -153,13 +150,13 @@ def _calibrate_gates(args) -> None:
         "base_model": model_signature(model, args.model),
         "cache": {"sink": args.sink, "window": args.window, "block_size": args.block_size},
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
-        "calibration": {"data": args.data or "shared WikiText-2 validation (calibration part)", "tokens": args.gate_tokens},
+        "calibration": {"data": data_name, "tokens": args.gate_tokens},
     }
     compressor = gate_compressor(gates, probabilities, inv_freq, config)
     seconds = time.perf_counter() - started
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]}
     cache = GatedCache(compressor, args.keep_ratio)
-    summary = measure(model, heldout_ids, compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
+    summary = measure(model, heldout_ids.to(model.device), compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
     output = Path(args.output)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
