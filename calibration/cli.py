@@ -136,25 +136,36 @@ def _calibrate_gates(args) -> None:
     from .calibrate import calibration_corpus, measure
     from .gates import collect_retention_labels, gate_compressor, train_gates
     from .lowrank import rope_inv_freq
+    from .recall import recall_sequences
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
     token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
+    recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=args.recall_facts) if args.recall_facts else None
     inv_freq = rope_inv_freq(model)
     labels = collect_retention_labels(
-        model, token_ids, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens,
+        model, token_ids if recall is None else recall.token_ids, inv_freq, window=args.window, sink=args.sink,
+        threshold=args.label_threshold, max_tokens=args.gate_tokens,
     )
     with torch.enable_grad():
         gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps)
+    if recall is not None:  # do the labels see the recall? statements should be positive far more often than prose
+        report["recall"] = {
+            "facts_per_sequence": args.recall_facts,
+            "statement_positive_rate": labels.positive_rate_among(recall.statements),
+            "prose_positive_rate": labels.positive_rate_among(~recall.statements),
+        }
     config = {
         "base_model": model_signature(model, args.model),
         "cache": {"sink": args.sink, "window": args.window, "block_size": args.block_size},
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
-        "calibration": {"data": data_name, "tokens": args.gate_tokens},
+        "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": args.recall_facts},
     }
     compressor = gate_compressor(gates, probabilities, inv_freq, config)
     seconds = time.perf_counter() - started
-    fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]}
+    fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
+        f"recall_{name}": value for name, value in report.get("recall", {}).items() if name.endswith("rate")
+    }
     cache = GatedCache(compressor, args.keep_ratio)
     summary = measure(model, heldout_ids.to(model.device), compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
     output = Path(args.output)
@@ -245,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     gate = calibrate.add_argument_group("gate")
     gate.add_argument("--keep-ratio", type=float, default=0.125, help="share of tokens leaving the window the check keeps")
     gate.add_argument("--label-threshold", type=float, default=0.02, help="attention share from a later query that makes a token worth keeping")
-    gate.add_argument("--gate-tokens", type=int, default=10240, help="calibration tokens to label (in sequences of 1024)")
+    gate.add_argument("--gate-tokens", type=int, default=20480, help="calibration tokens to label (in sequences of 1024)")
+    gate.add_argument(
+        "--recall-facts", type=int, default=4,
+        help="short statements spliced into each calibration sequence and asked for at its end, so the labels see recall (0: prose only)",
+    )
     gate.add_argument("--gate-steps", type=int, default=400)
     gate.add_argument("--gate-hidden", type=int, default=256)
     calibrate.set_defaults(run=_calibrate)

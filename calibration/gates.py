@@ -38,6 +38,7 @@ class RetentionLabels:
     num_heads: int
     window: int
     threshold: float
+    token_index: torch.Tensor | None = None  # [n]: each token's place in the calibration token stream
 
     @property
     def labels(self) -> torch.Tensor:
@@ -45,6 +46,10 @@ class RetentionLabels:
 
     def positive_rate(self) -> torch.Tensor:
         return self.labels.float().mean(dim=1)
+
+    def positive_rate_among(self, tokens: torch.Tensor) -> float:
+        """Mean positive rate over all heads of the labelled tokens that `tokens` (a mask over the stream) marks."""
+        return float(self.labels[:, tokens[self.token_index]].float().mean())
 
 
 @torch.no_grad()
@@ -60,7 +65,7 @@ def collect_retention_labels(
             f"Too little calibration data for retention labels: need sequences of {sequence_length} tokens with room for the "
             f"sink ({sink}), the window ({window}) and {min_future} future queries; the text has {len(ids)} tokens."
         )
-    keys, future, sequences = [], [], []
+    keys, future, sequences, token_index = [], [], [], []
     positions = torch.arange(sink, last)
     distance = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None]  # query i minus key j
     causal, causal_future = distance >= 0, distance >= window
@@ -82,9 +87,12 @@ def collect_retention_labels(
             keys.append(torch.cat(layer_keys))
             future.append(torch.cat(layer_future))
             sequences.append(torch.full((last - sink,), index))
+            token_index.append(start + positions)
             recorded.clear()
     num_layers, num_heads, _ = kv_shape(model.config)
-    return RetentionLabels(torch.cat(keys, 1), torch.cat(future, 1), torch.cat(sequences), num_layers, num_heads, window, threshold)
+    return RetentionLabels(
+        torch.cat(keys, 1), torch.cat(future, 1), torch.cat(sequences), num_layers, num_heads, window, threshold, torch.cat(token_index),
+    )
 
 
 def _balanced_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

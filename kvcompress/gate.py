@@ -43,37 +43,50 @@ class GateBank(torch.nn.Module):
 
 
 POLICIES = ("head", "layer", "global")
+BUDGETS = ("shared", "equal")
 
 
-def fitted_thresholds(probabilities: torch.Tensor, keep_ratio: float, policy: str = "head", iterations: int = 40) -> torch.Tensor:
+def fitted_thresholds(
+    probabilities: torch.Tensor, keep_ratio: float, policy: str = "head", budget: str = "shared", iterations: int = 40,
+) -> torch.Tensor:
     """Per-head probability thresholds ``[layers, heads]`` that keep `keep_ratio` of held-out tokens.
 
     `probabilities` ``[layers, heads, n]`` are the gates' outputs on the same held-out tokens.
-    "head": each head keeps its own top `keep_ratio`. "layer" and "global": a token is kept by
-    every head of its layer (of the model) when any of them keeps it, so all heads share one
-    quantile level, found by bisection (per layer for "layer") so that the union keeps `keep_ratio`.
+    `budget` "shared": one probability threshold for every head (per layer for the "layer" policy),
+    so heads whose gates expect more future attention keep more tokens (seed 004's single threshold;
+    measured better on pass-key retrieval than equal shares). "equal": every head keeps the same
+    share (one quantile level). `policy` "head": each head keeps its own tokens; "layer" and
+    "global": a token is kept by every head of its layer (of the model) when any of them keeps it.
+    The level is found by bisection so that what the policy keeps is `keep_ratio` of the tokens.
     """
     if policy not in POLICIES:
         raise ValueError(f"Unknown retention policy {policy!r}; choose from {', '.join(POLICIES)}.")
+    if budget not in BUDGETS:
+        raise ValueError(f"Unknown budget {budget!r}; choose from {', '.join(BUDGETS)}.")
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1] (e.g. 0.125 to keep about one token in 8), got {keep_ratio!r}.")
     if keep_ratio == 1:
         return torch.zeros(probabilities.shape[:2])  # keep every token, including ones less likely than any held-out one
     ordered = probabilities.sort(dim=-1).values
     last = ordered.shape[-1] - 1
+    layers, heads = probabilities.shape[:2]
 
     def at_level(level: torch.Tensor) -> torch.Tensor:  # level [layers] in [0, 1] -> thresholds [layers, heads]
+        if budget == "shared":
+            return level[:, None].expand(layers, heads)
         index = (level * last).round().long().clamp(0, last)
-        return ordered.gather(-1, index[:, None, None].expand(-1, ordered.shape[1], 1))[..., 0]
+        return ordered.gather(-1, index[:, None, None].expand(-1, heads, 1))[..., 0]
 
-    layers = probabilities.shape[0]
-    if policy == "head":
+    if policy == "head" and budget == "equal":
         return at_level(torch.full((layers,), 1 - keep_ratio))
     low, high = torch.zeros(layers), torch.ones(layers)
     for _ in range(iterations):
         level = (low + high) / 2
         kept = probabilities >= at_level(level)[..., None]
-        rate = kept.any(1).float().mean(-1) if policy == "layer" else kept.any(1).any(0).float().mean().expand(layers)
+        if policy == "head":
+            rate = kept.float().mean().expand(layers)
+        else:
+            rate = kept.any(1).float().mean(-1) if policy == "layer" else kept.any(1).any(0).float().mean().expand(layers)
         too_many = rate > keep_ratio
         low, high = torch.where(too_many, level, low), torch.where(too_many, high, level)
     return at_level(high)
@@ -118,8 +131,8 @@ class GateCompressor(CompressorArtifact):
 
         return self.on_device("gates", device, build)
 
-    def thresholds(self, keep_ratio: float, policy: str = "head") -> torch.Tensor:
-        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy)
+    def thresholds(self, keep_ratio: float, policy: str = "head", budget: str = "shared") -> torch.Tensor:
+        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy, budget)
 
     def __repr__(self):
         return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
@@ -193,35 +206,37 @@ class GatedLayer(FittedLayer):
 class GatedCache(CompressedCache):
     """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", keep_ratio=0.125)``.
 
-    `keep_ratio` is the share of the tokens leaving the window to keep (thresholds fitted per head on
-    held-out calibration data); `policy` is "head" (each head keeps its own tokens), "layer" or
-    "global" (a token is kept by all heads of the layer / the model when any of them keeps it);
-    `max_tokens` optionally caps each head's kept tokens (lowest gate probabilities go first).
+    `keep_ratio` is the share of the tokens leaving the window to keep (thresholds fitted on held-out
+    calibration data); `policy` is "head" (each head keeps its own tokens), "layer" or "global" (a
+    token is kept by all heads of the layer / the model when any of them keeps it); `budget` "shared"
+    (one probability threshold: heads keep what their gates expect to be needed) or "equal" (every
+    head keeps the same share); `max_tokens` optionally caps each head's kept tokens (lowest gate
+    probabilities go first).
     """
 
     layer_class = GatedLayer
 
     def __init__(
-        self, compressor: GateCompressor, keep_ratio: float = 0.125, *, policy: str = "head", max_tokens: int | None = None,
-        sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
+        self, compressor: GateCompressor, keep_ratio: float = 0.125, *, policy: str = "head", budget: str = "shared",
+        max_tokens: int | None = None, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
     ):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
         super().__init__(
-            config=config, compressor=compressor, thresholds=compressor.thresholds(keep_ratio, policy), policy=policy,
+            config=config, compressor=compressor, thresholds=compressor.thresholds(keep_ratio, policy, budget), policy=policy,
             max_tokens=max_tokens, votes=votes, **compressor.cache_settings(sink=sink, window=window, block_size=block_size),
         )
-        self.compressor, self.keep_ratio = compressor, keep_ratio
+        self.compressor, self.keep_ratio, self.budget = compressor, keep_ratio, budget
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id, keep_ratio: float = 0.125, *, policy: str = "head", max_tokens: int | None = None,
+        cls, path_or_hub_id, keep_ratio: float = 0.125, *, policy: str = "head", budget: str = "shared", max_tokens: int | None = None,
         sink: int | None = None, window: int | None = None, block_size: int | None = None, revision=None, token=None, **download_kwargs,
     ):
         """A fresh cache from a gate directory or Hub repo; caches of the same files share the gates."""
         compressor = GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
-        return cls(compressor, keep_ratio, policy=policy, max_tokens=max_tokens, sink=sink, window=window, block_size=block_size)
+        return cls(compressor, keep_ratio, policy=policy, budget=budget, max_tokens=max_tokens, sink=sink, window=window, block_size=block_size)
 
     def __repr__(self):
-        return f"GatedCache(keep_ratio={self.keep_ratio}, policy={self._layer_kwargs['policy']}, max_tokens={self._layer_kwargs['max_tokens']})"
+        return f"GatedCache(keep_ratio={self.keep_ratio}, policy={self._layer_kwargs['policy']}, budget={self.budget}, max_tokens={self._layer_kwargs['max_tokens']})"

@@ -8,6 +8,7 @@ from calibration.data import heldout_text, load_text, split_text
 from calibration.evaluate import streaming_perplexity
 from calibration.gates import collect_retention_labels, gate_compressor, train_gates
 from calibration.lowrank import rope_inv_freq
+from calibration.recall import recall_sequences
 from kvcompress import StreamingLLMCache
 from kvcompress.gate import GatedCache
 from kvcompress.hub import model_signature
@@ -57,5 +58,40 @@ def test_calibrate_command_fits_saves_and_reports_gates(tmp_path, capsys):
     report = json.loads((output / "gate_report.json").read_text())
     assert len(report["heads"]) == 90 and 0 < report["mean_positive_rate"] < 1
     assert (tmp_path / "gates.png").stat().st_size > 10_000
+    assert report["recall"]["statement_positive_rate"] > report["recall"]["prose_positive_rate"]
     cache = GatedCache.from_pretrained(output, keep_ratio=0.2, policy="layer")
     assert cache.compressor.config["label"]["threshold"] == 0.02
+    assert cache.compressor.config["calibration"]["recall_facts_per_sequence"] == 4
+
+
+def test_recall_sequences_state_facts_well_before_the_questions_that_ask_for_them(default_model):
+    _, tokenizer = default_model
+    prose = torch.tensor(tokenizer(split_text(load_text())[0]).input_ids[: 4 * 512])
+    recall = recall_sequences(prose, tokenizer, sequence_length=512, facts=2, answer_room=96, min_distance=128)
+    assert recall.token_ids.shape == recall.statements.shape and len(recall.token_ids) % 512 == 0 and len(recall.token_ids) >= 3 * 512
+    assert torch.equal(recall.token_ids[:16], prose[:16])  # prose in its own order around the statements
+    for ids, marks in zip(recall.token_ids.view(-1, 512), recall.statements.view(-1, 512)):
+        statements = tokenizer.decode(ids[marks])
+        questions = tokenizer.decode(ids[-96:])
+        values = [word.strip(".") for word in statements.split() if word.strip(".").isdigit()]
+        assert len(values) == 2 and all(f"is {value}." in questions for value in values)
+        assert int(marks.nonzero().max()) < 512 - 96 - 128  # each statement at least min_distance before the questions
+    with pytest.raises(ValueError, match="Too little calibration text"):
+        recall_sequences(prose[:300], tokenizer, sequence_length=512)
+    with pytest.raises(ValueError, match="facts must be at least 1"):
+        recall_sequences(prose, tokenizer, facts=0)
+    with pytest.raises(ValueError, match="more than answer_room"):
+        recall_sequences(prose, tokenizer, sequence_length=512, facts=8, answer_room=40)
+
+
+def test_labels_mark_the_statements_that_are_later_recalled(default_model):
+    model, tokenizer = default_model
+    prose = torch.tensor(tokenizer(split_text(load_text())[0]).input_ids[: 5 * 512])
+    recall = recall_sequences(prose[: 4 * 512], tokenizer, sequence_length=512, facts=2)
+    unasked = recall.token_ids.clone().view(-1, 512)
+    unasked[:, -96:] = prose[-96:]  # the same statements, never asked for
+    asked = collect_retention_labels(model, recall.token_ids, rope_inv_freq(model), sequence_length=512)
+    control = collect_retention_labels(model, unasked.flatten(), rope_inv_freq(model), sequence_length=512)
+    rates = asked.positive_rate_among(recall.statements), control.positive_rate_among(recall.statements)
+    print(f"statement positive rate asked {rates[0]:.3f} vs never asked {rates[1]:.3f}; prose {asked.positive_rate_among(~recall.statements):.3f}")
+    assert rates[0] > 1.3 * rates[1]
