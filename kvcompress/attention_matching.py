@@ -1,0 +1,80 @@
+"""Closed-form attention matching (Zweiger et al. 2026, "Fast KV Compaction via Attention Matching"):
+the training-free rival of the sidecar (issue 6), merging a window of N tokens into k slots per head.
+
+For reference queries q (post-RoPE, as attention will see them), a window's keys K and values V
+contribute to attention through two quantities only: its *mass* ``m(q) = sum_j exp(q.k_j / sqrt d)``
+and its *local output* ``y(q) = sum_j exp(q.k_j / sqrt d) v_j / m(q)``. If the k slots reproduce both,
+the window's share of any softmax it competes in, and what it adds there, are unchanged. Three
+closed-form steps (per window and head, batched over both):
+
+1. keys: keep the k keys with the largest root-mean-square attention over the reference queries;
+2. mass: one additive logit bias per kept key, ``beta = log w`` with ``w >= 0`` the non-negative
+   least-squares fit of ``exp(q.k_sel / sqrt d) w / m(q) = 1`` (relative, so that every query
+   counts; one key cannot carry N tokens' mass for every query, the bias is what lets it);
+3. values: least squares of the slots' local output against ``y(q)``, ridge-pulled toward the kept
+   keys' own values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MergedWindows:
+    keys: torch.Tensor  # [..., k, D]
+    values: torch.Tensor  # [..., k, Dv]
+    bias: torch.Tensor  # [..., k]: additive attention-logit bias of each slot
+    selected: torch.Tensor  # [..., k]: which of the window's N tokens each slot's key came from
+
+
+def window_mass_and_output(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
+    """Log-mass ``[..., Q]`` and local output ``[..., Q, Dv]`` of windows ``keys [..., N, D]`` for ``queries [..., Q, D]``."""
+    logits = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias[..., None, :]
+    return logits.logsumexp(-1), logits.softmax(-1) @ values
+
+
+def _nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Batched ``argmin_{w >= 0} |design w - target|`` for ``design [..., Q, k]``, ``target [..., Q]``, by
+    projected gradient with the step 1/L of the Gram matrix's largest eigenvalue (k is small)."""
+    gram = design.transpose(-1, -2) @ design
+    rhs = (design.transpose(-1, -2) @ target[..., None])[..., 0]
+    step = 1 / torch.linalg.eigvalsh(gram)[..., -1:].clamp(min=1e-12)
+    weights = torch.linalg.lstsq(gram, rhs[..., None]).solution[..., 0].clamp(min=0)  # exact when no constraint binds
+    for _ in range(iterations):
+        weights = (weights - step * ((gram @ weights[..., None])[..., 0] - rhs)).clamp(min=0)
+    return weights
+
+
+def attention_matching_merge(
+    keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, slots: int, ridge: float = 1e-3, iterations: int = 100,
+) -> MergedWindows:
+    """Merge windows ``keys [..., N, D]``, ``values [..., N, Dv]`` into `slots` keys, values and biases
+    that reproduce each window's attention mass and local output for ``queries [..., Q, D]``
+    (leading dimensions broadcast: e.g. windows ``[n, H]`` and one query set per head ``[1, H]``)."""
+    length = keys.shape[-2]
+    if not 1 <= slots <= length:
+        raise ValueError(f"slots must be between 1 and the window length {length}, got {slots}.")
+    keys, values, queries = keys.float(), values.float(), queries.float()
+    logits = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5  # [..., Q, N]
+    shift = logits.amax(-1, keepdim=True)  # per query; cancels in both targets
+    scores = (logits - shift).exp()
+    mass = scores.sum(-1)
+    output = (scores / mass[..., None]) @ values
+    rms_attention = (scores / mass[..., None]).square().mean(-2).sqrt()  # [..., N]
+    selected = rms_attention.topk(slots, dim=-1).indices.sort(-1).values
+    chosen_keys = keys.gather(-2, selected[..., None].expand(*selected.shape, keys.shape[-1]))
+    chosen_values = values.gather(-2, selected[..., None].expand(*selected.shape, values.shape[-1]))
+    design = scores.gather(-1, selected[..., None, :].expand(*scores.shape[:-1], slots))  # [..., Q, k]
+    relative = 1 / mass[..., None]  # every query's mass matched in relative terms, not the largest ones only
+    weights = _nonnegative_least_squares(design * relative, torch.ones_like(mass), iterations).clamp(min=1e-12)
+    probabilities = design * weights[..., None, :]
+    probabilities = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-30)
+    gram = probabilities.transpose(-1, -2) @ probabilities
+    regulariser = ridge * torch.eye(slots, dtype=gram.dtype, device=gram.device)
+    merged_values = torch.linalg.solve(gram + regulariser, probabilities.transpose(-1, -2) @ output + ridge * chosen_values)
+    return MergedWindows(chosen_keys, merged_values, weights.log(), selected)
