@@ -44,7 +44,8 @@ def _nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, itera
     gram = design.transpose(-1, -2) @ design
     rhs = (design.transpose(-1, -2) @ target[..., None])[..., 0]
     step = 1 / torch.linalg.eigvalsh(gram)[..., -1:].clamp(min=1e-12)
-    weights = torch.linalg.lstsq(gram, rhs[..., None]).solution[..., 0].clamp(min=0)  # exact when no constraint binds
+    jitter = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    weights = torch.linalg.solve(gram + jitter, rhs).clamp(min=0)  # exact when no constraint binds
     for _ in range(iterations):
         weights = (weights - step * ((gram @ weights[..., None])[..., 0] - rhs)).clamp(min=0)
     return weights
