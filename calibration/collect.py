@@ -76,25 +76,24 @@ AttentionMaskInterface.register(RECORDING_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
-def attention_implementation(model, name: str):
-    """Within the block, `model` attends with the registered attention implementation `name`."""
+def attention_implementation(model, name: str, state: threading.local | None = None):
+    """Within the block, `model` attends with the registered attention implementation `name`; with
+    `state`, the block gets a fresh dict as ``state.layers`` for that implementation to fill."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
+    if state is not None:
+        state.layers = {}
     try:
-        yield
+        yield None if state is None else state.layers
     finally:
         model.set_attn_implementation(previous)
+        if state is not None:
+            state.layers = None
 
 
-@contextmanager
 def recording_attention(model):
     """Within the block, every forward of `model` leaves each layer's (query, key, value) in the yielded dict."""
-    _recorder.layers = {}
-    try:
-        with attention_implementation(model, RECORDING_IMPLEMENTATION):
-            yield _recorder.layers
-    finally:
-        _recorder.layers = None
+    return attention_implementation(model, RECORDING_IMPLEMENTATION, _recorder)
 
 
 @torch.no_grad()

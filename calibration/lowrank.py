@@ -271,12 +271,10 @@ def _probing(model):
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    _probes.layers = {}
     try:
-        with attention_implementation(model, FISHER_IMPLEMENTATION):
-            yield _probes.layers
+        with attention_implementation(model, FISHER_IMPLEMENTATION, _probes) as probes:
+            yield probes
     finally:
-        _probes.layers = None
         for parameter in frozen:
             parameter.requires_grad_(True)
 
