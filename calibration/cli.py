@@ -80,6 +80,11 @@ def _evaluate(args) -> None:
         print(f"wrote {plot_quality_vs_compression(rows, args.plot, title=str(model.config.name_or_path).split('/')[-1])}")
 
 
+def _cache_settings(args) -> dict:
+    """The sink, window and block size a calibrated compressor's caches use by default."""
+    return {"sink": args.sink, "window": args.window, "block_size": args.block_size}
+
+
 def _calibrate(args) -> None:
     if args.method == "gate":
         return _calibrate_gates(args)
@@ -110,7 +115,7 @@ def _calibrate(args) -> None:
         fisher_sequences=args.fisher_sequences if needs_fisher else 0, eval_tokens=args.eval_tokens, name_or_path=args.model,
     )
     ranks, source = calibration.ranks(template, args.target_memory_reduction)
-    settings = {"sink": args.sink, "window": args.window, "block_size": args.block_size}
+    settings = _cache_settings(args)
     compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
     seconds = time.perf_counter() - started
     report = calibration.measure(compressor, fit_metrics, source, seconds)
@@ -157,7 +162,7 @@ def _calibrate_gates(args) -> None:
         }
     config = {
         "base_model": model_signature(model, args.model),
-        "cache": {"sink": args.sink, "window": args.window, "block_size": args.block_size},
+        "cache": _cache_settings(args),
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
         "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": args.recall_facts},
     }

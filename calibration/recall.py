@@ -50,12 +50,13 @@ def recall_sequences(
         questions = encode("\n\n" + " ".join(QUESTION.format(subject=s, value=v) for s, v in zip(chosen, values)))
         if len(questions) > answer_room:
             raise ValueError(f"{facts} recall questions take {len(questions)} tokens, more than answer_room={answer_room}; ask for fewer facts.")
-        prose_length = sequence_length - len(questions) - sum(map(len, statements))
+        statement_tokens = sum(map(len, statements))
+        prose_length = sequence_length - len(questions) - statement_tokens
         if cursor + prose_length > len(token_ids):
             break
         prose = token_ids[cursor : cursor + prose_length].tolist()
         cursor += prose_length
-        body_end = sequence_length - answer_room - sum(map(len, statements)) - min_distance
+        body_end = sequence_length - answer_room - statement_tokens - min_distance
         cuts = sorted(rng.sample(range(16, body_end), facts))
         pieces, marks, last = [], [], 0
         for cut, statement in zip(cuts, statements):

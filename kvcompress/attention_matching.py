@@ -30,11 +30,14 @@ class MergedWindows:
     selected: torch.Tensor  # [..., k]: which of the window's N tokens each slot's key came from
 
 
+def _logits(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    logits = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
+    return logits if bias is None else logits + bias[..., None, :]
+
+
 def window_mass_and_output(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
     """Log-mass ``[..., Q]`` and local output ``[..., Q, Dv]`` of windows ``keys [..., N, D]`` for ``queries [..., Q, D]``."""
-    logits = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
-    if bias is not None:
-        logits = logits + bias[..., None, :]
+    logits = _logits(queries, keys, bias)
     return logits.logsumexp(-1), logits.softmax(-1) @ values
 
 
@@ -61,18 +64,14 @@ def attention_matching_merge(
     if not 1 <= slots <= length:
         raise ValueError(f"slots must be between 1 and the window length {length}, got {slots}.")
     keys, values, queries = keys.float(), values.float(), queries.float()
-    logits = queries @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5  # [..., Q, N]
-    shift = logits.amax(-1, keepdim=True)  # per query; cancels in both targets
-    scores = (logits - shift).exp()
-    mass = scores.sum(-1)
-    output = (scores / mass[..., None]) @ values
-    rms_attention = (scores / mass[..., None]).square().mean(-2).sqrt()  # [..., N]
-    selected = rms_attention.topk(slots, dim=-1).indices.sort(-1).values
+    attention = _logits(queries, keys).softmax(-1)  # [..., Q, N], within the window
+    output = attention @ values
+    selected = attention.square().mean(-2).sqrt().topk(slots, dim=-1).indices.sort(-1).values  # largest RMS attention
     chosen_keys = keys.gather(-2, selected[..., None].expand(*selected.shape, keys.shape[-1]))
     chosen_values = values.gather(-2, selected[..., None].expand(*selected.shape, values.shape[-1]))
-    design = scores.gather(-1, selected[..., None, :].expand(*scores.shape[:-1], slots))  # [..., Q, k]
-    relative = 1 / mass[..., None]  # every query's mass matched in relative terms, not the largest ones only
-    weights = _nonnegative_least_squares(design * relative, torch.ones_like(mass), iterations).clamp(min=1e-12)
+    # exp(q.k_sel / sqrt d) / m(q) is the kept key's attention within the window, so the relative mass fit is design w = 1
+    design = attention.gather(-1, selected[..., None, :].expand(*attention.shape[:-1], slots))  # [..., Q, k]
+    weights = _nonnegative_least_squares(design, torch.ones_like(design[..., 0]), iterations).clamp(min=1e-12)
     probabilities = design * weights[..., None, :]
     probabilities = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-30)
     gram = probabilities.transpose(-1, -2) @ probabilities

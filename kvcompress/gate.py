@@ -85,8 +85,10 @@ def fitted_thresholds(
         kept = probabilities >= at_level(level)[..., None]
         if policy == "head":
             rate = kept.float().mean().expand(layers)
+        elif policy == "layer":
+            rate = kept.any(1).float().mean(-1)
         else:
-            rate = kept.any(1).float().mean(-1) if policy == "layer" else kept.any(1).any(0).float().mean().expand(layers)
+            rate = kept.any(1).any(0).float().mean().expand(layers)
         too_many = rate > keep_ratio
         low, high = torch.where(too_many, level, low), torch.where(too_many, high, level)
     return at_level(high)
