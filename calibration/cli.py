@@ -88,6 +88,8 @@ def _cache_settings(args) -> dict:
 def _calibrate(args) -> None:
     if args.method == "gate":
         return _calibrate_gates(args)
+    if args.method == "sidecar":
+        return _calibrate_sidecar(args)
     from kvcompress import load_model
     from kvcompress.config import RankConfig
     from kvcompress.models import kv_shape
@@ -186,6 +188,62 @@ def _calibrate_gates(args) -> None:
         print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
 
 
+def _calibrate_sidecar(args) -> None:
+    from kvcompress import load_model
+    from kvcompress.hub import model_signature
+    from kvcompress.models import cache_dir, kv_shape
+    from kvcompress.sidecar import SidecarCache, SidecarNetwork
+
+    from .calibrate import calibration_corpus, measure
+    from .lowrank import rope_inv_freq
+    from .sidecar import LossWeights, TrainingSettings, reference_queries, sidecar_compressor, train_sidecar, unhealthy
+    from .trajectories import collect_trajectories
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
+    inv_freq = rope_inv_freq(model)
+    directory = Path(args.trajectories) if args.trajectories else cache_dir() / "trajectories" / Path(str(model.config._name_or_path)).name
+    trajectories = collect_trajectories(
+        model, token_ids, directory, sequences=args.trajectory_sequences + args.heldout_sequences,
+        query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,
+    )
+    train, heldout = trajectories.split(args.heldout_sequences)
+    network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)
+    weights = LossWeights.output_matching_only() if args.loss == "output" else LossWeights()
+    settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr)
+    references = reference_queries(train, inv_freq, recent_window=args.window)
+    with torch.enable_grad():
+        training = train_sidecar(network, train, heldout, inv_freq, references, weights, settings)
+    best = training["best"]
+    config = {
+        "base_model": model_signature(model, args.model),
+        "cache": {"sink": args.sink, "window": args.window},
+        "calibration": {"data": data_name, "trajectory_sequences": train.sequences, "heldout_sequences": heldout.sequences,
+                        "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions},
+        "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"]},
+    }
+    compressor = sidecar_compressor(network, references, inv_freq, config)
+    seconds = time.perf_counter() - started
+    fit_metrics = {f"heldout_{name}": best[name] for name in ("output_error", "output_cosine", "key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio")}
+    fit_metrics["heldout_output_error_attention_matching"] = training["initial"]["output_error"]
+    setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
+    summary = measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics)
+    output = Path(args.output)
+    compressor.save_pretrained(output)
+    (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    (output / "training_history.json").write_text(json.dumps(training["history"], indent=2) + "\n")
+    warning = unhealthy(best)
+    print(f"\n{summary.summary()}\n" + (f"WARNING: diagnostics outside [0.5, 2]: {', '.join(warning)}\n" if warning else "")
+          + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, training_history.json, calibration_results.json)")
+    if args.plot:
+        from .plots import plot_sidecar_training
+
+        print(f"wrote {plot_sidecar_training(training['history'], args.plot, title=setting)}")
+    if args.push_to_hub:
+        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+
+
 def _plot_sweep(args, calibration, template, settings, baseline: float) -> None:
     """PPL vs memory for Fisher-guided and uniform ranks at several memory targets."""
     from kvcompress.config import RankConfig
@@ -239,16 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
     evaluate_.set_defaults(run=_evaluate)
 
-    calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice or gate), measure it and save it")
+    calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice, gate or sidecar), measure it and save it")
     _add_model_arguments(calibrate)
-    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate"], required=True)
+    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate", "sidecar"], required=True)
     calibrate.add_argument("--rank", type=int, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
     calibrate.add_argument("--rank-v", type=int, default=None, help="uniform rank of the values, with --rank")
     calibrate.add_argument("--target-memory-reduction", type=float, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
     calibrate.add_argument("--config", default=None, help="rank config JSON (seed-003 shape); with a memory target, its enabled heads get Fisher ranks")
     calibrate.add_argument("--output", required=True, help="directory for the compressor artifact")
     calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo")
-    calibrate.add_argument("--plot", default=None, help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate)")
+    calibrate.add_argument("--plot", default=None, help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate), training diagnostics (sidecar)")
     calibrate.add_argument("--sweep", nargs="+", type=float, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
     calibrate.add_argument("--samples", type=int, default=4096, help="key/value samples per head")
     calibrate.add_argument("--tokens", type=int, default=16384, help="calibration tokens to collect from")
@@ -268,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gate.add_argument("--gate-steps", type=int, default=400)
     gate.add_argument("--gate-hidden", type=int, default=256)
+    sidecar = calibrate.add_argument_group("sidecar")
+    sidecar.add_argument("--merge-window", type=int, default=32, choices=[32, 64, 128], help="N: tokens merged per window")
+    sidecar.add_argument("--slots", type=int, default=1, help="k: super-tokens per window (N:k is the merge ratio)")
+    sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
+    sidecar.add_argument("--sidecar-steps", type=int, default=400)
+    sidecar.add_argument("--sidecar-lr", type=float, default=3e-4)
+    sidecar.add_argument("--trajectories", default=None, metavar="DIR", help="trajectory shards (collected there, or resumed; default: under the kvcompress cache)")
+    sidecar.add_argument("--trajectory-sequences", type=int, default=24, help="1024-token sequences to train on")
+    sidecar.add_argument("--heldout-sequences", type=int, default=4, help="further sequences for held-out diagnostics")
+    sidecar.add_argument("--query-positions", type=int, default=128, help="future queries (with forces) stored per sequence")
+    sidecar.add_argument("--disk-budget-gb", type=float, default=4.0)
     calibrate.set_defaults(run=_calibrate)
     return parser
 

@@ -29,10 +29,11 @@ from kvcompress.cache import CompressedCache
 from kvcompress.hub import CONFIG_FILE
 from kvcompress.gate import GatedCache
 from kvcompress.lowrank import KVSpliceCache, PCACache
+from kvcompress.sidecar import SidecarCache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
-FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache, "gate": GatedCache}  # built from a compressor artifact
+FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache, "gate": GatedCache, "sidecar": SidecarCache}  # built from a compressor artifact
 PASSKEY_INTRO = (
     "Below is a long text. Somewhere in it is a five-digit pass key. "
     "Remember it, you will be asked for it at the end.\n\n"
@@ -145,6 +146,30 @@ def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int 
 
 
 @torch.no_grad()
+def attention_outputs(model, input_ids: torch.Tensor, cache, chunk_size: int = 32, last_tokens: int = 64) -> list[torch.Tensor]:
+    """Every layer's attention output (after its output projection) for the last `last_tokens` tokens of
+    `input_ids` ([1, T]), the earlier ones fed chunk by chunk through `cache`."""
+    recorded, hooks = [], []
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.register_forward_hook(lambda module, args, output: recorded.append(output[0][0].float())))
+    try:
+        history = input_ids.shape[1] - last_tokens
+        for start in range(0, history, chunk_size):
+            model(input_ids=input_ids[:, start : min(start + chunk_size, history)], past_key_values=cache, use_cache=True)
+        recorded.clear()
+        model(input_ids=input_ids[:, history:], past_key_values=cache, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(recorded)
+
+
+def attention_cosine(outputs: list[torch.Tensor], dense_outputs: list[torch.Tensor]) -> float:
+    """Mean cosine similarity, over layers and tokens, of attention outputs against the dense cache's (seed 002)."""
+    return float(torch.stack([torch.nn.functional.cosine_similarity(a, b, dim=-1).mean() for a, b in zip(outputs, dense_outputs)]).mean())
+
+
+@torch.no_grad()
 def reference_perplexity(model, input_ids: torch.Tensor, first_scored: int) -> float:
     """Perplexity of tokens `first_scored..T-1` from one plain forward pass (the check on the streaming one)."""
     logits = model(input_ids=input_ids, use_cache=False).logits[0]
@@ -188,6 +213,7 @@ class EvaluationRow:
     nbytes: int = 0
     dense_nbytes: int = 0
     seconds: float = 0.0
+    attention_cosine: float | None = None  # mean over layers and the last 64 perplexity tokens, vs dense (seed 002)
 
     @property
     def measured_ratio(self) -> float:
@@ -220,12 +246,14 @@ def evaluate(
         for key in [rng.randint(10000, 99999)]
     ]
     rows = []
+    dense_outputs = attention_outputs(model, ppl_ids, DynamicCache(), ppl_chunk) if ppl_tokens else None
     progress = tqdm(total=len(specs) * (1 + len(prompts)), desc="evaluate", unit="run")
     for spec in specs:
         row, started = EvaluationRow(spec.label), time.perf_counter()
         if ppl_tokens:
             progress.set_postfix_str(f"{spec.label}: perplexity")
             row.perplexity = streaming_perplexity(model, ppl_ids, spec.build(), ppl_chunk).perplexity
+            row.attention_cosine = attention_cosine(attention_outputs(model, ppl_ids, spec.build(), ppl_chunk), dense_outputs)
             progress.update()
         hits = {depth: [] for depth in depths}
         for depth, key, context, question in prompts:
@@ -245,7 +273,7 @@ def format_table(rows: list[EvaluationRow], ppl_tokens: int, passkey_tokens: int
     """A markdown table: cache, measured ratio, memory, perplexity (and change vs dense), passkey by depth."""
     depths = sorted({d for row in rows for d in row.passkey})
     dense_ppl = next((row.perplexity for row in rows if row.cache == "dense"), None)
-    header = ["cache", "measured ratio", "held KiB", "dense KiB", f"PPL@{ppl_tokens}", "ΔPPL"]
+    header = ["cache", "measured ratio", "held KiB", "dense KiB", f"PPL@{ppl_tokens}", "ΔPPL", "attn cos"]
     header += [f"pk {d:g}" for d in depths] + [f"passkey@{passkey_tokens}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -254,6 +282,7 @@ def format_table(rows: list[EvaluationRow], ppl_tokens: int, passkey_tokens: int
         cells = [
             row.cache, f"{row.measured_ratio:.2f}", f"{row.nbytes / 1024:.0f}", f"{row.dense_nbytes / 1024:.0f}",
             "-" if row.perplexity is None else f"{row.perplexity:.3f}", delta,
+            "-" if row.attention_cosine is None else f"{row.attention_cosine:.4f}",
         ]
         cells += [f"{row.passkey.get(d, float('nan')):.2f}" for d in depths] + [f"{mean:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

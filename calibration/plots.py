@@ -12,6 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 
+MEMORY_OPTIONS = ("keep_ratio=",)  # options that move a point along its method's line
+
+
+def _line_name(label: str) -> str:
+    """The line a row belongs to: its method and the options that change the method itself (e.g. a merge)."""
+    words = label.split(" ")
+    return " ".join([words[0]] + [word for word in words[1:] if "=" in word and not word.startswith(MEMORY_OPTIONS)])
+
+
 def plot_quality_vs_compression(rows, path: str | Path, title: str = "") -> Path:
     """Two panels, streaming perplexity and mean passkey accuracy, against the measured compression ratio."""
     methods = defaultdict(list)
@@ -20,7 +29,7 @@ def plot_quality_vs_compression(rows, path: str | Path, title: str = "") -> Path
         if row.cache == "dense":
             dense = row
         else:
-            methods[row.cache.split(" ")[0]].append(row)
+            methods[_line_name(row.cache)].append(row)
     figure, (ppl_axis, passkey_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for method, points in sorted(methods.items()):
         points.sort(key=lambda row: row.measured_ratio)
@@ -88,6 +97,27 @@ def plot_gate_report(report: dict, path: str | Path, title: str = "") -> Path:
         axis.set_title(f"all heads, threshold {threshold}")
     if title:
         figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_sidecar_training(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Held-out output error and the seed-001 ratios over training steps; the healthy band [0.5, 2] shaded."""
+    steps = [entry["step"] for entry in history]
+    figure, (error_axis, ratio_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    error_axis.plot(steps, [entry["output_error"] for entry in history], marker="o", label="output error (relative)")
+    error_axis.plot(steps, [1 - entry["output_cosine"] for entry in history], marker="o", label="1 - output cosine")
+    error_axis.set_yscale("log")
+    error_axis.set_ylabel("held-out attention output vs dense")
+    for name in ("key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio"):
+        ratio_axis.plot(steps, [entry[name] for entry in history], marker="o", label=name.replace("_", " "))
+    ratio_axis.axhspan(0.5, 2.0, color="green", alpha=0.08, label="healthy [0.5, 2]")
+    ratio_axis.set_yscale("log", base=2)
+    ratio_axis.set_ylabel("merged / dense")
+    for axis in (error_axis, ratio_axis):
+        axis.set_xlabel("training step")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title)
     return _save(figure, path)
 
 

@@ -12,6 +12,7 @@ from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import load_model
+from .sidecar import SidecarCache, SidecarCompressor
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "PCACache",
     "PCACompressor",
     "RankConfig",
+    "SidecarCache",
+    "SidecarCompressor",
     "Slots",
     "StreamingLLMCache",
     "enable",

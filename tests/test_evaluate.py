@@ -1,12 +1,13 @@
 """Evaluator mechanics on a tiny model: exact streaming perplexity, the table, the plot, bad input."""
 
 import pytest
-import torch
 from transformers import DynamicCache
 
 from calibration.data import load_text, split_text
-from calibration.evaluate import CacheSpec, EvaluationRow, format_table, reference_perplexity, streaming_perplexity
-from calibration.plots import plot_quality_vs_compression
+from calibration.evaluate import (
+    CacheSpec, EvaluationRow, attention_cosine, attention_outputs, format_table, reference_perplexity, streaming_perplexity,
+)
+from calibration.plots import _line_name, plot_quality_vs_compression
 from conftest import prompt_ids, tiny_model
 from kvcompress import H2OCache
 
@@ -22,6 +23,20 @@ def test_dense_streaming_perplexity_is_exact(chunk):
 def test_compressed_streaming_perplexity_reports_memory_held():
     result = streaming_perplexity(tiny_model(), prompt_ids(100), H2OCache(budget=20), chunk_size=10)
     assert result.nbytes < result.dense_nbytes / 4
+
+
+def test_attention_cosine_is_one_for_dense_and_lower_for_a_compressed_cache():
+    model, ids = tiny_model(), prompt_ids(100)
+    dense = attention_outputs(model, ids, DynamicCache(), chunk_size=10, last_tokens=16)
+    assert len(dense) == 2 and dense[0].shape == (16, 64)
+    assert attention_cosine(attention_outputs(model, ids, DynamicCache(), chunk_size=10, last_tokens=16), dense) == pytest.approx(1.0, abs=1e-5)
+    assert attention_cosine(attention_outputs(model, ids, H2OCache(budget=12), chunk_size=10, last_tokens=16), dense) < 0.99
+
+
+def test_plot_lines_are_methods_and_their_method_options():
+    assert _line_name("h2o 8:1") == "h2o"
+    assert _line_name("sidecar sidecar-8 merge=attention_matching") == "sidecar merge=attention_matching"
+    assert _line_name("gate gate-recall keep_ratio=0.07 policy=head") == "gate policy=head"
 
 
 def test_streaming_perplexity_needs_more_than_one_chunk():

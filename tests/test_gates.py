@@ -80,7 +80,7 @@ def test_the_gate_report_plots(tmp_path):
 # ------------------------------------------------------------------------------------------ GatedCache
 from transformers import DynamicCache  # noqa: E402
 
-from conftest import greedy, prompt_ids  # noqa: E402
+from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from kvcompress.cache import FILLER  # noqa: E402
 from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
 from kvcompress.hub import model_signature  # noqa: E402
@@ -191,12 +191,7 @@ def test_the_hard_cap_bounds_each_heads_store(gated):
 
 def test_a_left_padded_batch_matches_each_row_alone(gated):
     model, compressor = gated
-    ids = prompt_ids(40, batch=2)
-    mask = torch.ones_like(ids)
-    ids[1, :6], mask[1, :6] = 0, 0
-    batched = greedy(model, GatedCache(compressor, 0.3), ids, mask, new_tokens=16)
-    alone = [greedy(model, GatedCache(compressor, 0.3), ids[row : row + 1, start:], new_tokens=16) for row, start in ((0, 0), (1, 6))]
-    assert torch.equal(batched, torch.cat(alone))
+    assert_left_padded_batch_matches_rows(model, lambda: GatedCache(compressor, 0.3), length=40, padding=6, new_tokens=16)
 
 
 def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):

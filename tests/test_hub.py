@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import tiny_model
 from test_lowrank import fitted

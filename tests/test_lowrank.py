@@ -9,10 +9,10 @@ import torch
 from transformers import DynamicCache
 
 from calibration.calibrate import LowRankCalibration
-from conftest import ARCHITECTURES, DEVICE, VOCAB, greedy, prompt_ids, tiny_model
+from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from kvcompress.config import ConfigError, HeadRanks, RankConfig
 from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE
-from kvcompress.lowrank import KVSpliceCache, PCACache, PCACompressor
+from kvcompress.lowrank import KVSpliceCache, PCACache
 from kvcompress.models import kv_shape
 
 SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
@@ -97,12 +97,7 @@ def test_heterogeneous_ranks_per_head_and_for_keys_and_values():
 def test_left_padded_batch_matches_each_row_alone():
     model = tiny_model("mistral")
     compressor = fitted(model, 6, 10)
-    ids = prompt_ids(40, batch=2)
-    mask = torch.ones_like(ids)
-    ids[1, :7], mask[1, :7] = 0, 0
-    batched = greedy(model, PCACache(compressor), ids, mask, new_tokens=20)
-    alone = [greedy(model, PCACache(compressor), ids[row : row + 1, start:], new_tokens=20) for row, start in ((0, 0), (1, 7))]
-    assert torch.equal(batched, torch.cat(alone))
+    assert_left_padded_batch_matches_rows(model, lambda: PCACache(compressor), length=40, padding=7, new_tokens=20)
 
 
 def test_kvsplice_improves_the_attention_output_over_pca_and_runs_under_generate():

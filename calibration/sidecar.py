@@ -1,0 +1,366 @@
+"""Training the sidecar (seeds 000-002) on trajectories of the frozen model.
+
+**What a step sees.** One calibration sequence and one layer: every key and value of the sequence,
+the sampled future queries of all its query heads, their forces dL/dq and output gradients dL/dy.
+`regions` random stretches of `windows` consecutive windows of N tokens are merged by the network
+(several windows at once, so super-tokens compete with each other), and every query after a stretch
+attends over the exact rest of its causal context plus the stretch's super-tokens, in one softmax:
+what the cache will do at inference. Real queries are joined by perturbed copies (query augmentation).
+
+**Losses** (each relative to the size of its target, so no term can win by shrinking or inflating
+a scale, seed 001's two failures):
+
+* ``consistency``: attention-output error, weighted per query by the size of its force;
+* ``force``: the merged context's force ``J_merged^T dL/dy`` against the collected dL/dq (seed 000);
+* ``jacobian``: ``J_merged v`` against ``J_dense v`` for random probes v (seed 002), by `torch.func.jvp`;
+* ``norm``: squared log ratio of super-key (super-value) norms to the window's own;
+* ``jacobian_ratio``: squared log ratio of the stretch's local Jacobian norms, merged over dense;
+* ``diversity``: squared cosine between the super-keys of one window (k > 1).
+
+**Diagnostics** (seed 001), on held-out sequences at every evaluation: K and V norm ratios, the
+attention entropy ratio, the local Jacobian norm ratio (merged/dense) and output cosines. A ratio
+outside [0.5, 2] (collapse or explosion) is reported at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp
+from tqdm.auto import tqdm
+
+from kvcompress.attention_matching import MergedWindows, attention_matching_merge
+from kvcompress.lowrank import rotate
+from kvcompress.sidecar import SidecarCompressor, SidecarNetwork, to_window_frame, window_frame_references
+
+from .trajectories import Trajectories
+
+HEALTHY = (0.5, 2.0)
+
+
+@dataclass
+class LossWeights:
+    consistency: float = 1.0
+    force: float = 1.0
+    jacobian: float = 1.0
+    norm: float = 0.01
+    jacobian_ratio: float = 0.01
+    diversity: float = 0.01
+
+    @classmethod
+    def output_matching_only(cls) -> LossWeights:
+        """The ablation: force-weighted output consistency alone (seed 001's v1 objective)."""
+        return cls(force=0.0, jacobian=0.0, norm=0.0, jacobian_ratio=0.0, diversity=0.0)
+
+
+@dataclass
+class Stretch:
+    """One step's data, float32: a sequence's layer, its queries and the stretches of windows to merge."""
+
+    keys: torch.Tensor  # [H, T, D]
+    values: torch.Tensor  # [H, T, D]
+    queries: torch.Tensor  # [H, G, Q, D]: the P real queries, then perturbed copies
+    positions: torch.Tensor  # [Q]
+    forces: torch.Tensor  # [H, G, P, D]
+    output_grads: torch.Tensor  # [H, G, P, D]
+    starts: torch.Tensor  # [R]: first token of each stretch
+    layer: int
+
+    @property
+    def real(self) -> int:
+        return self.forces.shape[2]
+
+
+def sample_stretches(data: Trajectories, sequence: int, layer: int, regions: int, span: int, sink: int,
+                     augment: float, noise: float, generator: torch.Generator) -> Stretch:
+    """`regions` stretches of `span` tokens of one sequence's layer, with `augment` (a share of the real
+    queries) perturbed query copies: Gaussian noise of `noise` times each query's RMS."""
+    keys, values = data.keys[sequence, layer].float(), data.values[sequence, layer].float()
+    heads, _, dim = keys.shape
+
+    def grouped(tensor):  # [heads, P, D] -> [kv_heads, G, P, D]
+        return tensor.float().view(heads, -1, tensor.shape[-2], dim)
+
+    queries, forces, output_grads = (grouped(part[sequence, layer]) for part in (data.queries, data.forces, data.output_grads))
+    positions = data.positions[sequence]
+    latest = int(positions.max()) - span  # a stretch must end before the last query
+    if latest < sink:
+        raise ValueError(f"Sequences of {data.keys.shape[3]} tokens are too short for stretches of {span} tokens; collect longer sequences.")
+    starts = torch.randint(sink, latest + 1, (regions,), generator=generator)
+    extra = int(augment * len(positions))
+    if extra:
+        pick = torch.randperm(len(positions), generator=generator)[:extra]
+        chosen = queries[..., pick, :]
+        rms = chosen.square().mean(-1, keepdim=True).sqrt()
+        queries = torch.cat([queries, chosen + noise * rms * torch.randn(chosen.shape, generator=generator)], dim=-2)
+        positions = torch.cat([positions, positions[pick]])
+    return Stretch(keys, values, queries, positions, forces, output_grads, starts, layer)
+
+
+@dataclass
+class Merged:
+    """Super-tokens of every stretch (keys/values ``[R, H, S, D]``, bias ``[R, H, S]``) and the stretches' own tokens ``[R, H, span, D]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
+    dense_keys: torch.Tensor
+    dense_values: torch.Tensor
+
+
+def merge_stretches(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq: torch.Tensor, references: torch.Tensor) -> Merged:
+    """Merge every window of every stretch as the cache does: in each window's frame, attention matching
+    with `references` (the layer's reference queries in the window frame, ``[1, H, M, D]``), refined by one network call."""
+    heads, _, dim = batch.keys.shape
+    window, slots, regions = network.window, network.slots, len(batch.starts)
+    index = batch.starts[:, None] + torch.arange(windows * window)
+    keys, values = batch.keys[:, index].transpose(0, 1), batch.values[:, index].transpose(0, 1)  # [R, H, span, D]
+    window_starts = (batch.starts[:, None] + window * torch.arange(windows)).reshape(-1)
+
+    def per_window(t):  # [R, H, span, D] -> [R * windows, H, N, D]
+        return t.view(regions, heads, windows, window, dim).transpose(1, 2).reshape(regions * windows, heads, window, dim)
+
+    def per_stretch(t):  # [R * windows, H, k, ...] -> [R, H, windows * k, ...]
+        t = t.view(regions, windows, heads, slots, *t.shape[3:]).transpose(1, 2)
+        return t.reshape(regions, heads, windows * slots, *t.shape[4:])
+
+    framed, window_values = to_window_frame(per_window(keys), window_starts, inv_freq), per_window(values)
+    with torch.no_grad():
+        start = attention_matching_merge(framed, window_values, references, slots)
+    groups = (batch.layer * heads + torch.arange(heads)).repeat(regions * windows)
+    flat = lambda t: t.reshape(regions * windows * heads, *t.shape[2:])  # noqa: E731
+    merged_keys, merged_values, bias = network(flat(framed), flat(window_values), groups, MergedWindows(*(flat(t) for t in (start.keys, start.values, start.bias, start.selected))))
+    merged_keys = to_window_frame(merged_keys.view(regions * windows, heads, slots, dim), window_starts, inv_freq, inverse=False)
+    merged_values, bias = merged_values.view(regions * windows, heads, slots, dim), bias.view(regions * windows, heads, slots)
+    return Merged(per_stretch(merged_keys), per_stretch(merged_values), per_stretch(bias), keys, values)
+
+
+class StretchAttention:
+    """The attention outputs a step compares, as functions of the queries (for `jvp` and force gradients).
+
+    `merged(q)`: each stretch replaced by its super-tokens, the rest of the causal context exact, one
+    softmax (``q [R, H, G, Q, D]``); `dense(q)`: the full causal context (``q [H, G, Q, D]``);
+    `local_merged` / `local_dense`: the stretch's super-tokens / tokens alone.
+    """
+
+    def __init__(self, batch: Stretch, merged: Merged):
+        self.batch, self.m = batch, merged
+        self.scale = batch.keys.shape[-1] ** -0.5
+        tokens = torch.arange(batch.keys.shape[1])
+        span = merged.dense_keys.shape[2]
+        causal = tokens[None, :] <= batch.positions[:, None]  # [Q, T]
+        inside = (tokens[None, :] >= batch.starts[:, None]) & (tokens[None, :] < batch.starts[:, None] + span)  # [R, T]
+        self.context = (causal[None] & ~inside[:, None])[:, None, None]  # [R, 1, 1, Q, T]
+        self.causal = causal[None, None]
+        self.valid = (batch.positions[None, :] >= batch.starts[:, None] + span)[:, None, None]  # [R, 1, 1, Q]: stretch wholly past
+
+    def merged(self, q):
+        context = (q @ self.batch.keys[None, :, None].transpose(-1, -2)) * self.scale
+        context = context.masked_fill(~self.context, float("-inf"))
+        slots = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
+        probabilities = torch.cat([context, slots], dim=-1).softmax(-1)
+        length = context.shape[-1]
+        return probabilities[..., :length] @ self.batch.values[None, :, None] + probabilities[..., length:] @ self.m.values[:, :, None]
+
+    def dense(self, q):
+        logits = ((q @ self.batch.keys[:, None].transpose(-1, -2)) * self.scale).masked_fill(~self.causal, float("-inf"))
+        return logits.softmax(-1) @ self.batch.values[:, None]
+
+    def local_merged(self, q):
+        logits = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
+        return logits.softmax(-1) @ self.m.values[:, :, None]
+
+    def local_dense(self, q):
+        return ((q @ self.m.dense_keys[:, :, None].transpose(-1, -2)) * self.scale).softmax(-1) @ self.m.dense_values[:, :, None]
+
+    def entropy(self, q, merged: bool):
+        if merged:
+            context = ((q @ self.batch.keys[None, :, None].transpose(-1, -2)) * self.scale).masked_fill(~self.context, float("-inf"))
+            slots = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
+            logits = torch.cat([context, slots], dim=-1)
+        else:
+            logits = ((q @ self.batch.keys[:, None].transpose(-1, -2)) * self.scale).masked_fill(~self.causal, float("-inf"))
+        probabilities = logits.softmax(-1)
+        return -(probabilities * probabilities.clamp(min=1e-30).log()).sum(-1)
+
+
+def _relative(error: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """sum(mask * weight * |error|^2) / sum(mask * weight * |reference|^2) over [..., D] tensors."""
+    mask = mask * weight
+    return (error.square().sum(-1) * mask).sum() / (reference.square().sum(-1) * mask).sum().clamp(min=1e-30)
+
+
+def _mean_squared_cosine(vectors: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between distinct vectors of each set ``[..., n, D]`` -> ``[...]``."""
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    count = vectors.shape[-2]
+    return ((unit @ unit.transpose(-1, -2)).square().sum((-1, -2)) - count) / (count * (count - 1))
+
+
+def _mean_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.norm(dim=-1).mean()
+
+
+def step_losses(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights,
+                generator: torch.Generator, diagnose: bool = False) -> tuple[torch.Tensor, dict]:
+    """The weighted training loss of one step and its terms, with the norm and Jacobian ratios (and, when
+    `diagnose`, output cosines and the attention entropy ratio)."""
+    merged = merge_stretches(network, batch, windows, inv_freq, references[batch.layer][None])
+    attention = StretchAttention(batch, merged)
+    regions, real = len(batch.starts), batch.real
+    queries = batch.queries.expand(regions, *batch.queries.shape).clone().requires_grad_(True)
+    probe = torch.randn(batch.queries.shape, generator=generator)
+    with torch.no_grad():
+        dense, dense_jv = jvp(attention.dense, (batch.queries,), (probe,))
+        local_dense_jv = jvp(attention.local_dense, (queries.detach(),), (probe.expand_as(queries),))[1]
+    output, merged_jv = jvp(attention.merged, (queries,), (probe.expand_as(queries),))
+    valid = attention.valid.float()
+    force_size = batch.forces.norm(dim=-1)
+    force_weight = torch.cat([force_size / force_size.mean().clamp(min=1e-30), torch.ones(*force_size.shape[:2], queries.shape[-2] - real)], dim=-1)
+    terms = {"consistency": _relative(output - dense, dense, valid, force_weight), "jacobian": _relative(merged_jv - dense_jv, dense_jv, valid)}
+    if weights.force:
+        force = torch.autograd.grad((output[..., :real, :] * batch.output_grads).sum(), queries, create_graph=True)[0][..., :real, :]
+        terms["force"] = _relative(force - batch.forces, batch.forces, valid[..., :real])
+    local_jv = jvp(attention.local_merged, (queries.detach(),), (probe.expand_as(queries),))[1]
+    ratios = {
+        "key_norm_ratio": _mean_norm(merged.keys) / _mean_norm(merged.dense_keys),
+        "value_norm_ratio": _mean_norm(merged.values) / _mean_norm(merged.dense_values),
+        "jacobian_norm_ratio": (local_jv.norm(dim=-1) * valid).sum() / (local_dense_jv.norm(dim=-1) * valid).sum().clamp(min=1e-30),
+    }
+    terms["norm"] = ratios["key_norm_ratio"].log().square() + ratios["value_norm_ratio"].log().square()
+    terms["jacobian_ratio"] = ratios["jacobian_norm_ratio"].log().square()
+    if network.slots > 1:
+        merged_similarity = _mean_squared_cosine(merged.keys.view(regions, merged.keys.shape[1], windows, network.slots, -1))
+        dense_similarity = _mean_squared_cosine(merged.dense_keys.view(regions, merged.keys.shape[1], windows, network.window, -1))
+        terms["diversity"] = torch.relu(merged_similarity - dense_similarity).mean()  # no more alike than the window's own keys
+    if diagnose:
+        with torch.no_grad():
+            real_valid = valid[..., :real].expand(output[..., :real, 0].shape).bool()
+            cosine = torch.nn.functional.cosine_similarity(output[..., :real, :], dense[..., :real, :], dim=-1)
+            local = torch.nn.functional.cosine_similarity(attention.local_merged(queries.detach()), attention.local_dense(queries.detach()), dim=-1)
+            entropy = attention.entropy(queries.detach(), merged=True), attention.entropy(batch.queries, merged=False).expand(regions, *batch.queries.shape[:-1])
+            full_valid = valid.expand(entropy[0].shape).bool()
+            ratios |= {
+                "output_cosine": cosine[real_valid].mean(), "local_output_cosine": local[full_valid].mean(),
+                "entropy_ratio": entropy[0][full_valid].mean() / entropy[1][full_valid].mean(),
+                "output_error": terms["consistency"].sqrt(),
+            }
+    loss = sum(getattr(weights, name) * value for name, value in terms.items() if getattr(weights, name))
+    return loss, {name: float(value.detach()) for name, value in (terms | ratios).items()}
+
+
+def unhealthy(metrics: dict) -> list[str]:
+    """The seed-001 ratios outside [0.5, 2]: collapse (below) or explosion (above)."""
+    return [f"{name} {metrics[name]:.2f} ({'collapse' if metrics[name] < HEALTHY[0] else 'explosion'})"
+            for name in ("key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio") if not HEALTHY[0] <= metrics[name] <= HEALTHY[1]]
+
+
+@dataclass
+class TrainingSettings:
+    steps: int = 400
+    windows: int = 4  # windows merged together per stretch: super-tokens compete with each other
+    regions: int = 4  # stretches per step
+    sink: int = 4
+    augment: float = 0.25  # perturbed query copies, as a share of the real queries
+    noise: float = 0.1
+    learning_rate: float = 3e-4
+    eval_every: int = 100
+    eval_pairs: int = 20  # held-out (sequence, layer) pairs per evaluation
+    seed: int = 0
+
+
+def set_input_scales(network: SidecarNetwork, data: Trajectories) -> None:
+    """Per (layer, head) RMS of keys and values over the data: the network's input and correction units."""
+    with torch.no_grad():
+        for layer in range(data.keys.shape[1]):
+            for name, tensor in (("key_scale", data.keys), ("value_scale", data.values)):
+                rms = tensor[:, layer].float().square().mean(dim=(0, 2, 3)).sqrt()
+                heads = len(rms)
+                getattr(network, name)[layer * heads : (layer + 1) * heads] = rms.clamp(min=1e-6)
+
+
+def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights, settings: TrainingSettings) -> dict:
+    """Held-out losses and diagnostics, averaged over fixed (sequence, layer) pairs and stretches."""
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    layers = data.keys.shape[1]
+    totals, objective = {}, 0.0
+    span = settings.windows * network.window
+    for pair in range(settings.eval_pairs):
+        batch = sample_stretches(data, pair % data.sequences, (pair * 7) % layers, settings.regions, span, settings.sink, 0.0, 0.0, generator)
+        loss, metrics = step_losses(network, batch, settings.windows, inv_freq, references, weights, generator, diagnose=True)
+        objective += float(loss.detach())
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: value / settings.eval_pairs for name, value in totals.items()} | {"objective": objective / settings.eval_pairs}
+
+
+def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Trajectories, inv_freq: torch.Tensor, references: References,
+                  weights: LossWeights = LossWeights(), settings: TrainingSettings = TrainingSettings()) -> dict:
+    """Train `network` in place, refining attention matching with `references`; keep the state with the lowest
+    held-out objective. Returns the history (step 0: the untrained network, i.e. attention matching alone)."""
+    if train.keys.shape[1] != network.shape["num_layers"] or train.keys.shape[2] != network.shape["num_heads"]:
+        raise ValueError(f"Trajectories of {train.keys.shape[1]} layers x {train.keys.shape[2]} KV heads do not fit a sidecar for {network.shape['num_layers']} x {network.shape['num_heads']}.")
+    set_input_scales(network, train)
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    warmup = max(1, settings.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
+    span = settings.windows * network.window
+    framed = window_frame_references(references.queries, references.offsets, network.window, inv_freq)
+    initial = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings)
+    history, best = [{"step": 0} | initial], (initial["objective"], {k: v.clone() for k, v in network.state_dict().items()}, 0)
+    progress = tqdm(range(1, settings.steps + 1), desc="sidecar", unit="step")
+    for step in progress:
+        network.train()
+        sequence, layer = int(torch.randint(train.sequences, (1,), generator=generator)), int(torch.randint(train.keys.shape[1], (1,), generator=generator))
+        batch = sample_stretches(train, sequence, layer, settings.regions, span, settings.sink, settings.augment, settings.noise, generator)
+        loss, metrics = step_losses(network, batch, settings.windows, inv_freq, framed, weights, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{float(loss.detach()):.4f}", k=f"{metrics['key_norm_ratio']:.2f}", v=f"{metrics['value_norm_ratio']:.2f}", j=f"{metrics['jacobian_norm_ratio']:.2f}")
+        if step % settings.eval_every == 0 or step == settings.steps:
+            network.eval()
+            metrics = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings)
+            history.append({"step": step} | metrics)
+            if metrics["objective"] < best[0]:
+                best = (metrics["objective"], {k: v.clone() for k, v in network.state_dict().items()}, step)
+            warning = unhealthy(metrics)
+            progress.write(
+                f"step {step}: held-out objective {metrics['objective']:.4f}, output error {metrics['output_error']:.4f}, cosine {metrics['output_cosine']:.4f}; "
+                f"K/V norm ratio {metrics['key_norm_ratio']:.2f}/{metrics['value_norm_ratio']:.2f}, Jacobian norm ratio {metrics['jacobian_norm_ratio']:.2f}, "
+                f"entropy ratio {metrics['entropy_ratio']:.3f}" + (f"  WARNING: {', '.join(warning)}" if warning else "")
+            )
+    network.load_state_dict(best[1])
+    network.eval()
+    return {"history": history, "initial": initial, "best_step": best[2], "best": next(h for h in history if h["step"] == best[2])}
+
+
+@dataclass
+class References:
+    """Reference queries ``[L, kv_heads, M, D]`` (before RoPE) and their offsets ``[M]`` after a window's end."""
+
+    queries: torch.Tensor
+    offsets: torch.Tensor
+
+
+def reference_queries(data: Trajectories, inv_freq: torch.Tensor, count: int = 64, recent_window: int = 32, seed: int = 0) -> References:
+    """`count` calibration queries per layer and KV head (from its group's heads, RoPE undone), placed log-uniformly
+    from `recent_window` tokens after a window's end to the sequence length (nearer queries attend a window more)."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences, layers, heads, positions, dim = data.queries.shape
+    flat = data.queries.permute(1, 2, 0, 3, 4).reshape(layers, heads, sequences * positions, dim).float()
+    unrotated = rotate(flat, data.positions.reshape(-1)[None].expand(layers, -1), inv_freq, inverse=True)
+    grouped = unrotated.view(layers, data.keys.shape[2], -1, dim)  # the group's query heads side by side
+    pick = torch.randperm(grouped.shape[2], generator=generator)[:count]
+    length = data.settings["sequence_length"]
+    offsets = torch.exp(torch.empty(count).uniform_(math.log(recent_window), math.log(length), generator=generator)).round()
+    return References(grouped[:, :, pick].contiguous(), offsets)
+
+
+def sidecar_compressor(network: SidecarNetwork, references: References, inv_freq: torch.Tensor, config: dict) -> SidecarCompressor:
+    return SidecarCompressor.from_network(network, inv_freq, references.queries, references.offsets, config)

@@ -1,0 +1,222 @@
+"""Trajectories for the sidecar (seeds 000-002): what the frozen model's attention sees, and the forces on it.
+
+Per calibration sequence of `sequence_length` tokens, one shard (a safetensors file) holds, for every
+layer:
+
+* ``keys``/``values [L, kv_heads, T, D]``: every token's post-RoPE key and value (the windows to merge
+  *and* the context they compete with in the softmax);
+* ``queries [L, heads, P, D]``: the post-RoPE queries of `query_positions` sampled positions (the
+  future queries a merged window must serve), for every query head;
+* ``forces [L, heads, P, D]``: dL/dq, the gradient of the sequence's summed next-token loss with
+  respect to those queries (backpropagation through the frozen model), the seed-000 force;
+* ``output_grads [L, heads, P, D]``: dL/dy, the gradient with respect to the same heads' attention
+  outputs. A query only acts through its own attention, so ``forces = J^T output_grads`` with J the
+  attention Jacobian dy/dq: training can ask a merged window for the same force, ``J_merged^T dL/dy``.
+
+Both gradients come from zero probes added to the queries and to the attention outputs inside a
+registered attention implementation, so nothing model-specific is redone. Collection is resumable
+(finished shards are kept; a directory collected with other settings is refused) and bounded by a
+disk budget checked before it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .collect import attention_implementation
+
+PROBING_IMPLEMENTATION = "kvcompress_trajectory"
+MANIFEST = "trajectories.json"
+STORED_DTYPES = {"keys": torch.float16, "values": torch.float16, "queries": torch.float16, "forces": torch.float32, "output_grads": torch.float32}
+_probes = threading.local()
+
+
+def _probing_attention(module, query, key, value, attention_mask, **kwargs):
+    layers = getattr(_probes, "layers", None)
+    if layers is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    query_probe = torch.zeros_like(query, requires_grad=True)
+    output, weights = sdpa_attention_forward(module, query + query_probe, key, value, attention_mask, **kwargs)
+    output_probe = torch.zeros_like(output, requires_grad=True)  # [B, T, heads, D]
+    layers[module.layer_idx] = (query.detach(), key.detach(), value.detach(), query_probe, output_probe)
+    return output + output_probe, weights
+
+
+AttentionInterface.register(PROBING_IMPLEMENTATION, _probing_attention)
+AttentionMaskInterface.register(PROBING_IMPLEMENTATION, sdpa_mask)
+
+
+@dataclass
+class Trajectories:
+    """Shards loaded into memory, stacked over sequences: keys/values ``[S, L, kv_heads, T, D]``,
+    queries/forces/output_grads ``[S, L, heads, P, D]``, positions ``[S, P]`` (each query's place in its sequence)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    forces: torch.Tensor
+    output_grads: torch.Tensor
+    positions: torch.Tensor
+    settings: dict
+
+    @property
+    def sequences(self) -> int:
+        return self.keys.shape[0]
+
+    def split(self, heldout: int) -> tuple[Trajectories, Trajectories]:
+        """(first sequences, last `heldout` sequences)."""
+        if not 0 < heldout < self.sequences:
+            raise ValueError(f"Cannot hold out {heldout} of {self.sequences} trajectory sequences; collect more sequences.")
+        parts = []
+        for part in (slice(None, -heldout), slice(-heldout, None)):
+            parts.append(Trajectories(*(getattr(self, name)[part] for name in ("keys", "values", "queries", "forces", "output_grads", "positions")), self.settings))
+        return tuple(parts)
+
+
+def shard_bytes(num_layers: int, kv_heads: int, heads: int, head_dim: int, sequence_length: int, query_positions: int) -> int:
+    """Bytes one sequence's shard takes on disk (tensor data)."""
+    token_values = num_layers * kv_heads * sequence_length * head_dim * 2  # keys, values
+    query_values = num_layers * heads * query_positions * head_dim
+    return token_values * 2 + query_values * (2 + 4 + 4) + query_positions * 8
+
+
+def _sample_positions(sequence_length: int, count: int, first: int, generator: torch.Generator) -> torch.Tensor:
+    candidates = torch.arange(first, sequence_length)
+    if count > len(candidates):
+        raise ValueError(f"query_positions ({count}) exceeds the {len(candidates)} positions from {first} to the end of a sequence.")
+    return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
+
+
+@torch.enable_grad()
+def collect_trajectories(
+    model,
+    token_ids: torch.Tensor,
+    output_dir: str | Path,
+    sequences: int = 24,
+    sequence_length: int = 1024,
+    query_positions: int = 128,
+    first_query: int = 64,
+    disk_budget_gb: float = 4.0,
+    seed: int = 0,
+) -> Trajectories:
+    """Run the frozen `model` over `sequences` sequences of the 1-D `token_ids` stream, writing one shard per
+    sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them."""
+    from kvcompress.models import kv_shape
+
+    output_dir = Path(output_dir)
+    num_layers, kv_heads, head_dim = kv_shape(model.config)
+    heads = model.config.num_attention_heads
+    needed = sequences * sequence_length
+    if sequences < 1 or len(token_ids) < needed:
+        raise ValueError(
+            f"Too little calibration data for trajectories: {sequences} sequences of {sequence_length} tokens need {needed} tokens, "
+            f"the text has {len(token_ids)}. Give more text or ask for fewer sequences."
+        )
+    per_shard = shard_bytes(num_layers, kv_heads, heads, head_dim, sequence_length, query_positions)
+    if sequences * per_shard > disk_budget_gb * 1e9:
+        fits = int(disk_budget_gb * 1e9 // per_shard)
+        raise ValueError(
+            f"{sequences} trajectory sequences take {sequences * per_shard / 1e9:.2f} GB, over the disk budget of {disk_budget_gb:g} GB "
+            f"({fits} fit). Raise the budget, or collect fewer sequences or query positions."
+        )
+    settings = {
+        "model": str(model.config._name_or_path), "sequence_length": sequence_length, "query_positions": query_positions,
+        "first_query": first_query, "seed": seed, "num_layers": num_layers, "kv_heads": kv_heads, "heads": heads, "head_dim": head_dim,
+        "first_token": int(token_ids[0]), "loss": "sum of next-token cross-entropy over the sequence",
+    }
+    _check_manifest(output_dir, settings)
+    generator = torch.Generator().manual_seed(seed)
+    positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        with attention_implementation(model, PROBING_IMPLEMENTATION, _probes) as probes:
+            for index in tqdm(range(sequences), desc="trajectories", unit="seq"):
+                shard = output_dir / f"sequence-{index:05d}.safetensors"
+                if _shard_complete(shard):
+                    continue
+                chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
+                logits = model(input_ids=chunk, use_cache=False).logits[0]
+                torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").backward()
+                _write_shard(shard, [probes[layer] for layer in sorted(probes)], positions[index])
+                probes.clear()
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    return load_trajectories(output_dir, sequences)
+
+
+def _check_manifest(output_dir: Path, settings: dict) -> None:
+    manifest = output_dir / MANIFEST
+    if manifest.is_file():
+        existing = json.loads(manifest.read_text())
+        if existing != settings:
+            different = sorted(name for name in settings if existing.get(name) != settings[name])
+            raise ValueError(
+                f"{output_dir} holds trajectories collected with other settings ({', '.join(different)} differ); "
+                "use another directory or delete it to collect afresh."
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _shard_complete(shard: Path) -> bool:
+    if not shard.is_file():
+        return False
+    try:
+        load_file(str(shard))
+    except (SafetensorError, OSError):
+        return False  # a damaged shard (e.g. an interrupted copy) is collected again
+    return True
+
+
+def _write_shard(shard: Path, layers: list, positions: torch.Tensor) -> None:
+    def gather(tensor):  # [1, heads, T, D] -> [heads, P, D]
+        return tensor[0][:, positions.to(tensor.device)]
+
+    tensors = {
+        "keys": torch.stack([key[0] for _, key, _, _, _ in layers]),
+        "values": torch.stack([value[0] for _, _, value, _, _ in layers]),
+        "queries": torch.stack([gather(query) for query, *_ in layers]),
+        "forces": torch.stack([gather(query_probe.grad) for *_, query_probe, _ in layers]),
+        "output_grads": torch.stack([gather(output_probe.grad.transpose(1, 2)) for *_, output_probe in layers]),
+    }
+    tensors = {name: tensor.to("cpu", STORED_DTYPES[name]).contiguous() for name, tensor in tensors.items()}
+    tensors["positions"] = positions.to(torch.int64)
+    partial = shard.with_suffix(".partial")
+    save_file(tensors, str(partial))
+    partial.replace(shard)  # a shard exists only once it is complete
+
+
+def load_trajectories(directory: str | Path, sequences: int | None = None) -> Trajectories:
+    """Load (the first `sequences`) shards of a trajectory directory."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{directory} holds no trajectories ({MANIFEST} is missing); collect them with collect_trajectories.")
+    shards = sorted(directory.glob("sequence-*.safetensors"))[:sequences]
+    if not shards or (sequences is not None and len(shards) < sequences):
+        raise FileNotFoundError(f"{directory} holds {len(shards)} trajectory shards, {sequences or 'at least 1'} needed; run the collection again to finish it.")
+    loaded = []
+    for shard in shards:
+        try:
+            loaded.append(load_file(str(shard)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Trajectory shard {shard} is corrupt ({error}); delete it and run the collection again.") from None
+    stacked = {name: torch.stack([shard[name] for shard in loaded]) for name in loaded[0]}
+    return Trajectories(
+        stacked["keys"], stacked["values"], stacked["queries"], stacked["forces"], stacked["output_grads"], stacked["positions"],
+        json.loads(manifest.read_text()),
+    )

@@ -1,0 +1,239 @@
+"""SidecarCache (seeds 000-002): every window of N tokens that leaves the recent window becomes k
+synthesized super-tokens per KV head, each with its own additive attention-logit bias.
+
+**Network.** `SidecarNetwork` reads a window's concatenated keys and values ``(N, 2 * head_dim)``,
+mixes them with a small pre-norm transformer encoder and pools them with Set-Transformer blocks
+(ISAB, then PMA with k seeds) into k outputs, each split into a key, a value and a logit bias. A
+layer/head embedding lets one network serve the whole model. It refines a merge that already works:
+the closed-form attention matching of `kvcompress.attention_matching` (kept keys, non-negative mass
+biases, least-squares values, from the artifact's reference queries); each PMA seed also sees the
+slot it refines, and its output layer starts at zero, so an untrained sidecar *is* attention
+matching and training (force / Jacobian matching, `calibration/sidecar.py`) can only be judged by
+what it adds.
+
+**Position frame.** Keys arrive rotated by RoPE at their positions. The sidecar sees a window's keys
+rotated back to the window's first position (so what it learns does not depend on where the window
+sits) and its super-keys are rotated forward again; a query at position t then sees a super-key
+exactly as it would see a key of the window's start.
+
+**Merge options.** `merge="sidecar"` (default) runs the network on top of attention matching;
+`merge="attention_matching"` stops at the closed-form merge. Its reference queries are calibration
+queries before RoPE, rotated to positions after the window, so no inference-time query is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention_matching import MergedWindows, attention_matching_merge
+from .cache import SYNTHESIZED, CompressedCache, Slots
+from .config import ConfigError
+from .hub import CompressorArtifact, FittedLayer
+from .lowrank import rotate
+
+MERGES = ("sidecar", "attention_matching")
+
+
+class _AttentionBlock(nn.Module):
+    """Set Transformer's MAB(X, Y) in pre-norm form: X attends to Y, then a feed-forward layer."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_x, self.norm_y, self.norm_out = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.feed_forward = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        normed_y = self.norm_y(y)
+        x = x + self.attention(self.norm_x(x), normed_y, normed_y, need_weights=False)[0]
+        return x + self.feed_forward(self.norm_out(x))
+
+
+class SidecarNetwork(nn.Module):
+    """Windows ``[W, N, D]`` of keys and values and a first merge of them -> k refined super-tokens: keys,
+    values ``[W, k, D]`` and biases ``[W, k]``.
+
+    ``groups [W]`` says which (layer * heads + head) each window belongs to. Keys are expected in the
+    window's own frame (rotated back to its first position).
+    """
+
+    def __init__(
+        self, num_layers: int, num_heads: int, head_dim: int, window: int, slots: int,
+        width: int = 256, encoder_layers: int = 2, attention_heads: int = 4, inducing_points: int = 8,
+    ):
+        super().__init__()
+        if not 1 <= slots <= window:
+            raise ValueError(f"slots must be between 1 and the window ({window} tokens), got {slots}.")
+        self.shape = {"num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim, "window": window, "slots": slots,
+                      "width": width, "encoder_layers": encoder_layers, "attention_heads": attention_heads, "inducing_points": inducing_points}
+        self.window, self.slots, self.head_dim = window, slots, head_dim
+        self.key_in, self.value_in = nn.Linear(head_dim, width), nn.Linear(head_dim, width, bias=False)
+        self.identity = nn.Embedding(num_layers * num_heads, width)
+        self.position = nn.Parameter(torch.randn(window, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, attention_heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
+        self.inducing = nn.Parameter(torch.randn(inducing_points, width) * 0.02)
+        self.isab_in, self.isab_out = _AttentionBlock(width, attention_heads), _AttentionBlock(width, attention_heads)
+        self.seeds = nn.Parameter(torch.randn(slots, width) * 0.02)
+        self.slot_in = nn.Linear(2 * head_dim + 1, width)  # each PMA seed also sees the slot it refines
+        self.pool = _AttentionBlock(width, attention_heads)
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 2 * head_dim + 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        # Per-group RMS of keys and values (set from calibration data): inputs in units of it, corrections too.
+        self.register_buffer("key_scale", torch.ones(num_layers * num_heads))
+        self.register_buffer("value_scale", torch.ones(num_layers * num_heads))
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor, start: MergedWindows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Refine the slots `start` (keys/values ``[W, k, D]``, bias ``[W, k]``) of windows ``keys``/``values [W, N, D]``."""
+        count, length, dim = keys.shape
+        if length != self.window:
+            raise ValueError(f"This sidecar merges windows of {self.window} tokens, got {length}.")
+        key_scale, value_scale = self.key_scale[groups][:, None, None], self.value_scale[groups][:, None, None]
+        x = self.key_in(keys / key_scale) + self.value_in(values / value_scale) + self.identity(groups)[:, None] + self.position
+        x = self.encoder(x)
+        inducing = self.isab_in(self.inducing.expand(count, -1, -1), x)
+        x = self.isab_out(x, inducing)
+        slots = torch.cat([start.keys / key_scale, start.values / value_scale, start.bias[..., None].clamp(min=-20) / 10], dim=-1)
+        pooled = self.pool(self.seeds + self.slot_in(slots), x)
+        correction = self.out(self.out_norm(pooled))  # [W, k, 2D + 1]
+        merged_keys = start.keys + key_scale * correction[..., :dim]
+        merged_values = start.values + value_scale * correction[..., dim : 2 * dim]
+        return merged_keys, merged_values, start.bias + correction[..., -1]
+
+
+def to_window_frame(keys: torch.Tensor, starts: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = True) -> torch.Tensor:
+    """Rotate keys ``[n, H, m, D]`` back (or, with ``inverse=False``, forward) by each window's start position ``[n]``."""
+    positions = starts[:, None].expand(-1, keys.shape[2])
+    return rotate(keys, positions, inv_freq, inverse=inverse)
+
+
+def window_frame_references(queries: torch.Tensor, offsets: torch.Tensor, window: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Reference queries ``[L, H, M, D]`` (before RoPE) rotated to `offsets` ``[M]`` tokens after a window's end, in its frame."""
+    positions = (window + offsets)[None].expand(queries.shape[0], -1)
+    return rotate(queries, positions, inv_freq)
+
+
+class SidecarCompressor(CompressorArtifact):
+    """A trained sidecar network, the RoPE frequencies, and reference queries for the attention-matching option.
+
+    Tensors: ``network.*`` (the `SidecarNetwork` state), ``rope.inv_freq``, ``reference_queries
+    [layers, kv_heads, M, D]`` (calibration queries of each KV head's group, before RoPE) and
+    ``reference_offsets [M]`` (how far after a window's end each is placed).
+    """
+
+    method = "sidecar"
+    cache_class_name = "SidecarCache"
+
+    def validate(self) -> None:
+        base, shape = self.config["base_model"], self.config.get("sidecar")
+        if not isinstance(shape, dict):
+            raise ConfigError("The sidecar compressor's config has no 'sidecar' section (the network's shape).")
+        if (shape.get("num_layers"), shape.get("num_heads"), shape.get("head_dim")) != (base["num_layers"], base["num_kv_heads"], base["head_dim"]):
+            raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base['num_layers']} layers x {base['num_kv_heads']} KV heads x {base['head_dim']}.")
+        try:
+            self.network = SidecarNetwork(**shape)
+        except TypeError as error:
+            raise ConfigError(f"The sidecar compressor's 'sidecar' section is invalid: {error}.") from None
+        state = {name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")}
+        try:
+            self.network.load_state_dict(state)
+        except RuntimeError as error:
+            raise ConfigError(f"The sidecar compressor's weights do not match its config: {str(error).splitlines()[0]} ...") from None
+        self.network.eval().requires_grad_(False)
+        for name, shape_ in (("rope.inv_freq", (base["head_dim"] // 2,)), ("reference_queries", None), ("reference_offsets", None)):
+            if name not in self.tensors:
+                raise ConfigError(f"The sidecar compressor lacks tensor {name}; the weights file does not match its config.")
+            if shape_ is not None and tuple(self.tensors[name].shape) != shape_:
+                raise ConfigError(f"The sidecar compressor's {name} is {tuple(self.tensors[name].shape)}, expected {shape_}.")
+        references = self.tensors["reference_queries"]
+        if tuple(references.shape[:2]) != (base["num_layers"], base["num_kv_heads"]) or references.shape[-1] != base["head_dim"]:
+            raise ConfigError(f"The sidecar compressor's reference_queries are {tuple(references.shape)}; expected [layers, kv_heads, M, head_dim] of the base model.")
+
+    @classmethod
+    def from_network(cls, network: SidecarNetwork, inv_freq: torch.Tensor, reference_queries: torch.Tensor, reference_offsets: torch.Tensor, config: dict) -> SidecarCompressor:
+        tensors = {f"network.{name}": tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
+        tensors |= {"rope.inv_freq": inv_freq.float().cpu(), "reference_queries": reference_queries.float().cpu(), "reference_offsets": reference_offsets.float().cpu()}
+        return cls(config | {"sidecar": network.shape}, tensors)
+
+    @property
+    def window(self) -> int:
+        return self.network.window
+
+    @property
+    def slots(self) -> int:
+        return self.network.slots
+
+    def device_network(self, device) -> SidecarNetwork:
+        """The network on `device`, moved once and shared by every cache made from this artifact."""
+        return self.on_device("network", device, lambda: self.network.to(device) if str(device) == "cpu" else _copied(self.network).to(device))
+
+    def window_frame_queries(self, layer_idx: int, device) -> torch.Tensor:
+        """The layer's reference queries ``[1, H, M, D]`` rotated to their offsets after a window, in the window's frame."""
+        return self.on_device("reference_queries", device, lambda: window_frame_references(
+            self.tensors["reference_queries"].to(device), self.tensors["reference_offsets"].to(device), self.window, self.inv_freq(device),
+        ))[layer_idx][None]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config['base_model'].get('name_or_path')}, {self.window}:{self.slots} windows)"
+
+
+def _copied(network: SidecarNetwork) -> SidecarNetwork:
+    copy = SidecarNetwork(**network.shape)
+    copy.load_state_dict(network.state_dict())
+    return copy.eval().requires_grad_(False)
+
+
+class SidecarLayer(FittedLayer):
+    """Sink and recent window exact; every block of `window` tokens leaving it becomes `slots` super-tokens."""
+
+    uses_bias = True
+
+    def __init__(self, layer_idx: int, compressor: SidecarCompressor, merge: str = "sidecar", sink: int = 4, window: int = 32, block_size: int = 32):
+        super().__init__(layer_idx, compressor, sink=sink, window=window, block_size=block_size)
+        self.merge = merge
+
+    def compress_blocks(self, blocks: Slots) -> Slots:
+        count, heads, length, dim = blocks.keys.shape
+        inv_freq = self.compressor.inv_freq(blocks.keys.device)
+        starts = blocks.token_ids[:, 0, 0].long()  # blocks are whole, in order and aligned across heads
+        keys = to_window_frame(blocks.keys.float(), starts, inv_freq)
+        values = blocks.values.float()
+        merged = attention_matching_merge(keys, values, self.compressor.window_frame_queries(self.layer_idx, keys.device), self.compressor.slots)
+        merged_keys, merged_values, bias = merged.keys, merged.values, merged.bias
+        if self.merge == "sidecar":
+            groups = (self.layer_idx * heads + torch.arange(heads, device=keys.device)).repeat(count)
+            flat = lambda t: t.reshape(count * heads, *t.shape[2:])  # noqa: E731
+            refined = self.compressor.device_network(keys.device)(flat(keys), flat(values), groups, MergedWindows(*(flat(t) for t in (merged_keys, merged_values, bias, merged.selected))))
+            merged_keys, merged_values, bias = (t.view(count, heads, *t.shape[1:]) for t in refined)
+        merged_keys = to_window_frame(merged_keys, starts, inv_freq, inverse=False)
+        token_ids = torch.full(bias.shape, SYNTHESIZED, dtype=blocks.token_ids.dtype, device=bias.device)
+        dtype = blocks.keys.dtype
+        return Slots(blocks.rows, merged_keys.to(dtype), merged_values.to(dtype), token_ids, bias=bias.float())
+
+
+class SidecarCache(CompressedCache):
+    """Windows of N old tokens merged into k super-tokens each. ``SidecarCache.from_pretrained("dir-or-hub-id")``.
+
+    `merge`: "sidecar" (the trained network) or "attention_matching" (the closed-form rival, with the
+    artifact's reference queries). `window` is the exact recent window; blocks are the network's N.
+    """
+
+    layer_class = SidecarLayer
+
+    def __init__(self, compressor: SidecarCompressor, *, merge: str = "sidecar", sink: int | None = None, window: int | None = None, config=None):
+        if not isinstance(compressor, SidecarCompressor):
+            raise TypeError(f"SidecarCache needs a SidecarCompressor, got {type(compressor).__name__}.")
+        if merge not in MERGES:
+            raise ValueError(f"Unknown merge {merge!r}; choose from {', '.join(MERGES)}.")
+        settings = compressor.cache_settings(sink=sink, window=window) | {"block_size": compressor.window}
+        super().__init__(config=config, compressor=compressor, merge=merge, **settings)
+        self.compressor = compressor
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, *, merge: str = "sidecar", revision: str | None = None, token=None, sink=None, window=None, **download_kwargs):
+        """A fresh cache from a sidecar directory or Hub repo; caches of the same files share its network."""
+        compressor = SidecarCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
+        return cls(compressor, merge=merge, sink=sink, window=window)

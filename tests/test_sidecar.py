@@ -1,0 +1,192 @@
+"""SidecarCache mechanics on tiny models: trajectories and their forces, the network, the losses, the cache and its artifacts."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from calibration.lowrank import rope_inv_freq
+from calibration.sidecar import (
+    LossWeights, TrainingSettings, merge_stretches, reference_queries, sample_stretches, sidecar_compressor, step_losses, train_sidecar, unhealthy,
+)
+from calibration.trajectories import collect_trajectories, load_trajectories
+from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from kvcompress import ConfigError, SidecarCache, SidecarCompressor
+from kvcompress.cache import SYNTHESIZED
+from kvcompress.hub import model_signature
+from kvcompress.lowrank import rotate
+from kvcompress.attention_matching import attention_matching_merge
+from kvcompress.sidecar import SidecarNetwork, to_window_frame, window_frame_references
+
+LENGTH = 128  # trajectory sequence length for the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama, its trajectories (3 sequences) and an untrained 8:2 sidecar artifact."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (3 * LENGTH,), generator=torch.Generator().manual_seed(7))
+    directory = tmp_path_factory.mktemp("trajectories")
+    data = collect_trajectories(model, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
+    return model, ids, directory, data
+
+
+def _network(window=8, slots=2):
+    return SidecarNetwork(2, 2, 16, window, slots, width=32, encoder_layers=1, attention_heads=2, inducing_points=4)
+
+
+def _references(model, data):
+    return reference_queries(data, rope_inv_freq(model), count=16, recent_window=8)
+
+
+def _compressor(model, data, window=8, slots=2, network=None):
+    config = {"base_model": model_signature(model, "tiny"), "cache": {"sink": 4, "window": 8}}
+    return sidecar_compressor(network or _network(window, slots), _references(model, data), rope_inv_freq(model), config)
+
+
+def test_forces_are_the_attention_jacobian_applied_to_the_output_gradient(tiny):
+    model, _, _, data = tiny
+    assert data.keys.shape == (3, 2, 2, LENGTH, 16) and data.queries.shape == (3, 2, 4, 32, 16)
+    assert bool((data.positions >= 16).all()) and data.forces.abs().sum() > 0
+    # dL/dq = J^T dL/dy: recompute J^T dL/dy from the stored keys, values and query, for a few queries.
+    for sequence, layer, head, index in ((0, 0, 0, 3), (1, 1, 3, 20), (2, 1, 2, 31)):
+        position = int(data.positions[sequence, index])
+        keys, values = (t[sequence, layer, head // 2, : position + 1].float() for t in (data.keys, data.values))
+        with torch.enable_grad():  # other tests may have turned gradients off globally (the CLI does)
+            query = data.queries[sequence, layer, head, index].float().requires_grad_(True)
+            output = torch.softmax(query @ keys.T / 4, -1) @ values
+            (force,) = torch.autograd.grad((output * data.output_grads[sequence, layer, head, index]).sum(), query)
+        assert torch.allclose(force, data.forces[sequence, layer, head, index], rtol=2e-2, atol=1e-4 * float(force.abs().max()))
+
+
+def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path):
+    model, ids, directory, _ = tiny
+    shards = sorted(directory.glob("sequence-*.safetensors"))
+    stamps = [shard.stat().st_mtime_ns for shard in shards]
+    shards[1].write_bytes(b"not a safetensors file")  # an interrupted copy is collected again
+    collect_trajectories(model, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
+    assert [shard.stat().st_mtime_ns for shard in shards][::2] == stamps[::2]
+    assert load_trajectories(directory).sequences == 3
+    with pytest.raises(ValueError, match="other settings \\(query_positions differ\\)"):
+        collect_trajectories(model, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=16, first_query=16)
+    with pytest.raises(ValueError, match="over the disk budget"):
+        collect_trajectories(model, ids, tmp_path / "small", sequences=3, sequence_length=LENGTH, query_positions=32, disk_budget_gb=1e-4)
+    with pytest.raises(ValueError, match="Too little calibration data"):
+        collect_trajectories(model, ids[:200], tmp_path / "short", sequences=3, sequence_length=LENGTH)
+    with pytest.raises(FileNotFoundError, match="holds no trajectories"):
+        load_trajectories(tmp_path)
+    (tmp_path / "broken").mkdir()
+    for file in directory.iterdir():
+        (tmp_path / "broken" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "broken" / shards[0].name).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_trajectories(tmp_path / "broken")
+
+
+def test_an_untrained_sidecar_is_attention_matching(tiny):
+    model, _, _, data = tiny
+    network = _network()
+    keys, values, queries = torch.randn(5, 8, 16), torch.randn(5, 8, 16), torch.randn(1, 12, 16)
+    start = attention_matching_merge(keys, values, queries, 2)
+    merged_keys, merged_values, bias = network(keys, values, torch.arange(5) % 4, start)
+    assert torch.equal(merged_keys, start.keys) and torch.equal(merged_values, start.values) and torch.equal(bias, start.bias)
+    compressor, ids = _compressor(model, data), prompt_ids(60)
+    assert torch.equal(greedy(model, SidecarCache(compressor), ids), greedy(model, SidecarCache(compressor, merge="attention_matching"), ids))
+    assert sum(p.numel() for p in SidecarNetwork(30, 3, 64, 32, 1).parameters()) in range(1_000_000, 5_000_000)
+    with pytest.raises(ValueError, match="slots must be between 1 and the window \\(8 tokens\\), got 9"):
+        SidecarNetwork(2, 2, 16, window=8, slots=9)
+    with pytest.raises(ValueError, match="merges windows of 8 tokens, got 6"):
+        network(keys[:, :6], values[:, :6], torch.arange(5) % 4, start)
+
+
+def test_the_window_frame_makes_merging_independent_of_position():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    keys = torch.randn(1, 2, 8, 16)
+    at = lambda start: rotate(keys, torch.arange(start, start + 8)[None], inv_freq)  # noqa: E731
+    framed = [to_window_frame(at(start), torch.tensor([start]), inv_freq) for start in (0, 37, 500)]
+    assert torch.allclose(framed[0], framed[1], atol=1e-4) and torch.allclose(framed[0], framed[2], atol=1e-4)
+    back = to_window_frame(framed[1], torch.tensor([37]), inv_freq, inverse=False)
+    assert torch.allclose(back, at(37), atol=1e-4)
+
+
+@pytest.mark.parametrize("merge", ["sidecar", "attention_matching"])
+def test_with_one_slot_per_token_the_cache_equals_dense(tiny, merge):
+    model, _, _, data = tiny
+    compressor = _compressor(model, data, window=8, slots=8)
+    ids = prompt_ids(40)
+    cache = SidecarCache(compressor, merge=merge)
+    assert torch.equal(greedy(model, cache, ids, new_tokens=24), greedy(model, DynamicCache(), ids, new_tokens=24))
+    assert int((cache.layers[0].store["token_ids"] == SYNTHESIZED).sum()) > 0
+
+
+@pytest.mark.parametrize("merge", ["sidecar", "attention_matching"])
+def test_windows_leaving_the_recent_window_become_k_super_tokens(tiny, merge):
+    model, _, _, data = tiny
+    cache = SidecarCache(_compressor(model, data, window=8, slots=2), merge=merge)
+    greedy(model, cache, prompt_ids(100), new_tokens=20)
+    layer = cache.layers[1]
+    handed = int(layer.handed[0])
+    assert handed % 8 == 0 and handed >= 100 + 20 - 1 - 4 - 8 - 8
+    assert layer.store["token_ids"].shape[-1] == handed // 4 and bool((layer.store["token_ids"] == SYNTHESIZED).all())
+    assert torch.isfinite(layer.store["bias"]).all()
+    assert cache.get_seq_length() == 100 + 20 - 1
+    assert cache.nbytes() < 0.45 * cache.dense_nbytes()
+
+
+def test_a_left_padded_batch_matches_each_row_alone(tiny):
+    model, _, _, data = tiny
+    compressor = _compressor(model, data)
+    assert_left_padded_batch_matches_rows(model, lambda: SidecarCache(compressor), length=50, padding=6, new_tokens=12)
+
+
+def test_losses_and_diagnostics_of_a_step(tiny):
+    model, _, _, data = tiny
+    network, inv_freq = _network(), rope_inv_freq(model)
+    for parameter in network.out.parameters():  # a trained-looking network: nonzero corrections
+        torch.nn.init.normal_(parameter, std=0.01)
+    references = _references(model, data)
+    framed = window_frame_references(references.queries, references.offsets, 8, inv_freq)
+    generator = torch.Generator().manual_seed(0)
+    batch = sample_stretches(data, 0, 1, regions=3, span=16, sink=4, augment=0.5, noise=0.1, generator=generator)
+    assert batch.queries.shape[2] == 32 + 16 and batch.real == 32
+    merged = merge_stretches(network, batch, 2, inv_freq, framed[1][None])
+    assert merged.keys.shape == (3, 2, 4, 16) and merged.dense_keys.shape == (3, 2, 16, 16)
+    with torch.enable_grad():
+        loss, metrics = step_losses(network, batch, 2, inv_freq, framed, LossWeights(), generator, diagnose=True)
+        loss.backward()
+    assert all(p.grad is not None for p in network.out.parameters()) and float(network.out.weight.grad.abs().sum()) > 0
+    for name in ("consistency", "force", "jacobian", "norm", "jacobian_ratio", "diversity", "output_cosine", "entropy_ratio"):
+        assert torch.isfinite(torch.tensor(metrics[name])), name
+    assert 0 < metrics["consistency"] < 1 and 0 < metrics["output_cosine"] <= 1
+    assert unhealthy({"key_norm_ratio": 0.3, "value_norm_ratio": 1.0, "jacobian_norm_ratio": 2.5}) == [
+        "key_norm_ratio 0.30 (collapse)", "jacobian_norm_ratio 2.50 (explosion)"]
+    assert unhealthy({"key_norm_ratio": 0.6, "value_norm_ratio": 1.9, "jacobian_norm_ratio": 1.0}) == []
+
+
+def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tiny, tmp_path):
+    model, _, _, data = tiny
+    train, heldout = data.split(1)
+    network = _network()
+    settings = TrainingSettings(steps=30, windows=2, regions=3, eval_every=10, eval_pairs=4, learning_rate=1e-3)
+    with torch.enable_grad():
+        history = train_sidecar(network, train, heldout, rope_inv_freq(model), _references(model, train), LossWeights(), settings)
+    assert history["best"]["objective"] < history["initial"]["objective"]  # better than attention matching alone, on held-out data
+    compressor = _compressor(model, train, network=network)
+    compressor.save_pretrained(tmp_path)
+    loaded = SidecarCache.from_pretrained(tmp_path)
+    assert loaded.compressor is SidecarCache.from_pretrained(tmp_path).compressor  # shared weights
+    ids = prompt_ids(60)
+    assert torch.equal(greedy(model, loaded, ids), greedy(model, SidecarCache(compressor), ids))
+    with pytest.raises(ValueError, match="Unknown merge 'average'"):
+        SidecarCache(compressor, merge="average")
+    from kvcompress.lowrank import PCACache
+
+    with pytest.raises(Exception, match="load it with SidecarCache"):
+        PCACache.from_pretrained(tmp_path)
+    broken = dict(compressor.tensors)
+    broken["network.out.weight"] = broken["network.out.weight"][:3]
+    with pytest.raises(ConfigError, match="weights do not match its config"):
+        SidecarCompressor(compressor.config, broken)
+    with pytest.raises(ConfigError, match="lacks tensor reference_queries"):
+        SidecarCompressor(compressor.config, {k: v for k, v in compressor.tensors.items() if k != "reference_queries"})
+    with pytest.raises(ValueError, match="fitted for tiny"):
+        greedy(tiny_model("llama", num_key_value_heads=4), SidecarCache(compressor), prompt_ids(30), new_tokens=2)
