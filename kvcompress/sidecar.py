@@ -135,8 +135,8 @@ class SidecarCompressor(CompressorArtifact):
             raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base['num_layers']} layers x {base['num_kv_heads']} KV heads x {base['head_dim']}.")
         try:
             self.network = SidecarNetwork(**shape)
-        except TypeError as error:
-            raise ConfigError(f"The sidecar compressor's 'sidecar' section is invalid: {error}.") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"The sidecar compressor's 'sidecar' section is invalid: {error}") from None
         state = {name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")}
         try:
             self.network.load_state_dict(state)
@@ -149,8 +149,9 @@ class SidecarCompressor(CompressorArtifact):
             if shape_ is not None and tuple(self.tensors[name].shape) != shape_:
                 raise ConfigError(f"The sidecar compressor's {name} is {tuple(self.tensors[name].shape)}, expected {shape_}.")
         references = self.tensors["reference_queries"]
-        if tuple(references.shape[:2]) != (base["num_layers"], base["num_kv_heads"]) or references.shape[-1] != base["head_dim"]:
-            raise ConfigError(f"The sidecar compressor's reference_queries are {tuple(references.shape)}; expected [layers, kv_heads, M, head_dim] of the base model.")
+        expected = (base["num_layers"], base["num_kv_heads"], self.tensors["reference_offsets"].shape[0], base["head_dim"])
+        if tuple(references.shape) != expected:
+            raise ConfigError(f"The sidecar compressor's reference_queries are {tuple(references.shape)}; expected {expected} ([layers, kv_heads, offsets, head_dim]).")
 
     @classmethod
     def from_network(cls, network: SidecarNetwork, inv_freq: torch.Tensor, reference_queries: torch.Tensor, reference_offsets: torch.Tensor, config: dict) -> SidecarCompressor:

@@ -186,6 +186,10 @@ def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tin
     broken["network.out.weight"] = broken["network.out.weight"][:3]
     with pytest.raises(ConfigError, match="weights do not match its config"):
         SidecarCompressor(compressor.config, broken)
+    with pytest.raises(ConfigError, match="reference_queries are \\(2, 2, 15, 16\\); expected \\(2, 2, 16, 16\\)"):
+        SidecarCompressor(compressor.config, compressor.tensors | {"reference_queries": compressor.tensors["reference_queries"][:, :, :15]})
+    with pytest.raises(ConfigError, match="'sidecar' section is invalid: slots must be between 1 and the window"):
+        SidecarCompressor(compressor.config | {"sidecar": compressor.config["sidecar"] | {"slots": 99}}, compressor.tensors)
     with pytest.raises(ConfigError, match="lacks tensor reference_queries"):
         SidecarCompressor(compressor.config, {k: v for k, v in compressor.tensors.items() if k != "reference_queries"})
     with pytest.raises(ValueError, match="fitted for tiny"):
