@@ -156,33 +156,33 @@ class StretchAttention:
         self.causal = causal[None, None]
         self.valid = (batch.positions[None, :] >= batch.starts[:, None] + span)[:, None, None]  # [R, 1, 1, Q]: stretch wholly past
 
+    def _slot_logits(self, q):
+        return (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
+
+    def _merged_logits(self, q):
+        """Logits over ``[exact context | super-tokens]``; the stretch's own tokens are masked out."""
+        context = ((q @ self.batch.keys[None, :, None].transpose(-1, -2)) * self.scale).masked_fill(~self.context, float("-inf"))
+        return torch.cat([context, self._slot_logits(q)], dim=-1)
+
+    def _dense_logits(self, q):
+        return ((q @ self.batch.keys[:, None].transpose(-1, -2)) * self.scale).masked_fill(~self.causal, float("-inf"))
+
     def merged(self, q):
-        context = (q @ self.batch.keys[None, :, None].transpose(-1, -2)) * self.scale
-        context = context.masked_fill(~self.context, float("-inf"))
-        slots = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
-        probabilities = torch.cat([context, slots], dim=-1).softmax(-1)
-        length = context.shape[-1]
+        probabilities = self._merged_logits(q).softmax(-1)
+        length = self.batch.keys.shape[1]
         return probabilities[..., :length] @ self.batch.values[None, :, None] + probabilities[..., length:] @ self.m.values[:, :, None]
 
     def dense(self, q):
-        logits = ((q @ self.batch.keys[:, None].transpose(-1, -2)) * self.scale).masked_fill(~self.causal, float("-inf"))
-        return logits.softmax(-1) @ self.batch.values[:, None]
+        return self._dense_logits(q).softmax(-1) @ self.batch.values[:, None]
 
     def local_merged(self, q):
-        logits = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
-        return logits.softmax(-1) @ self.m.values[:, :, None]
+        return self._slot_logits(q).softmax(-1) @ self.m.values[:, :, None]
 
     def local_dense(self, q):
         return ((q @ self.m.dense_keys[:, :, None].transpose(-1, -2)) * self.scale).softmax(-1) @ self.m.dense_values[:, :, None]
 
     def entropy(self, q, merged: bool):
-        if merged:
-            context = ((q @ self.batch.keys[None, :, None].transpose(-1, -2)) * self.scale).masked_fill(~self.context, float("-inf"))
-            slots = (q @ self.m.keys[:, :, None].transpose(-1, -2)) * self.scale + self.m.bias[:, :, None, None, :]
-            logits = torch.cat([context, slots], dim=-1)
-        else:
-            logits = ((q @ self.batch.keys[:, None].transpose(-1, -2)) * self.scale).masked_fill(~self.causal, float("-inf"))
-        probabilities = logits.softmax(-1)
+        probabilities = (self._merged_logits(q) if merged else self._dense_logits(q)).softmax(-1)
         return -(probabilities * probabilities.clamp(min=1e-30).log()).sum(-1)
 
 
