@@ -91,6 +91,21 @@ def attention_implementation(model, name: str, state: threading.local | None = N
             state.layers = None
 
 
+@contextmanager
+def probing_attention(model, name: str, state: threading.local):
+    """`attention_implementation(model, name, state)` with the model's parameters frozen, so that a backward pass
+    fills only the gradients of the zero probes the implementation adds (not of the weights)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        with attention_implementation(model, name, state) as probes:
+            yield probes
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 def recording_attention(model):
     """Within the block, every forward of `model` leaves each layer's (query, key, value) in the yielded dict."""
     return attention_implementation(model, RECORDING_IMPLEMENTATION, _recorder)

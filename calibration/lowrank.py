@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from kvcompress.config import HeadRanks, RankConfig
 from kvcompress.lowrank import rotate
 from kvcompress.models import kv_shape
 
-from .collect import AttentionSamples, attention_implementation
+from .collect import AttentionSamples, probing_attention
 from .training import BestPerGroup
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -265,20 +264,6 @@ AttentionInterface.register(FISHER_IMPLEMENTATION, _probing_attention)
 AttentionMaskInterface.register(FISHER_IMPLEMENTATION, sdpa_mask)
 
 
-@contextmanager
-def _probing(model):
-    """Within the block, forwards leave per-layer zero probes added to keys and values, whose gradients are dL/dK, dL/dV."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
-        with attention_implementation(model, FISHER_IMPLEMENTATION, _probes) as probes:
-            yield probes
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
-
-
 @dataclass
 class FisherInformation:
     """Empirical Fisher of the LM loss w.r.t. each group's keys (pre-RoPE) and values: ``[G, D, D]``."""
@@ -315,7 +300,7 @@ def fisher_information(model, token_ids: torch.Tensor, inv_freq: torch.Tensor, s
     keys_fisher = values_fisher = None
     counted = 0
     positions = torch.arange(sequence_length)
-    with _probing(model) as probes:
+    with probing_attention(model, FISHER_IMPLEMENTATION, _probes) as probes:
         for index in tqdm(range(sequences), desc="fisher", unit="seq"):
             chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
             model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()

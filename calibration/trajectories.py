@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .collect import attention_implementation
+from .collect import probing_attention
 
 PROBING_IMPLEMENTATION = "kvcompress_trajectory"
 MANIFEST = "trajectories.json"
@@ -138,23 +138,16 @@ def collect_trajectories(
     _check_manifest(output_dir, settings)
     generator = torch.Generator().manual_seed(seed)
     positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
-        with attention_implementation(model, PROBING_IMPLEMENTATION, _probes) as probes:
-            for index in tqdm(range(sequences), desc="trajectories", unit="seq"):
-                shard = output_dir / f"sequence-{index:05d}.safetensors"
-                if _shard_complete(shard):
-                    continue
-                chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
-                logits = model(input_ids=chunk, use_cache=False).logits[0]
-                torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").backward()
-                _write_shard(shard, [probes[layer] for layer in sorted(probes)], positions[index])
-                probes.clear()
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
+    with probing_attention(model, PROBING_IMPLEMENTATION, _probes) as probes:
+        for index in tqdm(range(sequences), desc="trajectories", unit="seq"):
+            shard = output_dir / f"sequence-{index:05d}.safetensors"
+            if _shard_complete(shard):
+                continue
+            chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
+            logits = model(input_ids=chunk, use_cache=False).logits[0]
+            torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").backward()
+            _write_shard(shard, [probes[layer] for layer in sorted(probes)], positions[index])
+            probes.clear()
     return load_trajectories(output_dir, sequences)
 
 

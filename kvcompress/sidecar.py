@@ -23,6 +23,8 @@ queries before RoPE, rotated to positions after the window, so no inference-time
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -169,7 +171,7 @@ class SidecarCompressor(CompressorArtifact):
 
     def device_network(self, device) -> SidecarNetwork:
         """The network on `device`, moved once and shared by every cache made from this artifact."""
-        return self.on_device("network", device, lambda: self.network.to(device) if str(device) == "cpu" else _copied(self.network).to(device))
+        return self.on_device("network", device, lambda: self.network.to(device) if str(device) == "cpu" else copy.deepcopy(self.network).to(device))
 
     def window_frame_queries(self, layer_idx: int, device) -> torch.Tensor:
         """The layer's reference queries ``[1, H, M, D]`` rotated to their offsets after a window, in the window's frame."""
@@ -179,12 +181,6 @@ class SidecarCompressor(CompressorArtifact):
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config['base_model'].get('name_or_path')}, {self.window}:{self.slots} windows)"
-
-
-def _copied(network: SidecarNetwork) -> SidecarNetwork:
-    copy = SidecarNetwork(**network.shape)
-    copy.load_state_dict(network.state_dict())
-    return copy.eval().requires_grad_(False)
 
 
 class SidecarLayer(FittedLayer):
