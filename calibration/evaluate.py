@@ -26,12 +26,14 @@ from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache
 from kvcompress.cache import CompressedCache
+from kvcompress.composed import ComposedCache
 from kvcompress.hub import CONFIG_FILE
 from kvcompress.gate import GatedCache
 from kvcompress.lowrank import KVSpliceCache, PCACache
 from kvcompress.sidecar import SidecarCache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+COMPOSE = "compose"  # CacheSpec.fitted("compose@gate=DIR,lowrank=DIR,...") builds a ComposedCache
 CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
 FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache, "gate": GatedCache, "sidecar": SidecarCache}  # built from a compressor artifact
 PASSKEY_INTRO = (
@@ -72,32 +74,44 @@ class CacheSpec:
 
     @classmethod
     def fitted(cls, spec: str | Path) -> CacheSpec:
-        """A saved compressor: ``DIR`` or ``DIR@name=value,...`` (options of its cache's from_pretrained, e.g. keep_ratio=0.08,policy=layer)."""
+        """A saved compressor: ``DIR`` or ``DIR@name=value,...`` (options of its cache's from_pretrained, e.g. keep_ratio=0.08,policy=layer),
+        or a composition ``compose@gate=DIR,lowrank=DIR,keep_ratio=0.1,bits=4`` (`ComposedCache.from_pretrained`'s options)."""
         path, _, option_text = str(spec).partition("@")
+        if path == COMPOSE:
+            return cls(COMPOSE, path=COMPOSE, options=_parse_options(option_text, spec))
         config_file = Path(path) / CONFIG_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a compressor directory (no {CONFIG_FILE}); make one with kvcompress calibrate.")
         method = json.loads(config_file.read_text()).get("method")
         if method not in FITTED_CACHE_CLASSES:
             raise ValueError(f"{path} holds a {method!r} compressor; the evaluator knows {', '.join(FITTED_CACHE_CLASSES)}.")
-        options = []
-        for item in filter(None, option_text.split(",")):
-            name, equals, value = item.partition("=")
-            if not equals:
-                raise ValueError(f"Compressor option {item!r} in {spec!r} must look like name=value.")
-            options.append((name, _parse_value(value)))
-        return cls(method, path=path, options=tuple(options))
+        return cls(method, path=path, options=_parse_options(option_text, spec))
 
     def build(self):
+        if self.method == COMPOSE:
+            return ComposedCache.from_pretrained(**dict(self.options))
         if self.path is not None:
             return FITTED_CACHE_CLASSES[self.method].from_pretrained(self.path, **dict(self.options))
         return build_cache(self.method, self.ratio)
 
     @property
     def label(self) -> str:
+        if self.method == COMPOSE:
+            return " ".join([COMPOSE] + [f"{name}={Path(value).name if name in ('gate', 'lowrank') else value}" for name, value in self.options])
         if self.path is not None:
             return " ".join([self.method, Path(self.path).name] + [f"{name}={value}" for name, value in self.options])
         return self.method if self.ratio is None else f"{self.method} {self.ratio:g}:1"
+
+
+def _parse_options(text: str, spec) -> tuple:
+    """``name=value,...`` -> ((name, value), ...), numbers parsed."""
+    options = []
+    for item in filter(None, text.split(",")):
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"Compressor option {item!r} in {spec!r} must look like name=value.")
+        options.append((name, _parse_value(value)))
+    return tuple(options)
 
 
 def _parse_value(text: str):
@@ -190,8 +204,8 @@ def passkey_context(tokenizer, haystack_ids: list[int], context_tokens: int, dep
 
 
 @torch.no_grad()
-def passkey_trial(model, tokenizer, cache, context: str, question: str, key: int, max_new_tokens: int = 8, prefill_chunk_size: int | None = None) -> bool:
-    """Feed the context, then the question; True if the greedy answer contains the key."""
+def answer(model, tokenizer, cache, context: str, question: str, max_new_tokens: int = 8, prefill_chunk_size: int | None = None) -> str:
+    """Feed the context (compressing it), then the question; the greedy answer's text."""
     context_ids = tokenizer(context, return_tensors="pt").input_ids.to(model.device)
     question_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     step = prefill_chunk_size or context_ids.shape[1]
@@ -202,7 +216,12 @@ def passkey_trial(model, tokenizer, cache, context: str, question: str, key: int
         input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=max_new_tokens,
         do_sample=False, pad_token_id=tokenizer.pad_token_id,
     )
-    return str(key) in tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)
+
+
+def passkey_trial(model, tokenizer, cache, context: str, question: str, key: int, max_new_tokens: int = 8, prefill_chunk_size: int | None = None) -> bool:
+    """True if the greedy answer to the question after the context contains the key."""
+    return str(key) in answer(model, tokenizer, cache, context, question, max_new_tokens, prefill_chunk_size)
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """kvcompress: KV-cache compression for HuggingFace causal LMs, as plain `transformers.Cache` objects.
 
     model, tokenizer = kvcompress.load_model()            # or kvcompress.enable(your_model)
-    cache = kvcompress.H2OCache(ratio=8)                  # or PCACache.from_pretrained("dir-or-hub-id"), ...
+    cache = kvcompress.H2OCache(ratio=8)                  # or PCACache.from_pretrained("dir-or-hub-id"), ComposedCache..., ...
     model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
 
 from .attention import AttentionNotEnabledError, enable
 from .baselines import H2OCache, StreamingLLMCache
 from .cache import Budget, CompressedCache, CompressedLayer, Slots
+from .composed import ComposedCache
 from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionNotEnabledError",
     "Budget",
+    "ComposedCache",
     "CompressedCache",
     "CompressedLayer",
     "ConfigError",

@@ -205,6 +205,14 @@ class GatedLayer(FittedLayer):
         return keep
 
 
+def gating(compressor: GateCompressor, keep_ratio: float, policy: str, budget: str, max_tokens: int | None) -> dict:
+    """The `GatedLayer` arguments shared by all layers of one cache: thresholds for the keep ratio, and the global union's votes."""
+    if not isinstance(compressor, GateCompressor):
+        raise TypeError(f"Gating needs a GateCompressor, got {type(compressor).__name__}.")
+    votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
+    return {"compressor": compressor, "thresholds": compressor.thresholds(keep_ratio, policy, budget), "policy": policy, "max_tokens": max_tokens, "votes": votes}
+
+
 class GatedCache(CompressedCache):
     """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", keep_ratio=0.125)``.
 
@@ -222,12 +230,9 @@ class GatedCache(CompressedCache):
         self, compressor: GateCompressor, keep_ratio: float = 0.125, *, policy: str = "head", budget: str = "shared",
         max_tokens: int | None = None, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
     ):
-        if not isinstance(compressor, GateCompressor):
-            raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
-        votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
         super().__init__(
-            config=config, compressor=compressor, thresholds=compressor.thresholds(keep_ratio, policy, budget), policy=policy,
-            max_tokens=max_tokens, votes=votes, **compressor.cache_settings(sink=sink, window=window, block_size=block_size),
+            config=config, **gating(compressor, keep_ratio, policy, budget, max_tokens),
+            **compressor.cache_settings(sink=sink, window=window, block_size=block_size),
         )
         self.compressor, self.keep_ratio, self.budget = compressor, keep_ratio, budget
 

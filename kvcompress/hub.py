@@ -153,7 +153,18 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         if kwargs:
             raise TypeError(f"Unexpected argument(s) {sorted(kwargs)} for {cls.__name__}.from_pretrained.")
         config_file, weights_file = _resolve(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token)
-        return _load(cls, str(config_file), str(weights_file), _stamp(config_file), _stamp(weights_file))
+        return _load(cls._for_method(config_file), str(config_file), str(weights_file), _stamp(config_file), _stamp(weights_file))
+
+    @classmethod
+    def _for_method(cls, config_file: Path) -> type[CompressorArtifact]:
+        """A family class without a method of its own (e.g. LowRankCompressor) loads as the subclass its artifact names."""
+        if cls.method:
+            return cls
+        try:
+            method = json.loads(Path(config_file).read_text()).get("method")
+        except (json.JSONDecodeError, AttributeError):
+            return cls  # _load reports the broken file
+        return next((sub for sub in _artifact_classes(cls) if sub.method == method), cls)
 
     # ------------------------------------------------------------------------------ model checks
     def check_shapes(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -188,19 +199,22 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
 
 
 class FittedLayer(CompressedLayer):
-    """A cache layer driven by a fitted artifact, which checks at first use that it was fitted for this model."""
+    """A cache layer driven by fitted artifacts, which check at first use that they were fitted for this model."""
 
-    def __init__(self, layer_idx: int, compressor: CompressorArtifact, sink: int = 4, window: int = 64, block_size: int = 16):
+    def __init__(self, layer_idx: int, compressor: CompressorArtifact | None, sink: int = 4, window: int = 64, block_size: int = 16):
         super().__init__(layer_idx, sink=sink, window=window, block_size=block_size)
         self.compressor = compressor
+        self.artifacts = [compressor] if compressor is not None else []  # every artifact the layer uses (a composition has several)
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self.compressor.check_shapes(self.layer_idx, key_states, value_states)
+        for artifact in self.artifacts:
+            artifact.check_shapes(self.layer_idx, key_states, value_states)
         super().lazy_initialization(key_states, value_states)
 
     def check_module(self, module, attention_kwargs: dict) -> None:
         super().check_module(module, attention_kwargs)
-        self.compressor.check_module(module)
+        for artifact in self.artifacts:
+            artifact.check_module(module)
 
 
 def model_signature(model, name_or_path: str | None = None, revision: str | None = None) -> dict:

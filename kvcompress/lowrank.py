@@ -29,9 +29,10 @@ from .hub import CompressorArtifact, FittedLayer
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Apply (or undo) RoPE to `x` ``[B, H, n, D]`` at `positions` ``[B, n]``, as transformers' Llama does."""
+    """Apply (or undo) RoPE to `x` ``[B, H, n, D]`` at `positions` ``[B, n]`` (or per head, ``[B, H, n]``), as transformers' Llama does."""
     freqs = positions[..., None].float() * inv_freq.float()
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    angles = angles[:, None] if positions.dim() == 2 else angles
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     return x * cos + rotate_half(x) * (-sin if inverse else sin)
 
@@ -65,18 +66,21 @@ class AffineProjection:
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]``."""
+    def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]`` (slots aligned across heads), or with
+        `per_head` ``[B, H, n, largest rank]`` (each head its own slots; smaller ranks zero-padded)."""
         latents = torch.matmul(x, self.encoder) + self.encoder_bias
-        return latents.transpose(1, 2).flatten(2)[..., self.columns][:, None]
+        return latents if per_head else latents.transpose(1, 2).flatten(2)[..., self.columns][:, None]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, 1, n, sum of ranks]`` -> ``[B, H, n, D]``."""
-        batch, _, length, _ = latents.shape
+        """Latents of either layout -> ``[B, H, n, D]``."""
+        batch, layout_heads, length, _ = latents.shape
         heads, largest = self.encoder.shape[0], self.encoder.shape[2]
-        padded = latents.new_zeros(batch, length, heads * largest)
-        padded[..., self.columns] = latents[:, 0]
-        return torch.matmul(padded.view(batch, length, heads, largest).transpose(1, 2), self.decoder) + self.decoder_bias
+        if layout_heads == 1 and heads > 1:
+            padded = latents.new_zeros(batch, length, heads * largest)
+            padded[..., self.columns] = latents[:, 0]
+            latents = padded.view(batch, length, heads, largest).transpose(1, 2)
+        return torch.matmul(latents, self.decoder) + self.decoder_bias
 
 
 class LowRankCompressor(CompressorArtifact):
@@ -109,6 +113,19 @@ class LowRankCompressor(CompressorArtifact):
             AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in heads], device, dtype) for kind in ("key", "value")
         ))
 
+    def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, per_head: bool = False) -> dict:
+        """Latents of a layer's keys (un-rotated at their token ids first) and values; see `AffineProjection.encode`."""
+        key_projection, value_projection = self.projections(layer_idx, keys.device, keys.dtype)
+        positions = token_ids if per_head else token_ids[:, 0]
+        unrotated = rotate(keys, positions, self.inv_freq(keys.device), inverse=True)
+        return {"key_latents": key_projection.encode(unrotated, per_head), "value_latents": value_projection.encode(values, per_head)}
+
+    def decode(self, layer_idx: int, key_latents: torch.Tensor, value_latents: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout."""
+        key_projection, value_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)
+        positions = token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]
+        return rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device)), value_projection.decode(value_latents)
+
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."
         return {name: self.tensors[prefix + name] for name in ("encoder", "encoder_bias", "decoder", "decoder_bias")}
@@ -134,16 +151,10 @@ class LowRankLayer(FittedLayer):
         return blocks  # every token is kept; encode_store makes it small
 
     def encode_store(self, slots: dict) -> dict:
-        keys, values = self.compressor.projections(self.layer_idx, slots["keys"].device, slots["keys"].dtype)
-        positions = slots["token_ids"][:, 0]  # slots are aligned across heads
-        unrotated = rotate(slots["keys"], positions, self.compressor.inv_freq(positions.device), inverse=True)
-        return {"key_latents": keys.encode(unrotated), "value_latents": values.encode(slots["values"]), "token_ids": slots["token_ids"]}
+        return self.compressor.encode(self.layer_idx, slots["keys"], slots["values"], slots["token_ids"]) | {"token_ids": slots["token_ids"]}
 
     def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.compressor.projections(self.layer_idx, store["key_latents"].device, store["key_latents"].dtype)
-        positions = store["token_ids"][:, 0]
-        decoded_keys = rotate(keys.decode(store["key_latents"]), positions, self.compressor.inv_freq(positions.device))
-        return decoded_keys, values.decode(store["value_latents"])
+        return self.compressor.decode(self.layer_idx, store["key_latents"], store["value_latents"], store["token_ids"])
 
 
 class _LowRankCache(CompressedCache):

@@ -1,0 +1,275 @@
+"""Quality vs compression of every cache on the same prompts, in one run: tables, plots, README section.
+
+    python benchmarks/quality.py --gate results/gate-recall --lowrank results/pca-fisher50 results/kvsplice-fisher50 \\
+        --composed-lowrank results/pca-uniform16 --sidecar results/sidecar-8 [--kvpress docs/benchmark/kvpress.json] \\
+        [--ratios 2 4 8 16 32] [--device cuda] [--output docs/benchmark] [--update-readme README.md]
+
+For every target ratio it evaluates StreamingLLM, H2O, the gates (keep ratio set for the target at
+the reference context) and the composition gates x low rank x int4; the fitted caches whose ratio
+is fixed by their artifact (PCA, KVSplice, sidecar, int8 alone, low rank x int8) are evaluated once.
+A cache whose exact sink and window alone exceed the target's budget at the reference context is
+left out (and listed). Tasks (`calibration/tasks.py`), all on held-out prose the compressors never
+saw: streaming perplexity, pass key by depth at two lengths, multi-key needle, variable tracking.
+The measured ratio is dense bytes over held bytes at the end of a reference-length pass-key run.
+
+`--export-prompts FILE` writes the prompts and settings for `benchmarks/kvpress_runner.py` (which
+runs NVIDIA's kvpress presses in a virtual environment of their own); `--kvpress FILE` merges its
+results into the same tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import kvcompress  # noqa: E402
+from calibration.data import heldout_text  # noqa: E402
+from calibration.evaluate import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
+from calibration.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
+
+README_START, README_END = "<!-- benchmark:quality:start -->", "<!-- benchmark:quality:end -->"
+EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by the fitted caches
+GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)
+
+
+@dataclass
+class Settings:
+    ppl_tokens: int = 1024
+    short: int = 1536
+    long: int = 6144
+    short_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
+    long_depths: tuple = (0.1, 0.5, 0.9)
+    trials: int = 2
+    task_trials: int = 4
+
+
+@dataclass
+class Row:
+    method: str  # one line of the plot
+    cache: str
+    target: float | None  # target ratio, None for caches whose ratio their artifact fixes
+    scores: dict = field(default_factory=dict)  # task -> mean score (perplexity for "ppl")
+    nbytes: int = 0
+    dense_nbytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def measured_ratio(self) -> float:
+        return self.dense_nbytes / self.nbytes if self.nbytes else float("nan")
+
+
+def prompts(tokenizer, text: str, settings: Settings) -> tuple[torch.Tensor, dict[str, list[Prompt]]]:
+    """The perplexity tokens and every task's prompts, cut from the held-out text."""
+    ids = tokenizer(text).input_ids
+    ppl, hay = ids[: settings.ppl_tokens], ids[settings.ppl_tokens :]
+    tasks = {}
+    for name, length, depths, trials in (("passkey", settings.short, settings.short_depths, settings.trials), ("passkey_long", settings.long, settings.long_depths, 1)):
+        keys = iter(range(31415, 10**6, 7919))
+        tasks[name] = [
+            Prompt(name, *passkey_context(tokenizer, hay, length, depth, key, offset=trial * length), (str(key),), depth)
+            for trial in range(trials) for depth in depths for key in [next(keys) % 90000 + 10000]
+        ]
+    tasks["multikey"] = multikey_prompts(tokenizer, hay, settings.short, settings.task_trials)
+    tasks["variables"] = variables_prompts(tokenizer, hay, settings.short, settings.task_trials)
+    return torch.tensor([ppl]), tasks
+
+
+def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float | None, CacheSpec]], list[str]]:
+    """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible."""
+    grid, skipped = [("dense", 1.0, CacheSpec("dense"))], []
+    reference = settings.short
+
+    def keep_for(ratio: float, cost: float) -> float | None:
+        keep = (reference / ratio - EXACT_TOKENS) / ((reference - EXACT_TOKENS) * cost)
+        return None if keep <= 0 else min(1.0, round(keep, 4))
+
+    def why(keep: float | None) -> str:
+        return "the exact sink and window alone exceed the budget" if keep is None else "already past the target keeping every token"
+
+    for ratio in ratios:
+        grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
+        if args.gate:
+            keep = keep_for(ratio, GATE_COST)
+            if keep is None or keep == 1.0:
+                skipped.append(f"gates {ratio:g}:1 ({why(keep)})")
+            else:
+                grid.append(("gates", ratio, CacheSpec.fitted(f"{args.gate}@keep_ratio={keep}")))
+        if args.gate and args.composed_lowrank:
+            lowrank = kvcompress.lowrank.LowRankCompressor.from_pretrained(args.composed_lowrank)
+            head_dim = lowrank.config["base_model"]["head_dim"]
+            # int4 latents with a float16 scale per 32, plus a token id and gate score per token and head
+            cost = GATE_COST * (lowrank.ranks.memory_fraction() * (2 * head_dim) * (0.5 + 2 / 32) + 8) / (2 * head_dim * 4)
+            keep = keep_for(ratio, cost)
+            if keep is None or keep == 1.0:
+                skipped.append(f"gates x low rank x int4 {ratio:g}:1 ({why(keep)})")
+            else:
+                grid.append(("gates x low rank x int4", ratio, CacheSpec.fitted(f"compose@gate={args.gate},lowrank={args.composed_lowrank},keep_ratio={keep},bits=4")))
+    for path in args.lowrank:
+        grid.append((json.loads((Path(path) / "compressor_config.json").read_text())["method"], None, CacheSpec.fitted(path)))
+        grid.append(("low rank x int8", None, CacheSpec.fitted(f"compose@lowrank={path},bits=8")))
+    grid.append(("int8", None, CacheSpec.fitted("compose@bits=8")))
+    for path in args.sidecar:
+        grid += [("sidecar", None, CacheSpec.fitted(path)), ("attention matching", None, CacheSpec.fitted(f"{path}@merge=attention_matching"))]
+    return grid, skipped
+
+
+@torch.no_grad()
+def run(model, tokenizer, grid, ppl_ids, tasks: dict[str, list[Prompt]], long_chunk: int = 1024) -> list[Row]:
+    rows = []
+    progress = tqdm(total=len(grid) * (1 + sum(map(len, tasks.values()))), desc="benchmark", unit="run")
+    for method, target, spec in grid:
+        row, started = Row(method, spec.label, target), time.perf_counter()
+        progress.set_postfix_str(f"{spec.label}: perplexity")
+        row.scores["ppl"] = streaming_perplexity(model, ppl_ids.to(model.device), spec.build()).perplexity
+        progress.update()
+        for task, task_prompts in tasks.items():
+            results = []
+            for prompt in task_prompts:
+                progress.set_postfix_str(f"{spec.label}: {task}")
+                cache = spec.build()
+                chunk = long_chunk if task == "passkey_long" else None  # bounded prefill memory for the long prompts
+                results.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, chunk)))
+                if task == "passkey":
+                    row.nbytes, row.dense_nbytes = cache_nbytes(cache)
+                if task == "passkey" and prompt.depth is not None:
+                    row.scores.setdefault("passkey_by_depth", {}).setdefault(f"{prompt.depth:g}", []).append(results[-1])
+                progress.update()
+            row.scores[task] = statistics.mean(results)
+        row.scores["passkey_by_depth"] = {depth: statistics.mean(hits) for depth, hits in row.scores.get("passkey_by_depth", {}).items()}
+        row.seconds = time.perf_counter() - started
+        rows.append(row)
+        tqdm.write(f"{spec.label}: ratio {row.measured_ratio:.2f}, " + ", ".join(f"{k} {v:.3f}" for k, v in row.scores.items() if isinstance(v, float)))
+    progress.close()
+    return rows
+
+
+TASK_COLUMNS = (("ppl", "PPL@{ppl}"), ("passkey", "passkey@{short}"), ("passkey_long", "passkey@{long}"), ("multikey", "multi-key@{short}"), ("variables", "var. tracking@{short}"))
+
+
+def table(rows: list[Row], settings: Settings) -> str:
+    header = ["method", "cache", "target", "measured ratio", "held KiB"] + [title.format(ppl=settings.ppl_tokens, short=settings.short, long=settings.long) for _, title in TASK_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(rows, key=lambda r: (r.target or r.measured_ratio, r.method)):
+        cells = [row.method, row.cache, "-" if row.target is None else f"{row.target:g}:1", f"{row.measured_ratio:.2f}", f"{row.nbytes / 1024:.0f}" if row.nbytes else "-"]
+        cells += ["-" if key not in row.scores else (f"{row.scores[key]:.2f}" if key == "ppl" else f"{row.scores[key]:.2f}") for key, _ in TASK_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], settings: Settings, path: Path) -> None:
+    """One panel per task: score against measured ratio, one line per method."""
+    fig, axes = plt.subplots(1, len(TASK_COLUMNS), figsize=(5 * len(TASK_COLUMNS), 4.2))
+    methods = list(dict.fromkeys(row.method for row in rows))
+    for axis, (key, title) in zip(axes, TASK_COLUMNS):
+        for index, method in enumerate(methods):
+            points = sorted((row.measured_ratio, row.scores[key]) for row in rows if row.method == method and key in row.scores)
+            if points:
+                style = "--" if method.startswith("kvpress") else "-"
+                axis.plot(*zip(*points), style, marker="o", label=method, color=plt.cm.tab20(index % 20))
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("measured compression ratio (dense bytes / held bytes)")
+        axis.set_title(title.format(ppl=settings.ppl_tokens, short=settings.short, long=settings.long) + (" (lower is better)" if key == "ppl" else ""))
+        if key == "ppl":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(model) -> dict:
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__, "kvcompress": kvcompress.__version__, "model": model.config.name_or_path, "dtype": str(model.dtype)}
+
+
+def update_readme(readme: Path, section: str) -> None:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace.")
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + README_START + "\n" + section + "\n" + README_END + rest.split(README_END, 1)[1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--ratios", nargs="*", type=float, default=[2, 4, 8, 16, 32])
+    parser.add_argument("--gate", default=None, metavar="DIR", help="gate compressor (kvcompress calibrate --method gate)")
+    parser.add_argument("--lowrank", nargs="*", default=[], metavar="DIR", help="PCA / KVSplice compressors (each alone and x int8)")
+    parser.add_argument("--composed-lowrank", default=None, metavar="DIR", help="low-rank compressor for gates x low rank x int4")
+    parser.add_argument("--sidecar", nargs="*", default=[], metavar="DIR")
+    parser.add_argument("--kvpress", default=None, metavar="JSON", help="results of benchmarks/kvpress_runner.py to merge in")
+    parser.add_argument("--export-prompts", default=None, metavar="JSON", help="write the prompts for kvpress_runner.py and stop")
+    parser.add_argument("--output", default="docs/benchmark")
+    parser.add_argument("--update-readme", default=None, metavar="README")
+    parser.add_argument("--quick", action="store_true", help="a small run (2 ratios, fewer prompts, short long-context) to check the pipeline")
+    parser.add_argument("--render", default=None, metavar="JSON", help="only re-render tables, plot and README section from a saved quality.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, args.output, args.update_readme)
+    settings = Settings() if not args.quick else Settings(ppl_tokens=256, short=512, long=1024, short_depths=(0.5,), long_depths=(0.5,), trials=1, task_trials=1)
+    ratios = args.ratios if not args.quick else args.ratios[:2]
+
+    model, tokenizer = kvcompress.load_model(args.model, device=args.device)
+    ppl_ids, tasks = prompts(tokenizer, heldout_text(), settings)
+    if args.export_prompts:
+        payload = {"settings": asdict(settings), "ratios": ratios, "ppl_ids": ppl_ids[0].tolist(), "tasks": {name: [asdict(p) for p in ps] for name, ps in tasks.items()}}
+        Path(args.export_prompts).write_text(json.dumps(payload))
+        print(f"wrote {args.export_prompts}")
+        return
+    grid, skipped = cache_grid(ratios, args, settings)
+    started = time.perf_counter()
+    rows = run(model, tokenizer, grid, ppl_ids, tasks)
+    env = environment(model) | {"minutes": round((time.perf_counter() - started) / 60, 1)}
+    if args.kvpress:
+        external = json.loads(Path(args.kvpress).read_text())
+        rows += [Row(**row) for row in external["rows"]]
+        env["kvpress"] = external["environment"]
+    write_outputs(rows, settings, env, skipped, Path(args.output), args.update_readme)
+
+
+def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[str], output: Path, readme: str | None) -> None:
+    """quality.json, quality.md (the README section), the plot, and the README block when asked."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "quality.json").write_text(json.dumps({"environment": env, "settings": asdict(settings), "skipped": skipped, "rows": [asdict(r) for r in rows]}, indent=1))
+    plot(rows, settings, output / "quality_vs_compression.png")
+    where = f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['model']} in {env['dtype'].removeprefix('torch.')}"
+    kvpress_note = f"; kvpress rows: {env['kvpress']['device']}, kvpress {env['kvpress']['kvpress']}, transformers {env['kvpress']['transformers']}" if "kvpress" in env else ""
+    section = "\n".join([
+        f"Generated by `python benchmarks/quality.py` ({where}{kvpress_note}; {env['minutes']} min).",
+        f"Scores are shares of answers found ({len(settings.short_depths) * settings.trials} pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at "
+        f"{settings.long}, {settings.task_trials} multi-key and {settings.task_trials} variable-tracking prompts at {settings.short}); PPL is streaming perplexity on "
+        f"{settings.ppl_tokens} held-out tokens. The measured ratio is dense bytes over held bytes at the end of a {settings.short}-token pass-key run.",
+        "", table(rows, settings), "",
+        f"Left out at {settings.short} tokens: {', '.join(skipped) or 'none'}.", "",
+        f"![quality vs compression]({output.as_posix()}/quality_vs_compression.png)",
+    ])
+    (output / "quality.md").write_text(section + "\n")
+    print("\n" + section)
+    if readme:
+        update_readme(Path(readme), section)
+
+
+def render(path: str, output: str, readme: str | None) -> None:
+    """Tables, plot and README section again from a saved quality.json (no model runs)."""
+    data = json.loads(Path(path).read_text())
+    write_outputs([Row(**row) for row in data["rows"]], Settings(**data["settings"]), data["environment"], data["skipped"], Path(output), readme)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Group-wise integer quantization of stored cache tensors (int8, or int4 packed two per byte).
+
+Each group of `group_size` consecutive numbers along the last dimension shares one float16 scale
+(its largest magnitude over the largest integer: symmetric, no zero point). A tensor
+``[B, H, n, D]`` becomes ``{"q": [B, H, n, D * bits / 8] int8/uint8, "scale": [B, H, n, groups] float16}``:
+both keep the slot dimension at 2, so the cache core can gather, pack and batch them like any
+store tensor. The last dimension is zero-padded to whole groups; `dequantize` cuts the padding off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BITS = (4, 8)
+
+
+def check_quantization(bits: int | None, group_size: int) -> None:
+    if bits is not None and bits not in BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))} (or None for no quantization), got {bits!r}.")
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even integer >= 2 (numbers sharing one scale), got {group_size!r}.")
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int) -> dict:
+    """`x` ``[..., D]`` -> ``{"q", "scale"}``, `group_size` numbers per float16 scale."""
+    width = x.shape[-1]
+    padded = math.ceil(width / group_size) * group_size
+    groups = torch.nn.functional.pad(x.float(), (0, padded - width)).unflatten(-1, (padded // group_size, group_size))
+    largest = 2 ** (bits - 1) - 1
+    scale = (groups.abs().amax(-1, keepdim=True) / largest).to(torch.float16)
+    safe = scale.float().masked_fill(scale == 0, 1.0)
+    q = (groups / safe).round().clamp(-largest, largest).flatten(-2).to(torch.int8)
+    if bits == 4:  # two numbers a byte: low nibble, high nibble (offset to 0..15)
+        nibbles = (q + 8).to(torch.uint8)
+        q = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return {"q": q, "scale": scale[..., 0]}
+
+
+def dequantize(packed: dict, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize`: ``[..., width]`` in `dtype`."""
+    q, scale = packed["q"], packed["scale"]
+    if q.dtype == torch.uint8:
+        q = torch.stack([(q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], dim=-1).flatten(-2)
+    groups = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)
+    return groups.flatten(-2)[..., :width]

@@ -1,0 +1,64 @@
+"""The benchmark's generated tasks (on the default model's tokenizer) and its rendering of tables, plot and README block."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from calibration.tasks import Prompt, hide, multikey_prompts, score, variables_prompts
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import quality  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    from kvcompress.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.mark.model
+def test_tasks_hide_their_statements_at_the_asked_length(tokenizer):
+    from calibration.data import heldout_text
+
+    hay = tokenizer(heldout_text()).input_ids
+    for prompt in multikey_prompts(tokenizer, hay, 1024, trials=3) + variables_prompts(tokenizer, hay, 1024, trials=2):
+        total = len(tokenizer(prompt.context + prompt.question).input_ids)
+        assert abs(total - 1024) <= 8
+        assert all(answer in prompt.context and answer not in prompt.question for answer in prompt.answers)
+    chain = variables_prompts(tokenizer, hay, 1024, trials=1, hops=3)[0]
+    first, second, third = chain.answers
+    assert chain.context.index(f"VAR {first} = ") < chain.context.index(f"VAR {second} = VAR {first}.") < chain.context.index(f"VAR {third} = VAR {second}.")
+    with pytest.raises(ValueError, match="Cannot build a 4096-token prompt from 100 haystack tokens"):
+        hide(tokenizer, hay[:100], 4096, "intro", [(0.5, "x")], "question")
+
+
+def test_scores_are_shares_of_expected_answers_found():
+    prompt = Prompt("variables", "", "", ("ABCDE", "FGHIJ"))
+    assert score(prompt, " ABCDE, VAR KLMNO") == 0.5 and score(prompt, "FGHIJ ABCDE") == 1.0 and score(prompt, "") == 0.0
+
+
+def test_render_writes_tables_plot_and_replaces_only_the_readme_block(tmp_path):
+    rows = [
+        quality.Row("dense", "dense", 1.0, {"ppl": 17.7, "passkey": 1.0, "passkey_long": 1.0, "multikey": 0.5, "variables": 0.5}, 100, 100),
+        quality.Row("h2o", "h2o 8:1", 8.0, {"ppl": 29.2, "passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.1}, 13, 100),
+        quality.Row("kvpress SnapKVPress", "kvpress SnapKVPress 8:1", 8.0, {"passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.0}, 14, 100),
+    ]
+    environment = {"device": "CPU", "torch": "2", "transformers": "5", "model": "m", "dtype": "torch.float32", "minutes": 1.0}
+    saved = tmp_path / "in.json"
+    saved.write_text(json.dumps({"environment": environment, "settings": quality.asdict(quality.Settings()), "skipped": ["gates 32:1 (why)"], "rows": [quality.asdict(r) for r in rows]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{quality.README_START}\nold table\n{quality.README_END}\nafter\n")
+    quality.render(saved, tmp_path / "out", readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+    assert "| h2o | h2o 8:1 | 8:1 | 7.69 |" in text and "| kvpress SnapKVPress | kvpress SnapKVPress 8:1 | 8:1 | 7.14 | 0 | - |" in text
+    assert "Left out at 1536 tokens: gates 32:1 (why)." in text
+    assert (tmp_path / "out" / "quality_vs_compression.png").stat().st_size > 10_000
+    (tmp_path / "bare.md").write_text("no markers")
+    with pytest.raises(ValueError, match="has no <!-- benchmark:quality:start -->"):
+        quality.update_readme(tmp_path / "bare.md", "x")
