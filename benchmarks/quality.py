@@ -99,6 +99,11 @@ def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float 
     def why(keep: float | None) -> str:
         return "the exact sink and window alone exceed the budget" if keep is None else "already past the target keeping every token"
 
+    if args.gate and args.composed_lowrank:
+        lowrank = kvcompress.lowrank.LowRankCompressor.from_pretrained(args.composed_lowrank)
+        head_dim = lowrank.config["base_model"]["head_dim"]
+        # int4 latents with a float16 scale per 32, plus a token id and gate score per token and head
+        composed_cost = GATE_COST * (lowrank.ranks.memory_fraction() * (2 * head_dim) * (0.5 + 2 / 32) + 8) / (2 * head_dim * 4)
     for ratio in ratios:
         grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
         if args.gate:
@@ -108,11 +113,7 @@ def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float 
             else:
                 grid.append(("gates", ratio, CacheSpec.fitted(f"{args.gate}@keep_ratio={keep}")))
         if args.gate and args.composed_lowrank:
-            lowrank = kvcompress.lowrank.LowRankCompressor.from_pretrained(args.composed_lowrank)
-            head_dim = lowrank.config["base_model"]["head_dim"]
-            # int4 latents with a float16 scale per 32, plus a token id and gate score per token and head
-            cost = GATE_COST * (lowrank.ranks.memory_fraction() * (2 * head_dim) * (0.5 + 2 / 32) + 8) / (2 * head_dim * 4)
-            keep = keep_for(ratio, cost)
+            keep = keep_for(ratio, composed_cost)
             if keep is None or keep == 1.0:
                 skipped.append(f"gates x low rank x int4 {ratio:g}:1 ({why(keep)})")
             else:
@@ -164,7 +165,7 @@ def table(rows: list[Row], settings: Settings) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=lambda r: (r.target or r.measured_ratio, r.method)):
         cells = [row.method, row.cache, "-" if row.target is None else f"{row.target:g}:1", f"{row.measured_ratio:.2f}", f"{row.nbytes / 1024:.0f}" if row.nbytes else "-"]
-        cells += ["-" if key not in row.scores else (f"{row.scores[key]:.2f}" if key == "ppl" else f"{row.scores[key]:.2f}") for key, _ in TASK_COLUMNS]
+        cells += ["-" if key not in row.scores else f"{row.scores[key]:.2f}" for key, _ in TASK_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
