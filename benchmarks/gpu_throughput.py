@@ -1,44 +1,148 @@
-"""Decode throughput at equal KV memory on a GPU: dense at batch 8 vs 8:1 caches at batch 64.
+"""Decode throughput at equal KV memory on a GPU, peak memory, and the longest context that fits.
 
-    python benchmarks/gpu_throughput.py [--context 32768] [--steps 32]
+    python benchmarks/gpu_throughput.py [--context 32768] [--steps 32] [--longest dense streamingllm gates] \\
+        [--output docs/benchmark] [--update-readme README.md]
 
-A Llama-3.1-8B-shaped model with random bf16 weights (nothing is downloaded). Caches are filled
-with random post-RoPE keys/values through the cache API, as a prefill would leave them, so that
-no 32k-token prefill is needed: dense holds `context` tokens at batch 8; each compressed cache sees
-`context` tokens per row and keeps 1/8 of them at batch 64, the same KV memory. "ideal 8:1" is a
-`DynamicCache` holding context/8 tokens at batch 64: the speed an 8:1 cache could reach at best.
-Prints tokens/s, the ratio to dense, KV bytes held and peak GPU memory.
+A Llama-3.1-8B-shaped model with random bf16 weights (nothing is downloaded). Caches are filled with
+random post-RoPE keys/values through the cache API, chunk by chunk as a chunked prefill leaves them
+(each compressed cache compresses as it goes), so that no 32k-token prefill is needed. Dense holds
+`context` tokens at batch 8; every compressed cache sees `context` tokens per row and keeps about 1/8
+of them at batch 64: the same KV memory. "ideal 8:1" is a `DynamicCache` holding context/8 tokens at
+batch 64, the speed an 8:1 cache could reach at best. The learned caches run on artifacts of the
+right shape with random weights (`synthetic_artifacts`): their speed does not depend on what the
+weights learned, only on the shapes and the keep ratio, which is set for 8:1.
+
+Per cache: tokens/s (median of `repeats` runs of `steps` greedy decode steps; fewer steps, at least 4, for caches so slow that a run would take over 5 s) and its ratio to dense, KV bytes held, and the
+peak GPU memory while decoding. `--longest` finds, at batch 1, the longest context each named cache
+can fill and decode in this GPU's memory (doubling, then bisection to within 1/16).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import statistics
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # growing caches fragment the default allocator
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import kvcompress
+import kvcompress  # noqa: E402
+from calibration.gates import gate_compressor  # noqa: E402
+from calibration.lowrank import lowrank_tensors, rope_inv_freq  # noqa: E402
+from kvcompress.config import RankConfig  # noqa: E402
+from kvcompress.gate import GateBank  # noqa: E402
+from kvcompress.lowrank import KVSpliceCompressor, PCACompressor  # noqa: E402
+from kvcompress.sidecar import SidecarCompressor, SidecarNetwork  # noqa: E402
+from readme_block import update_readme  # noqa: E402
 
 LLAMA_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
     vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
 )
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)  # --tiny: checks the pipeline on a CPU
+SINK, WINDOW = 4, 64
+DENSE_BATCH, COMPRESSED_BATCH = 8, 64
 
 
-def fill(cache, config, batch: int, tokens: int, chunk: int = 4096):
-    """Give every layer `tokens` random keys/values per row, in chunks, compressing as a prefill would."""
-    head_dim = config.hidden_size // config.num_attention_heads
+@dataclass
+class Run:
+    cache: str
+    batch: int
+    context: int
+    tokens_per_second: float = 0.0
+    vs_dense: float = 0.0  # against the dense run of the same invocation
+    kv_bytes: int = 0
+    peak_bytes: int = 0
+    error: str | None = None
+
+
+def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
+    """Every fitted compressor for this model's shape, with random weights (gate thresholds fitted on random keys)."""
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    inv_freq = rope_inv_freq(model).cpu()
+    base = {"name_or_path": "random Llama-3.1-8B shape", "num_layers": layers, "num_kv_heads": heads, "head_dim": dim, "num_attention_heads": config.num_attention_heads}
+    generator = torch.Generator().manual_seed(0)
+
+    bank = GateBank(layers, heads, dim)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(bank(torch.randn(layers * heads, 2048, dim, generator=generator)))
+    artifacts = {"gate": gate_compressor(bank, probabilities, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}})}
+
+    def lowrank(compressor_class, rank: int, orthonormal: bool):
+        heads_ = []
+        for _ in range(layers * heads):
+            basis = torch.linalg.qr(torch.randn(dim, rank, generator=generator)).Q  # [D, r]
+            encoder = basis if orthonormal else basis * torch.rand(rank, generator=generator).add(0.5)
+            heads_.append({"encoder": encoder, "encoder_bias": torch.zeros(rank), "decoder": torch.linalg.pinv(encoder), "decoder_bias": torch.zeros(dim)})
+        ranks = RankConfig.uniform(layers, heads, dim, dim, rank, algo=compressor_class.method)
+        config_ = {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}, "ranks": ranks.to_json()}
+        return compressor_class(config_, lowrank_tensors(heads_, heads_, heads, inv_freq))
+
+    artifacts["pca"] = lowrank(PCACompressor, key_rank, orthonormal=True)
+    artifacts["kvsplice"] = lowrank(KVSpliceCompressor, key_rank, orthonormal=False)
+    artifacts["pca-composed"] = lowrank(PCACompressor, composed_rank, orthonormal=True)
+    network = SidecarNetwork(layers, heads, dim, window=32, slots=4)
+    references = torch.randn(layers, heads, 64, dim, generator=generator)
+    offsets = torch.exp(torch.empty(64).uniform_(math.log(32), math.log(1024), generator=generator)).round()
+    artifacts["sidecar"] = SidecarCompressor.from_network(network, inv_freq, references, offsets, {"base_model": base, "cache": {"sink": SINK, "window": 32}})
+    return artifacts
+
+
+def keep_ratio_for(ratio: float, context: int, kept_token_bytes: float, dense_token_bytes: float, exact: int = SINK + WINDOW + 16) -> float:
+    """The gate keep ratio at which a cache that holds `exact` tokens exact and the kept ones at `kept_token_bytes` is `ratio`:1."""
+    return min(1.0, (context * dense_token_bytes / ratio - exact * dense_token_bytes) / ((context - exact) * kept_token_bytes))
+
+
+def caches(context: int, artifacts: dict, dim: int) -> dict:
+    """name -> (batch, tokens seen per row, cache factory), every compressed cache set for about 8:1."""
+    dense_bytes = 2 * dim * 2  # bf16 keys and values of one token and head
+    gate_keep = keep_ratio_for(8, context, dense_bytes + 8, dense_bytes)  # + token id and gate score
+    composed_width = 2 * artifacts["pca-composed"].ranks.d_k * artifacts["pca-composed"].ranks.memory_fraction()
+    composed_keep = keep_ratio_for(8, context, composed_width * (0.5 + 2 / 32) + 8, dense_bytes)  # int4 latents + fp16 scale per 32
+    gated = lambda **kw: dict(compressor=artifacts["gate"], keep_ratio=gate_keep, budget="equal", **kw)  # noqa: E731
+    big = (COMPRESSED_BATCH, context)
+    return {
+        f"dense, batch {DENSE_BATCH}": (DENSE_BATCH, context, DynamicCache),
+        f"ideal 8:1 (dense, 1/8 of the tokens), batch {COMPRESSED_BATCH}": (COMPRESSED_BATCH, context // 8, DynamicCache),
+        "streamingllm 8:1": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8)),
+        "streamingllm 8:1, block 64": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=64)),
+        "h2o 8:1": (*big, lambda: kvcompress.H2OCache(ratio=8)),
+        "h2o 8:1, block 64": (*big, lambda: kvcompress.H2OCache(ratio=8, block_size=64)),
+        f"gates keep {gate_keep:.3f} (8:1)": (*big, lambda: kvcompress.GatedCache(**gated())),
+        f"pca rank {artifacts['pca'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.PCACache(artifacts["pca"])),
+        f"kvsplice rank {artifacts['kvsplice'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.KVSpliceCache(artifacts["kvsplice"])),
+        "sidecar 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"])),
+        "attention matching 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"], merge="attention_matching")),
+        f"gates x pca rank {artifacts['pca-composed'].ranks.heads[0, 0].key} x int4, keep {composed_keep:.3f} (8:1)": (
+            *big, lambda: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=composed_keep, budget="equal", bits=4)),
+    }
+
+
+def fill(cache, model, batch: int, tokens: int, chunk: int = 4096):
+    """Give every layer `tokens` random keys/values per row, in chunks, compressing as a chunked prefill would."""
+    if isinstance(cache, kvcompress.SidecarCache):
+        chunk = min(chunk, 512)  # the network's activations grow with the windows merged at once
+    config = model.config
+    dim = config.hidden_size // config.num_attention_heads
     for layer_idx in range(config.num_hidden_layers):
         for start in range(0, tokens, chunk):
             size = min(chunk, tokens - start)
-            k = torch.randn(batch, config.num_key_value_heads, size, head_dim, device="cuda", dtype=torch.bfloat16)
+            keys = torch.randn(batch, config.num_key_value_heads, size, dim, device=model.device, dtype=model.dtype)
             if isinstance(cache, kvcompress.CompressedCache):
                 layer = cache.layer(layer_idx)
-                layer.update(k, torch.randn_like(k))
+                layer.update(keys, torch.randn_like(keys))
                 layer.after_attention(None, None)
             else:
-                cache.update(k, torch.randn_like(k), layer_idx)
+                cache.update(keys, torch.randn_like(keys), layer_idx)
     return cache
 
 
@@ -49,47 +153,172 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def tokens_per_second(model, cache, batch: int, steps: int) -> float:
-    token = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    for _ in range(3):  # warm-up
+def decode(model, cache, batch: int, steps: int, warmup: int = 3, repeats: int = 1) -> float:
+    """Greedy decode steps on `cache`: the median over `repeats` of tokens per second over `steps` steps, after `warmup` steps."""
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
+    for _ in range(warmup):
         token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - started)
+    speeds = []
+    for _ in range(repeats):
+        synchronize(model.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        synchronize(model.device)
+        speeds.append(batch * steps / (time.perf_counter() - started))
+    return statistics.median(speeds)
+
+
+def profile(model, cache, batch: int, steps: int = 2) -> str:
+    """The operations that took the most GPU time over `steps` decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        decode(model, cache, batch, steps, warmup=0)
+    return trace.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(model, name: str, batch: int, tokens: int, factory, steps: int, repeats: int, profile_to: Path | None = None) -> Run:
+    run = Run(name, batch, tokens)
+    free_memory(model.device)
+    try:
+        cache = fill(factory(), model, batch, tokens)
+        free_memory(model.device)
+        estimate = decode(model, cache, batch, 2)  # slow caches get fewer steps, at least 4: each timed run about 5 s or `steps`
+        run.tokens_per_second = decode(model, cache, batch, max(4, min(steps, int(5 * estimate / batch))), warmup=0, repeats=repeats)
+        run.kv_bytes = kv_bytes(cache)
+        run.peak_bytes = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else 0
+        if profile_to is not None:
+            with profile_to.open("a") as file:
+                file.write(f"===== {name}\n{profile(model, cache, batch)}\n")
+    except torch.OutOfMemoryError:
+        run.error = "out of memory"
+    return run
+
+
+def fits(model, factory, tokens: int, chunk: int) -> bool:
+    free_memory(model.device)
+    try:
+        decode(model, fill(factory(), model, 1, tokens, chunk=chunk), 1, steps=2, warmup=0)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        free_memory(model.device)
+
+
+def longest_context(model, factory, start: int = 65536, limit: int = 2**25) -> int:
+    """The longest context (tokens, batch 1) that can be filled and decoded: doubling, then bisection to 1/16."""
+    chunk = min(16384, start)
+    low, high = 0, start
+    while high <= limit and fits(model, factory, high, chunk):
+        low, high = high, 2 * high
+    if low == 0:
+        return 0
+    while high - low > low / 16:
+        middle = (low + high) // 2 // chunk * chunk
+        low, high = (middle, high) if fits(model, factory, middle, chunk) else (low, middle)
+    return low
+
+
+def table(runs: list[Run]) -> str:
+    lines = ["| cache | batch | tokens/s | vs dense | KV GiB held | peak GiB while decoding |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        if run.error:
+            lines.append(f"| {run.cache} | {run.batch} | {run.error} | - | - | - |")
+        else:
+            lines.append(f"| {run.cache} | {run.batch} | {run.tokens_per_second:.0f} | {run.vs_dense:.2f}x | {run.kv_bytes / 2**30:.1f} | {run.peak_bytes / 2**30:.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of --steps steps per cache (the median is reported)")
+    parser.add_argument("--profile", action="store_true", help="also write the top GPU operations of 2 decode steps per cache to OUTPUT/gpu_profile.txt")
+    parser.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="run only the caches whose names start with these (dense always runs)")
+    parser.add_argument("--longest", nargs="*", default=[], metavar="PREFIX", help="caches (name prefixes, 'dense' for DynamicCache) to find the longest context of")
+    parser.add_argument("--output", default="docs/benchmark")
+    parser.add_argument("--update-readme", default=None, metavar="README")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (use --context 2048): checks the pipeline, measures nothing")
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON", help="only re-render the table and README block from saved gpu.json files (runs of several, e.g. --only and --longest parts, are merged)")
     args = parser.parse_args(argv)
-    config = LlamaConfig(**LLAMA_8B, attn_implementation="sdpa")
+    if args.render:
+        saved = [json.loads(Path(path).read_text()) for path in args.render]
+        runs = [Run(**run) for data in saved for run in data["runs"]]
+        unique = {}
+        for run in runs:
+            unique.setdefault(run.cache, run)  # dense runs in every part: keep the first part's, which the others' ratios in it use
+        runs = list(unique.values())
+        args.context, args.steps, args.repeats = saved[0]["context"], saved[0]["steps"], saved[0]["repeats"]
+        env = saved[0]["environment"] | {"minutes": round(sum(data["environment"]["minutes"] for data in saved), 1)}
+        return write_outputs(runs, {name: tokens for data in saved for name, tokens in data["longest_context"].items()}, env, args, Path(args.output))
+    device = torch.device("cpu" if args.tiny else "cuda")
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA_8B), attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with device:
         model = kvcompress.enable(LlamaForCausalLM(config).to(torch.bfloat16).eval())
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; Llama-3.1-8B shape, random bf16 weights; context {args.context}\n")
-    runs = {
-        "dense, batch 8": (8, args.context, DynamicCache),
-        "ideal 8:1 (dense, 1/8 of the tokens), batch 64": (64, args.context // 8, DynamicCache),
-        "streamingllm 8:1, batch 64": (64, args.context, lambda: kvcompress.StreamingLLMCache(ratio=8)),
-        "streamingllm 8:1 block 64, batch 64": (64, args.context, lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=64)),
-        "h2o 8:1, batch 64": (64, args.context, lambda: kvcompress.H2OCache(ratio=8)),
-        "h2o 8:1 block 64, batch 64": (64, args.context, lambda: kvcompress.H2OCache(ratio=8, block_size=64)),
-    }
-    print("| cache | tokens/s | vs dense | KV GiB held | peak GiB |")
-    print("|---|---|---|---|---|")
-    dense = None
-    for name, (batch, tokens, factory) in runs.items():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        cache = fill(factory(), config, batch, tokens)
-        speed = tokens_per_second(model, cache, batch, args.steps)
-        dense = dense or speed
-        print(f"| {name} | {speed:.0f} | {speed / dense:.2f}x | {kv_bytes(cache) / 2**30:.1f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |", flush=True)
-        del cache
+    dim = config.hidden_size // config.num_attention_heads
+    artifacts = synthetic_artifacts(model, key_rank=dim // 8 - 1, composed_rank=dim // 2)
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "kvcompress": kvcompress.__version__}
+    env |= {"device": torch.cuda.get_device_name(), "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)} if device.type == "cuda" else {"device": "CPU (--tiny)", "memory_gib": 0}
+    print(f"{env['device']} ({env['memory_gib']} GiB), torch {env['torch']}, transformers {env['transformers']}; "
+          f"Llama-3.1-8B shape, random bf16 weights; context {args.context}\n", flush=True)
+    started = time.perf_counter()
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    (Path(args.output) / "gpu_profile.txt").unlink(missing_ok=True)
+    runs = []
+    for index, (name, (batch, tokens, factory)) in enumerate(caches(args.context, artifacts, dim).items()):
+        if index > 0 and args.only is not None and not name.startswith(tuple(args.only)):
+            continue
+        profile_to = Path(args.output) / "gpu_profile.txt" if args.profile else None
+        runs.append(measure(model, name, batch, tokens, factory, args.steps, args.repeats, profile_to))
+        runs[-1].vs_dense = runs[-1].tokens_per_second / runs[0].tokens_per_second
+        write_outputs(runs, {}, env | {"minutes": round((time.perf_counter() - started) / 60, 1)}, args, Path(args.output), quiet=True)  # partial results survive a crash
+        print(table(runs).splitlines()[-1], flush=True)
+    longest = {}
+    factories = {"dense": DynamicCache} | {name: factory for name, (_, _, factory) in caches(args.context, artifacts, dim).items()}
+    for prefix in args.longest:
+        name = next(name for name in factories if name.startswith(prefix))
+        longest[name] = longest_context(model, factories[name], start=args.context * 2)
+        print(f"longest context at batch 1, {name}: {longest[name]} tokens", flush=True)
+        write_outputs(runs, longest, env | {"minutes": round((time.perf_counter() - started) / 60, 1)}, args, Path(args.output), quiet=True)
+    env["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    write_outputs(runs, longest, env, args, Path(args.output))
+
+
+def write_outputs(runs: list[Run], longest: dict, env: dict, args, output: Path, quiet: bool = False) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "gpu.json").write_text(json.dumps({"environment": env, "context": args.context, "steps": args.steps, "repeats": args.repeats, "runs": [asdict(r) for r in runs], "longest_context": longest}, indent=1))
+    lines = [
+        f"Generated by `python benchmarks/gpu_throughput.py` ({env['device']}, {env['memory_gib']} GiB, torch {env['torch']}, transformers {env['transformers']}; "
+        f"{env['minutes']} min). Llama-3.1-8B shape with random bf16 weights; dense holds {args.context} tokens at batch {DENSE_BATCH}, each compressed cache "
+        f"sees {args.context} tokens per row and keeps about 1/8 of them at batch {COMPRESSED_BATCH} (the same KV memory); median tokens/s of {args.repeats} runs of {args.steps} greedy decode steps.",
+        "", table(runs),
+    ]
+    if longest:
+        lines += ["", "Longest context that fills and decodes at batch 1 (within 1/16):", "", "| cache | tokens |", "|---|---|"]
+        lines += [f"| {name} | {tokens:,} |" for name, tokens in longest.items()]
+    section = "\n".join(lines)
+    (output / "gpu.md").write_text(section + "\n")
+    if quiet:
+        return
+    print("\n" + section)
+    if args.update_readme:
+        update_readme(Path(args.update_readme), "gpu", section)
 
 
 if __name__ == "__main__":

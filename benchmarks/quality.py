@@ -39,8 +39,8 @@ import kvcompress  # noqa: E402
 from calibration.data import heldout_text  # noqa: E402
 from calibration.evaluate import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
 from calibration.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
+from readme_block import update_readme  # noqa: E402
 
-README_START, README_END = "<!-- benchmark:quality:start -->", "<!-- benchmark:quality:end -->"
 EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by the fitted caches
 GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)
 
@@ -197,14 +197,6 @@ def environment(model) -> dict:
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__, "kvcompress": kvcompress.__version__, "model": model.config.name_or_path, "dtype": str(model.dtype)}
 
 
-def update_readme(readme: Path, section: str) -> None:
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace.")
-    head, rest = text.split(README_START, 1)
-    readme.write_text(head + README_START + "\n" + section + "\n" + README_END + rest.split(README_END, 1)[1])
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -263,7 +255,7 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
     (output / "quality.md").write_text(section + "\n")
     print("\n" + section)
     if readme:
-        update_readme(Path(readme), section)
+        update_readme(Path(readme), "quality", section)
 
 
 def render(path: str, output: str, readme: str | None) -> None:

@@ -41,12 +41,26 @@ def window_mass_and_output(queries: torch.Tensor, keys: torch.Tensor, values: to
     return logits.logsumexp(-1), logits.softmax(-1) @ values
 
 
+def _largest_eigenvalue(gram: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """``[..., 1]``: the largest eigenvalue of symmetric matrices with nonnegative entries, by power iteration.
+
+    Batched matmuls only: a batched eigensolver (cusolver) fails on the hundreds of thousands of
+    windows one GPU prefill merges. The all-ones start has a component along the top eigenvector
+    (Perron-Frobenius), so the Rayleigh quotient converges to it from below.
+    """
+    vector = torch.ones_like(gram[..., 0])
+    for _ in range(iterations):
+        vector = (gram @ vector[..., None])[..., 0]
+        vector = vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    return (vector * (gram @ vector[..., None])[..., 0]).sum(-1, keepdim=True)
+
+
 def _nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, iterations: int) -> torch.Tensor:
     """Batched ``argmin_{w >= 0} |design w - target|`` for ``design [..., Q, k]``, ``target [..., Q]``, by
     projected gradient with the step 1/L of the Gram matrix's largest eigenvalue (k is small)."""
-    gram = design.transpose(-1, -2) @ design
+    gram = design.transpose(-1, -2) @ design  # nonnegative entries: design holds attention probabilities
     rhs = (design.transpose(-1, -2) @ target[..., None])[..., 0]
-    step = 1 / torch.linalg.eigvalsh(gram)[..., -1:].clamp(min=1e-12)
+    step = 1 / _largest_eigenvalue(gram).clamp(min=1e-12)
     jitter = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     weights = torch.linalg.solve(gram + jitter, rhs).clamp(min=0)  # exact when no constraint binds
     for _ in range(iterations):

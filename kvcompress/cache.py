@@ -14,7 +14,11 @@ Once a row's tail (sink excluded) is longer than its window by `block_size` toke
 oldest whole blocks are handed to the method (`compress_blocks`), which returns the slots to store
 for them, or none. Rows and heads may end up with different slot counts (padding, per-head
 eviction): the parts stay rectangular and the gaps are *filler* slots (token id -1) that the
-kvcompress attention masks out. Attention is invariant to slot order, so layout is free.
+kvcompress attention masks out. Attention is invariant to slot order, so layout is free, and the
+core uses that freedom to work in place: both parts live in buffers with room for the slots they
+reach, new tokens are written after the last slot, and when slots leave (handed to the method,
+evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
+never the whole cache; a buffer grows when a part outgrows it and shrinks when it is mostly empty.
 
 Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
 batch compresses each row exactly as it would alone. Compression runs right after the layer's
@@ -83,26 +87,64 @@ class Budget:
         return f"{self.tokens} tokens" if self.tokens is not None else f"{self.ratio:g}:1"
 
 
-def _pack(keep: torch.Tensor, tensors: dict, right_align: bool) -> dict:
-    """Keep the `keep` slots of each (row, head), in order, in a table as short as the fullest (row, head).
+def _views(buffers: dict, length: int) -> dict:
+    """The first `length` slots of each buffer (views: writing to them writes the buffer)."""
+    return {name: None if buffer is None else buffer[:, :, :length] for name, buffer in buffers.items()}
 
-    Gaps become filler slots (token id -1) at the end, or at the start when `right_align`. A tensor
-    with a head dimension of 1 is shared by all heads (its slots are aligned across heads, so every
-    head keeps the same ones).
-    """
-    length = int(keep.sum(-1).max()) if keep.numel() else 0
-    order = torch.argsort((keep if right_align else ~keep).to(torch.int8), dim=-1, stable=True)
-    order = order[..., keep.shape[-1] - length:] if right_align else order[..., :length]
-    packed = {}
-    for name, tensor in tensors.items():
-        if tensor is None:
-            packed[name] = None
-        elif tensor.dim() == 4:
-            packed[name] = tensor.gather(2, order[:, : tensor.shape[1], :, None].expand(-1, -1, -1, tensor.shape[-1]))
+
+def _capacity(buffers: dict) -> int:
+    return next(buffer.shape[2] for buffer in buffers.values() if buffer is not None)
+
+
+def _resized(buffers: dict, length: int, capacity: int) -> dict:
+    """Buffers of `capacity` slots holding the first `length` slots of `buffers` (the same ones when they already fit exactly)."""
+    if _capacity(buffers) == capacity:
+        return buffers
+    resized = {}
+    for name, buffer in buffers.items():
+        if buffer is not None:
+            resized[name] = buffer.new_zeros(buffer.shape[:2] + (capacity,) + buffer.shape[3:])  # fillers must hold finite numbers (0 x NaN is NaN)
+            resized[name][:, :, :length] = buffer[:, :, :length]
         else:
-            packed[name] = tensor.gather(2, order[:, : tensor.shape[1]])
-    packed["token_ids"] = packed["token_ids"].masked_fill(~keep.gather(2, order), FILLER)
-    return packed
+            resized[name] = None
+    return resized
+
+
+def _place(buffers: dict, length: int, keep: torch.Tensor, new: dict | None = None, keep_new: torch.Tensor | None = None) -> tuple[dict, int]:
+    """Keep the `keep` slots (``[B, H, length]``) of the first `length` slots and add the `keep_new` slots of `new`, in place.
+
+    The part becomes as long as the fullest (row, head) needs; kept slots inside that length stay
+    where they are, and kept slots beyond it and the new ones move into the gaps, so only they are
+    copied. Gaps left over become filler slots. A buffer with a head dimension of 1 is shared by all
+    heads (its slots are aligned across heads, so every head keeps the same ones). Returns the
+    buffers (grown when needed) and the new length.
+    """
+    batch, heads = keep.shape[:2]
+    if new is None:
+        keep_new = keep.new_zeros(batch, heads, 0)
+    target = int((keep.sum(-1) + keep_new.sum(-1)).max()) if keep.numel() or keep_new.numel() else 0
+    if target > _capacity(buffers):
+        buffers = _resized(buffers, length, target)
+    stay = min(length, target)
+    hole = torch.ones(batch, heads, target, dtype=torch.bool, device=keep.device)
+    hole[..., :stay] = ~keep[..., :stay]
+    buffers["token_ids"][:, :, :target].masked_fill_(hole, FILLER)
+    old_movers = keep & (torch.arange(length, device=keep.device) >= target)
+    # The k-th mover of a (row, head), old ones first, goes to its k-th gap: no boolean indexing (each one a device sync).
+    rank = torch.cat([old_movers, keep_new], dim=-1).cumsum(-1)
+    destination = torch.searchsorted(hole.cumsum(-1), rank)  # first position with `rank` gaps up to it
+    for source_movers, offset, source_of in ((old_movers, 0, lambda name: buffers[name]), (keep_new, length, lambda name: new[name])):
+        moved = {}  # per head layout (1: shared by all heads): where movers are
+        for name, buffer in buffers.items():
+            if buffer is None or source_movers.shape[-1] == 0:
+                continue
+            shared = buffer.shape[1] == 1
+            if shared not in moved:
+                row, head, index = (source_movers[:, :1] if shared else source_movers).nonzero(as_tuple=True)
+                moved[shared] = row, head, index, destination[row, head, index + offset]
+            row, head, index, to = moved[shared]
+            buffer[row, head, to] = source_of(name)[row, head, index]
+    return buffers, target
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -162,8 +204,11 @@ class CompressedLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------------- transformers contract
     def reset(self) -> None:
-        self.store: dict = {}
+        self.store: dict = {}  # views of the first store_length slots of store_buffers (likewise for the tail)
         self.tail: dict = {}
+        self.store_buffers: dict = {}
+        self.tail_buffers: dict = {}
+        self.store_length = self.tail_length = 0
         self.is_initialized = False
         self.cumulative_length = 0
         self.seen = self.handed = None
@@ -179,16 +224,12 @@ class CompressedLayer(CacheLayerMixin):
             "token_ids": torch.empty(batch, heads, 0, dtype=torch.int32, device=self.device),
             "scores": torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None,
         }
-        self.tail = dict(empty)
+        self.tail_buffers = self.tail = dict(empty)
         store_extras = {"scores": self.tracks_attention or self.scores_store, "bias": self.uses_bias}
-        self.store = self.encode_store(empty | {name: torch.empty(batch, heads, 0, device=self.device) if wanted else None for name, wanted in store_extras.items()})
+        self.store_buffers = self.store = self.encode_store(empty | {name: torch.empty(batch, heads, 0, device=self.device) if wanted else None for name, wanted in store_extras.items()})
         self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.handed = torch.zeros_like(self.seen)
         self.is_initialized = True
-
-    @property
-    def store_length(self) -> int:
-        return self.store["token_ids"].shape[2] if self.is_initialized else 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new tokens and return every slot for this forward's (exact) attention."""
@@ -202,17 +243,25 @@ class CompressedLayer(CacheLayerMixin):
             )
         batch, heads, new, _ = key_states.shape
         ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
-        tail["keys"] = torch.cat([tail["keys"], key_states], dim=-2)
-        tail["values"] = torch.cat([tail["values"], value_states], dim=-2)
-        tail["token_ids"] = torch.cat([tail["token_ids"], ids[:, None].expand(batch, heads, new)], dim=-1)
-        if tail["scores"] is not None:
-            tail["scores"] = torch.cat([tail["scores"], tail["scores"].new_zeros(batch, heads, new)], dim=-1)
+        length = self.tail_length
+        if length + new > _capacity(self.tail_buffers):
+            self.tail_buffers = _resized(self.tail_buffers, length, length + new)
+        appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
+        for name, buffer in self.tail_buffers.items():
+            if buffer is not None:
+                buffer[:, :, length : length + new] = appended[name]
+        self.tail_length = length + new
+        self.tail = tail = _views(self.tail_buffers, self.tail_length)
         self.cumulative_length += new
         self._new_tokens = new
         if self.store_length == 0:
             return tail["keys"], tail["values"]
         keys, values = self.decode_store(self.store)
         return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
+
+    def tail_capacity(self) -> int:
+        """Slots the tail's buffers hold: its tokens and room for the next block of new ones."""
+        return _capacity(self.tail_buffers) if self.is_initialized else 0
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -221,7 +270,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = self.table_token_ids().shape[-1] if self.is_initialized else 0
+        held = self.store_length + self.tail_length
         return held + query_length, self.cumulative_length - held
 
     def reorder_cache(self, beam_idx):
@@ -245,10 +294,8 @@ class CompressedLayer(CacheLayerMixin):
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        for part in (self.store, self.tail):
-            for name, tensor in part.items():
-                if tensor is not None:
-                    part[name] = fn(tensor)
+        self.store_buffers = self.store = {name: None if t is None else fn(t) for name, t in self.store.items()}
+        self.tail_buffers = self.tail = {name: None if t is None else fn(t) for name, t in self.tail.items()}
         self.seen, self.handed = fn(self.seen), fn(self.handed)
 
     # ------------------------------------------------------------------------ attention handshake
@@ -319,40 +366,47 @@ class CompressedLayer(CacheLayerMixin):
         self._tokens_until_check = int((self.block_size - over % self.block_size).min())
         if not bool((hand > 0).any()):
             return
-        tail = self.tail
-        length = tail["token_ids"].shape[2]
-        first = length - raw  # each row's tail is its fillers, its sink, then its handable tokens oldest first
-        method_slots = self._method_slots(tail, first, blocks)
+        tail, length = self.tail, self.tail_length
+        # Tail slots sorted by token id are each row's fillers, its sink, then its handable tokens oldest first.
+        order = tail["token_ids"][:, 0].argsort(dim=-1, stable=True)
+        first = length - raw
+        method_slots = self._method_slots(tail, order, first, blocks)
+        position = torch.arange(length, device=self.device)
+        handed = (position >= first[:, None]) & (position < (first + hand)[:, None])
+        handed = torch.zeros_like(handed).scatter_(1, order, handed)  # sorted positions -> slots
+        self.tail_buffers, self.tail_length = _place(self.tail_buffers, length, (tail["token_ids"] != FILLER) & ~handed[:, None])
+        # Room for the next block of new tokens, no more: a prefill (or any multi-token forward) leaves the tail longer.
+        self.tail_buffers = _resized(self.tail_buffers, self.tail_length, self.tail_length + self.block_size)
+        self.tail = _views(self.tail_buffers, self.tail_length)
 
-        if bool((first == first[0]).all() and (hand == hand[0]).all()):  # rows in step: cut one range out
-            start, stop = int(first[0]), int(first[0] + hand[0])
-            self.tail = {name: None if t is None else (t[:, :, stop:] if start == 0 else torch.cat([t[:, :, :start], t[:, :, stop:]], dim=2)) for name, t in tail.items()}
-        else:
-            index = torch.arange(length, device=self.device)
-            keep = (index < first[:, None]) | (index >= (first + hand)[:, None])
-            self.tail = _pack(keep[:, None] & (tail["token_ids"] != FILLER), tail, right_align=True)
-
-        store = self.store
-        if method_slots is not None:
-            encoded = self.encode_store(method_slots)
-            store = {name: None if t is None else torch.cat([t, encoded[name]], dim=2) for name, t in store.items()}
-        keep = store["token_ids"] != FILLER
-        selected = self.select_store(store["token_ids"], store.get("scores"))
+        store, stored = self.store, self.store_length
+        new = None if method_slots is None else self.encode_store(method_slots)
+        token_ids, scores = store["token_ids"], store.get("scores")
+        if new is not None:
+            token_ids = torch.cat([token_ids, new["token_ids"]], dim=2)
+            scores = None if scores is None else torch.cat([scores, new["scores"]], dim=2)
+        keep = token_ids != FILLER
+        selected = self.select_store(token_ids, scores)
         if selected is not None:
             keep &= selected
-        if not bool(keep.all()):
-            store = _pack(keep, store, right_align=False)
-        self.store = store
+        if new is not None or not bool(keep.all()):
+            self.store_buffers, self.store_length = _place(self.store_buffers, stored, keep[..., :stored], new, keep[..., stored:])
+            self.store_buffers = _resized(self.store_buffers, self.store_length, self.store_length)
+            self.store = _views(self.store_buffers, self.store_length)
         self.handed += hand
-        self.has_fillers = bool((store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
+        self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
 
-    def _method_slots(self, tail: dict, start: torch.Tensor, blocks: torch.Tensor) -> dict | None:
-        """Hand each row's whole blocks to the method; lay what it returns out per row (gaps are fillers)."""
+    def _method_slots(self, tail: dict, order: torch.Tensor, start: torch.Tensor, blocks: torch.Tensor) -> dict | None:
+        """Hand each row's whole blocks to the method; lay what it returns out per row (gaps are fillers).
+
+        `order` sorts each row's tail slots by token id; `start` is where, in that order, each row's handable tokens begin.
+        """
         if not bool((blocks > 0).any()):
             return None
         rows = torch.repeat_interleave(torch.arange(len(blocks), device=self.device), blocks)
         block_in_row = torch.arange(len(rows), device=self.device) - torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
         index = (start[rows] + block_in_row * self.block_size)[:, None] + torch.arange(self.block_size, device=self.device)
+        index = order[rows[:, None], index]
         heads = tail["keys"].shape[1]
         where = (rows[:, None, None], torch.arange(heads, device=self.device)[None, :, None], index[:, None, :])
 

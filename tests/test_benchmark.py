@@ -10,6 +10,7 @@ from calibration.tasks import Prompt, hide, multikey_prompts, score, variables_p
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import quality  # noqa: E402
+from readme_block import markers, update_readme  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_render_writes_tables_plot_and_replaces_only_the_readme_block(tmp_path):
     saved = tmp_path / "in.json"
     saved.write_text(json.dumps({"environment": environment, "settings": quality.asdict(quality.Settings()), "skipped": ["gates 32:1 (why)"], "rows": [quality.asdict(r) for r in rows]}))
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{quality.README_START}\nold table\n{quality.README_END}\nafter\n")
+    start, end = markers("quality")
+    readme.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
     quality.render(saved, tmp_path / "out", readme)
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
@@ -61,4 +63,4 @@ def test_render_writes_tables_plot_and_replaces_only_the_readme_block(tmp_path):
     assert (tmp_path / "out" / "quality_vs_compression.png").stat().st_size > 10_000
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="has no <!-- benchmark:quality:start -->"):
-        quality.update_readme(tmp_path / "bare.md", "x")
+        update_readme(tmp_path / "bare.md", "quality", "x")

@@ -74,21 +74,24 @@ def test_the_savings_multiply_and_the_bytes_are_the_quantized_store(parts):
         held[name] = cache.nbytes()
     assert held["gates x low rank x int4"] < held["gates x low rank"] < held["gates"]
     layer = cache.layers[0]
-    stored, tail = layer.store_length, layer.tail["token_ids"].shape[2]
+    stored, tail = layer.store_length, layer.tail_capacity()
     # int4 latents (keys: 2 heads x 4 dims -> 1 group of 8; values: 2 x 6 = 12 dims -> 2 groups) with float16 scales,
-    # int32 token ids and float32 gate probabilities per slot and head, then the exact tail.
+    # int32 token ids and float32 gate probabilities per slot and head, then the exact tail with room for the next block.
     quantized = stored * (8 // 2 + 16 // 2) + stored * (1 + 2) * 2
     assert layer.nbytes() == quantized + stored * 2 * (4 + 4) + tail * 2 * (16 + 16 + 1) * 4
     assert {name for name, t in layer.store.items() if t is not None} == {"token_ids", "scores", "key_latents.q", "key_latents.scale", "value_latents.q", "value_latents.scale"}
 
 
-def test_int8_alone_keeps_every_token_in_a_quarter_of_the_float32_bytes():
+def test_int8_alone_keeps_every_token_in_a_third_of_the_float32_bytes():
     model = tiny_model("qwen2")
     cache = ComposedCache(bits=8, group_size=16, sink=4, window=8, block_size=4)
     greedy(model, cache, prompt_ids(64), new_tokens=16)
     layer = cache.layers[0]
     assert int(layer.tokens_held().min()) == 64 + 15
-    assert layer.store["keys.q"].dtype == torch.int8 and cache.nbytes() < 0.45 * cache.dense_nbytes()
+    stored, heads = layer.store_length, layer.store["token_ids"].shape[1]
+    # per slot and head: int8 keys and values (16 bytes each) with one float16 scale each, and an int32 token id
+    assert layer.store["keys.q"].dtype == torch.int8 and layer.nbytes() == stored * heads * (2 * (16 + 2) + 4) + layer.tail_capacity() * heads * (2 * 16 + 1) * 4
+    assert stored * heads * (2 * (16 + 2) + 4) < 0.33 * stored * heads * 2 * 16 * 4  # the stored tokens in a third of their float32 bytes
 
 
 def test_a_left_padded_batch_matches_each_row_alone(parts):
