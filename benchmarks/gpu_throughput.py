@@ -108,7 +108,6 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
     gate_keep = keep_ratio_for(8, context, dense_bytes + 8, dense_bytes)  # + token id and gate score
     composed_width = 2 * artifacts["pca-composed"].ranks.d_k * artifacts["pca-composed"].ranks.memory_fraction()
     composed_keep = keep_ratio_for(8, context, composed_width * (0.5 + 2 / 32) + 8, dense_bytes)  # int4 latents + fp16 scale per 32
-    gated = lambda **kw: dict(compressor=artifacts["gate"], keep_ratio=gate_keep, budget="equal", **kw)  # noqa: E731
     big = (COMPRESSED_BATCH, context)
     return {
         f"dense, batch {DENSE_BATCH}": (DENSE_BATCH, context, DynamicCache),
@@ -117,7 +116,7 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
         "streamingllm 8:1, block 64": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=64)),
         "h2o 8:1": (*big, lambda: kvcompress.H2OCache(ratio=8)),
         "h2o 8:1, block 64": (*big, lambda: kvcompress.H2OCache(ratio=8, block_size=64)),
-        f"gates keep {gate_keep:.3f} (8:1)": (*big, lambda: kvcompress.GatedCache(**gated())),
+        f"gates keep {gate_keep:.3f} (8:1)": (*big, lambda: kvcompress.GatedCache(artifacts["gate"], gate_keep, budget="equal")),
         f"pca rank {artifacts['pca'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.PCACache(artifacts["pca"])),
         f"kvsplice rank {artifacts['kvsplice'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.KVSpliceCache(artifacts["kvsplice"])),
         "sidecar 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"])),
@@ -266,6 +265,8 @@ def main(argv=None) -> None:
         args.context, args.steps, args.repeats = saved[0]["context"], saved[0]["steps"], saved[0]["repeats"]
         env = saved[0]["environment"] | {"minutes": round(sum(data["environment"]["minutes"] for data in saved), 1)}
         return write_outputs(runs, {name: tokens for data in saved for name, tokens in data["longest_context"].items()}, env, args, Path(args.output))
+    if args.tiny and args.longest:
+        parser.error("--longest searches up to running out of GPU memory; it cannot run with --tiny on the CPU.")
     device = torch.device("cpu" if args.tiny else "cuda")
     config = LlamaConfig(**(TINY if args.tiny else LLAMA_8B), attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -280,24 +281,25 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "gpu_profile.txt").unlink(missing_ok=True)
+    cases = caches(args.context, artifacts, dim)
+    so_far = lambda: env | {"minutes": round((time.perf_counter() - started) / 60, 1)}  # noqa: E731
     runs = []
-    for index, (name, (batch, tokens, factory)) in enumerate(caches(args.context, artifacts, dim).items()):
+    for index, (name, (batch, tokens, factory)) in enumerate(cases.items()):
         if index > 0 and args.only is not None and not name.startswith(tuple(args.only)):
             continue
         profile_to = Path(args.output) / "gpu_profile.txt" if args.profile else None
         runs.append(measure(model, name, batch, tokens, factory, args.steps, args.repeats, profile_to))
         runs[-1].vs_dense = runs[-1].tokens_per_second / runs[0].tokens_per_second
-        write_outputs(runs, {}, env | {"minutes": round((time.perf_counter() - started) / 60, 1)}, args, Path(args.output), quiet=True)  # partial results survive a crash
+        write_outputs(runs, {}, so_far(), args, Path(args.output), quiet=True)  # partial results survive a crash
         print(table(runs).splitlines()[-1], flush=True)
     longest = {}
-    factories = {"dense": DynamicCache} | {name: factory for name, (_, _, factory) in caches(args.context, artifacts, dim).items()}
+    factories = {"dense": DynamicCache} | {name: factory for name, (_, _, factory) in cases.items()}
     for prefix in args.longest:
         name = next(name for name in factories if name.startswith(prefix))
         longest[name] = longest_context(model, factories[name], start=args.context * 2)
         print(f"longest context at batch 1, {name}: {longest[name]} tokens", flush=True)
-        write_outputs(runs, longest, env | {"minutes": round((time.perf_counter() - started) / 60, 1)}, args, Path(args.output), quiet=True)
-    env["minutes"] = round((time.perf_counter() - started) / 60, 1)
-    write_outputs(runs, longest, env, args, Path(args.output))
+        write_outputs(runs, longest, so_far(), args, Path(args.output), quiet=True)
+    write_outputs(runs, longest, so_far(), args, Path(args.output))
 
 
 def write_outputs(runs: list[Run], longest: dict, env: dict, args, output: Path, quiet: bool = False) -> None:

@@ -18,7 +18,8 @@ kvcompress attention masks out. Attention is invariant to slot order, so layout 
 core uses that freedom to work in place: both parts live in buffers with room for the slots they
 reach, new tokens are written after the last slot, and when slots leave (handed to the method,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
-never the whole cache; a buffer grows when a part outgrows it and shrinks when it is mostly empty.
+never the whole cache. A buffer grows when a part outgrows it; after each compression the tail's
+is cut back to its tokens and room for the next block, the store's to its slots.
 
 Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
 batch compresses each row exactly as it would alone. Compression runs right after the layer's
