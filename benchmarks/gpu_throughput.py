@@ -30,10 +30,15 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # growing caches fragment the default allocator
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 import kvcompress  # noqa: E402
+from kvcompress.attention import SDPA_BACKENDS  # noqa: E402
 from calibration.gates import gate_compressor  # noqa: E402
 from calibration.lowrank import lowrank_tensors, rope_inv_freq  # noqa: E402
 from kvcompress.config import RankConfig  # noqa: E402
@@ -49,6 +54,23 @@ LLAMA_8B = dict(
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)  # --tiny: checks the pipeline on a CPU
 SINK, WINDOW = 4, 64
 DENSE_BATCH, COMPRESSED_BATCH = 8, 64
+PACKED = "packed GQA"  # rows whose name ends so run DynamicCache under `packed_gqa_sdpa`
+
+
+def packed_gqa_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Decode attention with the query heads of each KV head packed as the rows of one query, so that each key is read
+    once, as kvcompress's attention does; transformers' sdpa (enable_gqa) gives each query head its own pass.
+    It shows how much of a cache's speed-up comes from that layout rather than from holding fewer tokens."""
+    if query.shape[2] != 1 or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, heads, _, dim = query.shape
+    with sdpa_kernel(SDPA_BACKENDS):
+        output = F.scaled_dot_product_attention(query.view(batch, key.shape[1], -1, dim), key, value, scale=scaling)
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+AttentionInterface.register("packed_gqa_sdpa", packed_gqa_sdpa)
+AttentionMaskInterface.register("packed_gqa_sdpa", sdpa_mask)
 
 
 @dataclass
@@ -58,6 +80,7 @@ class Run:
     context: int
     tokens_per_second: float = 0.0
     vs_dense: float = 0.0  # against the dense run of the same invocation
+    vs_packed_dense: float | None = None  # against dense under `packed_gqa_sdpa` in the same invocation (when it ran)
     kv_bytes: int = 0
     peak_bytes: int = 0
     error: str | None = None
@@ -112,6 +135,8 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
     return {
         f"dense, batch {DENSE_BATCH}": (DENSE_BATCH, context, DynamicCache),
         f"ideal 8:1 (dense, 1/8 of the tokens), batch {COMPRESSED_BATCH}": (COMPRESSED_BATCH, context // 8, DynamicCache),
+        f"dense, batch {DENSE_BATCH}, {PACKED}": (DENSE_BATCH, context, DynamicCache),
+        f"ideal 8:1, batch {COMPRESSED_BATCH}, {PACKED}": (COMPRESSED_BATCH, context // 8, DynamicCache),
         "streamingllm 8:1": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8)),
         "streamingllm 8:1, block 64": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=64)),
         "h2o 8:1": (*big, lambda: kvcompress.H2OCache(ratio=8)),
@@ -192,6 +217,7 @@ def free_memory(device: torch.device) -> None:
 def measure(model, name: str, batch: int, tokens: int, factory, steps: int, repeats: int, profile_to: Path | None = None) -> Run:
     run = Run(name, batch, tokens)
     free_memory(model.device)
+    model.set_attn_implementation("packed_gqa_sdpa" if name.endswith(PACKED) else "kvcompress_sdpa")
     try:
         cache = fill(factory(), model, batch, tokens)
         free_memory(model.device)
@@ -209,6 +235,7 @@ def measure(model, name: str, batch: int, tokens: int, factory, steps: int, repe
 
 def fits(model, factory, tokens: int, chunk: int) -> bool:
     free_memory(model.device)
+    model.set_attn_implementation("kvcompress_sdpa")
     try:
         decode(model, fill(factory(), model, 1, tokens, chunk=chunk), 1, steps=2, warmup=0)
         return True
@@ -233,12 +260,13 @@ def longest_context(model, factory, start: int = 65536, limit: int = 2**25) -> i
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| cache | batch | tokens/s | vs dense | KV GiB held | peak GiB while decoding |", "|---|---|---|---|---|---|"]
+    lines = ["| cache | batch | tokens/s | vs dense | vs dense, packed GQA | KV GiB held | peak GiB while decoding |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         if run.error:
-            lines.append(f"| {run.cache} | {run.batch} | {run.error} | - | - | - |")
+            lines.append(f"| {run.cache} | {run.batch} | {run.error} | - | - | - | - |")
         else:
-            lines.append(f"| {run.cache} | {run.batch} | {run.tokens_per_second:.0f} | {run.vs_dense:.2f}x | {run.kv_bytes / 2**30:.1f} | {run.peak_bytes / 2**30:.1f} |")
+            packed = "-" if run.vs_packed_dense is None else f"{run.vs_packed_dense:.2f}x"
+            lines.append(f"| {run.cache} | {run.batch} | {run.tokens_per_second:.0f} | {run.vs_dense:.2f}x | {packed} | {run.kv_bytes / 2**30:.1f} | {run.peak_bytes / 2**30:.1f} |")
     return "\n".join(lines)
 
 
@@ -290,6 +318,9 @@ def main(argv=None) -> None:
         profile_to = Path(args.output) / "gpu_profile.txt" if args.profile else None
         runs.append(measure(model, name, batch, tokens, factory, args.steps, args.repeats, profile_to))
         runs[-1].vs_dense = runs[-1].tokens_per_second / runs[0].tokens_per_second
+        packed_dense = next((run for run in runs if run.cache == f"dense, batch {DENSE_BATCH}, {PACKED}" and not run.error), None)
+        if packed_dense is not None:
+            runs[-1].vs_packed_dense = runs[-1].tokens_per_second / packed_dense.tokens_per_second
         write_outputs(runs, {}, so_far(), args, Path(args.output), quiet=True)  # partial results survive a crash
         print(table(runs).splitlines()[-1], flush=True)
     longest = {}

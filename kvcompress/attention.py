@@ -8,9 +8,14 @@ its tokens receive; padding must be known to keep each row's sink and window in 
 kvcompress registers two attention implementations with transformers' `AttentionInterface`:
 `kvcompress_sdpa` and `kvcompress_eager`. For a model without a compressed cache they are exactly
 sdpa / eager. With one, `CompressedCache.update` leaves the layer it updated as *pending*; the
-attention function of that layer picks it up, attends with the layer's own per-slot mask and bias
-when needed (otherwise it defers to the base implementation unchanged) and hands back what the
-layer needs to compress: which new tokens are padding and, if asked, the attention each slot got.
+attention function of that layer picks it up, attends over the layer's slots with its own per-slot
+mask and bias when needed, and hands back what the layer needs to compress: which new tokens are
+padding and, if asked, the attention each slot got. A multi-token forward whose positional mask is
+still right (no filler slots) defers to the base implementation unchanged.
+
+kvcompress's own attention packs the query heads that share a KV head as the rows of one query, so
+each key is read once per step; transformers' sdpa with `enable_gqa` gives every query head its own
+pass over the keys. Decode steps always take this path.
 
 The one extra line for a model not loaded by `kvcompress.load_model` is `kvcompress.enable(model)`.
 A compressed cache used without it raises at its next update instead of silently going wrong.
@@ -21,6 +26,8 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -29,7 +36,10 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BASE_IMPLEMENTATIONS = {"sdpa": "kvcompress_sdpa", "eager": "kvcompress_eager"}
 
-SCORES_PER_CHUNK = 2**26  # attention scores held at once by the slot-mask path (256 MB in float32)
+SCORES_PER_CHUNK = 2**26  # attention scores held at once by `_attend_over_slots` (256 MB in float32)
+# Not cuDNN: it builds an execution plan for every new key length (~45 ms each on an H100), and a
+# compressed cache's table changes length every decode step.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _pending = threading.local()
 
@@ -119,36 +129,51 @@ def _new_token_keep(attention_mask, q_len: int, device=None):
     return new if new.dtype == torch.bool else new > torch.finfo(new.dtype).min / 2
 
 
-def _attend_with_slot_mask(layer, query, key, value, new_keep, query_valid, scaling):
+def _attend_over_slots(layer, query, key, value, new_keep, query_valid, scaling):
     """Grouped-query attention over the layer's slots with its filler mask and bias; also the attention each slot got.
 
-    Queries go in chunks so that at most `SCORES_PER_CHUNK` scores exist at once (long prefills, H2O).
+    Fused sdpa with the mask and bias as an additive logit mask (none when a single query sees every
+    slot), unless the layer tracks the attention its slots receive (H2O), which needs the probabilities
+    themselves. Queries go in chunks so that at most `SCORES_PER_CHUNK` scores (or mask entries) exist
+    at once (long prefills).
     """
     batch, num_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups, old_len = num_heads // kv_heads, kv_len - q_len
     grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
-    old_keep = layer.slot_filled(old_len)[:, :, None, None, :]
+    unmasked = q_len == 1 and not layer.needs_slot_mask()
+    old_keep = None if unmasked else layer.slot_filled(old_len)[:, :, None, None, :]
     bias = layer.slot_bias(old_len)
     chunk = max(1, SCORES_PER_CHUNK // (batch * num_heads * kv_len))
     outputs, received = [], 0.0
     for start in range(0, q_len, chunk):
         queries = grouped[:, :, :, start : start + chunk]
         size = queries.shape[3]
-        scores = torch.matmul(queries.reshape(batch, kv_heads, groups * size, head_dim), key.transpose(-1, -2))
-        scores = scores.view(batch, kv_heads, groups, size, kv_len).float() * scaling
-        if bias is not None:
-            scores[..., :old_len] += bias[:, :, None, None, :]
-        keep = torch.cat(
+        rows = queries.reshape(batch, kv_heads, groups * size, head_dim)  # the query heads of a KV head share its pass
+        keep = None if unmasked else torch.cat(
             [old_keep.expand(batch, kv_heads, 1, size, old_len), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)],
             dim=-1,
-        )
-        probs = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
-        outputs.append(torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * size, kv_len), value).view(batch, kv_heads, groups, size, head_dim))
+        )  # [B, H_kv, 1 (all query heads of the group), size, kv_len]
         if layer.tracks_attention:
+            scores = torch.matmul(rows, key.transpose(-1, -2)).view(batch, kv_heads, groups, size, kv_len).float() * scaling
+            if bias is not None:
+                scores[..., :old_len] += bias[:, :, None, None, :]
+            probs = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
+            outputs.append(torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * size, kv_len), value).view(batch, kv_heads, groups, size, head_dim))
             if query_valid is not None:
                 probs = probs * query_valid[:, None, None, start : start + size, None]
             received = received + probs.sum(dim=(2, 3))
+            continue
+        logits = None
+        if not unmasked:
+            logits = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
+            if bias is not None:
+                logits[..., :old_len] += bias[:, :, None, None, :].to(query.dtype)
+            logits.masked_fill_(~keep, torch.finfo(query.dtype).min)  # finite: a row with nothing to see (padding) stays finite
+            logits = logits[:, :, 0] if size == 1 else logits.expand(batch, kv_heads, groups, size, kv_len).reshape(batch, kv_heads, groups * size, kv_len)
+        with sdpa_kernel(SDPA_BACKENDS):
+            output = F.scaled_dot_product_attention(rows, key, value, attn_mask=logits, scale=scaling)
+        outputs.append(output.view(batch, kv_heads, groups, size, head_dim))
     output = torch.cat(outputs, dim=3).view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
     return output, (received if layer.tracks_attention else None)
 
@@ -161,12 +186,12 @@ def _compressed_attention(base, module, query, key, value, attention_mask, scali
     q_len, kv_len = query.shape[-2], key.shape[-2]
     new_valid = _new_token_validity(attention_mask, q_len)
     mask_fits = attention_mask is None or attention_mask.shape[-1] == kv_len
-    if layer.needs_slot_mask() or not mask_fits:
+    if layer.needs_slot_mask() or not mask_fits or q_len == 1:
         if dropout and module.training:
             raise RuntimeError("kvcompress caches are for inference; attention dropout in training mode is not supported.")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         new_keep = _new_token_keep(attention_mask, q_len, query.device)
-        output, received = _attend_with_slot_mask(layer, query, key, value, new_keep, new_valid, scaling)
+        output, received = _attend_over_slots(layer, query, key, value, new_keep, new_valid, scaling)
         weights = None
     else:
         output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import FILLER, Budget, CompressedCache, CompressedLayer, Slots
+from .cache import FILLER, Budget, CompressedCache, CompressedLayer, Slots, _views
 
 
 class _BudgetedLayer(CompressedLayer):
@@ -28,6 +28,50 @@ class _BudgetedLayer(CompressedLayer):
 
     def window_size(self, seen: torch.Tensor) -> torch.Tensor:
         return (self.room(seen) * self.recent_share).long()
+
+    def _admit(self, leaving: dict) -> None:
+        """Let a full store that stays full take the token leaving the window (its slot ``[B, H, 1, ...]`` per tail
+        tensor) in place of one of its own; by default it takes nothing (StreamingLLM evicts the token)."""
+
+    def _compress(self) -> None:
+        if not self._hand_one_in_place():
+            super()._compress()
+
+    def _hand_one_in_place(self) -> bool:
+        """The usual per-token step in a dozen kernels without a device sync: the oldest token leaves the window,
+        its slot is filled by the tail's last one, and `_admit` decides what the store keeps.
+
+        Only when rows are aligned (no padding), blocks are single tokens, one token is due and the store is full and
+        stays so; the result is then the general path's, slot for slot (the tests check it). Returns whether it ran.
+        """
+        if not (self.block_size == 1 and self.rows_aligned and not self.has_fillers and self._new_tokens == 1):
+            return False
+        seen = torch.tensor([self.cumulative_length])
+        sink = min(self.cumulative_length, self.sink)
+        window = int(self.window_size(seen))
+        if self.tail_length - sink - window != 1 or int(self.room(seen)) - window != self.store_length:
+            return False
+        tail, last = self.tail, self.tail_length - 1
+        oldest = self.cumulative_length - self.tail_length + sink  # the first token id after the sink still in the tail
+        where = (tail["token_ids"][:, :1] == oldest).int().argmax(-1, keepdim=True)  # [B, 1, 1]: its slot (the same in every head)
+        leaving = {}
+        for name, slots in tail.items():  # keys, values, token ids (and scores)
+            if slots is not None:
+                index = _slot_index(where, slots)
+                leaving[name] = slots.gather(2, index)
+                slots.scatter_(2, index, slots[:, :, last:])  # the last slot fills its place
+        self.tail_length = last
+        self.tail = _views(self.tail_buffers, last)
+        self._admit(leaving)
+        self.handed += 1
+        self._tokens_until_check = 1
+        return True
+
+
+def _slot_index(per_head: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`per_head` ``[B, H or 1, 1]`` broadcast to index (or mask) one slot of `slots` ``[B, H, S, ...]`` per row and head."""
+    shape = per_head.shape + (1,) * (slots.dim() - 3)
+    return per_head.view(shape).expand(slots.shape[0], slots.shape[1], 1, *slots.shape[3:])
 
 
 class StreamingLLMLayer(_BudgetedLayer):
@@ -61,6 +105,18 @@ class H2OLayer(_BudgetedLayer):
         ranked = scores.masked_fill(token_ids == FILLER, float("-inf"))
         rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
         return rank < heavy_room[:, None, None]
+
+    def _admit(self, leaving: dict) -> None:
+        """The token leaving the window replaces each head's lowest-scored heavy hitter, unless it scores no higher.
+
+        Ties go as in `select_store`'s stable ranking: the newcomer first, then the latest of the lowest-scored.
+        """
+        store = self.store
+        lowest = store["scores"].shape[-1] - 1 - store["scores"].flip(-1).argmin(-1, keepdim=True)  # [B, H, 1]
+        replace = leaving["scores"] > store["scores"].gather(-1, lowest)
+        for name in ("keys", "values", "token_ids", "scores"):
+            slots, index = store[name], _slot_index(lowest, store[name])
+            slots.scatter_(2, index, torch.where(_slot_index(replace, slots[..., :1]), leaving[name], slots.gather(2, index)))
 
 
 class StreamingLLMCache(CompressedCache):

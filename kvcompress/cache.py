@@ -19,7 +19,13 @@ core uses that freedom to work in place: both parts live in buffers with room fo
 reach, new tokens are written after the last slot, and when slots leave (handed to the method,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
 never the whole cache. A buffer grows when a part outgrows it; after each compression the tail's
-is cut back to its tokens and room for the next block, the store's to its slots.
+is cut back to its tokens and room for the next block, and the store keeps room to grow by 1/32
+(`STORE_ROOM`) so that it is reallocated once per ~3% of growth, not at every block. `nbytes()`
+counts that room.
+
+A plain store (keys and values as they are) shares one allocation with the tail: keys, values and
+token ids are laid out ``[store with its room | tail]``, so attention reads the whole table as one
+view, with the room's filler slots masked out, instead of joining the parts by a copy every step.
 
 Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
 batch compresses each row exactly as it would alone. Compression runs right after the layer's
@@ -38,6 +44,8 @@ from .attention import check_supported_config, expect_attention
 
 FILLER = -1
 SYNTHESIZED = -2
+STORE_ROOM = 32  # the store keeps room for 1/STORE_ROOM more slots
+JOINT = ("keys", "values", "token_ids")  # what a plain store and the tail share one allocation for: all attention reads
 
 
 @dataclass
@@ -99,16 +107,32 @@ def _capacity(buffers: dict) -> int:
 
 def _resized(buffers: dict, length: int, capacity: int) -> dict:
     """Buffers of `capacity` slots holding the first `length` slots of `buffers` (the same ones when they already fit exactly)."""
-    if _capacity(buffers) == capacity:
-        return buffers
-    resized = {}
-    for name, buffer in buffers.items():
-        if buffer is not None:
-            resized[name] = buffer.new_zeros(buffer.shape[:2] + (capacity,) + buffer.shape[3:])  # fillers must hold finite numbers (0 x NaN is NaN)
-            resized[name][:, :, :length] = buffer[:, :, :length]
-        else:
-            resized[name] = None
+    return {name: None if buffer is None else _resized_tensor(buffer, name, length, capacity) for name, buffer in buffers.items()}
+
+
+def _resized_tensor(buffer: torch.Tensor, name: str, length: int, capacity: int) -> torch.Tensor:
+    if buffer.shape[2] == capacity:
+        return buffer
+    resized = _filler_slots(buffer, name, capacity)
+    resized[:, :, :length] = buffer[:, :, :length]
     return resized
+
+
+def _filler_slots(like: torch.Tensor, name: str, slots: int) -> torch.Tensor:
+    """`slots` filler slots shaped like `like`: token id FILLER, zeros elsewhere (fillers must hold finite numbers: 0 x NaN is NaN)."""
+    return like.new_full(like.shape[:2] + (slots,) + like.shape[3:], FILLER if name == "token_ids" else 0)
+
+
+def _joined(store: dict, store_length: int, store_capacity: int, tail: dict, tail_length: int, tail_capacity: int) -> tuple[dict, dict]:
+    """Store and tail buffers of the given capacities whose `JOINT` tensors are the two halves of one allocation each."""
+    joined_store, joined_tail = {}, {}
+    for name in JOINT:
+        joint = _filler_slots(store[name], name, store_capacity + tail_capacity)
+        joint[:, :, :store_length] = store[name][:, :, :store_length]
+        joint[:, :, store_capacity : store_capacity + tail_length] = tail[name][:, :, :tail_length]
+        joined_store[name], joined_tail[name] = joint[:, :, :store_capacity], joint[:, :, store_capacity:]
+    others = lambda part, length, capacity: _resized({name: t for name, t in part.items() if name not in JOINT}, length, capacity)  # noqa: E731
+    return joined_store | others(store, store_length, store_capacity), joined_tail | others(tail, tail_length, tail_capacity)
 
 
 def _place(buffers: dict, length: int, keep: torch.Tensor, new: dict | None = None, keep_new: torch.Tensor | None = None) -> tuple[dict, int]:
@@ -214,6 +238,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.seen = self.handed = None
         self.has_fillers = False
+        self.rows_aligned = True  # every row has seen the same real tokens (no padding): their tails hold the same token ids
         self._tokens_until_check = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -231,6 +256,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.handed = torch.zeros_like(self.seen)
         self.is_initialized = True
+        self._arrange()
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new tokens and return every slot for this forward's (exact) attention."""
@@ -246,7 +272,7 @@ class CompressedLayer(CacheLayerMixin):
         ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
         length = self.tail_length
         if length + new > _capacity(self.tail_buffers):
-            self.tail_buffers = _resized(self.tail_buffers, length, length + new)
+            self._arrange(tail_capacity=length + new)
         appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
         for name, buffer in self.tail_buffers.items():
             if buffer is not None:
@@ -255,14 +281,54 @@ class CompressedLayer(CacheLayerMixin):
         self.tail = tail = _views(self.tail_buffers, self.tail_length)
         self.cumulative_length += new
         self._new_tokens = new
+        if self.plain_store:
+            return self._joint_table("keys"), self._joint_table("values")
         if self.store_length == 0:
             return tail["keys"], tail["values"]
         keys, values = self.decode_store(self.store)
         return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
 
+    @property
+    def plain_store(self) -> bool:
+        """Whether the store holds keys and values as they are (and so shares the tail's allocation)."""
+        return type(self).encode_store is CompressedLayer.encode_store and type(self).decode_store is CompressedLayer.decode_store
+
+    def _joint_table(self, name: str) -> torch.Tensor:
+        """The attention table ``[store with its room | tail]`` of a `JOINT` tensor: a view, no copy."""
+        return self.store_buffers[name]._base[:, :, : self.table_store_width() + self.tail_length]
+
+    def table_store_width(self) -> int:
+        """Table slots before the tail's: the store's capacity when it shares the tail's allocation (its room is fillers), else its length."""
+        return _capacity(self.store_buffers) if self.plain_store and self.is_initialized else self.store_length
+
     def tail_capacity(self) -> int:
         """Slots the tail's buffers hold: its tokens and room for the next block of new ones."""
         return _capacity(self.tail_buffers) if self.is_initialized else 0
+
+    def store_capacity(self) -> int:
+        """Slots the store's buffers hold: its slots and room to grow by 1/`STORE_ROOM`."""
+        return _capacity(self.store_buffers) if self.is_initialized else 0
+
+    def _arrange(self, tail_capacity: int | None = None) -> None:
+        """Give the store room to grow by 1/`STORE_ROOM` (kept while it lasts) and the tail `tail_capacity` slots (default: its
+        tokens and the next block); a plain store and the tail go into one allocation whenever either is reallocated."""
+        store_length, room = self.store_length, self.store_length // STORE_ROOM
+        store_capacity = _capacity(self.store_buffers)
+        if not store_length + min(room, 1) <= store_capacity <= store_length + 2 * room:  # full, or far too big: reallocate
+            store_capacity = store_length + room
+        tail_capacity = self.tail_length + self.block_size if tail_capacity is None else tail_capacity
+        if not self.plain_store:
+            self.store_buffers = _resized(self.store_buffers, store_length, store_capacity)
+            self.tail_buffers = _resized(self.tail_buffers, self.tail_length, tail_capacity)
+        elif store_capacity != _capacity(self.store_buffers) or tail_capacity != _capacity(self.tail_buffers) or not self._is_joint():
+            self.store_buffers, self.tail_buffers = _joined(self.store_buffers, store_length, store_capacity, self.tail_buffers, self.tail_length, tail_capacity)
+        else:
+            self.store_buffers["token_ids"][:, :, store_length:] = FILLER  # slots that just left the store
+        self.store, self.tail = _views(self.store_buffers, store_length), _views(self.tail_buffers, self.tail_length)
+
+    def _is_joint(self) -> bool:
+        store, tail = self.store_buffers["keys"], self.tail_buffers["keys"]
+        return store._base is not None and tail._base is store._base and tail.storage_offset() == store.storage_offset() + store.shape[2] * store.stride(2)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -271,8 +337,8 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = self.store_length + self.tail_length
-        return held + query_length, self.cumulative_length - held
+        held = self.table_store_width() + self.tail_length
+        return held + query_length, self.cumulative_length - held  # negative when fillers and room outnumber evicted tokens: only the new tokens' columns are read then
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError(
@@ -298,6 +364,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store_buffers = self.store = {name: None if t is None else fn(t) for name, t in self.store.items()}
         self.tail_buffers = self.tail = {name: None if t is None else fn(t) for name, t in self.tail.items()}
         self.seen, self.handed = fn(self.seen), fn(self.handed)
+        self._arrange()
 
     # ------------------------------------------------------------------------ attention handshake
     def check_module(self, module, attention_kwargs: dict) -> None:
@@ -311,10 +378,12 @@ class CompressedLayer(CacheLayerMixin):
 
     def needs_slot_mask(self) -> bool:
         """Whether attention must use this layer's own slot mask rather than the positional one."""
-        return self.has_fillers or self.uses_bias or self.tracks_attention
+        return self.has_fillers or self.uses_bias or self.tracks_attention or self.table_store_width() > self.store_length
 
     def table_token_ids(self) -> torch.Tensor:
         """Token id of every slot of the attention table ``[store | tail]`` ([B, H, slots]; -1: filler)."""
+        if self.plain_store:
+            return self._joint_table("token_ids")
         return torch.cat([self.store["token_ids"], self.tail["token_ids"]], dim=-1)
 
     def slot_filled(self, length: int) -> torch.Tensor:
@@ -337,13 +406,14 @@ class CompressedLayer(CacheLayerMixin):
             ids = ids.masked_fill(~new_valid, FILLER)
             self.tail["token_ids"][..., -new:] = ids[:, None]
             self.has_fillers = True
+            self.rows_aligned = False
             self.seen += new_valid.sum(-1)
         else:
             self.seen += new
         if received is not None:
-            stored = self.store_length
-            self.store["scores"] += received[..., :stored]
-            self.tail["scores"] += received[..., stored:]
+            width = self.table_store_width()
+            self.store["scores"] += received[..., : self.store_length]
+            self.tail["scores"] += received[..., width:]
         self._tokens_until_check -= new
         if self._tokens_until_check <= 0:
             self._compress()
@@ -376,9 +446,6 @@ class CompressedLayer(CacheLayerMixin):
         handed = (position >= first[:, None]) & (position < (first + hand)[:, None])
         handed = torch.zeros_like(handed).scatter_(1, order, handed)  # sorted positions -> slots
         self.tail_buffers, self.tail_length = _place(self.tail_buffers, length, (tail["token_ids"] != FILLER) & ~handed[:, None])
-        # Room for the next block of new tokens, no more: a prefill (or any multi-token forward) leaves the tail longer.
-        self.tail_buffers = _resized(self.tail_buffers, self.tail_length, self.tail_length + self.block_size)
-        self.tail = _views(self.tail_buffers, self.tail_length)
 
         store, stored = self.store, self.store_length
         new = None if method_slots is None else self.encode_store(method_slots)
@@ -392,8 +459,8 @@ class CompressedLayer(CacheLayerMixin):
             keep &= selected
         if new is not None or not bool(keep.all()):
             self.store_buffers, self.store_length = _place(self.store_buffers, stored, keep[..., :stored], new, keep[..., stored:])
-            self.store_buffers = _resized(self.store_buffers, self.store_length, self.store_length)
-            self.store = _views(self.store_buffers, self.store_length)
+        # Room for the next block of new tokens, no more: a prefill (or any multi-token forward) leaves the tail longer.
+        self._arrange()
         self.handed += hand
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
 

@@ -207,3 +207,39 @@ def test_place_keeps_slots_where_they_are_and_moves_only_the_rest():
     assert length == 5
     assert buffers["token_ids"][0, 0, :5].tolist() == [0, 5, 2, 9, 4]  # 0, 2, 4 stay; 5 and the new 9 fill the gaps
     assert buffers["keys"][0, 0, :5, 0].tolist() == [0.0, 5.0, 2.0, 9.0, 4.0]
+
+
+@pytest.mark.parametrize("cache_class", [StreamingLLMCache, H2OCache])
+@pytest.mark.parametrize("budget", [dict(budget=24), dict(ratio=3)])
+def test_per_token_eviction_in_place_equals_the_general_path(monkeypatch, cache_class, budget):
+    from kvcompress.baselines import _BudgetedLayer
+
+    model = tiny_model("llama")
+    ids = prompt_ids(40, batch=2)
+    ran = []
+    in_place = _BudgetedLayer._hand_one_in_place
+    monkeypatch.setattr(_BudgetedLayer, "_hand_one_in_place", lambda self: ran.append(in_place(self)) or ran[-1])
+    quick = cache_class(**budget)
+    quick_tokens = greedy(model, quick, ids, new_tokens=30)
+    assert sum(ran) > 20  # the usual per-token step took the in-place path
+    monkeypatch.setattr(_BudgetedLayer, "_hand_one_in_place", lambda self: False)
+    general = cache_class(**budget)
+    assert torch.equal(greedy(model, general, ids, new_tokens=30), quick_tokens)
+    for a, b in zip(quick.layers, general.layers):
+        for part in ("store", "tail"):
+            for name, tensor in getattr(a, part).items():
+                other = getattr(b, part)[name]
+                assert (tensor is None and other is None) or torch.equal(tensor, other), (part, name)  # slot for slot
+
+
+def test_attention_reads_a_plain_store_and_the_tail_without_a_copy():
+    model = tiny_model("llama")
+    cache = H2OCache(ratio=4, block_size=4)
+    greedy(model, cache, prompt_ids(300), new_tokens=40)
+    layer = cache.layers[0]
+    storages = {layer.store_buffers[name].untyped_storage().data_ptr() for name in ("keys", "values")}
+    keys, values = layer.update(torch.zeros_like(layer.tail["keys"][:, :, :1]), torch.zeros_like(layer.tail["values"][:, :, :1]))
+    assert {keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr()} == storages  # views of the cache's buffers
+    assert keys.shape[2] == layer.store_capacity() + layer.tail_length  # [store with its room | tail]
+    assert layer.store_length < layer.store_capacity() <= layer.store_length * 1.07  # room to grow, a few percent
+    assert (layer.table_token_ids()[..., layer.store_length : layer.store_capacity()] == -1).all()  # the room is masked out

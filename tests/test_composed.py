@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from kvcompress import ComposedCache, GatedCache, PCACache
-from kvcompress.cache import FILLER
+from kvcompress.cache import FILLER, STORE_ROOM
 from kvcompress.lowrank import LowRankCompressor, PCACompressor
 from kvcompress.quantize import dequantize, quantize
 from test_gates import tiny_gates
@@ -74,7 +74,8 @@ def test_the_savings_multiply_and_the_bytes_are_the_quantized_store(parts):
         held[name] = cache.nbytes()
     assert held["gates x low rank x int4"] < held["gates x low rank"] < held["gates"]
     layer = cache.layers[0]
-    stored, tail = layer.store_length, layer.tail_capacity()
+    stored, tail = layer.store_capacity(), layer.tail_capacity()  # the slots and the room to grow
+    assert layer.store_length <= stored <= layer.store_length * (1 + 1 / STORE_ROOM)
     # int4 latents (keys: 2 heads x 4 dims -> 1 group of 8; values: 2 x 6 = 12 dims -> 2 groups) with float16 scales,
     # int32 token ids and float32 gate probabilities per slot and head, then the exact tail with room for the next block.
     quantized = stored * (8 // 2 + 16 // 2) + stored * (1 + 2) * 2
@@ -88,7 +89,7 @@ def test_int8_alone_keeps_every_token_in_a_third_of_the_float32_bytes():
     greedy(model, cache, prompt_ids(64), new_tokens=16)
     layer = cache.layers[0]
     assert int(layer.tokens_held().min()) == 64 + 15
-    stored, heads = layer.store_length, layer.store["token_ids"].shape[1]
+    stored, heads = layer.store_capacity(), layer.store["token_ids"].shape[1]  # the slots and the room to grow
     # per slot and head: int8 keys and values (16 bytes each) with one float16 scale each, and an int32 token id
     assert layer.store["keys.q"].dtype == torch.int8 and layer.nbytes() == stored * heads * (2 * (16 + 2) + 4) + layer.tail_capacity() * heads * (2 * 16 + 1) * 4
     assert stored * heads * (2 * (16 + 2) + 4) < 0.33 * stored * heads * 2 * 16 * 4  # the stored tokens in a third of their float32 bytes
