@@ -38,7 +38,7 @@ class _BudgetedLayer(CompressedLayer):
             super()._compress()
 
     def _hand_one_in_place(self) -> bool:
-        """The usual per-token step in a dozen kernels without a device sync: the oldest token leaves the window,
+        """The usual per-token step in a few dozen small kernels without a device sync: the oldest token leaves the window,
         its slot is filled by the tail's last one, and `_admit` decides what the store keeps.
 
         Only when rows are aligned (no padding), blocks are single tokens, one token is due and the store is full and

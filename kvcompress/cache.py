@@ -459,7 +459,7 @@ class CompressedLayer(CacheLayerMixin):
             keep &= selected
         if new is not None or not bool(keep.all()):
             self.store_buffers, self.store_length = _place(self.store_buffers, stored, keep[..., :stored], new, keep[..., stored:])
-        # Room for the next block of new tokens, no more: a prefill (or any multi-token forward) leaves the tail longer.
+        # The tail back to its tokens and room for the next block (a prefill left it longer); the store with room to grow.
         self._arrange()
         self.handed += hand
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
