@@ -8,8 +8,7 @@ hits all of them alike) and the median over repeats is reported. "core" is a Str
 whose budget covers the whole sequence: nothing is compressed, so its extra time is the overhead
 of the shared machinery (routing, bookkeeping) alone. "block 16" caches evict 16 tokens at a time
 (holding up to 15 tokens of their budget less) and rebuild their table 16x less often.
-`--compressors` adds fitted compressors (`kvcompress calibrate --output DIR`): their caches decode
-the whole store from latents at every step.
+`--compressors` adds fitted compressors (`kvcompress calibrate --output DIR`).
 """
 
 from __future__ import annotations

@@ -178,6 +178,18 @@ def _attend_over_slots(layer, query, key, value, new_keep, query_valid, scaling)
     return output, (received if layer.tracks_attention else None)
 
 
+def merge_softmax(top: torch.Tensor, total: torch.Tensor, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge partial softmaxes over disjoint key sets, stacked along `dim`, into one.
+
+    Each part is (its largest logit, the sum of its weights taken relative to it, those weights
+    times the values) per query: the log-sum-exp bookkeeping that lets attention over a table be
+    computed piece by piece. Largest logits must be finite.
+    """
+    merged = top.amax(dim, keepdim=True)
+    weight = (top - merged).exp()
+    return merged.squeeze(dim), (total * weight).sum(dim), (values * weight.unsqueeze(-1)).sum(dim)
+
+
 def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = _take_pending(module, key)
     if layer is None:
@@ -186,12 +198,15 @@ def _compressed_attention(base, module, query, key, value, attention_mask, scali
     q_len, kv_len = query.shape[-2], key.shape[-2]
     new_valid = _new_token_validity(attention_mask, q_len)
     mask_fits = attention_mask is None or attention_mask.shape[-1] == kv_len
-    if layer.needs_slot_mask() or not mask_fits or q_len == 1:
+    if layer.needs_slot_mask() or layer.store_attended or not mask_fits or q_len == 1:
         if dropout and module.training:
             raise RuntimeError("kvcompress caches are for inference; attention dropout in training mode is not supported.")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         new_keep = _new_token_keep(attention_mask, q_len, query.device)
-        output, received = _attend_over_slots(layer, query, key, value, new_keep, new_valid, scaling)
+        if layer.store_attended:  # `key` and `value` are the tail's: the method attends its store itself
+            output, received = layer.attend_with_store(query, new_keep, scaling), None
+        else:
+            output, received = _attend_over_slots(layer, query, key, value, new_keep, new_valid, scaling)
         weights = None
     else:
         output, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -8,7 +8,11 @@ table ``[store | tail]`` they make:
 * the *store*: whatever the method chose to keep for tokens that left the recent window (kept
   tokens, merged super-tokens, low-rank latents, ...), in the method's own encoding
   (`encode_store` / `decode_store`; by default plain keys and values). Only the encoded form is
-  held between forward passes; decoded keys and values exist only while attention runs.
+  held between forward passes; decoded keys and values exist only while attention runs. A method
+  whose encoding is cheaper to attend as it is than to decode (low-rank latents) says so with
+  `attends_store`: attention then asks it for the partial softmax over its store
+  (`attend_store`) and merges that with the exact tail (`attend_with_store`), and the store is
+  never decoded.
 
 Once a row's tail (sink excluded) is longer than its window by `block_size` tokens or more, the
 oldest whole blocks are handed to the method (`compress_blocks`), which returns the slots to store
@@ -40,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import check_supported_config, expect_attention
+from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax
 
 FILLER = -1
 SYNTHESIZED = -2
@@ -187,6 +191,7 @@ class CompressedLayer(CacheLayerMixin):
     tracks_attention = False  # ask attention for the mass each slot receives (kept in `scores`)
     scores_store = False  # store slots keep a method-given score (`Slots.scores` from compress_blocks) without tracking attention
     uses_bias = False  # store slots carry an additive attention-logit bias (kept in `bias`)
+    attends_store = False  # attention over the store is `attend_store`'s, in the store's own encoding: it is never decoded
 
     def __init__(self, layer_idx: int, sink: int = 4, window: int = 64, block_size: int = 1):
         super().__init__()
@@ -227,6 +232,16 @@ class CompressedLayer(CacheLayerMixin):
         """Keys and values ``[B, H, S, D]`` of the store for attention (transient: not kept)."""
         return store["keys"], store["values"]
 
+    def attend_store(self, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `attends_store` methods, whose store is cheaper to attend in its own encoding than to decode.
+
+        Partial softmax of query rows ``[B, H, R, D]`` (each KV head's query heads times new tokens)
+        over the store's filled slots, all of which every new token sees: ``(max logit [B, H, R], sum
+        of weights [B, H, R], weighted values [B, H, R, D])`` in float32, each weight taken relative
+        to the max, which must be finite (see `kvcompress.attention.merge_softmax`).
+        """
+        raise NotImplementedError
+
     # ----------------------------------------------------------------------- transformers contract
     def reset(self) -> None:
         self.store: dict = {}  # views of the first store_length slots of store_buffers (likewise for the tail)
@@ -238,6 +253,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.seen = self.handed = None
         self.has_fillers = False
+        self.store_attended = False  # this forward's attention reads the store through attend_with_store
         self.rows_aligned = True  # every row has seen the same real tokens (no padding): their tails hold the same token ids
         self._tokens_until_check = 0
 
@@ -281,9 +297,10 @@ class CompressedLayer(CacheLayerMixin):
         self.tail = tail = _views(self.tail_buffers, self.tail_length)
         self.cumulative_length += new
         self._new_tokens = new
+        self.store_attended = self.attends_store and self.store_length > 0
         if self.plain_store:
             return self._joint_table("keys"), self._joint_table("values")
-        if self.store_length == 0:
+        if self.store_length == 0 or self.store_attended:  # attention reads the store through attend_with_store
             return tail["keys"], tail["values"]
         keys, values = self.decode_store(self.store)
         return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
@@ -396,6 +413,36 @@ class CompressedLayer(CacheLayerMixin):
             return None
         bias = self.store["bias"]
         return torch.cat([bias, bias.new_zeros(*bias.shape[:2], length - bias.shape[2])], dim=-1)
+
+    def attend_with_store(self, query: torch.Tensor, new_keep: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output ``[B, q, heads, D]`` of the new tokens' queries over the store (`attend_store`) and the exact tail.
+
+        `new_keep` ``[B or 1, 1, q, q]`` says which new tokens each new query sees (causal, padding);
+        every store slot precedes them all. Queries go in chunks so that at most `SCORES_PER_CHUNK`
+        tail logits exist at once.
+        """
+        batch, heads, q_len, dim = query.shape
+        keys, values = self.tail["keys"], self.tail["values"]
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        groups = heads // kv_heads
+        grouped = query.view(batch, kv_heads, groups, q_len, dim)
+        filled = (self.tail["token_ids"] != FILLER)[:, :, None, None, : length - q_len]
+        chunk = max(1, SCORES_PER_CHUNK // (batch * heads * length))
+        outputs = []
+        for start in range(0, q_len, chunk):
+            size = min(chunk, q_len - start)
+            rows = grouped[:, :, :, start : start + size].reshape(batch, kv_heads, groups * size, dim)
+            keep = torch.cat([filled.expand(batch, kv_heads, 1, size, -1), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)], dim=-1)
+            logits = (torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling).view(batch, kv_heads, groups, size, length)
+            logits = logits.masked_fill(~keep, float("-inf")).view(batch, kv_heads, groups * size, length)
+            top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # finite: a padding query sees nothing
+            weights = (logits - top[..., None]).exp()
+            tail_part = (top, weights.sum(-1), torch.matmul(weights, values.float()))
+            parts = [torch.stack(pair) for pair in zip(self.attend_store(rows, scaling), tail_part)]
+            top, total, weighted = merge_softmax(*parts, dim=0)
+            output = weighted / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+            outputs.append(output.view(batch, kv_heads, groups, size, dim))
+        return torch.cat(outputs, dim=3).to(query.dtype).view(batch, heads, q_len, dim).transpose(1, 2)
 
     def after_attention(self, new_valid: torch.Tensor | None, received: torch.Tensor | None) -> None:
         """Record which new tokens were padding and the attention slots got, then compress."""

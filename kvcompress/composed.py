@@ -6,10 +6,12 @@ token needs (`PCACache` / `KVSpliceCache`), and integer quantization decides *ho
 number gets. `ComposedCache` stacks any of them over the shared core: the gate chooses the slots,
 the projection encodes them into latents, and the latents (or the plain keys and values, without a
 projection) are stored as int8 or int4 with a float16 scale per group. The sink and the recent
-window stay exact. Decoding runs the other way while a layer's attention runs.
+window stay exact. With a projection, attention reads the stored latents as they are (the low-rank
+caches' `attend_store`; the Triton kernel de-quantizes them on chip); without one, the keys and
+values are de-quantized while a layer's attention runs.
 
-Each part is the method's own code (`GatedLayer.compress_blocks`, `LowRankCompressor.encode`,
-`kvcompress.quantize`); this file only wires them together.
+Each part is the method's own code (`GatedLayer.compress_blocks`, `LowRankCompressor.encode` and
+`attend_store`, `kvcompress.quantize`); this file only wires them together.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .cache import CompressedCache, Slots
 from .gate import GateCompressor, GatedLayer, gating
 from .hub import FittedLayer
 from .lowrank import LowRankCompressor
-from .quantize import check_quantization, dequantize, quantize
+from .quantize import Quantized, check_quantization, quantize
 
 
 class ComposedLayer(FittedLayer):
@@ -41,6 +43,10 @@ class ComposedLayer(FittedLayer):
         self.per_head_latents = self.gating is not None and self.gating.policy == "head"
         self.widths: dict[str, int] = {}
 
+    @property
+    def attends_store(self) -> bool:
+        return self.lowrank is not None  # attention reads the latents as they are, not decoded keys and values
+
     def compress_blocks(self, blocks: Slots) -> Slots:
         return blocks if self.gating is None else self.gating.compress_blocks(blocks)
 
@@ -57,14 +63,20 @@ class ComposedLayer(FittedLayer):
         return {name: slots[name] for name in ("token_ids", "scores", "bias") if name in slots} | tensors
 
     def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        names = ("key_latents", "value_latents") if self.lowrank is not None else ("keys", "values")
-        if self.bits is None:
-            tensors = [store[name] for name in names]
-        else:
-            tensors = [dequantize({"q": store[f"{name}.q"], "scale": store[f"{name}.scale"]}, self.widths[name], self.dtype) for name in names]
+        tensors = [t.dequantize(self.dtype) if isinstance(t, Quantized) else t for t in self._stored(store)]
         if self.lowrank is not None:
             return self.lowrank.decode(self.layer_idx, *tensors, store["token_ids"])
         return tensors[0], tensors[1]
+
+    def attend_store(self, queries: torch.Tensor, scaling: float):
+        return self.lowrank.attend_store(self.layer_idx, queries, *self._stored(self.store), self.store["token_ids"], scaling)
+
+    def _stored(self, store: dict) -> list:
+        """The stored keys and values, or their latents: tensors, or `Quantized` ones."""
+        names = ("key_latents", "value_latents") if self.lowrank is not None else ("keys", "values")
+        if self.bits is None:
+            return [store[name] for name in names]
+        return [Quantized(store[f"{name}.q"], store[f"{name}.scale"], self.widths[name]) for name in names]
 
 
 class ComposedCache(CompressedCache):

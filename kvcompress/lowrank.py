@@ -12,8 +12,11 @@ assigns them), encodes, and rotates the decoded key back when attention reads it
 roughly halves the perplexity cost of a given key rank.
 
 The store holds only latents ``[B, 1, slots, sum of the layer's ranks]`` (heads side by side, so
-heterogeneous ranks cost no padding); decoded keys and values exist only while attention runs. The
-attention sink and the recent window stay exact.
+heterogeneous ranks cost no padding). Attention reads them as they are (`attends_store`): values
+are mixed in latent space and decoded once per query, ``(P Z) W + (sum P) b``; keys are decoded
+and rotated block by block, on chip by a Triton kernel on a GPU (`kvcompress.latent_attention`).
+The full keys and values of the store never exist at once (`decode_store` is the plain inverse,
+which the tests check attention against). The attention sink and the recent window stay exact.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .cache import CompressedCache, Slots
+from . import latent_attention
+from .attention import SCORES_PER_CHUNK, merge_softmax
+from .cache import FILLER, CompressedCache, Slots
 from .config import ConfigError, RankConfig
 from .hub import CompressorArtifact, FittedLayer
+from .quantize import Quantized
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -46,6 +52,7 @@ class AffineProjection:
     decoder: torch.Tensor  # [H, R, D]
     decoder_bias: torch.Tensor  # [H, 1, D]
     columns: torch.Tensor  # [sum of ranks]: where each head's latents sit in the flattened [H * R] padded layout
+    head_columns: torch.Tensor  # [H, 2] int32: where each head's latents start in the shared layout [..., sum of ranks], and how many
 
     @classmethod
     def from_heads(cls, heads: list[dict], device, dtype) -> AffineProjection:
@@ -63,8 +70,10 @@ class AffineProjection:
             decoder[index, :rank] = head["decoder"]
             columns.append(index * largest + torch.arange(rank))
         decoder_bias = torch.stack([head["decoder_bias"] for head in heads])[:, None]
+        ranks = torch.tensor([len(head_columns) for head_columns in columns])
+        head_columns = torch.stack([ranks.cumsum(0) - ranks, ranks], dim=1).to(device=device, dtype=torch.int32)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device))
+        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns)
 
     def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]`` (slots aligned across heads), or with
@@ -72,15 +81,25 @@ class AffineProjection:
         latents = torch.matmul(x, self.encoder) + self.encoder_bias
         return latents if per_head else latents.transpose(1, 2).flatten(2)[..., self.columns][:, None]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents of either layout -> ``[B, H, n, D]``."""
+    def per_head(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents of either layout -> ``[B, H, n, largest rank]``."""
         batch, layout_heads, length, _ = latents.shape
         heads, largest = self.encoder.shape[0], self.encoder.shape[2]
         if layout_heads == 1 and heads > 1:
             padded = latents.new_zeros(batch, length, heads * largest)
             padded[..., self.columns] = latents[:, 0]
             latents = padded.view(batch, length, heads, largest).transpose(1, 2)
-        return torch.matmul(latents, self.decoder) + self.decoder_bias
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents of either layout -> ``[B, H, n, D]``."""
+        return torch.matmul(self.per_head(latents), self.decoder) + self.decoder_bias
+
+    def column_table(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[H, 2]`` int32: where each head's latents start in the last dimension of `latents` (either layout), and how many."""
+        if latents.shape[1] == 1:
+            return self.head_columns
+        return torch.stack([torch.zeros_like(self.head_columns[:, 0]), torch.full_like(self.head_columns[:, 0], self.encoder.shape[2])], dim=1)
 
 
 class LowRankCompressor(CompressorArtifact):
@@ -120,11 +139,44 @@ class LowRankCompressor(CompressorArtifact):
         unrotated = rotate(keys, positions, self.inv_freq(keys.device), inverse=True)
         return {"key_latents": key_projection.encode(unrotated, per_head), "value_latents": value_projection.encode(values, per_head)}
 
-    def decode(self, layer_idx: int, key_latents: torch.Tensor, value_latents: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout."""
+    def decode(self, layer_idx: int, key_latents: torch.Tensor, value_latents: torch.Tensor | None, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout (values: None for None)."""
         key_projection, value_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)
         positions = token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]
-        return rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device)), value_projection.decode(value_latents)
+        keys = rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device))
+        return keys, None if value_latents is None else value_projection.decode(value_latents)
+
+    def attend_store(self, layer_idx: int, queries: torch.Tensor, key_latents, value_latents, token_ids: torch.Tensor, scaling: float):
+        """Query rows' partial softmax over a store of latents (floats or `Quantized`), without decoding it to keys and values
+        (see `CompressedLayer.attend_store`).
+
+        Values are mixed in latent space and decoded once per query row. Keys are decoded on chip by
+        the Triton kernel (`kvcompress.latent_attention`) where it runs, else here, in PyTorch, a
+        chunk of slots at a time (at most `SCORES_PER_CHUNK` logits at once).
+        """
+        key_projection, value_projection = self.projections(layer_idx, queries.device, queries.dtype)
+        inv_freq = self.inv_freq(queries.device)
+        if latent_attention.available(queries, queries.shape[-1]):
+            top, total, latents = latent_attention.store_partials(
+                queries, key_latents, value_latents, token_ids, key_projection.decoder, key_projection.decoder_bias,
+                key_projection.column_table(key_latents), value_projection.column_table(value_latents), value_projection.decoder.shape[1], inv_freq, scaling,
+            )
+        else:
+            key_latents, value_latents = (x.dequantize(queries.dtype) if isinstance(x, Quantized) else x for x in (key_latents, value_latents))
+            batch, heads, rows, _ = queries.shape
+            chunk = max(1, SCORES_PER_CHUNK // (batch * heads * rows))
+            parts = []
+            for start in range(0, token_ids.shape[2], chunk):
+                ids = token_ids[:, :, start : start + chunk]
+                keys = self.decode(layer_idx, key_latents[:, :, start : start + chunk], None, ids)[0]
+                logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * scaling
+                logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
+                top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # finite when a row's slots are all fillers
+                weights = (logits - top[..., None]).exp()
+                parts.append((top, weights.sum(-1), torch.matmul(weights, value_projection.per_head(value_latents[:, :, start : start + chunk]).float())))
+            top, total, latents = merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
+        values = torch.matmul(latents, value_projection.decoder.float()) + total[..., None] * value_projection.decoder_bias.float()
+        return top, total, values
 
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."
@@ -147,6 +199,8 @@ class KVSpliceCompressor(LowRankCompressor):
 class LowRankLayer(FittedLayer):
     """Sink and recent window exact; older tokens as per-head latents of the compressor's projections."""
 
+    attends_store = True
+
     def compress_blocks(self, blocks: Slots) -> Slots:
         return blocks  # every token is kept; encode_store makes it small
 
@@ -155,6 +209,9 @@ class LowRankLayer(FittedLayer):
 
     def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.compressor.decode(self.layer_idx, store["key_latents"], store["value_latents"], store["token_ids"])
+
+    def attend_store(self, queries: torch.Tensor, scaling: float):
+        return self.compressor.attend_store(self.layer_idx, queries, self.store["key_latents"], self.store["value_latents"], self.store["token_ids"], scaling)
 
 
 class _LowRankCache(CompressedCache):

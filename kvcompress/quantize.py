@@ -10,6 +10,7 @@ store tensor. The last dimension is zero-padded to whole groups; `dequantize` cu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -45,3 +46,28 @@ def dequantize(packed: dict, width: int, dtype: torch.dtype) -> torch.Tensor:
         q = torch.stack([(q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], dim=-1).flatten(-2)
     groups = q.unflatten(-1, (scale.shape[-1], -1)).to(dtype) * scale[..., None].to(dtype)
     return groups.flatten(-2)[..., :width]
+
+
+@dataclass
+class Quantized:
+    """A tensor of `width` numbers per row as `quantize` left it, for readers that de-quantize it themselves."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    width: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the tensor it stands for."""
+        return self.q.shape[:-1] + (self.width,)
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.q.dtype == torch.uint8 else 8
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[-1] * 8 // self.bits // self.scale.shape[-1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize({"q": self.q, "scale": self.scale}, self.width, dtype)

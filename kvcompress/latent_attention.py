@@ -1,0 +1,188 @@
+"""A Triton kernel for attention over a low-rank store, read in latent space.
+
+Decoding every latent to full keys and values before attention writes and reads back far more
+bytes than the store holds: a rank-16 store of 8:1 at 8x the batch moves 8x a dense cache's bytes
+per step. This kernel reads only the latents (as floats, or as `kvcompress.quantize`'s int8/int4
+with their scales, de-quantized on chip). Per (row, KV head), span of store slots and tile of 16
+query rows it decodes a block of key latents on chip (``latents @ decoder + bias``), applies RoPE
+at the slots' token ids (keys are stored before RoPE, so the decoder cannot be folded into the
+query), scores the query rows against them with an online softmax, and sums the softmax weights
+times the *value latents*: values are mixed in latent space and decoded once per query afterwards
+(`LowRankCompressor.attend_store`). The caller merges the partial softmaxes of the spans and of
+the exact tail through their maxima (`kvcompress.attention.merge_softmax`).
+
+`store_partials` needs CUDA and Triton (a CUDA build of torch ships it). It also runs on CPU tensors
+under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .attention import merge_softmax
+from .quantize import Quantized
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch: the low-rank caches use their PyTorch path
+    triton = None
+
+BLOCK_SLOTS = 128  # store slots per inner step
+PROGRAMS_WANTED = 1024  # spans per call at least, so that a small batch still fills the GPU
+NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128 slots beat 8 warps and 32 or 64 slots
+ROW_TILE = 16  # query rows per program: tl.dot's smallest
+
+
+def available(queries: torch.Tensor, head_dim: int) -> bool:
+    """Whether the kernel can run for these queries: Triton present, a GPU (or the interpreter), a power-of-two head_dim >= 32."""
+    if triton is None or head_dim < 32 or head_dim & (head_dim - 1):
+        return False
+    return queries.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _width(columns: int) -> int:
+    return max(16, 1 << (columns - 1).bit_length())  # tl.dot wants power-of-two dimensions of at least 16
+
+
+def _source(latents) -> tuple:
+    """(data, scale, bits, group size) of float or `Quantized` latents; the scale is a stand-in when there is none."""
+    if isinstance(latents, Quantized):
+        return latents.q, latents.scale, latents.bits, latents.group_size
+    return latents, latents, 0, 1
+
+
+def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, key_bias, key_columns, value_columns, value_rank, inv_freq, scaling):
+    """Partial softmax of query rows over a low-rank store.
+
+    `queries` ``[B, H, R, D]`` (the query rows of each KV head: its query heads, times the new
+    tokens); latents ``[B, 1 or H, S, C]``, floats or `Quantized`; `token_ids` ``[B, H, S]`` (-1:
+    filler, masked); `key_decoder` ``[H, R_k, D]`` and `key_bias` ``[H, 1, D]``;
+    `key_columns`/`value_columns` ``[H, 2]`` int32: where each head's latents start in the last
+    dimension and how many there are; `value_rank` the largest. Returns ``(max [B, H, R], sum
+    [B, H, R], latents [B, H, R, value_rank])`` in float32, the weights taken relative to `max`.
+    """
+    queries = queries.contiguous()
+    batch, heads, rows, dim = queries.shape
+    slots = token_ids.shape[2]
+    (zk, zk_scale, key_bits, key_group), (zv, zv_scale, value_bits, value_group) = _source(key_latents), _source(value_latents)
+    key_width, value_width = _width(key_decoder.shape[1]), _width(value_rank)
+    tiles = math.ceil(rows / ROW_TILE)
+    spans = max(1, min(math.ceil(slots / BLOCK_SLOTS), math.ceil(PROGRAMS_WANTED / (batch * heads * tiles))))
+    span = math.ceil(slots / spans / BLOCK_SLOTS) * BLOCK_SLOTS
+    spans = math.ceil(slots / span)
+    maxima = torch.empty(batch * heads, spans, tiles * ROW_TILE, device=queries.device, dtype=torch.float32)
+    sums = torch.empty_like(maxima)
+    latents = torch.empty(batch * heads, spans, tiles * ROW_TILE, value_width, device=queries.device, dtype=torch.float32)
+    strides = lambda t: (t.stride(0), t.stride(1) if t.shape[1] > 1 else 0, t.stride(2))  # noqa: E731  (head stride 0: one layout for all heads)
+    _store_partials_kernel[(batch * heads, spans, tiles)](
+        queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns, value_columns, maxima, sums, latents,
+        rows, slots, span, scaling, key_decoder.shape[1],
+        *queries.stride()[:3], *strides(zk), *strides(zk_scale), *strides(zv), *strides(zv_scale), *strides(token_ids), key_decoder.stride(0), key_decoder.stride(1),
+        HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_width, VALUE_WIDTH=value_width, BLOCK=BLOCK_SLOTS, TILE=ROW_TILE,
+        KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group,
+        PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
+        FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
+    )
+    top, total, latents = merge_softmax(maxima[..., :rows], sums[..., :rows], latents[:, :, :rows, :value_rank], dim=1)
+    shape = (batch, heads, rows)
+    return top.view(shape), total.view(shape), latents.view(*shape, value_rank)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_partials_kernel(
+        q_ptr, zk_ptr, zk_scale_ptr, zv_ptr, zv_scale_ptr, ids_ptr, dec_ptr, bias_ptr, freq_ptr, kcol_ptr, vcol_ptr, max_ptr, sum_ptr, acc_ptr,
+        rows, slots, span, scaling, dec_rows,
+        q_sb, q_sh, q_sr,
+        zk_sb, zk_sh, zk_ss, zks_sb, zks_sh, zks_ss,
+        zv_sb, zv_sh, zv_ss, zvs_sb, zvs_sh, zvs_ss,
+        ids_sb, ids_sh, ids_ss,
+        dec_sh, dec_sr,
+        HEADS: tl.constexpr, HALF: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+        KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
+        PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+    ):
+        program, part, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        row, head = program // HEADS, program % HEADS
+        r, d = tile * TILE + tl.arange(0, TILE), tl.arange(0, HALF)
+        rk, rv = tl.arange(0, KEY_WIDTH), tl.arange(0, VALUE_WIDTH)
+        q_rows = q_ptr + row * q_sb + head * q_sh + r[:, None] * q_sr
+        q_first = tl.load(q_rows + d[None, :], mask=r[:, None] < rows, other=0.0)
+        q_second = tl.load(q_rows + HALF + d[None, :], mask=r[:, None] < rows, other=0.0)
+        key_start, key_rank = tl.load(kcol_ptr + 2 * head), tl.load(kcol_ptr + 2 * head + 1)
+        value_start, value_rank = tl.load(vcol_ptr + 2 * head), tl.load(vcol_ptr + 2 * head + 1)
+        decoder = dec_ptr + head * dec_sh + rk[:, None] * dec_sr + d[None, :]
+        on_rank = (rk[:, None] < key_rank) & (rk[:, None] < dec_rows)
+        dec_first = tl.load(decoder, mask=on_rank, other=0.0)
+        dec_second = tl.load(decoder + HALF, mask=on_rank, other=0.0)
+        bias_first = tl.load(bias_ptr + head * 2 * HALF + d).to(tl.float32)
+        bias_second = tl.load(bias_ptr + head * 2 * HALF + HALF + d).to(tl.float32)
+        freq = tl.load(freq_ptr + d).to(tl.float32)
+
+        top = tl.full([TILE], -1.0e30, tl.float32)  # finite: a span of fillers only must not give inf - inf
+        total = tl.zeros([TILE], tl.float32)
+        acc = tl.zeros([TILE, VALUE_WIDTH], tl.float32)
+        start = part * span
+        end = tl.minimum(start + span, slots)
+        for first in range(start, end, BLOCK):
+            s = first + tl.arange(0, BLOCK)
+            inside = s < end
+            zk = _load_latents(zk_ptr, zk_scale_ptr, row * zk_sb + head * zk_sh + s * zk_ss, row * zks_sb + head * zks_sh + s * zks_ss,
+                               inside, key_start + rk, rk < key_rank, KEY_BITS, KEY_GROUP, q_first.dtype)
+            k_first = tl.dot(zk, dec_first, input_precision=PRECISION).to(tl.float32) + bias_first[None, :]
+            k_second = tl.dot(zk, dec_second, input_precision=PRECISION).to(tl.float32) + bias_second[None, :]
+            position = tl.load(ids_ptr + row * ids_sb + head * ids_sh + s * ids_ss, mask=inside, other=-1)
+            cos, sin = _cos_sin(position.to(tl.float32)[:, None] * freq[None, :], FAST_TRIG)
+            rotated_first = (k_first * cos - k_second * sin).to(q_first.dtype)  # RoPE, as transformers' rotate_half does it
+            rotated_second = (k_second * cos + k_first * sin).to(q_first.dtype)
+            logits = tl.dot(q_first, tl.trans(rotated_first), input_precision=PRECISION)
+            logits = (logits + tl.dot(q_second, tl.trans(rotated_second), input_precision=PRECISION)).to(tl.float32) * scaling
+            logits = tl.where((position >= 0)[None, :], logits, float("-inf"))
+            new_top = tl.maximum(top, tl.max(logits, 1))
+            weights = tl.exp(logits - new_top[:, None])
+            shrink = tl.exp(top - new_top)
+            zv = _load_latents(zv_ptr, zv_scale_ptr, row * zv_sb + head * zv_sh + s * zv_ss, row * zvs_sb + head * zvs_sh + s * zvs_ss,
+                               inside, value_start + rv, rv < value_rank, VALUE_BITS, VALUE_GROUP, q_first.dtype)
+            acc = acc * shrink[:, None] + tl.dot(weights.to(zv.dtype), zv, input_precision=PRECISION).to(tl.float32)
+            total = total * shrink + tl.sum(weights, 1)
+            top = new_top
+        out = (program * tl.num_programs(1) + part) * tl.num_programs(2) * TILE + r
+        tl.store(max_ptr + out, top)
+        tl.store(sum_ptr + out, total)
+        tl.store(acc_ptr + out[:, None] * VALUE_WIDTH + rv[None, :], acc)
+
+    @triton.jit
+    def _load_latents(ptr, scale_ptr, offsets, scale_offsets, inside, columns, on_rank, BITS: tl.constexpr, GROUP: tl.constexpr, dtype: tl.constexpr):
+        """A block of latents ``[slots, columns]`` in `dtype`: as stored (BITS 0), or de-quantized as `kvcompress.quantize.dequantize` does."""
+        mask = inside[:, None] & on_rank[None, :]
+        if BITS == 0:
+            return tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + scale_offsets[:, None] + columns[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
+        if BITS == 8:
+            numbers = tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0).to(tl.float32)
+        else:  # two a byte: low nibble first, offset by 8
+            packed = tl.load(ptr + offsets[:, None] + columns[None, :] // 2, mask=mask, other=0).to(tl.int32)
+            numbers = (tl.where(columns[None, :] % 2 == 0, packed & 15, packed >> 4) - 8).to(tl.float32)
+        return (numbers * scale).to(dtype)
+
+    @triton.jit
+    def _cos_sin(angle, FAST: tl.constexpr):
+        """cos and sin of float32 angles (up to millions of radians at long contexts).
+
+        `FAST` (CUDA): the angle is reduced to [-pi, pi] exactly enough (2 pi in two parts, fused
+        multiply-adds), then the hardware's approximate sin and cos (error ~1e-6) take it; libdevice's
+        accurate ones took twice as long as the whole kernel does with these.
+        """
+        if FAST:
+            turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+            reduced = tl.fma(turns, -6.2831854820251465, angle)  # 2 pi = 6.2831854820251465 - 1.7484556e-07
+            reduced = tl.fma(turns, 1.7484556000744487e-07, reduced)
+            cos = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [reduced], dtype=tl.float32, is_pure=True, pack=1)
+            sin = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [reduced], dtype=tl.float32, is_pure=True, pack=1)
+            return cos, sin
+        return tl.cos(angle), tl.sin(angle)

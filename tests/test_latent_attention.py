@@ -1,0 +1,168 @@
+"""Decode attention over a low-rank store read in latent space: the PyTorch path against decoding the
+store, and the Triton kernel against the PyTorch path (on a GPU, or on the CPU under Triton's
+interpreter, which `test_the_kernel_tests_pass_under_the_triton_interpreter` runs)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE, prompt_ids, tiny_model
+from kvcompress import ComposedCache, PCACache, latent_attention
+from kvcompress.attention import _attend_over_slots
+from kvcompress.cache import FILLER, CompressedLayer
+from kvcompress.composed import ComposedLayer
+from kvcompress.config import HeadRanks
+from kvcompress.lowrank import LowRankLayer
+from test_gates import tiny_gates
+from test_lowrank import SETTINGS, calibrate, stream_logits, uniform
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A model the kernel runs on (head_dim 32; 3 query heads per KV head), its gates, and PCA at uniform and mixed ranks."""
+    model = tiny_model("llama", hidden_size=96, head_dim=32, num_attention_heads=6, num_key_value_heads=2)
+    calibration = calibrate(model)
+    mixed = uniform(model, 6, 10)
+    mixed.heads[0, 0] = HeadRanks(3, 20)
+    mixed.heads[1, 1] = HeadRanks(17, 2)
+    return model, tiny_gates(model), calibration.fit("pca", uniform(model, 6, 10), SETTINGS)[0], calibration.fit("pca", mixed, SETTINGS)[0]
+
+
+CACHES = {
+    "pca": lambda gates, pca, mixed: PCACache(pca),
+    "pca, mixed ranks": lambda gates, pca, mixed: PCACache(mixed),
+    "gates x pca x int4": lambda gates, pca, mixed: ComposedCache(gates, mixed, keep_ratio=0.5, bits=4),  # per-head latents
+}
+
+
+def padded_prompt(length: int = 200, padding: int = 13):
+    """Two rows, the second left-padded: its store holds filler slots."""
+    ids = prompt_ids(length, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :padding], mask[1, :padding] = 0, 0
+    return ids, mask
+
+
+@torch.no_grad()
+def decode_logits(model, cache, ids, mask, prefill: int = 150, chunk: int = 40):
+    """Logits of a prefill in chunks (all but the first attend to a store) and then one decode step per remaining token."""
+    logits = []
+    for start in [*range(0, prefill, chunk), *range(prefill, ids.shape[1])]:
+        end = min(start + chunk, prefill) if start < prefill else start + 1
+        logits.append(model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
+    return torch.cat(logits, dim=1)
+
+
+CALLS = 2 * (3 + 50)  # per layer: three prefill chunks after the first, and 50 decode steps
+
+
+ATTEND = CompressedLayer.attend_with_store
+
+
+def outputs_on_the_same_states(model, cache, reference, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill chunks and decode steps of the padded prompt; at every attention over a store, its output and
+    `reference(layer, query, new_keep, scaling)` on the same state (comparing logits instead would let a gate that flips
+    on a rounding difference decide the outcome)."""
+    pairs = []
+
+    def both(layer, query, new_keep, scaling):
+        output = ATTEND(layer, query, new_keep, scaling)
+        pairs.append((output, reference(layer, query, new_keep, scaling)))
+        return output
+
+    monkeypatch.setattr(CompressedLayer, "attend_with_store", both)
+    decode_logits(model, cache, *padded_prompt())
+    monkeypatch.setattr(CompressedLayer, "attend_with_store", ATTEND)
+    return pairs
+
+
+def decoding_the_store(layer, query, new_keep, scaling):
+    """Attention over the store decoded to keys and values, joined with the tail, as caches without `attends_store` do it."""
+    keys, values = layer.decode_store(layer.store)
+    keys, values = torch.cat([keys, layer.tail["keys"]], dim=2), torch.cat([values, layer.tail["values"]], dim=2)
+    return _attend_over_slots(layer, query, keys, values, new_keep, None, scaling)[0]
+
+
+@pytest.mark.parametrize("name", sorted(CACHES))
+def test_attention_over_the_latents_equals_decoding_them(parts, name, monkeypatch):
+    model, *artifacts = parts
+    monkeypatch.setattr(latent_attention, "available", lambda *args: False)  # the PyTorch path, on any device
+    returned_more_than_the_tail = []
+    update = CompressedLayer.update
+
+    def watched(layer, key_states, value_states, *args, **kwargs):
+        keys, values = update(layer, key_states, value_states, *args, **kwargs)
+        returned_more_than_the_tail.append(keys.shape[2] > layer.tail_length)
+        return keys, values
+
+    monkeypatch.setattr(CompressedLayer, "update", watched)
+    cache = CACHES[name](*artifacts)
+    pairs = outputs_on_the_same_states(model, cache, decoding_the_store, monkeypatch)
+    assert len(pairs) == CALLS and len(returned_more_than_the_tail) == 2 + CALLS and not any(returned_more_than_the_tail)  # never decoded
+    assert bool((cache.layers[0].store["token_ids"][1] == FILLER).any())  # the padded row's gaps are masked
+    for latent, decoded in pairs:
+        assert torch.allclose(latent, decoded, atol=1e-5)
+
+
+def kernel_runs() -> bool:
+    return latent_attention.available(torch.empty(0, device=DEVICE), 32)
+
+
+needs_kernel = pytest.mark.skipif(not kernel_runs(), reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1 (test_the_kernel_tests_pass_under_the_triton_interpreter)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", sorted(CACHES))
+def test_kernel_equals_the_pytorch_path(parts, name, monkeypatch):
+    model, *artifacts = parts
+    monkeypatch.setattr(latent_attention, "BLOCK_SLOTS", 32)  # several blocks per span, the last one partly outside the store
+    monkeypatch.setattr(latent_attention, "PROGRAMS_WANTED", 8)
+    launches = []
+    store_partials = latent_attention.store_partials
+    monkeypatch.setattr(latent_attention, "store_partials", lambda *args: launches.append(args[3].shape[2]) or store_partials(*args))
+
+    def pytorch_path(layer, query, new_keep, scaling):
+        with monkeypatch.context() as patch:
+            patch.setattr(latent_attention, "available", lambda *args: False)
+            return ATTEND(layer, query, new_keep, scaling)
+
+    pairs = outputs_on_the_same_states(model, CACHES[name](*artifacts), pytorch_path, monkeypatch)
+    assert len(pairs) == len(launches) == CALLS and max(launches) > 2 * latent_attention.BLOCK_SLOTS  # every chunk and step; spans of several blocks
+    for kernel, pytorch in pairs:
+        assert torch.allclose(kernel, pytorch, atol=1e-4)
+
+
+@needs_kernel
+def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monkeypatch):
+    """Token ids up to 500k (RoPE angles of 500k radians), 1,000 slots split across several spans, fillers among them."""
+    _, _, pca, _ = parts
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, slots, dim = 1, 2, 1000, 32
+    queries = torch.randn(batch, heads, 3, dim, generator=generator).to(DEVICE)
+    key_latents = torch.randn(batch, 1, slots, 2 * 6, generator=generator).to(DEVICE)
+    value_latents = torch.randn(batch, 1, slots, 2 * 10, generator=generator).to(DEVICE)
+    token_ids = torch.randint(0, 500_000, (batch, 1, slots), generator=generator, dtype=torch.int32).expand(batch, heads, slots).contiguous()
+    token_ids[..., ::7] = FILLER
+    attend = lambda: pca.attend_store(1, queries, key_latents, value_latents, token_ids.to(DEVICE), 0.2)  # noqa: E731
+    kernel = attend()
+    monkeypatch.setattr(latent_attention, "available", lambda *args: False)
+    for got, expected in zip(kernel, attend()):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
+def test_the_kernel_tests_pass_under_the_triton_interpreter():
+    if sys.platform != "linux":
+        pytest.skip("Triton's wheels (in the test extra) are for Linux")
+    assert latent_attention.triton is not None, "Triton is missing: install the test extra, pip install -e '.[test]'"
+    environment = os.environ | {"TRITON_INTERPRET": "1"}
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernel_equals or kernel_rotates"],
+        cwd=tests.parent, env=environment, capture_output=True, text=True, timeout=1200,
+    )
+    assert run.returncode == 0 and "4 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
