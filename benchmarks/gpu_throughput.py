@@ -130,7 +130,8 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
     dense_bytes = 2 * dim * 2  # bf16 keys and values of one token and head
     gate_keep = keep_ratio_for(8, context, dense_bytes + 8, dense_bytes)  # + token id and gate score
     composed_width = 2 * artifacts["pca-composed"].ranks.d_k * artifacts["pca-composed"].ranks.memory_fraction()
-    composed_keep = keep_ratio_for(8, context, composed_width * (0.5 + 2 / 32) + 8, dense_bytes)  # int4 latents + fp16 scale per 32
+    composed_keep = {bits: keep_ratio_for(8, context, composed_width * (bits / 8 + 2 / 32) + 8, dense_bytes) for bits in (4, 8)}  # latents + fp16 scale per 32
+    composed_rank = artifacts["pca-composed"].ranks.heads[0, 0].key
     big = (COMPRESSED_BATCH, context)
     return {
         f"dense, batch {DENSE_BATCH}": (DENSE_BATCH, context, DynamicCache),
@@ -146,8 +147,10 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
         f"kvsplice rank {artifacts['kvsplice'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.KVSpliceCache(artifacts["kvsplice"])),
         "sidecar 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"])),
         "attention matching 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"], merge="attention_matching")),
-        f"gates x pca rank {artifacts['pca-composed'].ranks.heads[0, 0].key} x int4, keep {composed_keep:.3f} (8:1)": (
-            *big, lambda: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=composed_keep, budget="equal", bits=4)),
+    } | {
+        f"gates x pca rank {composed_rank} x int{bits}, keep {keep:.3f} (8:1)": (
+            *big, lambda keep=keep, bits=bits: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=keep, budget="equal", bits=bits))
+        for bits, keep in composed_keep.items()
     }
 
 
