@@ -178,6 +178,14 @@ def _attend_over_slots(layer, query, key, value, new_keep, query_valid, scaling)
     return output, (received if layer.tracks_attention else None)
 
 
+def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial softmax of float32 `logits` ``[..., R, S]`` (-inf: masked) over `values` ``[..., S, D]``, as
+    `merge_softmax` takes it; the largest logit is kept finite when a query sees none of these keys."""
+    top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)
+    weights = (logits - top[..., None]).exp()
+    return top, weights.sum(-1), torch.matmul(weights, values.float())
+
+
 def merge_softmax(top: torch.Tensor, total: torch.Tensor, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge partial softmaxes over disjoint key sets, stacked along `dim`, into one.
 

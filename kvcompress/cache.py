@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax
+from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax, softmax_part
 
 FILLER = -1
 SYNTHESIZED = -2
@@ -253,7 +253,6 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.seen = self.handed = None
         self.has_fillers = False
-        self.store_attended = False  # this forward's attention reads the store through attend_with_store
         self.rows_aligned = True  # every row has seen the same real tokens (no padding): their tails hold the same token ids
         self._tokens_until_check = 0
 
@@ -297,13 +296,17 @@ class CompressedLayer(CacheLayerMixin):
         self.tail = tail = _views(self.tail_buffers, self.tail_length)
         self.cumulative_length += new
         self._new_tokens = new
-        self.store_attended = self.attends_store and self.store_length > 0
         if self.plain_store:
             return self._joint_table("keys"), self._joint_table("values")
-        if self.store_length == 0 or self.store_attended:  # attention reads the store through attend_with_store
+        if self.store_length == 0 or self.attends_store:  # attention reads the store through attend_with_store
             return tail["keys"], tail["values"]
         keys, values = self.decode_store(self.store)
         return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
+
+    @property
+    def store_attended(self) -> bool:
+        """Whether this forward's attention reads the store through `attend_with_store` (`update` returned only the tail)."""
+        return self.attends_store and self.store_length > 0
 
     @property
     def plain_store(self) -> bool:
@@ -435,10 +438,7 @@ class CompressedLayer(CacheLayerMixin):
             keep = torch.cat([filled.expand(batch, kv_heads, 1, size, -1), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)], dim=-1)
             logits = (torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling).view(batch, kv_heads, groups, size, length)
             logits = logits.masked_fill(~keep, float("-inf")).view(batch, kv_heads, groups * size, length)
-            top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # finite: a padding query sees nothing
-            weights = (logits - top[..., None]).exp()
-            tail_part = (top, weights.sum(-1), torch.matmul(weights, values.float()))
-            parts = [torch.stack(pair) for pair in zip(self.attend_store(rows, scaling), tail_part)]
+            parts = [torch.stack(pair) for pair in zip(self.attend_store(rows, scaling), softmax_part(logits, values))]
             top, total, weighted = merge_softmax(*parts, dim=0)
             output = weighted / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
             outputs.append(output.view(batch, kv_heads, groups, size, dim))

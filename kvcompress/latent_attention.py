@@ -37,8 +37,9 @@ NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128
 ROW_TILE = 16  # query rows per program: tl.dot's smallest
 
 
-def available(queries: torch.Tensor, head_dim: int) -> bool:
+def available(queries: torch.Tensor) -> bool:
     """Whether the kernel can run for these queries: Triton present, a GPU (or the interpreter), a power-of-two head_dim >= 32."""
+    head_dim = queries.shape[-1]
     if triton is None or head_dim < 32 or head_dim & (head_dim - 1):
         return False
     return queries.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")

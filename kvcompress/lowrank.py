@@ -27,7 +27,7 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from . import latent_attention
-from .attention import SCORES_PER_CHUNK, merge_softmax
+from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
 from .cache import FILLER, CompressedCache, Slots
 from .config import ConfigError, RankConfig
 from .hub import CompressorArtifact, FittedLayer
@@ -53,6 +53,7 @@ class AffineProjection:
     decoder_bias: torch.Tensor  # [H, 1, D]
     columns: torch.Tensor  # [sum of ranks]: where each head's latents sit in the flattened [H * R] padded layout
     head_columns: torch.Tensor  # [H, 2] int32: where each head's latents start in the shared layout [..., sum of ranks], and how many
+    padded_columns: torch.Tensor  # [H, 2] int32: the same in the per-head layout [..., largest rank]: 0, and every column
 
     @classmethod
     def from_heads(cls, heads: list[dict], device, dtype) -> AffineProjection:
@@ -72,8 +73,9 @@ class AffineProjection:
         decoder_bias = torch.stack([head["decoder_bias"] for head in heads])[:, None]
         ranks = torch.tensor([len(head_columns) for head_columns in columns])
         head_columns = torch.stack([ranks.cumsum(0) - ranks, ranks], dim=1).to(device=device, dtype=torch.int32)
+        padded_columns = torch.tensor([[0, largest]] * len(heads), device=device, dtype=torch.int32)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns)
+        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns, padded_columns)
 
     def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]`` (slots aligned across heads), or with
@@ -97,9 +99,7 @@ class AffineProjection:
 
     def column_table(self, latents: torch.Tensor) -> torch.Tensor:
         """``[H, 2]`` int32: where each head's latents start in the last dimension of `latents` (either layout), and how many."""
-        if latents.shape[1] == 1:
-            return self.head_columns
-        return torch.stack([torch.zeros_like(self.head_columns[:, 0]), torch.full_like(self.head_columns[:, 0], self.encoder.shape[2])], dim=1)
+        return self.head_columns if latents.shape[1] == 1 else self.padded_columns
 
 
 class LowRankCompressor(CompressorArtifact):
@@ -139,12 +139,15 @@ class LowRankCompressor(CompressorArtifact):
         unrotated = rotate(keys, positions, self.inv_freq(keys.device), inverse=True)
         return {"key_latents": key_projection.encode(unrotated, per_head), "value_latents": value_projection.encode(values, per_head)}
 
-    def decode(self, layer_idx: int, key_latents: torch.Tensor, value_latents: torch.Tensor | None, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout (values: None for None)."""
-        key_projection, value_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)
+    def decode(self, layer_idx: int, key_latents: torch.Tensor, value_latents: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout."""
+        return self.decode_keys(layer_idx, key_latents, token_ids), self.projections(layer_idx, value_latents.device, value_latents.dtype)[1].decode(value_latents)
+
+    def decode_keys(self, layer_idx: int, key_latents: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Keys ``[B, H, n, D]`` from latents of either layout, rotated back to their token ids."""
+        key_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)[0]
         positions = token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]
-        keys = rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device))
-        return keys, None if value_latents is None else value_projection.decode(value_latents)
+        return rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device))
 
     def attend_store(self, layer_idx: int, queries: torch.Tensor, key_latents, value_latents, token_ids: torch.Tensor, scaling: float):
         """Query rows' partial softmax over a store of latents (floats or `Quantized`), without decoding it to keys and values
@@ -156,7 +159,7 @@ class LowRankCompressor(CompressorArtifact):
         """
         key_projection, value_projection = self.projections(layer_idx, queries.device, queries.dtype)
         inv_freq = self.inv_freq(queries.device)
-        if latent_attention.available(queries, queries.shape[-1]):
+        if latent_attention.available(queries):
             top, total, latents = latent_attention.store_partials(
                 queries, key_latents, value_latents, token_ids, key_projection.decoder, key_projection.decoder_bias,
                 key_projection.column_table(key_latents), value_projection.column_table(value_latents), value_projection.decoder.shape[1], inv_freq, scaling,
@@ -168,12 +171,10 @@ class LowRankCompressor(CompressorArtifact):
             parts = []
             for start in range(0, token_ids.shape[2], chunk):
                 ids = token_ids[:, :, start : start + chunk]
-                keys = self.decode(layer_idx, key_latents[:, :, start : start + chunk], None, ids)[0]
+                keys = self.decode_keys(layer_idx, key_latents[:, :, start : start + chunk], ids)
                 logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * scaling
                 logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
-                top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # finite when a row's slots are all fillers
-                weights = (logits - top[..., None]).exp()
-                parts.append((top, weights.sum(-1), torch.matmul(weights, value_projection.per_head(value_latents[:, :, start : start + chunk]).float())))
+                parts.append(softmax_part(logits, value_projection.per_head(value_latents[:, :, start : start + chunk])))
             top, total, latents = merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
         values = torch.matmul(latents, value_projection.decoder.float()) + total[..., None] * value_projection.decoder_bias.float()
         return top, total, values
