@@ -320,7 +320,7 @@ def main(argv=None) -> None:
             continue
         profile_to = Path(args.output) / "gpu_profile.txt" if args.profile else None
         runs.append(measure(model, name, batch, tokens, factory, args.steps, args.repeats, profile_to))
-        runs[-1].vs_dense = runs[-1].tokens_per_second / runs[0].tokens_per_second
+        runs[-1].vs_dense = runs[-1].tokens_per_second / runs[0].tokens_per_second if not runs[0].error else 0.0  # dense may not fit a long --context
         packed_dense = next((run for run in runs if run.cache == f"dense, batch {DENSE_BATCH}, {PACKED}" and not run.error), None)
         if packed_dense is not None:
             runs[-1].vs_packed_dense = runs[-1].tokens_per_second / packed_dense.tokens_per_second

@@ -56,21 +56,47 @@ def _source(latents) -> tuple:
     return latents, latents, 0, 1
 
 
+def _whole_step(columns: tuple, rank: int, bits: int, group: int) -> int:
+    """The column step from one head's latents to the next's when each head's are whole rows of the kernel's width
+    (read by vector loads, with no mask on columns; quantized ones in whole groups), else -1 (read by the table)."""
+    _, step = columns
+    groups = rank // group
+    if step is None or _width(rank) != rank or (bits and (rank % group or groups & (groups - 1))):
+        return -1
+    return step
+
+
+def _slot_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a store tensor ``[B, 1 or H, S, ...]`` (row, head, slot; the head's 0 when one layout serves every
+    head), and the largest power of two up to 16 that divides all three.
+
+    The row and head strides change with the store's capacity, so the kernel is not specialized on
+    them (Triton would compile it anew for each new divisibility by 16, which compressions keep
+    bringing: a second or more, in the middle of decoding). They are multiples of the slot stride,
+    so the power of two does not change with the capacity; it tells the kernel how aligned each
+    (row, head)'s slots are, so that it still loads them as vectors.
+    """
+    head_stride = t.stride(1) if t.shape[1] > 1 else 0
+    common = math.gcd(t.stride(0), head_stride, t.stride(2))
+    return t.stride(0), head_stride, t.stride(2), min(16, common & -common)
+
+
 def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, key_bias, key_columns, value_columns, value_rank, inv_freq, scaling):
     """Partial softmax of query rows over a low-rank store.
 
     `queries` ``[B, H, R, D]`` (the query rows of each KV head: its query heads, times the new
     tokens); latents ``[B, 1 or H, S, C]``, floats or `Quantized`; `token_ids` ``[B, H, S]`` (-1:
     filler, masked); `key_decoder` ``[H, R_k, D]`` and `key_bias` ``[H, 1, D]``;
-    `key_columns`/`value_columns` ``[H, 2]`` int32: where each head's latents start in the last
-    dimension and how many there are; `value_rank` the largest. Returns ``(max [B, H, R], sum
-    [B, H, R], latents [B, H, R, value_rank])`` in float32, the weights taken relative to `max`.
+    `key_columns`/`value_columns`: `AffineProjection.column_table`'s (where each head's latents
+    sit in the last dimension); `value_rank` the largest. Returns ``(max [B, H, R], sum [B, H, R],
+    latents [B, H, R, value_rank])`` in float32, the weights taken relative to `max`.
     """
     queries = queries.contiguous()
     batch, heads, rows, dim = queries.shape
     slots = token_ids.shape[2]
     (zk, zk_scale, key_bits, key_group), (zv, zv_scale, value_bits, value_group) = _source(key_latents), _source(value_latents)
     key_width, value_width = _width(key_decoder.shape[1]), _width(value_rank)
+    key_step, value_step = _whole_step(key_columns, key_decoder.shape[1], key_bits, key_group), _whole_step(value_columns, value_rank, value_bits, value_group)
     tiles = math.ceil(rows / ROW_TILE)
     spans = max(1, min(math.ceil(slots / BLOCK_SLOTS), math.ceil(PROGRAMS_WANTED / (batch * heads * tiles))))
     span = math.ceil(slots / spans / BLOCK_SLOTS) * BLOCK_SLOTS
@@ -78,13 +104,14 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     maxima = torch.empty(batch * heads, spans, tiles * ROW_TILE, device=queries.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     latents = torch.empty(batch * heads, spans, tiles * ROW_TILE, value_width, device=queries.device, dtype=torch.float32)
-    strides = lambda t: (t.stride(0), t.stride(1) if t.shape[1] > 1 else 0, t.stride(2))  # noqa: E731  (head stride 0: one layout for all heads)
+    zk_strides, zks_strides, zv_strides, zvs_strides, ids_strides = (_slot_strides(t) for t in (zk, zk_scale, zv, zv_scale, token_ids))
     _store_partials_kernel[(batch * heads, spans, tiles)](
-        queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns, value_columns, maxima, sums, latents,
+        queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
         rows, slots, span, scaling, key_decoder.shape[1],
-        *queries.stride()[:3], *strides(zk), *strides(zk_scale), *strides(zv), *strides(zv_scale), *strides(token_ids), key_decoder.stride(0), key_decoder.stride(1),
+        *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
+        ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
         HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_width, VALUE_WIDTH=value_width, BLOCK=BLOCK_SLOTS, TILE=ROW_TILE,
-        KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group,
+        KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
         PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
         FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
     )
@@ -95,7 +122,7 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "slots", "zk_sb", "zk_sh", "zks_sb", "zks_sh", "zv_sb", "zv_sh", "zvs_sb", "zvs_sh", "ids_sb", "ids_sh"])
     def _store_partials_kernel(
         q_ptr, zk_ptr, zk_scale_ptr, zv_ptr, zv_scale_ptr, ids_ptr, dec_ptr, bias_ptr, freq_ptr, kcol_ptr, vcol_ptr, max_ptr, sum_ptr, acc_ptr,
         rows, slots, span, scaling, dec_rows,
@@ -104,8 +131,9 @@ if triton is not None:
         zv_sb, zv_sh, zv_ss, zvs_sb, zvs_sh, zvs_ss,
         ids_sb, ids_sh, ids_ss,
         dec_sh, dec_sr,
+        ZK_ALIGN: tl.constexpr, ZKS_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr, ZVS_ALIGN: tl.constexpr, IDS_ALIGN: tl.constexpr,
         HEADS: tl.constexpr, HALF: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-        KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
+        KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr, KEY_STEP: tl.constexpr, VALUE_STEP: tl.constexpr,
         PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
     ):
         program, part, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -115,8 +143,8 @@ if triton is not None:
         q_rows = q_ptr + row * q_sb + head * q_sh + r[:, None] * q_sr
         q_first = tl.load(q_rows + d[None, :], mask=r[:, None] < rows, other=0.0)
         q_second = tl.load(q_rows + HALF + d[None, :], mask=r[:, None] < rows, other=0.0)
-        key_start, key_rank = tl.load(kcol_ptr + 2 * head), tl.load(kcol_ptr + 2 * head + 1)
-        value_start, value_rank = tl.load(vcol_ptr + 2 * head), tl.load(vcol_ptr + 2 * head + 1)
+        key_start, key_rank = _columns(kcol_ptr, head, KEY_STEP, KEY_WIDTH)
+        value_start, value_rank = _columns(vcol_ptr, head, VALUE_STEP, VALUE_WIDTH)
         decoder = dec_ptr + head * dec_sh + rk[:, None] * dec_sr + d[None, :]
         on_rank = (rk[:, None] < key_rank) & (rk[:, None] < dec_rows)
         dec_first = tl.load(decoder, mask=on_rank, other=0.0)
@@ -124,6 +152,10 @@ if triton is not None:
         bias_first = tl.load(bias_ptr + head * 2 * HALF + d).to(tl.float32)
         bias_second = tl.load(bias_ptr + head * 2 * HALF + HALF + d).to(tl.float32)
         freq = tl.load(freq_ptr + d).to(tl.float32)
+
+        zk_row, zks_row = tl.multiple_of(row * zk_sb + head * zk_sh, ZK_ALIGN), tl.multiple_of(row * zks_sb + head * zks_sh, ZKS_ALIGN)
+        zv_row, zvs_row = tl.multiple_of(row * zv_sb + head * zv_sh, ZV_ALIGN), tl.multiple_of(row * zvs_sb + head * zvs_sh, ZVS_ALIGN)
+        ids_row = tl.multiple_of(row * ids_sb + head * ids_sh, IDS_ALIGN)
 
         top = tl.full([TILE], -1.0e30, tl.float32)  # finite: a span of fillers only must not give inf - inf
         total = tl.zeros([TILE], tl.float32)
@@ -133,11 +165,11 @@ if triton is not None:
         for first in range(start, end, BLOCK):
             s = first + tl.arange(0, BLOCK)
             inside = s < end
-            zk = _load_latents(zk_ptr, zk_scale_ptr, row * zk_sb + head * zk_sh + s * zk_ss, row * zks_sb + head * zks_sh + s * zks_ss,
-                               inside, key_start + rk, rk < key_rank, KEY_BITS, KEY_GROUP, q_first.dtype)
+            zk = _load_latents(zk_ptr, zk_scale_ptr, zk_row + s * zk_ss, zks_row + s * zks_ss,
+                               inside, key_start, key_rank, KEY_WIDTH, KEY_STEP >= 0, KEY_BITS, KEY_GROUP, q_first.dtype)
             k_first = tl.dot(zk, dec_first, input_precision=PRECISION).to(tl.float32) + bias_first[None, :]
             k_second = tl.dot(zk, dec_second, input_precision=PRECISION).to(tl.float32) + bias_second[None, :]
-            position = tl.load(ids_ptr + row * ids_sb + head * ids_sh + s * ids_ss, mask=inside, other=-1)
+            position = tl.load(ids_ptr + ids_row + s * ids_ss, mask=inside, other=-1)
             cos, sin = _cos_sin(position.to(tl.float32)[:, None] * freq[None, :], FAST_TRIG)
             rotated_first = (k_first * cos - k_second * sin).to(q_first.dtype)  # RoPE, as transformers' rotate_half does it
             rotated_second = (k_second * cos + k_first * sin).to(q_first.dtype)
@@ -147,8 +179,8 @@ if triton is not None:
             new_top = tl.maximum(top, tl.max(logits, 1))
             weights = tl.exp(logits - new_top[:, None])
             shrink = tl.exp(top - new_top)
-            zv = _load_latents(zv_ptr, zv_scale_ptr, row * zv_sb + head * zv_sh + s * zv_ss, row * zvs_sb + head * zvs_sh + s * zvs_ss,
-                               inside, value_start + rv, rv < value_rank, VALUE_BITS, VALUE_GROUP, q_first.dtype)
+            zv = _load_latents(zv_ptr, zv_scale_ptr, zv_row + s * zv_ss, zvs_row + s * zvs_ss,
+                               inside, value_start, value_rank, VALUE_WIDTH, VALUE_STEP >= 0, VALUE_BITS, VALUE_GROUP, q_first.dtype)
             acc = acc * shrink[:, None] + tl.dot(weights.to(zv.dtype), zv, input_precision=PRECISION).to(tl.float32)
             total = total * shrink + tl.sum(weights, 1)
             top = new_top
@@ -158,18 +190,45 @@ if triton is not None:
         tl.store(acc_ptr + out[:, None] * VALUE_WIDTH + rv[None, :], acc)
 
     @triton.jit
-    def _load_latents(ptr, scale_ptr, offsets, scale_offsets, inside, columns, on_rank, BITS: tl.constexpr, GROUP: tl.constexpr, dtype: tl.constexpr):
-        """A block of latents ``[slots, columns]`` in `dtype`: as stored (BITS 0), or de-quantized as `kvcompress.quantize.dequantize` does."""
-        mask = inside[:, None] & on_rank[None, :]
+    def _columns(table_ptr, head, STEP: tl.constexpr, WIDTH: tl.constexpr):
+        """Where a head's latents start and how many there are: from the column table, or from `STEP` when every head's are whole rows."""
+        if STEP >= 0:
+            start, count = head * STEP, WIDTH
+        else:
+            start, count = tl.load(table_ptr + 2 * head), tl.load(table_ptr + 2 * head + 1)
+        return start, count
+
+    @triton.jit
+    def _load_latents(ptr, scale_ptr, offsets, scale_offsets, inside, start, rank, WIDTH: tl.constexpr, WHOLE: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, dtype: tl.constexpr):
+        """A block of latents ``[slots, WIDTH]`` in `dtype`: as stored (BITS 0), or de-quantized as `kvcompress.quantize.dequantize` does.
+
+        `WHOLE`: the head's latents are whole rows of `WIDTH` (in whole groups): the loads are vectors
+        masked by slot only, and each byte of int4 and each scale is read once; else every number is
+        read on its own, masked by column too.
+        """
+        columns = start + tl.arange(0, WIDTH)
+        mask = inside[:, None] if WHOLE else inside[:, None] & (tl.arange(0, WIDTH) < rank)[None, :]
         if BITS == 0:
-            return tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0.0)
-        scale = tl.load(scale_ptr + scale_offsets[:, None] + columns[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
-        if BITS == 8:
-            numbers = tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0).to(tl.float32)
-        else:  # two a byte: low nibble first, offset by 8
-            packed = tl.load(ptr + offsets[:, None] + columns[None, :] // 2, mask=mask, other=0).to(tl.int32)
-            numbers = (tl.where(columns[None, :] % 2 == 0, packed & 15, packed >> 4) - 8).to(tl.float32)
-        return (numbers * scale).to(dtype)
+            latents = tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0.0)
+        else:
+            if BITS == 8:
+                numbers = tl.load(ptr + offsets[:, None] + columns[None, :], mask=mask, other=0).to(tl.float32)
+            elif WHOLE:  # two a byte, low nibble first, offset by 8: each byte read once and split
+                packed = tl.load(ptr + offsets[:, None] + (start // 2 + tl.arange(0, WIDTH // 2))[None, :], mask=mask, other=0)
+                numbers = tl.interleave(packed & 15, packed >> 4).to(tl.float32) - 8.0
+            else:
+                packed = tl.load(ptr + offsets[:, None] + columns[None, :] // 2, mask=mask, other=0).to(tl.int32)
+                numbers = (tl.where(columns[None, :] % 2 == 0, packed & 15, packed >> 4) - 8).to(tl.float32)
+            if WHOLE:  # one scale per group, read once
+                groups = start // GROUP + tl.arange(0, WIDTH // GROUP)
+                scale = tl.load(scale_ptr + scale_offsets[:, None] + groups[None, :], mask=mask, other=0.0).to(tl.float32)
+                numbers = tl.reshape(numbers, [offsets.shape[0], WIDTH // GROUP, GROUP]) * scale[:, :, None]
+                latents = tl.reshape(numbers, [offsets.shape[0], WIDTH]).to(dtype)
+            else:
+                scale = tl.load(scale_ptr + scale_offsets[:, None] + columns[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
+                latents = (numbers * scale).to(dtype)
+        return latents
 
     @triton.jit
     def _cos_sin(angle, FAST: tl.constexpr):

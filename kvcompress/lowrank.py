@@ -54,6 +54,7 @@ class AffineProjection:
     columns: torch.Tensor  # [sum of ranks]: where each head's latents sit in the flattened [H * R] padded layout
     head_columns: torch.Tensor  # [H, 2] int32: where each head's latents start in the shared layout [..., sum of ranks], and how many
     padded_columns: torch.Tensor  # [H, 2] int32: the same in the per-head layout [..., largest rank]: 0, and every column
+    uniform: bool  # every head has the largest rank
 
     @classmethod
     def from_heads(cls, heads: list[dict], device, dtype) -> AffineProjection:
@@ -75,7 +76,8 @@ class AffineProjection:
         head_columns = torch.stack([ranks.cumsum(0) - ranks, ranks], dim=1).to(device=device, dtype=torch.int32)
         padded_columns = torch.tensor([[0, largest]] * len(heads), device=device, dtype=torch.int32)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns, padded_columns)
+        uniform = bool((ranks == largest).all())
+        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns, padded_columns, uniform)
 
     def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]`` (slots aligned across heads), or with
@@ -97,9 +99,13 @@ class AffineProjection:
         """Latents of either layout -> ``[B, H, n, D]``."""
         return torch.matmul(self.per_head(latents), self.decoder) + self.decoder_bias
 
-    def column_table(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[H, 2]`` int32: where each head's latents start in the last dimension of `latents` (either layout), and how many."""
-        return self.head_columns if latents.shape[1] == 1 else self.padded_columns
+    def column_table(self, latents: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Where each head's latents sit in the last dimension of `latents` (either layout): ``[H, 2]`` int32 (start, how
+        many), and, when every head has all of the largest rank's columns, the step from one head's start to the next's
+        (0 in the per-head layout), else None."""
+        if latents.shape[1] > 1:
+            return self.padded_columns, 0
+        return self.head_columns, self.encoder.shape[2] if self.uniform else None
 
 
 class LowRankCompressor(CompressorArtifact):

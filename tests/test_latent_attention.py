@@ -23,19 +23,24 @@ from test_lowrank import SETTINGS, calibrate, stream_logits, uniform
 
 @pytest.fixture(scope="module")
 def parts():
-    """A model the kernel runs on (head_dim 32; 3 query heads per KV head), its gates, and PCA at uniform and mixed ranks."""
+    """A model the kernel runs on (head_dim 32; 3 query heads per KV head), its gates, and PCA at uniform, mixed and
+    uniform rank-16 ranks (the kernel reads rank-16 latents as whole rows, the others column by column)."""
     model = tiny_model("llama", hidden_size=96, head_dim=32, num_attention_heads=6, num_key_value_heads=2)
     calibration = calibrate(model)
     mixed = uniform(model, 6, 10)
     mixed.heads[0, 0] = HeadRanks(3, 20)
     mixed.heads[1, 1] = HeadRanks(17, 2)
-    return model, tiny_gates(model), calibration.fit("pca", uniform(model, 6, 10), SETTINGS)[0], calibration.fit("pca", mixed, SETTINGS)[0]
+    fitted = {name: calibration.fit("pca", ranks, SETTINGS)[0] for name, ranks in (("pca", uniform(model, 6, 10)), ("mixed", mixed), ("rank 16", uniform(model, 16, 16)))}
+    return model, tiny_gates(model), fitted
 
 
 CACHES = {
-    "pca": lambda gates, pca, mixed: PCACache(pca),
-    "pca, mixed ranks": lambda gates, pca, mixed: PCACache(mixed),
-    "gates x pca x int4": lambda gates, pca, mixed: ComposedCache(gates, mixed, keep_ratio=0.5, bits=4),  # per-head latents
+    "pca": lambda gates, pca: PCACache(pca["pca"]),
+    "pca, mixed ranks": lambda gates, pca: PCACache(pca["mixed"]),
+    "pca, rank 16": lambda gates, pca: PCACache(pca["rank 16"]),  # whole rows, heads side by side
+    "gates x pca x int4": lambda gates, pca: ComposedCache(gates, pca["mixed"], keep_ratio=0.5, bits=4),  # per-head latents
+    "gates x pca-16 x int4": lambda gates, pca: ComposedCache(gates, pca["rank 16"], keep_ratio=0.5, bits=4, group_size=8),  # whole rows, two groups
+    "gates x pca-16 x int8": lambda gates, pca: ComposedCache(gates, pca["rank 16"], keep_ratio=0.5, bits=8, group_size=16),
 }
 
 
@@ -139,7 +144,7 @@ def test_kernel_equals_the_pytorch_path(parts, name, monkeypatch):
 @needs_kernel
 def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monkeypatch):
     """Token ids up to 500k (RoPE angles of 500k radians), 1,000 slots split across several spans, fillers among them."""
-    _, _, pca, _ = parts
+    pca = parts[2]["pca"]
     generator = torch.Generator().manual_seed(0)
     batch, heads, slots, dim = 1, 2, 1000, 32
     queries = torch.randn(batch, heads, 3, dim, generator=generator).to(DEVICE)
@@ -154,6 +159,24 @@ def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monk
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what is counted: on a GPU")
+@pytest.mark.parametrize("name", ["pca, rank 16", "gates x pca-16 x int4"])
+def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
+    """Compressions change the store's length and capacity at almost every block; had the kernel been specialized on
+    them, each new divisibility by 16 would compile it again (a second or more, in the middle of decoding)."""
+    from collections import defaultdict
+
+    kernel = latent_attention._store_partials_kernel
+    monkeypatch.setattr(kernel, "device_caches", defaultdict(kernel.create_binder))  # count from none compiled
+    model, *artifacts = parts
+    cache = CACHES[name](*artifacts)
+    capacities = set()
+    attend = CompressedLayer.attend_with_store
+    monkeypatch.setattr(CompressedLayer, "attend_with_store", lambda layer, *args: capacities.add(layer.store_capacity()) or attend(layer, *args))
+    decode_logits(model, cache, *padded_prompt())
+    assert len(capacities) > 5 and sum(len(caches[0]) for caches in kernel.device_caches.values()) == 1
+
+
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
 def test_the_kernel_tests_pass_under_the_triton_interpreter():
     if sys.platform != "linux":
@@ -165,4 +188,4 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernel_equals or kernel_rotates"],
         cwd=tests.parent, env=environment, capture_output=True, text=True, timeout=1200,
     )
-    assert run.returncode == 0 and "4 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and f"{len(CACHES) + 1} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
