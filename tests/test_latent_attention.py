@@ -5,20 +5,19 @@ interpreter, which `test_the_kernel_tests_pass_under_the_triton_interpreter` run
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEVICE, prompt_ids, tiny_model
+from test_gates import tiny_gates
+from test_lowrank import SETTINGS, calibrate, uniform
+
 from kvcompress import ComposedCache, PCACache, latent_attention
 from kvcompress.attention import _attend_over_slots
 from kvcompress.cache import FILLER, CompressedLayer
-from kvcompress.composed import ComposedLayer
 from kvcompress.config import HeadRanks
-from kvcompress.lowrank import LowRankLayer
-from test_gates import tiny_gates
-from test_lowrank import SETTINGS, calibrate, stream_logits, uniform
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +163,6 @@ def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monk
 def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
     """Compressions change the store's length and capacity at almost every block; had the kernel been specialized on
     them, each new divisibility by 16 would compile it again (a second or more, in the middle of decoding)."""
-    from collections import defaultdict
-
     kernel = latent_attention._store_partials_kernel
     monkeypatch.setattr(kernel, "device_caches", defaultdict(kernel.create_binder))  # count from none compiled
     model, *artifacts = parts
