@@ -45,11 +45,11 @@ def caches_for(context: int, new_tokens: int, compressors: list[str], baselines:
 
 @torch.no_grad()
 def decode_seconds_per_token(model, prompt: torch.Tensor, cache, new_tokens: int) -> tuple[float, int, int]:
-    logits = model(input_ids=prompt, past_key_values=cache).logits[:, -1]
+    logits = model(input_ids=prompt, **kvcompress.cache_kwargs(cache)).logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
     started = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(input_ids=token, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(input_ids=token, **kvcompress.cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
     seconds = (time.perf_counter() - started) / new_tokens
     return (seconds, *cache_nbytes(cache))
 

@@ -184,13 +184,13 @@ def decode(model, cache, batch: int, steps: int, warmup: int = 3, repeats: int =
     """Greedy decode steps on `cache`: the median over `repeats` of tokens per second over `steps` steps, after `warmup` steps."""
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
     for _ in range(warmup):
-        token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, **kvcompress.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     speeds = []
     for _ in range(repeats):
         synchronize(model.device)
         started = time.perf_counter()
         for _ in range(steps):
-            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, **kvcompress.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         synchronize(model.device)
         speeds.append(batch * steps / (time.perf_counter() - started))
     return statistics.median(speeds)

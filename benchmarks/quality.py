@@ -45,6 +45,12 @@ EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by 
 GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)
 
 
+def gate_keep_ratio(ratio: float, reference: int, cost: float = GATE_COST) -> float | None:
+    """The gates' keep ratio that holds about `ratio`:1 at `reference` tokens (None: the exact sink and window alone exceed it)."""
+    keep = (reference / ratio - EXACT_TOKENS) / ((reference - EXACT_TOKENS) * cost)
+    return None if keep <= 0 else min(1.0, round(keep, 4))
+
+
 @dataclass
 class Settings:
     ppl_tokens: int = 1024
@@ -90,11 +96,6 @@ def prompts(tokenizer, text: str, settings: Settings) -> tuple[torch.Tensor, dic
 def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float | None, CacheSpec]], list[str]]:
     """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible."""
     grid, skipped = [("dense", 1.0, CacheSpec("dense"))], []
-    reference = settings.short
-
-    def keep_for(ratio: float, cost: float) -> float | None:
-        keep = (reference / ratio - EXACT_TOKENS) / ((reference - EXACT_TOKENS) * cost)
-        return None if keep <= 0 else min(1.0, round(keep, 4))
 
     def why(keep: float | None) -> str:
         return "the exact sink and window alone exceed the budget" if keep is None else "already past the target keeping every token"
@@ -107,13 +108,13 @@ def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float 
     for ratio in ratios:
         grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
         if args.gate:
-            keep = keep_for(ratio, GATE_COST)
+            keep = gate_keep_ratio(ratio, settings.short)
             if keep is None or keep == 1.0:
                 skipped.append(f"gates {ratio:g}:1 ({why(keep)})")
             else:
                 grid.append(("gates", ratio, CacheSpec.fitted(f"{args.gate}@keep_ratio={keep}")))
         if args.gate and args.composed_lowrank:
-            keep = keep_for(ratio, composed_cost)
+            keep = gate_keep_ratio(ratio, settings.short, composed_cost)
             if keep is None or keep == 1.0:
                 skipped.append(f"gates x low rank x int4 {ratio:g}:1 ({why(keep)})")
             else:

@@ -21,7 +21,7 @@ from kvcompress.hub import model_signature
 from kvcompress.lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 
 from .collect import collect_attention_samples
-from .data import load_text, split_text
+from .data import DEFAULT_CORPUS_NAME, load_text, split_text
 from .evaluate import streaming_perplexity
 from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, lowrank_tensors, pca_heads, rope_inv_freq, group_ranks
 
@@ -76,12 +76,12 @@ class CalibrationReport:
 
 def calibration_corpus(tokenizer, data: str | None, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration token stream, held-out evaluation ids ``[1, eval_tokens]``, the corpus' name) of a corpus
-    (file or datasets name; None: the shared WikiText-2)."""
+    (file or datasets name; None: the shipped WikiText-2)."""
     calibration_text, heldout = split_text(load_text(data))
     heldout_ids = torch.tensor([tokenizer(heldout).input_ids[:eval_tokens]])
     if heldout_ids.shape[1] < eval_tokens:
         raise ValueError(f"The held-out part of the corpus has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. Give more text.")
-    return torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data or "shared WikiText-2 validation (calibration part)"
+    return torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data or f"{DEFAULT_CORPUS_NAME}, calibration part"
 
 
 def measure(model, heldout_ids: torch.Tensor, compressor, cache, setting: str, seconds: float, fit_metrics: dict, baseline: float | None = None) -> CalibrationReport:
@@ -118,7 +118,7 @@ class LowRankCalibration:
 
     @classmethod
     def collect(cls, model, tokenizer, data: str | None = None, eval_tokens: int = 1024, **kwargs) -> LowRankCalibration:
-        """Tokenize a corpus (file or datasets name; None: the shared WikiText-2) and collect from its calibration part."""
+        """Tokenize a corpus (file or datasets name; None: the shipped WikiText-2) and collect from its calibration part."""
         token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, data, eval_tokens)
         return cls.from_token_ids(model, token_ids, heldout_ids, data_name=data_name, **kwargs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .evaluate import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbyte
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", default=None, help="text file or datasets name (default: shared WikiText-2 validation)")
+    parser.add_argument("--data", default=None, help="text file or datasets name (default: the WikiText-2 validation text shipped with kvcompress)")
 
 
 def _cache_from_arguments(args):
@@ -29,7 +30,7 @@ def _cache_from_arguments(args):
 
 
 def _generate(args) -> None:
-    from kvcompress import load_model
+    from kvcompress import cache_kwargs, load_model
     from kvcompress.cache import CompressedCache
 
     model, tokenizer = load_model(args.model)
@@ -45,7 +46,7 @@ def _generate(args) -> None:
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     cache = _cache_from_arguments(args)
     started = time.perf_counter()
-    output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+    output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
     answer = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     held, dense = cache_nbytes(cache)
@@ -78,6 +79,11 @@ def _evaluate(args) -> None:
         from .plots import plot_quality_vs_compression
 
         print(f"wrote {plot_quality_vs_compression(rows, args.plot, title=str(model.config.name_or_path).split('/')[-1])}")
+
+
+def _record_command(compressor, args) -> None:
+    """The artifact remembers the command that made it (its model card shows it)."""
+    compressor.config.setdefault("calibration", {})["command"] = args.command_line
 
 
 def _cache_settings(args) -> dict:
@@ -123,6 +129,7 @@ def _calibrate(args) -> None:
     report = calibration.measure(compressor, fit_metrics, source, seconds)
 
     output = Path(args.output)
+    _record_command(compressor, args)
     compressor.save_pretrained(output)
     ranks.save(output / "ranks.json")
     (output / "calibration_results.json").write_text(json.dumps(report.metrics(), indent=2) + "\n")
@@ -176,6 +183,7 @@ def _calibrate_gates(args) -> None:
     cache = GatedCache(compressor, args.keep_ratio)
     summary = measure(model, heldout_ids.to(model.device), compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
     output = Path(args.output)
+    _record_command(compressor, args)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
     (output / "gate_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -230,6 +238,7 @@ def _calibrate_sidecar(args) -> None:
     setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
     summary = measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics)
     output = Path(args.output)
+    _record_command(compressor, args)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
     (output / "training_history.json").write_text(json.dumps(training["history"], indent=2) + "\n")
@@ -264,6 +273,29 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> None:
             print(f"{args.method} {label} at {100 * ranks.memory_fraction():.1f}% memory: perplexity {report.perplexity:.3f} ({100 * report.degradation:+.2f}%)")
     title = f"{args.method} on {str(calibration.signature['name_or_path']).split('/')[-1]}"
     print(f"wrote {plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)}")
+
+
+def _pretrained(args) -> None:
+    from kvcompress import list_pretrained
+
+    print("| Hub id | cache | method | base model | compression | perplexity (dense) | pass key @1.5k / @6k | multi-key | MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for item in list_pretrained():
+        results, metrics = item.evaluation, item.calibration_metrics
+        ratio = results.get("compression_ratio") or 1 / (1 - metrics["measured_memory_savings"])
+        perplexity = results.get("perplexity", metrics["perplexity"])
+        dense = metrics["baseline_perplexity"]
+        passkey = " / ".join(f"{results[name]:.2f}" if name in results else "-" for name in ("passkey_1536", "passkey_6144"))
+        multikey = f"{results['multikey_1536']:.2f}" if "multikey_1536" in results else "-"
+        print(f"| {item.repo_id} | {item.cache_class} | {item.method} | {item.base_model} | {ratio:.2f}:1 | {perplexity:.2f} ({dense:.2f}) | {passkey} | {multikey} | {item.size_bytes / 2**20:.1f} |")
+    print("\nLoad one with <cache>.from_pretrained(<Hub id>); it is downloaded from the Hub where the Hub has it, else the copy shipped with kvcompress is used.")
+
+
+def _publish(args) -> None:
+    from kvcompress import publish_pretrained
+
+    repo_ids = publish_pretrained(args.namespace, dry_run=args.dry_run, private=args.private)
+    print(f"{'would publish' if args.dry_run else 'published'} {len(repo_ids)} repositories" + (" (dry run: nothing was uploaded)" if args.dry_run else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,11 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--query-positions", type=int, default=128, help="future queries (with forces) stored per sequence")
     sidecar.add_argument("--disk-budget-gb", type=float, default=4.0)
     calibrate.set_defaults(run=_calibrate)
+
+    pretrained = commands.add_parser("pretrained", help="list the pretrained compressors that ship with kvcompress, with their measured memory and quality")
+    pretrained.set_defaults(run=_pretrained)
+
+    publish = commands.add_parser("publish", help="upload the shipped compressors to the Hub (create_repo + upload_folder; needs `hf auth login`)")
+    publish.add_argument("--namespace", default="kvcompress", help="Hub user or organisation to publish under (default: kvcompress)")
+    publish.add_argument("--dry-run", action="store_true", help="only print what would be uploaded where")
+    publish.add_argument("--private", action="store_true", help="create the repositories as private")
+    publish.set_defaults(run=_publish)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["kvcompress", *argv])
     torch.set_grad_enabled(False)
     args.run(args)
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kvcompress
+
 HOLDOUT_FRACTION = 0.2
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+# WikiText-2 validation (CC BY-SA 3.0), shipped inside the package: see its SOURCE.md for attribution.
+DEFAULT_CORPUS = Path(kvcompress.__file__).resolve().parent / "data" / "wikitext-2" / "valid.txt"
+DEFAULT_CORPUS_NAME = "WikiText-2 validation (shipped with kvcompress, CC BY-SA 3.0)"
 
 
 def load_text(source: str | Path | None = None) -> str:
@@ -17,7 +21,7 @@ def load_text(source: str | Path | None = None) -> str:
 
     `source` is a local text file, or ``"dataset[:config][@split]"`` for `datasets.load_dataset`: a Hub
     name (e.g. ``"wikitext:wikitext-2-raw-v1@validation"``) or a local dataset directory
-    (e.g. ``"corpus_dir@train"``). None is the shared WikiText-2 validation text.
+    (e.g. ``"corpus_dir@train"``). None is the shipped WikiText-2 validation text.
     """
     source = DEFAULT_CORPUS if source is None else source
     path = Path(source)

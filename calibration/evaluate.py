@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvcompress import H2OCache, StreamingLLMCache
+from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 from kvcompress.cache import CompressedCache
 from kvcompress.composed import ComposedCache
-from kvcompress.hub import CONFIG_FILE
+from kvcompress.hub import CompressorArtifact
 from kvcompress.gate import GatedCache
 from kvcompress.lowrank import KVSpliceCache, PCACache
 from kvcompress.sidecar import SidecarCache
@@ -74,15 +74,12 @@ class CacheSpec:
 
     @classmethod
     def fitted(cls, spec: str | Path) -> CacheSpec:
-        """A saved compressor: ``DIR`` or ``DIR@name=value,...`` (options of its cache's from_pretrained, e.g. keep_ratio=0.08,policy=layer),
+        """A saved compressor (a directory or Hub id): ``DIR`` or ``DIR@name=value,...`` (options of its cache's from_pretrained, e.g. keep_ratio=0.08,policy=layer),
         or a composition ``compose@gate=DIR,lowrank=DIR,keep_ratio=0.1,bits=4`` (`ComposedCache.from_pretrained`'s options)."""
         path, _, option_text = str(spec).partition("@")
         if path == COMPOSE:
             return cls(COMPOSE, path=COMPOSE, options=_parse_options(option_text, spec))
-        config_file = Path(path) / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a compressor directory (no {CONFIG_FILE}); make one with kvcompress calibrate.")
-        method = json.loads(config_file.read_text()).get("method")
+        method = CompressorArtifact.from_pretrained(path).method  # a directory or a Hub id (the shipped ones work offline)
         if method not in FITTED_CACHE_CLASSES:
             raise ValueError(f"{path} holds a {method!r} compressor; the evaluator knows {', '.join(FITTED_CACHE_CLASSES)}.")
         return cls(method, path=path, options=_parse_options(option_text, spec))
@@ -148,7 +145,7 @@ def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int 
     nll, scored = 0.0, 0
     for start in range(0, total - 1, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
-        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
+        logits = model(input_ids=chunk, **cache_kwargs(cache), use_cache=True).logits[0]
         first = max(chunk_size, start + 1)  # first target token scored from this chunk
         targets = input_ids[0, first : start + chunk.shape[1] + 1]
         if len(targets):
@@ -169,9 +166,9 @@ def attention_outputs(model, input_ids: torch.Tensor, cache, chunk_size: int = 3
     try:
         history = input_ids.shape[1] - last_tokens
         for start in range(0, history, chunk_size):
-            model(input_ids=input_ids[:, start : min(start + chunk_size, history)], past_key_values=cache, use_cache=True)
+            model(input_ids=input_ids[:, start : min(start + chunk_size, history)], **cache_kwargs(cache), use_cache=True)
         recorded.clear()
-        model(input_ids=input_ids[:, history:], past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids[:, history:], **cache_kwargs(cache), use_cache=True)
     finally:
         for hook in hooks:
             hook.remove()
@@ -210,10 +207,10 @@ def answer(model, tokenizer, cache, context: str, question: str, max_new_tokens:
     question_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     step = prefill_chunk_size or context_ids.shape[1]
     for start in range(0, context_ids.shape[1], step):
-        model(input_ids=context_ids[:, start : start + step], past_key_values=cache, use_cache=True)
+        model(input_ids=context_ids[:, start : start + step], **cache_kwargs(cache), use_cache=True)
     full = torch.cat([context_ids, question_ids], dim=1)
     out = model.generate(
-        input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=max_new_tokens,
+        input_ids=full, attention_mask=torch.ones_like(full), **cache_kwargs(cache), max_new_tokens=max_new_tokens,
         do_sample=False, pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True)

@@ -15,7 +15,7 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 # but on a 43-token chat prompt it would leave about 10 tokens and lose the question.
 cache = kvcompress.H2OCache(budget=64)
 with torch.no_grad():
-    output = model.generate(**inputs, past_key_values=cache, max_new_tokens=96, do_sample=False)
+    output = model.generate(**inputs, cache=cache, max_new_tokens=96, do_sample=False)  # transformers < 5.24: past_key_values=cache
 
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 print(f"KV cache: {cache.nbytes() / 1024:.0f} KiB held, {cache.dense_nbytes() / 1024:.0f} KiB dense ({cache.compression_ratio:.2f}:1)")

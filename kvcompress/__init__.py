@@ -2,7 +2,7 @@
 
     model, tokenizer = kvcompress.load_model()            # or kvcompress.enable(your_model)
     cache = kvcompress.H2OCache(ratio=8)                  # or PCACache.from_pretrained("dir-or-hub-id"), ComposedCache..., ...
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    model.generate(**inputs, cache=cache, max_new_tokens=64)       # transformers < 5.24: past_key_values=cache
 """
 
 from .attention import AttentionNotEnabledError, enable
@@ -12,7 +12,8 @@ from .composed import ComposedCache
 from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
-from .models import load_model
+from .hub import PretrainedCompressor, list_pretrained, publish_pretrained
+from .models import cache_kwargs, load_model
 from .sidecar import SidecarCache, SidecarCompressor
 
 __version__ = "0.1.0"
@@ -36,6 +37,10 @@ __all__ = [
     "SidecarCompressor",
     "Slots",
     "StreamingLLMCache",
+    "PretrainedCompressor",
+    "cache_kwargs",
     "enable",
+    "list_pretrained",
     "load_model",
+    "publish_pretrained",
 ]

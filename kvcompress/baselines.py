@@ -110,8 +110,11 @@ class H2OLayer(_BudgetedLayer):
         """The token leaving the window replaces each head's lowest-scored heavy hitter, unless it scores no higher.
 
         Ties go as in `select_store`'s stable ranking: the newcomer first, then the latest of the lowest-scored.
+        A store with no room for heavy hitters (a short prompt at a ratio, or recent_share=1) takes nothing.
         """
         store = self.store
+        if store["scores"].shape[-1] == 0:
+            return
         lowest = store["scores"].shape[-1] - 1 - store["scores"].flip(-1).argmin(-1, keepdim=True)  # [B, H, 1]
         replace = leaving["scores"] > store["scores"].gather(-1, lowest)
         for name in ("keys", "values", "token_ids", "scores"):

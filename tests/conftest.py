@@ -19,6 +19,7 @@ from transformers import (
 )
 
 import kvcompress
+from kvcompress import cache_kwargs
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -56,7 +57,7 @@ def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, **kwargs
     """The generated tokens only."""
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=new_tokens,
+        input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
     )
     return out[:, input_ids.shape[1]:]

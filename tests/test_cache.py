@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
-from kvcompress import H2OCache, StreamingLLMCache
+from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 
 CACHES = {
     "streamingllm": lambda budget: StreamingLLMCache(budget=budget),
@@ -117,7 +117,7 @@ def test_sampling_with_several_return_sequences_matches_dense():
     outputs = []
     for cache in (DynamicCache(), StreamingLLMCache(budget=64)):
         torch.manual_seed(3)
-        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=16, do_sample=True, num_return_sequences=3, pad_token_id=0)
+        out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=16, do_sample=True, num_return_sequences=3, pad_token_id=0)
         outputs.append(out)
     assert outputs[0].shape[0] == 3
     assert torch.equal(outputs[0], outputs[1])
@@ -186,10 +186,10 @@ def test_a_second_generate_call_continues_the_cache_like_dense(cache):
 def test_per_token_eviction_works_in_place():
     model = tiny_model("llama")
     cache = StreamingLLMCache(budget=16)
-    token = model(input_ids=prompt_ids(40), past_key_values=cache).logits[:, -1:].argmax(-1)
+    token = model(input_ids=prompt_ids(40), **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     buffers = set()
     for _ in range(20):
-        token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         layer = cache.layers[0]
         assert layer.tail_length == 16 and layer.tail_capacity() == 17  # the budget and room for the next token
         buffers.add(layer.tail_buffers["keys"].data_ptr())
@@ -243,3 +243,11 @@ def test_attention_reads_a_plain_store_and_the_tail_without_a_copy():
     assert keys.shape[2] == layer.store_capacity() + layer.tail_length  # [store with its room | tail]
     assert layer.store_length < layer.store_capacity() <= layer.store_length * 1.07  # room to grow, a few percent
     assert (layer.table_token_ids()[..., layer.store_length : layer.store_capacity()] == -1).all()  # the room is masked out
+
+
+def test_h2o_without_room_for_heavy_hitters_is_streamingllm():
+    """A budget that leaves heavy hitters no room (short prompts at a ratio, or recent_share=1) keeps only sink and window."""
+    model = tiny_model()
+    assert greedy(model, H2OCache(ratio=8), prompt_ids(6), new_tokens=8).shape == (1, 8)  # the README's example on a short prompt
+    ids = prompt_ids(100)
+    assert torch.equal(greedy(model, H2OCache(budget=24, recent_share=1.0), ids, new_tokens=16), greedy(model, StreamingLLMCache(budget=24), ids, new_tokens=16))

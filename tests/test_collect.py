@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from kvcompress import cache_kwargs
 
 from calibration.collect import collect_attention_samples
 from conftest import prompt_ids, tiny_model
@@ -20,7 +23,7 @@ def _dense_states(model, sequence):
         for index, layer in enumerate(model.model.layers)
     ]
     cache = DynamicCache()
-    model(input_ids=sequence[None], past_key_values=cache)
+    model(input_ids=sequence[None], **cache_kwargs(cache))
     for hook in hooks:
         hook.remove()
     queries = []

@@ -6,6 +6,7 @@ import torch
 from calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
 from calibration.lowrank import rope_inv_freq
 from conftest import VOCAB, tiny_model
+from kvcompress import cache_kwargs
 from kvcompress.gate import GateBank
 
 
@@ -149,7 +150,7 @@ def test_per_head_policy_keeps_exactly_the_tokens_each_gate_lets_through(gated):
     # The prompt's keys are computed in one exact prefill: recompute their gate probabilities from a dense run.
     handed = min(int(layer.handed[0]), 60 - 4)
     dense = DynamicCache()
-    model(input_ids=prompt_ids(60), past_key_values=dense)
+    model(input_ids=prompt_ids(60), **cache_kwargs(dense))
     keys = dense.layers[1].keys[:, :, 4 : 4 + handed]
     from kvcompress.lowrank import rotate
 

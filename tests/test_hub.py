@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,9 +12,11 @@ import time
 import pytest
 
 from conftest import tiny_model
+from kvcompress.hub import shipped_repository
 from test_lowrank import fitted
 
 REPO_ID = "kvtest/tiny-pca"
+SHIPPED_ID = "kvcompress/smollm2-135m-instruct-pca-2x"  # the server also serves a repository that ships with kvcompress
 
 LOADER = """
 import json, sys, torch
@@ -41,12 +44,13 @@ def local_hub(tmp_path_factory):
     pytest.importorskip("olah", reason="the local Hub server comes with the test extra: pip install -e '.[test]'")
     root = tmp_path_factory.mktemp("hub")
     compressor = fitted(tiny_model("llama"), 6)
-    repo = root / "mirrors" / "models" / REPO_ID
-    compressor.save_pretrained(repo)
-    git = ["git", "-C", str(repo), "-c", "user.name=kvcompress", "-c", "user.email=tests@kvcompress"]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "compressor"], check=True)
+    compressor.save_pretrained(root / "mirrors" / "models" / REPO_ID)
+    shutil.copytree(shipped_repository(SHIPPED_ID), root / "mirrors" / "models" / SHIPPED_ID)
+    for repo in (root / "mirrors" / "models" / REPO_ID, root / "mirrors" / "models" / SHIPPED_ID):
+        git = ["git", "-C", str(repo), "-c", "user.name=kvcompress", "-c", "user.email=tests@kvcompress"]
+        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+        subprocess.run(git + ["add", "."], check=True)
+        subprocess.run(git + ["commit", "-q", "-m", "compressor"], check=True)
     port = _free_port()
     config = root / "olah.toml"
     config.write_text(
@@ -78,3 +82,13 @@ def test_from_pretrained_downloads_a_compressor_from_a_hub_server(local_hub):
     assert report["sum"] == pytest.approx(float(sum(t.double().sum() for t in compressor.tensors.values())), rel=1e-12)
     assert "No Hub repo 'kvtest/no-such-repo'" in report["missing"]
     assert list((root / "download").glob("models--kvtest--tiny-pca/snapshots/*/model.safetensors"))  # really went through the Hub cache
+
+
+def test_a_shipped_id_downloads_from_the_hub_when_the_hub_has_it(local_hub):
+    endpoint, _, root = local_hub
+    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, "-c", LOADER, SHIPPED_ID, str(root / "download")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ships with kvcompress" not in result.stderr  # no fallback: the server answered
+    downloaded = list((root / "download").glob("models--kvcompress--smollm2-135m-instruct-pca-2x/snapshots/*/model.safetensors"))
+    assert len(downloaded) == 1 and downloaded[0].read_bytes() == (shipped_repository(SHIPPED_ID) / "model.safetensors").read_bytes()

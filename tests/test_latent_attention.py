@@ -14,7 +14,7 @@ from conftest import DEVICE, prompt_ids, tiny_model
 from test_gates import tiny_gates
 from test_lowrank import SETTINGS, calibrate, uniform
 
-from kvcompress import ComposedCache, PCACache, latent_attention
+from kvcompress import ComposedCache, PCACache, cache_kwargs, latent_attention
 from kvcompress.attention import _attend_over_slots
 from kvcompress.cache import FILLER, CompressedLayer
 from kvcompress.config import HeadRanks
@@ -57,7 +57,7 @@ def decode_logits(model, cache, ids, mask, prefill: int = 150, chunk: int = 40):
     logits = []
     for start in [*range(0, prefill, chunk), *range(prefill, ids.shape[1])]:
         end = min(start + chunk, prefill) if start < prefill else start + 1
-        logits.append(model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
+        logits.append(model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], **cache_kwargs(cache)).logits)
     return torch.cat(logits, dim=1)
 
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from calibration.calibrate import LowRankCalibration
 from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from kvcompress import cache_kwargs
 from kvcompress.config import ConfigError, HeadRanks, RankConfig
 from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE
 from kvcompress.lowrank import KVSpliceCache, PCACache
@@ -38,9 +39,9 @@ def fitted(model, rank_k: int, rank_v: int | None = None, method: str = "pca"):
 
 @torch.no_grad()
 def stream_logits(model, cache, ids):
-    logits = [model(input_ids=ids[:, :24], past_key_values=cache).logits]
+    logits = [model(input_ids=ids[:, :24], **cache_kwargs(cache)).logits]
     for position in range(24, ids.shape[1]):
-        logits.append(model(input_ids=ids[:, position : position + 1], past_key_values=cache).logits)
+        logits.append(model(input_ids=ids[:, position : position + 1], **cache_kwargs(cache)).logits)
     return torch.cat(logits, dim=1)
 
 

@@ -10,6 +10,7 @@ from calibration.calibrate import LowRankCalibration
 from calibration.cli import main as cli_main
 from calibration.data import heldout_text
 from calibration.evaluate import passkey_context, passkey_trial
+from kvcompress import cache_kwargs
 from kvcompress.config import RankConfig
 from kvcompress.lowrank import PCACache
 
@@ -62,6 +63,6 @@ def test_calibrate_command_writes_a_loadable_artifact_and_a_summary(tmp_path, ca
     cache = PCACache.from_pretrained(output)
     model, tokenizer = default_model
     inputs = tokenizer("The capital of France is", return_tensors="pt")
-    reference = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=6, do_sample=False)
+    reference = model.generate(**inputs, **cache_kwargs(DynamicCache()), max_new_tokens=6, do_sample=False)
     # A short prompt never leaves the exact recent window: the output is the dense one.
-    assert torch.equal(model.generate(**inputs, past_key_values=cache, max_new_tokens=6, do_sample=False), reference)
+    assert torch.equal(model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=6, do_sample=False), reference)

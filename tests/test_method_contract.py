@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import prompt_ids, tiny_model
-from kvcompress import CompressedCache, CompressedLayer, Slots
+from kvcompress import CompressedCache, CompressedLayer, Slots, cache_kwargs
 
 
 class KeepEverything(CompressedLayer):
@@ -38,9 +38,9 @@ def cache_of(layer_class):
 
 def stream_logits(model, cache, ids):
     """Logits of a prompt forward and of 6 single-token steps."""
-    logits = [model(input_ids=ids[:, :20], past_key_values=cache).logits]
+    logits = [model(input_ids=ids[:, :20], **cache_kwargs(cache)).logits]
     for position in range(20, 26):
-        logits.append(model(input_ids=ids[:, position : position + 1], past_key_values=cache).logits)
+        logits.append(model(input_ids=ids[:, position : position + 1], **cache_kwargs(cache)).logits)
     return torch.cat(logits, dim=1)
 
 

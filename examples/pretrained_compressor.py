@@ -1,0 +1,33 @@
+"""A question about a long document, answered through a pretrained compressor (no calibration).
+
+    python examples/pretrained_compressor.py [kvcompress/smollm2-135m-instruct-gate]
+
+The compressor is downloaded from the Hub by its id, or, where the Hub has no answer, taken from the
+copy that ships with kvcompress. Any id `kvcompress pretrained` lists works here.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import kvcompress
+from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache
+
+CACHES = {"sidecar": SidecarCache, "gate": GatedCache, "pca": PCACache, "kvsplice": KVSpliceCache}
+repo_id = sys.argv[1] if len(sys.argv) > 1 else "kvcompress/smollm2-135m-instruct-sidecar-8x"
+method = next(item.method for item in kvcompress.list_pretrained() if item.repo_id == repo_id)
+
+model, tokenizer = kvcompress.load_model()
+prose = (Path(kvcompress.__file__).parent / "data" / "wikitext-2" / "valid.txt").read_text()[-60000:]
+document = " ".join(prose.split()[:900]) + "\n\nThe museum's new director is Ada Okafor.\n\n" + " ".join(prose.split()[900:1200])
+prompt = tokenizer.apply_chat_template(
+    [{"role": "user", "content": document + "\n\nWho is the museum's new director? Answer with the name."}], tokenize=False, add_generation_prompt=True,
+)
+inputs = tokenizer(prompt, return_tensors="pt")
+cache = CACHES[method].from_pretrained(repo_id)
+with torch.no_grad():
+    output = model.generate(**inputs, **kvcompress.cache_kwargs(cache), max_new_tokens=16, do_sample=False)  # cache=cache on transformers >= 5.24
+
+print(f"{inputs.input_ids.shape[1]} prompt tokens; answer: {tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()}")
+print(f"KV cache: {cache.nbytes() / 1024:.0f} KiB held, {cache.dense_nbytes() / 1024:.0f} KiB dense ({cache.compression_ratio:.2f}:1)")

@@ -1,0 +1,155 @@
+"""The pretrained compressors that ship with kvcompress: complete Hub repositories, loadable by their Hub ids
+with no Hub (offline, or a Hub that does not answer), listed and published through huggingface_hub, and
+measured as their model cards say."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import DynamicCache
+
+import kvcompress
+from calibration.cli import main as cli
+from calibration.data import heldout_text
+from calibration.evaluate import streaming_perplexity
+from conftest import greedy, prompt_ids, tiny_model
+from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache, list_pretrained
+from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, WEIGHTS_FILE, shipped_repository
+
+SHIPPED = {
+    "kvcompress/smollm2-135m-instruct-sidecar-8x": SidecarCache,
+    "kvcompress/smollm2-135m-instruct-gate": GatedCache,
+    "kvcompress/smollm2-135m-instruct-pca-2x": PCACache,
+    "kvcompress/smollm2-135m-instruct-kvsplice-2x": KVSpliceCache,
+}
+
+OFFLINE_LOADER = """
+import sys
+from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache
+classes = {"gate": GatedCache, "pca": PCACache, "kvsplice": KVSpliceCache, "sidecar": SidecarCache}
+for spec in sys.argv[1:]:
+    method, repo_id = spec.split("=")
+    for _ in range(2):  # a second load is the same shared artifact and says nothing more
+        cache = classes[method].from_pretrained(repo_id)
+    print(f"loaded {repo_id} as {type(cache).__name__} {cache.compressor.config['method']}")
+try:
+    PCACache.from_pretrained("kvcompress/no-such-compressor")
+except FileNotFoundError as error:
+    print(f"missing: {error}")
+"""
+
+
+def _run_loader(specs: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_DISABLE_TELEMETRY": "1"} | env
+    return subprocess.run([sys.executable, "-c", OFFLINE_LOADER, *specs], env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def _method(repo_id: str) -> str:
+    return json.loads((shipped_repository(repo_id) / CONFIG_FILE).read_text())["method"]
+
+
+def test_exactly_the_four_repositories_ship_each_complete():
+    listed = {item.repo_id: item for item in list_pretrained()}
+    assert set(listed) == set(SHIPPED)
+    for repo_id, cache_class in SHIPPED.items():
+        item = listed[repo_id]
+        assert item.cache_class == cache_class.__name__ and item.base_model == "SmolLM2-135M-Instruct"
+        files = {file.name for file in item.path.iterdir()}
+        assert {CONFIG_FILE, WEIGHTS_FILE, "README.md", EVALUATION_FILE} <= files
+        config = json.loads((item.path / CONFIG_FILE).read_text())
+        assert config["kvcompress_version"] == kvcompress.__version__
+        assert config["calibration"]["command"].startswith(f"kvcompress calibrate --method {config['method']} ")
+        assert "CC BY-SA 3.0" in config["calibration"]["data"]
+        card = ModelCard.load(item.path / "README.md")
+        assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "kvcompress"
+        assert f'{cache_class.__name__}.from_pretrained("{repo_id}"' in card.text
+        assert config["calibration"]["command"] in card.text and "CC BY-SA 3.0" in card.text
+        assert f"python benchmarks/pretrained.py --only {item.path.name}" in card.text  # how to reproduce its numbers
+        evaluation = json.loads((item.path / EVALUATION_FILE).read_text())
+        for name in ("compression_ratio", "perplexity", "passkey_1536", "passkey_6144", "multikey_1536"):
+            assert item.evaluation[name] == pytest.approx(evaluation["row"][name], abs=1e-4)  # the card's model-index
+        assert [row["cache"].split()[0] for row in evaluation["rows"]] == ["dense", config["method"], "streamingllm", "h2o"]
+
+
+def test_shipped_ids_load_offline_and_say_so_once():
+    specs = [f"{_method(repo_id)}={repo_id}" for repo_id in SHIPPED]
+    result = _run_loader(specs, {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for repo_id, cache_class in SHIPPED.items():
+        assert f"loaded {repo_id} as {cache_class.__name__}" in result.stdout
+        assert result.stderr.count(f"{repo_id}: the Hub could not be reached") == 1  # the log says so, once per id
+    assert "missing: kvcompress/no-such-compressor is not a local directory" in result.stdout  # only shipped ids fall back
+
+
+def test_a_hub_that_does_not_answer_falls_back_to_the_shipped_copy():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo_id = "kvcompress/smollm2-135m-instruct-pca-2x"
+    result = _run_loader([f"pca={repo_id}"], {"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {repo_id} as PCACache" in result.stdout
+    assert f"{repo_id}: the Hub could not be reached" in result.stderr
+
+
+def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+        PCACache.from_pretrained("kvcompress/smollm2-135m-instruct-pca-2x", revision="v0.0.1")
+
+
+@pytest.mark.parametrize("repo_id", sorted(SHIPPED))
+def test_shipped_compressor_refuses_another_model(repo_id, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cache = SHIPPED[repo_id].from_pretrained(repo_id)
+    with pytest.raises(ValueError, match="fitted for SmolLM2-135M-Instruct .* Use a compressor fitted for this model"):
+        greedy(tiny_model(), cache, prompt_ids(40), new_tokens=2)
+
+
+@pytest.mark.skipif(kvcompress.models.CACHE_ARGUMENT != "cache", reason="transformers < 5.24 knows only past_key_values=")
+def test_generate_takes_the_cache_under_both_spellings():
+    model, ids = tiny_model(), prompt_ids(60)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    current = model.generate(**kwargs, cache=kvcompress.H2OCache(budget=24))
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        deprecated = model.generate(**kwargs, past_key_values=kvcompress.H2OCache(budget=24))
+    dense = model.generate(**kwargs, cache=DynamicCache())
+    assert torch.equal(current, deprecated)
+    assert not torch.equal(current, dense)  # the compressed cache really was used
+
+
+def test_cli_lists_and_dry_run_publishes_the_shipped_repositories(capsys, monkeypatch):
+    cli(["pretrained"])
+    listing = capsys.readouterr().out
+    for repo_id in SHIPPED:
+        assert f"| {repo_id} |" in listing
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", lambda *a, **k: pytest.fail("a dry run uploaded"))
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda *a, **k: pytest.fail("a dry run created a repo"))
+    cli(["publish", "--dry-run", "--namespace", "someone"])
+    plan = capsys.readouterr().out
+    for repo_id in SHIPPED:
+        assert f"-> https://huggingface.co/someone/{repo_id.split('/')[1]}" in plan
+    assert "would publish 4 repositories (dry run: nothing was uploaded)" in plan
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("repo_id", sorted(SHIPPED))
+def test_shipped_compressor_reproduces_its_model_card(repo_id, default_model, monkeypatch):
+    """Offline, by Hub id: the held-out streaming perplexity and held memory are what evaluation.json (the card) says."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    model, tokenizer = default_model
+    evaluation = json.loads((shipped_repository(repo_id) / EVALUATION_FILE).read_text())
+    cache = SHIPPED[repo_id].from_pretrained(repo_id, **evaluation["load_options"])
+    ids = torch.tensor([tokenizer(heldout_text()).input_ids[: evaluation["settings"]["ppl_tokens"]]])
+    result = streaming_perplexity(model, ids, cache)
+    assert result.perplexity == pytest.approx(evaluation["row"]["perplexity"], rel=1e-3)
+    dense = next(row for row in evaluation["rows"] if row["cache"] == "dense")
+    assert result.perplexity < 1.25 * dense["scores"]["ppl"]
+    assert result.nbytes < result.dense_nbytes
+    out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"), **kvcompress.cache_kwargs(SHIPPED[repo_id].from_pretrained(repo_id)), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 5
