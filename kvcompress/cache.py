@@ -40,6 +40,8 @@ attention (see `kvcompress.attention`), so prefill attention is exact and, with
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, replace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -71,6 +73,23 @@ class Slots:
     keep: torch.Tensor | None = None
 
 
+MAX_TOKENS = 2**40  # a token budget beyond any context a model can hold, and far inside int64
+
+
+def _whole_number(name: str, value, what: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number (Python, numpy or a one-element torch integer; not a bool) in [low, high]."""
+    error = ValueError(f"{name} must be {what} (an integer from {low} to {high}), got {value!r}.")
+    if isinstance(value, bool):
+        raise error
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise error from None
+    if not low <= number <= high:
+        raise error
+    return number
+
+
 @dataclass(frozen=True)
 class Budget:
     """How many tokens a row may hold: a fixed count, or one token in `ratio` of those seen."""
@@ -81,10 +100,12 @@ class Budget:
     def __post_init__(self):
         if (self.tokens is None) == (self.ratio is None):
             raise ValueError("Give the budget either as a token count (budget=...) or as a compression ratio (ratio=...), not both or neither.")
-        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens <= 0):
-            raise ValueError(f"budget must be a positive number of tokens, got {self.tokens!r}.")
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio >= 1):
-            raise ValueError(f"ratio must be a compression ratio >= 1 (e.g. 8 for 8:1), got {self.ratio!r}.")
+        if self.tokens is not None:
+            object.__setattr__(self, "tokens", _whole_number("budget", self.tokens, "a positive number of tokens", 1, MAX_TOKENS))
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (numbers.Real, torch.Tensor)) or not math.isfinite(float(self.ratio)) or float(self.ratio) < 1:
+                raise ValueError(f"ratio must be a finite compression ratio >= 1 (e.g. 8 for 8:1), got {self.ratio!r}.")
+            object.__setattr__(self, "ratio", float(self.ratio))
 
     def at(self, seen: torch.Tensor) -> torch.Tensor:
         """Tokens a row may hold after seeing `seen` real tokens (per row)."""

@@ -1,5 +1,6 @@
 """Bad input gets a clear error that says what was wrong and what to do."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
@@ -17,8 +18,12 @@ from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache, ca
         (lambda: StreamingLLMCache(budget=2.5), "positive number of tokens"),
         (lambda: StreamingLLMCache(), "either as a token count"),
         (lambda: H2OCache(budget=64, ratio=4), "either as a token count"),
-        (lambda: H2OCache(ratio=0.5), "ratio must be a compression ratio >= 1"),
-        (lambda: H2OCache(ratio=float("inf")), "ratio must be a compression ratio >= 1"),
+        (lambda: StreamingLLMCache(budget=True), "positive number of tokens"),  # a bool is not a number
+        (lambda: StreamingLLMCache(budget="64"), "positive number of tokens"),
+        (lambda: StreamingLLMCache(budget=10**30), r"an integer from 1 to 1099511627776\), got 1000000000000000000000000000000"),
+        (lambda: H2OCache(ratio=0.5), "ratio must be a finite compression ratio >= 1"),
+        (lambda: H2OCache(ratio=float("inf")), "ratio must be a finite compression ratio >= 1"),
+        (lambda: H2OCache(ratio=True), "ratio must be a finite compression ratio >= 1"),
         (lambda: StreamingLLMCache(budget=4, sink=4), r"sink \(4\) must be smaller than the budget"),
         (lambda: StreamingLLMCache(budget=16, sink=-1), "sink must be an integer >= 0"),
         (lambda: H2OCache(budget=16, block_size=0), "block_size must be an integer >= 1"),
@@ -28,6 +33,12 @@ from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache, ca
 def test_invalid_arguments(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("budget", [np.int64(24), torch.tensor(24), 24])
+def test_numpy_and_torch_integers_are_budgets(budget):
+    ids = prompt_ids(60)
+    assert torch.equal(greedy(tiny_model(), StreamingLLMCache(budget=budget), ids, new_tokens=8), greedy(tiny_model(), StreamingLLMCache(budget=24), ids, new_tokens=8))
 
 
 def test_unsupported_architecture_is_refused():
