@@ -2,6 +2,7 @@
 
     python benchmarks/pretrained.py                                      # every shipped repository (~45 min on 2 CPU cores)
     python benchmarks/pretrained.py --only smollm2-135m-instruct-gate    # one
+    python benchmarks/pretrained.py --render --update-readme README.md   # only the README table, from the evaluation.json files
 
 For each repository: its network weights are stored in float16 when that leaves the measured perplexity
 unchanged (checked here, else they stay float32); then the compressor, and StreamingLLM and H2O at the
@@ -28,6 +29,7 @@ from calibration.data import DEFAULT_CORPUS_NAME, heldout_text
 from calibration.evaluate import CacheSpec, streaming_perplexity
 from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact
 from quality import Row, Settings, gate_keep_ratio, prompts, run
+from readme_block import update_readme
 
 HALF_PRECISION = ("gates.", "network.", "layers.")  # network weights; RoPE frequencies, probabilities and reference queries stay float32
 LOAD_OPTIONS = {"gate": {"keep_ratio": gate_keep_ratio(8, Settings().short)}}  # the gates' memory is chosen at load time: 8:1
@@ -75,11 +77,49 @@ def card_section(rows: list[Row], own: Row, settings: Settings, env: dict, name:
     ])
 
 
+def readme_table() -> str:
+    """Every shipped compressor beside dense and the baselines at its memory, from the evaluation.json files."""
+    evaluations = {d.parent.name: json.loads(d.read_text()) for d in sorted(PRETRAINED_DIR.glob(f"*/{EVALUATION_FILE}"))}
+    first = next(iter(evaluations.values()))
+    settings, env = Settings(**first["settings"]), first["environment"]
+    header = ["Hub id (`kvcompress/...`)", "cache", "measured compression", "held KiB", f"PPL@{settings.ppl_tokens}",
+              f"pass key @{settings.short}", f"pass key @{settings.long}", f"multi-key @{settings.short}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def line(name: str, row: dict) -> str:
+        cells = [name, row["cache"], f"{row['measured_ratio']:.2f}:1", f"{row['nbytes'] / 1024:.0f}"] + [f"{row['scores'][task]:.2f}" for task in TASKS]
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(line("-", first["rows"][0]))  # dense
+    for name, evaluation in evaluations.items():
+        own, *baselines = evaluation["rows"][1:]
+        options = "".join(f" ({key}={value})" for key, value in evaluation["load_options"].items())
+        lines += [line(f"**{name}**", own | {"cache": f"{own['cache'].split()[0]}{options}"}), *(line("", row) for row in baselines)]
+    return "\n".join([
+        f"Measured by `python benchmarks/pretrained.py` ({env['model']} in {env['dtype'].removeprefix('torch.')}, {env['device']}, "
+        f"transformers {env['transformers']}): every prompt comes from the held-out part of the shipped corpus; StreamingLLM and H2O "
+        f"are given each compressor's measured ratio. Scores are shares of answers found ({len(settings.short_depths) * settings.trials} "
+        f"pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at {settings.long}, {settings.task_trials} multi-key "
+        f"prompts); the context is compressed before the question arrives. Memory is what the cache held after a {settings.short}-token prompt.",
+        "", *lines,
+    ])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, metavar="NAME", help="repository folder names (default: all)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
+    parser.add_argument("--update-readme", default=None, metavar="README", help="also write the table of all shipped compressors into its 'pretrained' block")
+    parser.add_argument("--render", action="store_true", help="measure nothing: only rebuild the README table from the evaluation.json files")
     args = parser.parse_args(argv)
+    if not args.render:
+        measure(args)
+    if args.update_readme:
+        update_readme(Path(args.update_readme), "pretrained", readme_table())
+        print(f"updated {args.update_readme}")
+
+
+def measure(args) -> None:
 
     model, tokenizer = kvcompress.load_model(device=args.device)
     settings = Settings()

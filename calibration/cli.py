@@ -308,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o")
     generate.add_argument("--ratio", type=float, default=None, help="compression ratio, e.g. 4 for 4:1")
     generate.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
-    generate.add_argument("--compressor", default=None, metavar="DIR", help="use a fitted compressor (kvcompress calibrate --output) instead of --cache")
+    generate.add_argument(
+        "--compressor", default=None, metavar="DIR_OR_HUB_ID[@OPTIONS]",
+        help="use a fitted compressor instead of --cache: a directory (kvcompress calibrate --output) or a Hub id (kvcompress pretrained lists the shipped ones), "
+        "with cache options after @, e.g. kvcompress/smollm2-135m-instruct-gate@keep_ratio=0.07",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=16)
     generate.add_argument("--context-tokens", type=int, default=1536, help="passkey demo: prompt length")
     generate.add_argument("--depth", type=float, default=0.5, help="passkey demo: where the key is hidden (0..1)")
@@ -319,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate_)
     evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
     evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8])
-    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR[@OPTIONS]", help="also evaluate fitted compressors (kvcompress calibrate --output), e.g. gate-dir@keep_ratio=0.08,policy=layer")
+    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR_OR_HUB_ID[@OPTIONS]", help="also evaluate fitted compressors (directories or Hub ids), e.g. gate-dir@keep_ratio=0.08,policy=layer")
     evaluate_.add_argument("--ppl-tokens", type=int, default=1024)
     evaluate_.add_argument("--ppl-chunk", type=int, default=32)
     evaluate_.add_argument("--passkey-tokens", type=int, default=1536)

@@ -39,6 +39,7 @@ PRETRAINED_NAMESPACE = "kvcompress"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # one folder per Hub repo kvcompress/<folder>
 
 logger = logging.getLogger("kvcompress")
+_SHIPPED_IN_USE: set[str] = set()  # Hub ids this process loads from the shipped copies (the Hub had no answer for them)
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -279,13 +280,17 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         return files
     if directory.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
+    shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
+    if shipped is not None and model_id in _SHIPPED_IN_USE:
+        return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE  # the Hub had no answer for it earlier in this process: do not wait again
     try:
         return tuple(Path(hf_hub_download(model_id, filename, **download_kwargs)) for filename in (CONFIG_FILE, WEIGHTS_FILE))
     except (LocalEntryNotFoundError, RepositoryNotFoundError) as error:
-        shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
         if shipped is None:
             raise _not_found(model_id, error) from None
-        _announce_shipped_copy(model_id, shipped, "the Hub has no such repository" if isinstance(error, RepositoryNotFoundError) else "the Hub could not be reached (offline, or no answer) and the repository is not in the local Hub cache")
+        reason = "the Hub has no such repository" if isinstance(error, RepositoryNotFoundError) else "the Hub could not be reached (offline, or no answer) and the repository is not in the local Hub cache"
+        logger.warning("%s: %s; using the copy that ships with kvcompress (%s). Set HF_HUB_OFFLINE=1 to use it without asking the Hub.", model_id, reason, shipped)
+        _SHIPPED_IN_USE.add(model_id)
         return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE
     except RevisionNotFoundError:
         raise FileNotFoundError(f"Hub repo {model_id!r} has no revision {download_kwargs.get('revision')!r}.") from None
@@ -299,15 +304,6 @@ def _not_found(model_id: str, error: Exception) -> FileNotFoundError:
     return FileNotFoundError(
         f"{model_id} is not a local directory ({Path(model_id).resolve()} does not exist), and as a Hub repo id it could not be "
         "downloaded: the Hub was not reachable and the repo is not in the local Hub cache."
-    )
-
-
-@functools.cache
-def _announce_shipped_copy(model_id: str, directory: Path, reason: str) -> None:
-    """Once per id: say that the shipped copy stands in for the Hub repo."""
-    logger.warning(
-        "%s: %s; using the copy that ships with kvcompress (%s). Set HF_HUB_OFFLINE=1 to use it without asking the Hub.",
-        model_id, reason, directory,
     )
 
 
