@@ -288,8 +288,13 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
     except (LocalEntryNotFoundError, RepositoryNotFoundError) as error:
         if shipped is None:
             raise _not_found(model_id, error) from None
-        reason = "the Hub has no such repository" if isinstance(error, RepositoryNotFoundError) else "the Hub could not be reached (offline, or no answer) and the repository is not in the local Hub cache"
-        logger.warning("%s: %s; using the copy that ships with kvcompress (%s). Set HF_HUB_OFFLINE=1 to use it without asking the Hub.", model_id, reason, shipped)
+        if isinstance(error, RepositoryNotFoundError):
+            reason = "the Hub has no such repository"
+        elif constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set and the repository is not in the local Hub cache"
+        else:
+            reason = "the Hub did not answer and the repository is not in the local Hub cache (HF_HUB_OFFLINE=1 skips asking)"
+        logger.warning("%s: %s; using the copy that ships with kvcompress (%s).", model_id, reason, shipped)
         _SHIPPED_IN_USE.add(model_id)
         return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE
     except RevisionNotFoundError:

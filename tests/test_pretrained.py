@@ -82,7 +82,7 @@ def test_shipped_ids_load_offline_and_say_so_once():
     assert result.returncode == 0, result.stderr[-3000:]
     for repo_id, cache_class in SHIPPED.items():
         assert f"loaded {repo_id} as {cache_class.__name__}" in result.stdout
-        assert result.stderr.count(f"{repo_id}: the Hub could not be reached") == 1  # the log says so, once per id
+        assert result.stderr.count(f"{repo_id}: HF_HUB_OFFLINE is set") == 1  # the log says so, once per id
     assert "missing: kvcompress/no-such-compressor is not a local directory" in result.stdout  # only shipped ids fall back
 
 
@@ -94,7 +94,7 @@ def test_a_hub_that_does_not_answer_falls_back_to_the_shipped_copy():
     result = _run_loader([f"pca={repo_id}"], {"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {repo_id} as PCACache" in result.stdout
-    assert result.stderr.count(f"{repo_id}: the Hub could not be reached") == 1  # the second load did not ask the Hub again
+    assert result.stderr.count(f"{repo_id}: the Hub did not answer") == 1  # the second load did not ask the Hub again
 
 
 def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
