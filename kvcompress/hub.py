@@ -9,6 +9,10 @@
 and `from_pretrained` (a local directory or a Hub id). Loading checks the format version and the
 method at once; a loaded artifact is shared by every cache built from the same files; and the
 first attention call of each layer checks that the artifact was fitted for that model.
+
+The pretrained compressors ship inside the package as complete Hub repositories
+(`kvcompress/pretrained/<name>` = Hub repo `kvcompress/<name>`): `list_pretrained` lists them,
+`publish_pretrained` uploads them, and their ids load the shipped copy where the Hub has no answer.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ output = model.generate(**inputs, cache=cache, max_new_tokens=64)   # transforme
 
 {{ metrics }}
 {{ evaluation }}"""
+
+
 class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcompress", "kv-cache-compression"], model_card_template=MODEL_CARD):
     """The fitted part of a compressed cache: a config dict and named tensors.
 
@@ -345,7 +351,7 @@ def list_pretrained() -> list[PretrainedCompressor]:
         config = json.loads((directory / CONFIG_FILE).read_text())
         card = ModelCard.load(directory / "README.md") if (directory / "README.md").is_file() else None
         results = (card.data.eval_results or []) if card else []
-        owner = next((sub for sub in _artifact_classes() if sub.method == config["method"]), None)
+        owner = _artifact_class(config["method"])
         found.append(PretrainedCompressor(
             repo_id=f"{PRETRAINED_NAMESPACE}/{directory.name}", method=config["method"],
             cache_class=owner.cache_class_name if owner else "?", base_model=config["base_model"]["name_or_path"], path=directory,
@@ -405,7 +411,7 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
         )
     method = config.get("method")
     if method != cls.method:
-        owner = next((sub for sub in _artifact_classes() if sub.method == method), None)
+        owner = _artifact_class(method)
         hint = f"load it with {owner.cache_class_name}.from_pretrained" if owner else "it is not a known kvcompress method"
         raise ConfigError(f"{config_file} holds a {method!r} compressor, not {cls.method!r}: {hint}.")
     try:
@@ -414,6 +420,11 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
         raise ValueError(f"{weights_file} is corrupt or not a safetensors file ({error}). Re-download it (force_download=True) or re-save the compressor.") from None
     config = {key: value for key, value in config.items() if key not in ("format_version", "kvcompress_version")}
     return cls(config, tensors)
+
+
+def _artifact_class(method: str) -> type[CompressorArtifact] | None:
+    """The artifact class of a method name, if kvcompress knows it."""
+    return next((sub for sub in _artifact_classes() if sub.method == method), None)
 
 
 def _artifact_classes(base=CompressorArtifact):

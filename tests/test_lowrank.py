@@ -241,7 +241,7 @@ def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
     fitted(tiny_model("llama"), 6).save_pretrained(tmp_path / "run-a")
     spec = CacheSpec.fitted(tmp_path / "run-a")
     assert spec.label == "pca run-a" and isinstance(spec.build(), PCACache)
-    with pytest.raises(FileNotFoundError, match="is not a compressor directory"):
+    with pytest.raises(FileNotFoundError, match="has no compressor_config.json: it is not a complete kvcompress compressor directory"):
         CacheSpec.fitted(tmp_path)
 
 
