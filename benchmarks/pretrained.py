@@ -52,13 +52,22 @@ def store_float16_if_unchanged(directory: Path, spec: CacheSpec, model, ppl_ids:
     return f"float16 (perplexity {full:.4f} with float32 weights, {reduced:.4f} with float16)"
 
 
-def card_section(rows: list[Row], own: Row, settings: Settings, env: dict, name: str) -> str:
-    header = ["cache", "measured compression", "held KiB", f"PPL@{settings.ppl_tokens}", f"pass key @{settings.short}", f"pass key @{settings.long}", f"multi-key @{settings.short}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        label = f"**{row.cache}** (this compressor)" if row is own else row.cache
-        cells = [label, f"{row.measured_ratio:.2f}:1", f"{row.nbytes / 1024:.0f}"] + [f"{row.scores[task]:.2f}" for task in TASKS]
-        lines.append("| " + " | ".join(cells) + " |")
+def table_line(first_cells: list[str], row: dict) -> str:
+    """One markdown table line: `first_cells`, then a row's (as in evaluation.json) measured ratio, held KiB and task scores."""
+    cells = [*first_cells, f"{row['measured_ratio']:.2f}:1", f"{row['nbytes'] / 1024:.0f}"] + [f"{row['scores'][task]:.2f}" for task in TASKS]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_header(first_columns: list[str], settings: Settings) -> list[str]:
+    header = [*first_columns, "measured compression", "held KiB", f"PPL@{settings.ppl_tokens}", f"pass key @{settings.short}", f"pass key @{settings.long}", f"multi-key @{settings.short}"]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def card_section(rows: list[dict], settings: Settings, env: dict, name: str) -> str:
+    """The card's comparison: `rows` are dense, this compressor, then the baselines (evaluation.json's rows)."""
+    lines = table_header(["cache"], settings) + [
+        table_line([f"**{row['cache']}** (this compressor)" if index == 1 else row["cache"]], row) for index, row in enumerate(rows)
+    ]
     return "\n".join([
         "",
         "## Measured against dense, StreamingLLM and H2O at the same memory",
@@ -82,19 +91,11 @@ def readme_table() -> str:
     evaluations = {d.parent.name: json.loads(d.read_text()) for d in sorted(PRETRAINED_DIR.glob(f"*/{EVALUATION_FILE}"))}
     first = next(iter(evaluations.values()))
     settings, env = Settings(**first["settings"]), first["environment"]
-    header = ["Hub id (`kvcompress/...`)", "cache", "measured compression", "held KiB", f"PPL@{settings.ppl_tokens}",
-              f"pass key @{settings.short}", f"pass key @{settings.long}", f"multi-key @{settings.short}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def line(name: str, row: dict) -> str:
-        cells = [name, row["cache"], f"{row['measured_ratio']:.2f}:1", f"{row['nbytes'] / 1024:.0f}"] + [f"{row['scores'][task]:.2f}" for task in TASKS]
-        return "| " + " | ".join(cells) + " |"
-
-    lines.append(line("-", first["rows"][0]))  # dense
+    lines = table_header(["Hub id (`kvcompress/...`)", "cache"], settings) + [table_line(["-", "dense"], first["rows"][0])]
     for name, evaluation in evaluations.items():
         own, *baselines = evaluation["rows"][1:]
         options = "".join(f" ({key}={value})" for key, value in evaluation["load_options"].items())
-        lines += [line(f"**{name}**", own | {"cache": f"{own['cache'].split()[0]}{options}"}), *(line("", row) for row in baselines)]
+        lines += [table_line([f"**{name}**", own["cache"].split()[0] + options], own), *(table_line(["", row["cache"]], row) for row in baselines)]
     return "\n".join([
         f"Measured by `python benchmarks/pretrained.py` ({env['model']} in {env['dtype'].removeprefix('torch.')}, {env['device']}, "
         f"transformers {env['transformers']}): every prompt comes from the held-out part of the shipped corpus; StreamingLLM and H2O "
@@ -120,7 +121,6 @@ def main(argv=None) -> None:
 
 
 def measure(args) -> None:
-
     model, tokenizer = kvcompress.load_model(device=args.device)
     settings = Settings()
     ppl_ids, tasks = prompts(tokenizer, heldout_text(), settings)
@@ -152,8 +152,8 @@ def measure(args) -> None:
             "row": {"compression_ratio": own.measured_ratio, "perplexity": own.scores["ppl"], "passkey_1536": own.scores["passkey"],
                     "passkey_6144": own.scores["passkey_long"], "multikey_1536": own.scores["multikey"], "held_bytes": own.nbytes},
             "rows": [asdict(row) | {"measured_ratio": row.measured_ratio} for row in rows],
-            "markdown": card_section(rows, own, settings, env, directory.name),
         }
+        evaluation["markdown"] = card_section(evaluation["rows"], settings, env, directory.name)
         (directory / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=1) + "\n")
         cache_arguments = "".join(f", {key}={value}" for key, value in LOAD_OPTIONS.get(method, {}).items())
         CompressorArtifact.from_pretrained(directory).save_pretrained(
