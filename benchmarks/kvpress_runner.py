@@ -22,12 +22,11 @@ import statistics
 import time
 from importlib.metadata import version
 
+import kvpress
 import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
-import kvpress
 
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "KnormPress")
 TASKS = ("passkey", "passkey_long", "multikey", "variables")

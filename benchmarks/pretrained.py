@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from quality import Row, Settings, gate_keep_ratio, prompts, run
+from readme_block import update_readme
 from safetensors.torch import save_file
 
 import kvcompress
-from calibration.data import DEFAULT_CORPUS_NAME, heldout_text
-from calibration.evaluate import CacheSpec, streaming_perplexity
+from kvcompress.calibration.data import DEFAULT_CORPUS_NAME, heldout_text
+from kvcompress.calibration.evaluate import CacheSpec, streaming_perplexity
 from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact
-from quality import Row, Settings, gate_keep_ratio, prompts, run
-from readme_block import update_readme
 
 HALF_PRECISION = ("gates.", "network.", "layers.")  # network weights; RoPE frequencies, probabilities and reference queries stay float32
 LOAD_OPTIONS = {"gate": {"keep_ratio": gate_keep_ratio(8, Settings().short)}}  # the gates' memory is chosen at load time: 8:1

@@ -31,6 +31,7 @@ cache = CACHES[method].from_pretrained(repo_id)
 for name, past in (("dense", DynamicCache()), (repo_id, cache)):
     with torch.no_grad():
         output = model.generate(**inputs, **kvcompress.cache_kwargs(past), max_new_tokens=16, do_sample=False)  # cache=past on transformers >= 5.24
-    print(f"{name}: {tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip().replace(chr(10), " ")}")
+    answer = tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
+    print(f"{name}: {answer}")
 
 print(f"{inputs.input_ids.shape[1]} prompt tokens; the compressed cache held {cache.nbytes() / 1024:.0f} KiB of {cache.dense_nbytes() / 1024:.0f} KiB dense ({cache.compression_ratio:.2f}:1)")

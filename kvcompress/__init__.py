@@ -11,8 +11,8 @@ from .cache import Budget, CompressedCache, CompressedLayer, Slots
 from .composed import ComposedCache
 from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
-from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .hub import PretrainedCompressor, list_pretrained, publish_pretrained
+from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import cache_kwargs, load_model
 from .sidecar import SidecarCache, SidecarCompressor
 

@@ -43,6 +43,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass, replace
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 

@@ -168,7 +168,10 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None, cache_dir=None, force_download: bool = False, local_files_only: bool = False, token=None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None, cache_dir=None, force_download: bool = False,
+        local_files_only: bool = False, token=None, **kwargs,
+    ):
         """Load from a directory made by `save_pretrained` or a Hub repo id; the same files give the same shared object."""
         return cls._from_pretrained(
             model_id=str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,

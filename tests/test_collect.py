@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-
+from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcompress import cache_kwargs
-
-from calibration.collect import collect_attention_samples
-from conftest import prompt_ids, tiny_model
+from kvcompress.calibration.collect import collect_attention_samples
 
 
 def _dense_states(model, sequence):

@@ -3,15 +3,15 @@ alone equals its own cache, the parts multiply the memory saving, quantization e
 
 import pytest
 import torch
+from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from test_gates import tiny_gates
+from test_lowrank import fitted, stream_logits
 from transformers import DynamicCache
 
-from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from kvcompress import ComposedCache, GatedCache, PCACache
 from kvcompress.cache import FILLER, STORE_ROOM
 from kvcompress.lowrank import LowRankCompressor, PCACompressor
 from kvcompress.quantize import dequantize, quantize
-from test_gates import tiny_gates
-from test_lowrank import fitted, stream_logits
 
 
 @pytest.fixture(scope="module")

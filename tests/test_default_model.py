@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from calibration.cli import main as cli_main
-from calibration.data import heldout_text
-from calibration.evaluate import DEPTHS, passkey_context, passkey_trial, reference_perplexity, streaming_perplexity
 from kvcompress import H2OCache, StreamingLLMCache
+from kvcompress.calibration.cli import main as cli_main
+from kvcompress.calibration.data import heldout_text
+from kvcompress.calibration.evaluate import DEPTHS, passkey_context, passkey_trial, reference_perplexity, streaming_perplexity
 
 pytestmark = pytest.mark.model
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import greedy, prompt_ids, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import kvcompress
-from conftest import greedy, prompt_ids, tiny_model
 from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache, cache_kwargs
 
 

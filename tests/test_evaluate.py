@@ -1,15 +1,21 @@
 """Evaluator mechanics on a tiny model: exact streaming perplexity, the table, the plot, bad input."""
 
 import pytest
+from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from calibration.data import load_text, split_text
-from calibration.evaluate import (
-    CacheSpec, EvaluationRow, attention_cosine, attention_outputs, format_table, reference_perplexity, streaming_perplexity,
-)
-from calibration.plots import _line_name, plot_quality_vs_compression
-from conftest import prompt_ids, tiny_model
 from kvcompress import H2OCache
+from kvcompress.calibration.data import load_text, split_text
+from kvcompress.calibration.evaluate import (
+    CacheSpec,
+    EvaluationRow,
+    attention_cosine,
+    attention_outputs,
+    format_table,
+    reference_perplexity,
+    streaming_perplexity,
+)
+from kvcompress.calibration.plots import _line_name, plot_quality_vs_compression
 
 
 @pytest.mark.parametrize("chunk", [8, 13])

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
-from calibration.lowrank import rope_inv_freq
 from conftest import VOCAB, tiny_model
+
 from kvcompress import cache_kwargs
+from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
+from kvcompress.calibration.lowrank import rope_inv_freq
 from kvcompress.gate import GateBank
 
 
@@ -40,7 +40,7 @@ def test_labels_come_from_the_models_attention_beyond_the_window():
     rate = data.positive_rate()
     assert bool(((rate > 0) & (rate < 1)).all())
     # Checked by hand for one token: the largest group-mean attention from queries at least `window` later.
-    from calibration.collect import recording_attention
+    from kvcompress.calibration.collect import recording_attention
 
     with torch.no_grad(), recording_attention(model) as recorded:
         model(input_ids=ids[:256][None].to(model.device))
@@ -70,7 +70,7 @@ def test_training_learns_a_separable_rule_and_reports_it():
 
 
 def test_the_gate_report_plots(tmp_path):
-    from calibration.plots import plot_gate_report
+    from kvcompress.calibration.plots import plot_gate_report
 
     data = RetentionLabels(torch.randn(2, 600, 4), torch.rand(2, 600), torch.arange(600) // 100, 1, 2, 8, 0.8)
     with torch.enable_grad():
@@ -79,13 +79,13 @@ def test_the_gate_report_plots(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ GatedCache
+from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from kvcompress.cache import FILLER  # noqa: E402
+from kvcompress.calibration.gates import gate_compressor  # noqa: E402
 from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
 from kvcompress.hub import model_signature  # noqa: E402
-from calibration.gates import gate_compressor  # noqa: E402
 
 SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
 

@@ -4,12 +4,12 @@ beats StreamingLLM at the same measured memory."""
 import pytest
 import torch
 
-from calibration.data import heldout_text, load_text, split_text
-from calibration.evaluate import streaming_perplexity
-from calibration.gates import collect_retention_labels, gate_compressor, train_gates
-from calibration.lowrank import rope_inv_freq
-from calibration.recall import recall_sequences
 from kvcompress import StreamingLLMCache
+from kvcompress.calibration.data import heldout_text, load_text, split_text
+from kvcompress.calibration.evaluate import streaming_perplexity
+from kvcompress.calibration.gates import collect_retention_labels, gate_compressor, train_gates
+from kvcompress.calibration.lowrank import rope_inv_freq
+from kvcompress.calibration.recall import recall_sequences
 from kvcompress.gate import GatedCache
 from kvcompress.hub import model_signature
 
@@ -49,7 +49,7 @@ def test_gated_cache_beats_streamingllm_at_the_same_memory(trained, default_mode
 def test_calibrate_command_fits_saves_and_reports_gates(tmp_path, capsys):
     import json
 
-    from calibration.cli import main
+    from kvcompress.calibration.cli import main
 
     output = tmp_path / "gate"
     main(["calibrate", "--method", "gate", "--gate-tokens", "3072", "--gate-steps", "20", "--eval-tokens", "256", "--output", str(output), "--plot", str(tmp_path / "gates.png")])

@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import tiny_model
-from kvcompress.hub import shipped_repository
 from test_lowrank import fitted
+
+from kvcompress.hub import shipped_repository
 
 REPO_ID = "kvtest/tiny-pca"
 SHIPPED_ID = "kvcompress/smollm2-135m-instruct-pca-2x"  # the server also serves a repository that ships with kvcompress

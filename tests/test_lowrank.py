@@ -6,11 +6,11 @@ import json
 import huggingface_hub
 import pytest
 import torch
+from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from calibration.calibrate import LowRankCalibration
-from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from kvcompress import cache_kwargs
+from kvcompress.calibration.calibrate import LowRankCalibration
 from kvcompress.config import ConfigError, HeadRanks, RankConfig
 from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE
 from kvcompress.lowrank import KVSpliceCache, PCACache
@@ -236,7 +236,7 @@ def test_invalid_rank_configs_name_the_field(edit, message):
 
 
 def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
-    from calibration.evaluate import CacheSpec
+    from kvcompress.calibration.evaluate import CacheSpec
 
     fitted(tiny_model("llama"), 6).save_pretrained(tmp_path / "run-a")
     spec = CacheSpec.fitted(tmp_path / "run-a")
@@ -255,7 +255,7 @@ def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
     ],
 )
 def test_calibrate_refuses_conflicting_rank_options(arguments, message, capsys):
-    from calibration.cli import main
+    from kvcompress.calibration.cli import main
 
     with pytest.raises(SystemExit, match=message):
         main(["calibrate", "--method", "pca", "--output", "unused", *arguments])

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from calibration.calibrate import LowRankCalibration
-from calibration.cli import main as cli_main
-from calibration.data import heldout_text
-from calibration.evaluate import passkey_context, passkey_trial
 from kvcompress import cache_kwargs
+from kvcompress.calibration.calibrate import LowRankCalibration
+from kvcompress.calibration.cli import main as cli_main
+from kvcompress.calibration.data import heldout_text
+from kvcompress.calibration.evaluate import passkey_context, passkey_trial
 from kvcompress.config import RankConfig
 from kvcompress.lowrank import PCACache
 

@@ -1,12 +1,12 @@
 """The contract a method implements, exercised by tiny methods: what `compress_blocks` returns is what attention sees."""
 
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import torch
+from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from conftest import prompt_ids, tiny_model
 from kvcompress import CompressedCache, CompressedLayer, Slots, cache_kwargs
 
 

@@ -10,15 +10,15 @@ import sys
 
 import pytest
 import torch
+from conftest import greedy, prompt_ids, tiny_model
 from huggingface_hub import ModelCard
 from transformers import DynamicCache
 
 import kvcompress
-from calibration.cli import main as cli
-from calibration.data import heldout_text
-from calibration.evaluate import streaming_perplexity
-from conftest import greedy, prompt_ids, tiny_model
 from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache, list_pretrained
+from kvcompress.calibration.cli import main as cli
+from kvcompress.calibration.data import heldout_text
+from kvcompress.calibration.evaluate import streaming_perplexity
 from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, WEIGHTS_FILE, shipped_repository
 
 SHIPPED = {

@@ -2,19 +2,27 @@
 
 import pytest
 import torch
+from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from calibration.lowrank import rope_inv_freq
-from calibration.sidecar import (
-    LossWeights, TrainingSettings, merge_stretches, reference_queries, sample_stretches, sidecar_compressor, step_losses, train_sidecar, unhealthy,
-)
-from calibration.trajectories import collect_trajectories, load_trajectories
-from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
+from kvcompress.attention_matching import attention_matching_merge
 from kvcompress.cache import SYNTHESIZED
+from kvcompress.calibration.lowrank import rope_inv_freq
+from kvcompress.calibration.sidecar import (
+    LossWeights,
+    TrainingSettings,
+    merge_stretches,
+    reference_queries,
+    sample_stretches,
+    sidecar_compressor,
+    step_losses,
+    train_sidecar,
+    unhealthy,
+)
+from kvcompress.calibration.trajectories import collect_trajectories, load_trajectories
 from kvcompress.hub import model_signature
 from kvcompress.lowrank import rotate
-from kvcompress.attention_matching import attention_matching_merge
 from kvcompress.sidecar import SidecarNetwork, to_window_frame, window_frame_references
 
 LENGTH = 128  # trajectory sequence length for the tiny model

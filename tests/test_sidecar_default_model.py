@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
-from calibration.data import heldout_text
-from calibration.evaluate import streaming_perplexity
-from calibration.trajectories import load_trajectories
 from kvcompress import SidecarCache, StreamingLLMCache
+from kvcompress.calibration.data import heldout_text
+from kvcompress.calibration.evaluate import streaming_perplexity
+from kvcompress.calibration.trajectories import load_trajectories
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, default_model):
-    from calibration.cli import main
+    from kvcompress.calibration.cli import main
 
     directory = tmp_path_factory.mktemp("sidecar")
     output, trajectories = directory / "sidecar", directory / "trajectories"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import kvcompress
+from kvcompress.extras import require
 
 HOLDOUT_FRACTION = 0.2
 # WikiText-2 validation (CC BY-SA 3.0), shipped inside the package: see its SOURCE.md for attribution.
@@ -42,6 +43,7 @@ def load_text(source: str | Path | None = None) -> str:
 
 
 def _load_dataset_text(spec: str) -> str:
+    require("datasets", "calibration", "Loading a Hub dataset as a corpus")
     from datasets import load_dataset
 
     name, _, split = spec.partition("@")

@@ -297,9 +297,10 @@ def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torc
 
 
 def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Trajectories, inv_freq: torch.Tensor, references: References,
-                  weights: LossWeights = LossWeights(), settings: TrainingSettings = TrainingSettings()) -> dict:
+                  weights: LossWeights | None = None, settings: TrainingSettings | None = None) -> dict:
     """Train `network` in place, refining attention matching with `references`; keep the state with the lowest
     held-out objective. Returns the history (step 0: the untrained network, i.e. attention matching alone)."""
+    weights, settings = weights or LossWeights(), settings or TrainingSettings()
     if train.keys.shape[1] != network.shape["num_layers"] or train.keys.shape[2] != network.shape["num_heads"]:
         raise ValueError(f"Trajectories of {train.keys.shape[1]} layers x {train.keys.shape[2]} KV heads do not fit a sidecar for {network.shape['num_layers']} x {network.shape['num_heads']}.")
     set_input_scales(network, train)

@@ -23,7 +23,7 @@ from kvcompress.lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCAC
 from .collect import collect_attention_samples
 from .data import DEFAULT_CORPUS_NAME, load_text, split_text
 from .evaluate import streaming_perplexity
-from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, lowrank_tensors, pca_heads, rope_inv_freq, group_ranks
+from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, lowrank_tensors, pca_heads, rope_inv_freq
 
 LOWRANK_METHODS = {"pca": (PCACompressor, PCACache), "kvsplice": (KVSpliceCompressor, KVSpliceCache)}
 

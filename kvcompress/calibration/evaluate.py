@@ -27,8 +27,8 @@ from transformers import DynamicCache
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 from kvcompress.cache import CompressedCache
 from kvcompress.composed import ComposedCache
-from kvcompress.hub import CompressorArtifact
 from kvcompress.gate import GatedCache
+from kvcompress.hub import CompressorArtifact
 from kvcompress.lowrank import KVSpliceCache, PCACache
 from kvcompress.sidecar import SidecarCache
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-import matplotlib.ticker
+from kvcompress.extras import require
+
+require("matplotlib", "calibration", "Plotting results")
+import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
 
 MEMORY_OPTIONS = ("keep_ratio=",)  # options that move a point along its method's line
 

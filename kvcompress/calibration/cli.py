@@ -323,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate_)
     evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
     evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8])
-    evaluate_.add_argument("--compressors", nargs="+", default=[], metavar="DIR_OR_HUB_ID[@OPTIONS]", help="also evaluate fitted compressors (directories or Hub ids), e.g. gate-dir@keep_ratio=0.08,policy=layer")
+    evaluate_.add_argument(
+        "--compressors", nargs="+", default=[], metavar="DIR_OR_HUB_ID[@OPTIONS]",
+        help="also evaluate fitted compressors (directories or Hub ids), e.g. gate-dir@keep_ratio=0.08,policy=layer",
+    )
     evaluate_.add_argument("--ppl-tokens", type=int, default=1024)
     evaluate_.add_argument("--ppl-chunk", type=int, default=32)
     evaluate_.add_argument("--passkey-tokens", type=int, default=1536)
