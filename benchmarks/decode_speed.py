@@ -23,8 +23,8 @@ import transformers
 from transformers import DynamicCache
 
 import kvcompress
-from kvcompress.calibration.data import heldout_text
-from kvcompress.calibration.evaluate import CacheSpec, cache_nbytes
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import CacheSpec, cache_nbytes
 
 
 def caches_for(context: int, new_tokens: int, compressors: list[str], baselines: bool = True) -> dict:

@@ -27,8 +27,8 @@ from readme_block import update_readme
 from safetensors.torch import save_file
 
 import kvcompress
-from kvcompress.calibration.data import DEFAULT_CORPUS_NAME, heldout_text
-from kvcompress.calibration.evaluate import CacheSpec, streaming_perplexity
+from kvcompress.corpus import DEFAULT_CORPUS_NAME, heldout_text
+from kvcompress.evaluation.harness import CacheSpec, streaming_perplexity
 from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact
 
 HALF_PRECISION = ("gates.", "network.", "layers.")  # network weights; RoPE frequencies, probabilities and reference queries stay float32

@@ -8,7 +8,7 @@ For every target ratio it evaluates StreamingLLM, H2O, the gates (keep ratio set
 the reference context) and the composition gates x low rank x int4; the fitted caches whose ratio
 is fixed by their artifact (PCA, KVSplice, sidecar, int8 alone, low rank x int8) are evaluated once.
 A cache whose exact sink and window alone exceed the target's budget at the reference context is
-left out (and listed). Tasks (`kvcompress/calibration/tasks.py`), all on held-out prose the compressors never
+left out (and listed). Tasks (`kvcompress/evaluation/tasks.py`), all on held-out prose the compressors never
 saw: streaming perplexity, pass key by depth at two lengths, multi-key needle, variable tracking.
 The measured ratio is dense bytes over held bytes at the end of a reference-length pass-key run.
 
@@ -37,9 +37,9 @@ from readme_block import update_readme  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import kvcompress  # noqa: E402
-from kvcompress.calibration.data import heldout_text  # noqa: E402
-from kvcompress.calibration.evaluate import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
-from kvcompress.calibration.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
+from kvcompress.corpus import heldout_text  # noqa: E402
+from kvcompress.evaluation.harness import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
+from kvcompress.evaluation.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
 
 EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by the fitted caches
 GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)

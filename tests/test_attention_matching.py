@@ -37,7 +37,7 @@ def test_on_the_default_model_merged_windows_beat_kept_keys_and_pooling(default_
     """8 windows of 32 tokens (positions 256-511) merged 8:1; later queries (580-639) attend over exact
     tokens before and after them. Reference queries are the ones at 520-579."""
     from kvcompress.calibration.collect import recording_attention
-    from kvcompress.calibration.data import load_text, split_text
+    from kvcompress.corpus import load_text, split_text
 
     model, tokenizer = default_model
     ids = torch.tensor([tokenizer(split_text(load_text())[0]).input_ids[:640]])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcompress.calibration.tasks import Prompt, hide, multikey_prompts, score, variables_prompts
+from kvcompress.evaluation.tasks import Prompt, hide, multikey_prompts, score, variables_prompts
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import quality  # noqa: E402
@@ -24,7 +24,7 @@ def tokenizer(default_model):
 
 @pytest.mark.model
 def test_tasks_hide_their_statements_at_the_asked_length(tokenizer):
-    from kvcompress.calibration.data import heldout_text
+    from kvcompress.corpus import heldout_text
 
     hay = tokenizer(heldout_text()).input_ids
     for prompt in multikey_prompts(tokenizer, hay, 1024, trials=3) + variables_prompts(tokenizer, hay, 1024, trials=2):

@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache
 from kvcompress.calibration.cli import main as cli_main
-from kvcompress.calibration.data import heldout_text
-from kvcompress.calibration.evaluate import DEPTHS, passkey_context, passkey_trial, reference_perplexity, streaming_perplexity
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import DEPTHS, passkey_context, passkey_trial, reference_perplexity, streaming_perplexity
 
 pytestmark = pytest.mark.model
 

@@ -5,8 +5,9 @@ from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 
 from kvcompress import H2OCache
-from kvcompress.calibration.data import load_text, split_text
-from kvcompress.calibration.evaluate import (
+from kvcompress.calibration.plots import _line_name, plot_quality_vs_compression
+from kvcompress.corpus import load_text, split_text
+from kvcompress.evaluation.harness import (
     CacheSpec,
     EvaluationRow,
     attention_cosine,
@@ -15,7 +16,6 @@ from kvcompress.calibration.evaluate import (
     reference_perplexity,
     streaming_perplexity,
 )
-from kvcompress.calibration.plots import _line_name, plot_quality_vs_compression
 
 
 @pytest.mark.parametrize("chunk", [8, 13])

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from kvcompress import StreamingLLMCache
-from kvcompress.calibration.data import heldout_text, load_text, split_text
-from kvcompress.calibration.evaluate import streaming_perplexity
 from kvcompress.calibration.gates import collect_retention_labels, gate_compressor, train_gates
 from kvcompress.calibration.lowrank import rope_inv_freq
 from kvcompress.calibration.recall import recall_sequences
+from kvcompress.corpus import heldout_text, load_text, split_text
+from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.gate import GatedCache
 from kvcompress.hub import model_signature
 

@@ -236,7 +236,7 @@ def test_invalid_rank_configs_name_the_field(edit, message):
 
 
 def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
-    from kvcompress.calibration.evaluate import CacheSpec
+    from kvcompress.evaluation.harness import CacheSpec
 
     fitted(tiny_model("llama"), 6).save_pretrained(tmp_path / "run-a")
     spec = CacheSpec.fitted(tmp_path / "run-a")

@@ -9,9 +9,9 @@ from transformers import DynamicCache
 from kvcompress import cache_kwargs
 from kvcompress.calibration.calibrate import LowRankCalibration
 from kvcompress.calibration.cli import main as cli_main
-from kvcompress.calibration.data import heldout_text
-from kvcompress.calibration.evaluate import passkey_context, passkey_trial
 from kvcompress.config import RankConfig
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import passkey_context, passkey_trial
 from kvcompress.lowrank import PCACache
 
 pytestmark = pytest.mark.model

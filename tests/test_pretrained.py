@@ -17,8 +17,8 @@ from transformers import DynamicCache
 import kvcompress
 from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache, list_pretrained
 from kvcompress.calibration.cli import main as cli
-from kvcompress.calibration.data import heldout_text
-from kvcompress.calibration.evaluate import streaming_perplexity
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, WEIGHTS_FILE, shipped_repository
 
 SHIPPED = {

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kvcompress import SidecarCache, StreamingLLMCache
-from kvcompress.calibration.data import heldout_text
-from kvcompress.calibration.evaluate import streaming_perplexity
 from kvcompress.calibration.trajectories import load_trajectories
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import streaming_perplexity
 
 pytestmark = pytest.mark.model
 

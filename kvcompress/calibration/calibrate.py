@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress.config import RankConfig
+from kvcompress.corpus import DEFAULT_CORPUS_NAME, load_text, split_text
+from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.hub import model_signature
 from kvcompress.lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 
 from .collect import collect_attention_samples
-from .data import DEFAULT_CORPUS_NAME, load_text, split_text
-from .evaluate import streaming_perplexity
 from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, lowrank_tensors, pca_heads, rope_inv_freq
 
 LOWRANK_METHODS = {"pca": (PCACompressor, PCACache), "kvsplice": (KVSpliceCompressor, KVSpliceCache)}

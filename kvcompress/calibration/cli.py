@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .data import heldout_text
-from .evaluate import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
+from kvcompress.corpus import heldout_text
+from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
