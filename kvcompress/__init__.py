@@ -7,28 +7,35 @@
 
 from .attention import AttentionNotEnabledError, enable
 from .baselines import H2OCache, StreamingLLMCache
-from .cache import Budget, CompressedCache, CompressedLayer, Slots
+from .cache import CompressedCache, CompressedLayer
 from .composed import ComposedCache
 from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
 from .hub import PretrainedCompressor, list_pretrained, publish_pretrained
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import cache_kwargs, load_model
+from .policies import Encoding, KeepPolicy, LayerView
+from .settings import Budget, CacheSettings
 from .sidecar import SidecarCache, SidecarCompressor
+from .slots import Slots
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionNotEnabledError",
     "Budget",
+    "CacheSettings",
     "ComposedCache",
     "CompressedCache",
     "CompressedLayer",
     "ConfigError",
+    "Encoding",
     "GateCompressor",
     "GatedCache",
     "H2OCache",
     "KVSpliceCache",
+    "KeepPolicy",
+    "LayerView",
     "KVSpliceCompressor",
     "PCACache",
     "PCACompressor",

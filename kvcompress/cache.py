@@ -39,230 +39,69 @@ attention (see `kvcompress.attention`), so prefill attention is exact and, with
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax, softmax_part
-
-FILLER = -1
-SYNTHESIZED = -2
-STORE_ROOM = 32  # the store keeps room for 1/STORE_ROOM more slots
-JOINT = ("keys", "values", "token_ids")  # what a plain store and the tail share one allocation for: all attention reads
-
-
-@dataclass
-class Slots:
-    """A flat list of blocks of slots: the batch row of each block and, per KV head, its slots.
-
-    Shapes: ``rows [n]``, ``keys``/``values [n, heads, k, head_dim]``, ``token_ids``/``scores``/
-    ``bias``/``keep [n, heads, k]``. `token_ids` are real token indices (or `SYNTHESIZED`), `scores`
-    the attention the slot has received so far (when the layer tracks it), `bias` an additive
-    attention logit bias, `keep` which slots a per-head policy retains.
-    """
-
-    rows: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    token_ids: torch.Tensor
-    scores: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
-
-
-MAX_TOKENS = 2**40  # a token budget beyond any context a model can hold, and far inside int64
-
-
-def _whole_number(name: str, value, what: str, low: int, high: int) -> int:
-    """`value` as an int if it is a whole number (Python, numpy or a one-element torch integer; not a bool) in [low, high]."""
-    error = ValueError(f"{name} must be {what} (an integer from {low} to {high}), got {value!r}.")
-    if isinstance(value, bool):
-        raise error
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise error from None
-    if not low <= number <= high:
-        raise error
-    return number
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many tokens a row may hold: a fixed count, or one token in `ratio` of those seen."""
-
-    tokens: int | None = None
-    ratio: float | None = None
-
-    def __post_init__(self):
-        if (self.tokens is None) == (self.ratio is None):
-            raise ValueError("Give the budget either as a token count (budget=...) or as a compression ratio (ratio=...), not both or neither.")
-        if self.tokens is not None:
-            object.__setattr__(self, "tokens", _whole_number("budget", self.tokens, "a positive number of tokens", 1, MAX_TOKENS))
-        if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (numbers.Real, torch.Tensor)) or not math.isfinite(float(self.ratio)) or float(self.ratio) < 1:
-                raise ValueError(f"ratio must be a finite compression ratio >= 1 (e.g. 8 for 8:1), got {self.ratio!r}.")
-            object.__setattr__(self, "ratio", float(self.ratio))
-
-    def at(self, seen: torch.Tensor) -> torch.Tensor:
-        """Tokens a row may hold after seeing `seen` real tokens (per row)."""
-        if self.tokens is not None:
-            return torch.full_like(seen, self.tokens)
-        return torch.ceil(seen / self.ratio).long()
-
-    def check_sink(self, sink: int) -> None:
-        if self.tokens is not None and sink >= self.tokens:
-            raise ValueError(f"sink ({sink}) must be smaller than the budget ({self.tokens} tokens): the sink alone would fill it.")
-
-    def __str__(self):
-        return f"{self.tokens} tokens" if self.tokens is not None else f"{self.ratio:g}:1"
-
-
-def _views(buffers: dict, length: int) -> dict:
-    """The first `length` slots of each buffer (views: writing to them writes the buffer)."""
-    return {name: None if buffer is None else buffer[:, :, :length] for name, buffer in buffers.items()}
-
-
-def _capacity(buffers: dict) -> int:
-    return next(buffer.shape[2] for buffer in buffers.values() if buffer is not None)
-
-
-def _resized(buffers: dict, length: int, capacity: int) -> dict:
-    """Buffers of `capacity` slots holding the first `length` slots of `buffers` (the same ones when they already fit exactly)."""
-    return {name: None if buffer is None else _resized_tensor(buffer, name, length, capacity) for name, buffer in buffers.items()}
-
-
-def _resized_tensor(buffer: torch.Tensor, name: str, length: int, capacity: int) -> torch.Tensor:
-    if buffer.shape[2] == capacity:
-        return buffer
-    resized = _filler_slots(buffer, name, capacity)
-    resized[:, :, :length] = buffer[:, :, :length]
-    return resized
-
-
-def _filler_slots(like: torch.Tensor, name: str, slots: int) -> torch.Tensor:
-    """`slots` filler slots shaped like `like`: token id FILLER, zeros elsewhere (fillers must hold finite numbers: 0 x NaN is NaN)."""
-    return like.new_full(like.shape[:2] + (slots,) + like.shape[3:], FILLER if name == "token_ids" else 0)
-
-
-def _joined(store: dict, store_length: int, store_capacity: int, tail: dict, tail_length: int, tail_capacity: int) -> tuple[dict, dict]:
-    """Store and tail buffers of the given capacities whose `JOINT` tensors are the two halves of one allocation each."""
-    joined_store, joined_tail = {}, {}
-    for name in JOINT:
-        joint = _filler_slots(store[name], name, store_capacity + tail_capacity)
-        joint[:, :, :store_length] = store[name][:, :, :store_length]
-        joint[:, :, store_capacity : store_capacity + tail_length] = tail[name][:, :, :tail_length]
-        joined_store[name], joined_tail[name] = joint[:, :, :store_capacity], joint[:, :, store_capacity:]
-    others = lambda part, length, capacity: _resized({name: t for name, t in part.items() if name not in JOINT}, length, capacity)  # noqa: E731
-    return joined_store | others(store, store_length, store_capacity), joined_tail | others(tail, tail_length, tail_capacity)
-
-
-def _place(buffers: dict, length: int, keep: torch.Tensor, new: dict | None = None, keep_new: torch.Tensor | None = None) -> tuple[dict, int]:
-    """Keep the `keep` slots (``[B, H, length]``) of the first `length` slots and add the `keep_new` slots of `new`, in place.
-
-    The part becomes as long as the fullest (row, head) needs; kept slots inside that length stay
-    where they are, and kept slots beyond it and the new ones move into the gaps, so only they are
-    copied. Gaps left over become filler slots. A buffer with a head dimension of 1 is shared by all
-    heads (its slots are aligned across heads, so every head keeps the same ones). Returns the
-    buffers (grown when needed) and the new length.
-    """
-    batch, heads = keep.shape[:2]
-    if new is None:
-        keep_new = keep.new_zeros(batch, heads, 0)
-    target = int((keep.sum(-1) + keep_new.sum(-1)).max()) if keep.numel() or keep_new.numel() else 0
-    if target > _capacity(buffers):
-        buffers = _resized(buffers, length, target)
-    stay = min(length, target)
-    hole = torch.ones(batch, heads, target, dtype=torch.bool, device=keep.device)
-    hole[..., :stay] = ~keep[..., :stay]
-    buffers["token_ids"][:, :, :target].masked_fill_(hole, FILLER)
-    old_movers = keep & (torch.arange(length, device=keep.device) >= target)
-    # The k-th mover of a (row, head), old ones first, goes to its k-th gap: no boolean indexing (each one a device sync).
-    rank = torch.cat([old_movers, keep_new], dim=-1).cumsum(-1)
-    destination = torch.searchsorted(hole.cumsum(-1), rank)  # first position with `rank` gaps up to it
-    for source_movers, offset, source_of in ((old_movers, 0, lambda name: buffers[name]), (keep_new, length, lambda name: new[name])):
-        moved = {}  # per head layout (1: shared by all heads): where movers are
-        for name, buffer in buffers.items():
-            if buffer is None or source_movers.shape[-1] == 0:
-                continue
-            shared = buffer.shape[1] == 1
-            if shared not in moved:
-                row, head, index = (source_movers[:, :1] if shared else source_movers).nonzero(as_tuple=True)
-                moved[shared] = row, head, index, destination[row, head, index + offset]
-            row, head, index, to = moved[shared]
-            buffer[row, head, to] = source_of(name)[row, head, index]
-    return buffers, target
+from .policies import Encoding, KeepPolicy
+from .settings import CacheSettings
+from .slots import FILLER, STORE_ROOM, Slots, capacity, joined, place, resized, slot_index, views
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer of a compressed cache: exact sink and recent window, method-defined store in between.
+    """One layer of a compressed cache: exact sink and recent window, and a store whose content the
+    cache's `KeepPolicy` chooses and whose form its `Encoding` decides (`kvcompress.policies`).
 
-    Subclasses say what to keep for blocks leaving the window (`compress_blocks`), and may bound the
-    store (`select_store`), size the window per row (`window_size`), ask for the attention each
-    slot receives (`tracks_attention`) or hold the store in their own encoding (`encode_store`,
-    `decode_store`).
+    This class is the engine (buffers, scheduling, the transformers and attention contracts); methods are
+    policies, not subclasses. Attention reads a layer through `kvcompress.attention.AttentionLayer`.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
-    tracks_attention = False  # ask attention for the mass each slot receives (kept in `scores`)
-    scores_store = False  # store slots keep a method-given score (`Slots.scores` from compress_blocks) without tracking attention
-    uses_bias = False  # store slots carry an additive attention-logit bias (kept in `bias`)
-    attends_store = False  # attention over the store is `attend_store`'s, in the store's own encoding: it is never decoded
 
-    def __init__(self, layer_idx: int, sink: int = 4, window: int = 64, block_size: int = 1):
+    def __init__(self, layer_idx: int, keep: KeepPolicy | None = None, encoding: Encoding | None = None, settings: CacheSettings | None = None):
         super().__init__()
-        for name, value, low in (("sink", sink, 0), ("window", window, 0), ("block_size", block_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         self.layer_idx = layer_idx
-        self.sink, self.window, self.block_size = sink, window, block_size
+        self.keep = keep or KeepPolicy()
+        self.encoding = encoding or Encoding()
+        self.settings = settings or CacheSettings()
+        self.artifacts = (*self.keep.artifacts, *self.encoding.artifacts)
         self._model_checked = False
         self.reset()
 
-    # ----------------------------------------------------------------------------------- contract
-    def compress_blocks(self, blocks: Slots) -> Slots | None:
-        """Slots to store for whole blocks of `block_size` tokens leaving the window (None: store nothing)."""
-        raise NotImplementedError
+    # What the policies declare, read by the engine and by attention.
+    @property
+    def tracks_attention(self) -> bool:
+        return self.keep.needs_attention
 
-    def select_store(self, token_ids: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """Optional bound on the store: which store slots ([B, H, S]) to keep after new ones arrived."""
-        return None
+    @property
+    def store_scores(self) -> bool:
+        """Whether store slots keep a score: the attention they received, or one the keep policy gave them."""
+        return self.keep.needs_attention or self.keep.keeps_scores
 
-    def window_size(self, seen: torch.Tensor) -> torch.Tensor:
-        """Raw tokens (sink excluded) each row keeps exact, given the real tokens it has seen.
+    @property
+    def uses_bias(self) -> bool:
+        return self.encoding.uses_bias
 
-        Must not shrink as `seen` grows: compression checks are skipped until a block can be due.
-        """
-        return torch.full_like(seen, self.window)
+    @property
+    def attends_store(self) -> bool:
+        return self.encoding.attends_store
 
-    def encode_store(self, slots: dict) -> dict:
-        """The form in which new store slots are held: by default their keys and values as they are.
+    @property
+    def plain_store(self) -> bool:
+        """Whether the store holds keys and values as they are (and so shares the tail's allocation)."""
+        return self.encoding.plain
 
-        `slots` holds ``keys``/``values [B, H, n, D]``, ``token_ids [B, H, n]`` and, when the layer
-        uses them, ``scores`` and ``bias``. The result must keep ``token_ids`` (and those two) and
-        may hold any other tensors laid out ``[B, H or 1, n, ...]`` (1: shared by all heads).
-        """
-        return slots
+    @property
+    def sink(self) -> int:
+        return self.settings.sink
 
-    def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, S, D]`` of the store for attention (transient: not kept)."""
-        return store["keys"], store["values"]
-
-    def attend_store(self, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For `attends_store` methods, whose store is cheaper to attend in its own encoding than to decode.
-
-        Partial softmax of query rows ``[B, H, R, D]`` (each KV head's query heads times new tokens)
-        over the store's filled slots, all of which every new token sees: ``(max logit [B, H, R], sum
-        of weights [B, H, R], weighted values [B, H, R, D])`` in float32, each weight taken relative
-        to the max, which must be finite (see `kvcompress.attention.merge_softmax`).
-        """
-        raise NotImplementedError
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
 
     # ----------------------------------------------------------------------- transformers contract
     def reset(self) -> None:
@@ -288,8 +127,10 @@ class CompressedLayer(CacheLayerMixin):
             "scores": torch.empty(batch, heads, 0, device=self.device) if self.tracks_attention else None,
         }
         self.tail_buffers = self.tail = dict(empty)
-        store_extras = {"scores": self.tracks_attention or self.scores_store, "bias": self.uses_bias}
-        self.store_buffers = self.store = self.encode_store(empty | {name: torch.empty(batch, heads, 0, device=self.device) if wanted else None for name, wanted in store_extras.items()})
+        store_extras = {"scores": self.store_scores, "bias": self.uses_bias}
+        for artifact in self.artifacts:
+            artifact.check_shapes(self.layer_idx, key_states, value_states)
+        self.store_buffers = self.store = self.encoding.encode(self, empty | {name: torch.empty(batch, heads, 0, device=self.device) if wanted else None for name, wanted in store_extras.items()})
         self.seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.handed = torch.zeros_like(self.seen)
         self.is_initialized = True
@@ -308,21 +149,21 @@ class CompressedLayer(CacheLayerMixin):
         batch, heads, new, _ = key_states.shape
         ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
         length = self.tail_length
-        if length + new > _capacity(self.tail_buffers):
+        if length + new > capacity(self.tail_buffers):
             self._arrange(tail_capacity=length + new)
         appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
         for name, buffer in self.tail_buffers.items():
             if buffer is not None:
                 buffer[:, :, length : length + new] = appended[name]
         self.tail_length = length + new
-        self.tail = tail = _views(self.tail_buffers, self.tail_length)
+        self.tail = tail = views(self.tail_buffers, self.tail_length)
         self.cumulative_length += new
         self._new_tokens = new
         if self.plain_store:
             return self._joint_table("keys"), self._joint_table("values")
         if self.store_length == 0 or self.attends_store:  # attention reads the store through attend_with_store
             return tail["keys"], tail["values"]
-        keys, values = self.decode_store(self.store)
+        keys, values = self.encoding.decode(self, self.store)
         return torch.cat([keys, tail["keys"]], dim=-2), torch.cat([values, tail["values"]], dim=-2)
 
     @property
@@ -330,43 +171,38 @@ class CompressedLayer(CacheLayerMixin):
         """Whether this forward's attention reads the store through `attend_with_store` (`update` returned only the tail)."""
         return self.attends_store and self.store_length > 0
 
-    @property
-    def plain_store(self) -> bool:
-        """Whether the store holds keys and values as they are (and so shares the tail's allocation)."""
-        return type(self).encode_store is CompressedLayer.encode_store and type(self).decode_store is CompressedLayer.decode_store
-
     def _joint_table(self, name: str) -> torch.Tensor:
         """The attention table ``[store with its room | tail]`` of a `JOINT` tensor: a view, no copy."""
         return self.store_buffers[name]._base[:, :, : self.table_store_width() + self.tail_length]
 
     def table_store_width(self) -> int:
         """Table slots before the tail's: the store's capacity when it shares the tail's allocation (its room is fillers), else its length."""
-        return _capacity(self.store_buffers) if self.plain_store and self.is_initialized else self.store_length
+        return capacity(self.store_buffers) if self.plain_store and self.is_initialized else self.store_length
 
     def tail_capacity(self) -> int:
         """Slots the tail's buffers hold: its tokens and room for the next block of new ones."""
-        return _capacity(self.tail_buffers) if self.is_initialized else 0
+        return capacity(self.tail_buffers) if self.is_initialized else 0
 
     def store_capacity(self) -> int:
         """Slots the store's buffers hold: its slots and room to grow by 1/`STORE_ROOM`."""
-        return _capacity(self.store_buffers) if self.is_initialized else 0
+        return capacity(self.store_buffers) if self.is_initialized else 0
 
     def _arrange(self, tail_capacity: int | None = None) -> None:
         """Give the store room to grow by 1/`STORE_ROOM` (kept while it lasts) and the tail `tail_capacity` slots (default: its
         tokens and the next block); a plain store and the tail go into one allocation whenever either is reallocated."""
         store_length, room = self.store_length, self.store_length // STORE_ROOM
-        store_capacity = _capacity(self.store_buffers)
+        store_capacity = capacity(self.store_buffers)
         if not store_length + min(room, 1) <= store_capacity <= store_length + 2 * room:  # full, or far too big: reallocate
             store_capacity = store_length + room
         tail_capacity = self.tail_length + self.block_size if tail_capacity is None else tail_capacity
         if not self.plain_store:
-            self.store_buffers = _resized(self.store_buffers, store_length, store_capacity)
-            self.tail_buffers = _resized(self.tail_buffers, self.tail_length, tail_capacity)
-        elif store_capacity != _capacity(self.store_buffers) or tail_capacity != _capacity(self.tail_buffers) or not self._is_joint():
-            self.store_buffers, self.tail_buffers = _joined(self.store_buffers, store_length, store_capacity, self.tail_buffers, self.tail_length, tail_capacity)
+            self.store_buffers = resized(self.store_buffers, store_length, store_capacity)
+            self.tail_buffers = resized(self.tail_buffers, self.tail_length, tail_capacity)
+        elif store_capacity != capacity(self.store_buffers) or tail_capacity != capacity(self.tail_buffers) or not self._is_joint():
+            self.store_buffers, self.tail_buffers = joined(self.store_buffers, store_length, store_capacity, self.tail_buffers, self.tail_length, tail_capacity)
         else:
             self.store_buffers["token_ids"][:, :, store_length:] = FILLER  # slots that just left the store
-        self.store, self.tail = _views(self.store_buffers, store_length), _views(self.tail_buffers, self.tail_length)
+        self.store, self.tail = views(self.store_buffers, store_length), views(self.tail_buffers, self.tail_length)
 
     def _is_joint(self) -> bool:
         store, tail = self.store_buffers["keys"], self.tail_buffers["keys"]
@@ -376,7 +212,7 @@ class CompressedLayer(CacheLayerMixin):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        return -1
+        return -1  # transformers' contract (an abstract method of CacheLayerMixin): no fixed maximum
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         held = self.table_store_width() + self.tail_length
@@ -413,6 +249,8 @@ class CompressedLayer(CacheLayerMixin):
         """Refuse attention features this cache would silently ignore."""
         if not self._model_checked:
             check_supported_config(module.config)
+            for artifact in self.artifacts:
+                artifact.check_module(module)
             self._model_checked = True
         for feature in ("sliding_window", "softcap", "s_aux"):
             if attention_kwargs.get(feature) is not None:
@@ -460,7 +298,7 @@ class CompressedLayer(CacheLayerMixin):
             keep = torch.cat([filled.expand(batch, kv_heads, 1, size, -1), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)], dim=-1)
             logits = (torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling).view(batch, kv_heads, groups, size, length)
             logits = logits.masked_fill(~keep, float("-inf")).view(batch, kv_heads, groups * size, length)
-            parts = [torch.stack(pair) for pair in zip(self.attend_store(rows, scaling), softmax_part(logits, values))]
+            parts = [torch.stack(pair) for pair in zip(self.encoding.attend(self, self.store, rows, scaling), softmax_part(logits, values))]
             top, total, weighted = merge_softmax(*parts, dim=0)
             output = weighted / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
             outputs.append(output.view(batch, kv_heads, groups, size, dim))
@@ -498,8 +336,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # -------------------------------------------------------------------------------- compression
     def _compress(self) -> None:
+        if self.keep.budget is not None and self._hand_one_in_place():
+            return
         raw = self.seen - self.seen.clamp(max=self.sink) - self.handed  # handable tokens: not sink, not handed yet
-        over = (raw - self.window_size(self.seen)).clamp(min=0)
+        over = (raw - self.keep.window(self, self.seen)).clamp(min=0)
         blocks = over // self.block_size
         hand = blocks * self.block_size
         # No row can hand off a block before this many more tokens arrive: windows never shrink as tokens arrive.
@@ -514,24 +354,54 @@ class CompressedLayer(CacheLayerMixin):
         position = torch.arange(length, device=self.device)
         handed = (position >= first[:, None]) & (position < (first + hand)[:, None])
         handed = torch.zeros_like(handed).scatter_(1, order, handed)  # sorted positions -> slots
-        self.tail_buffers, self.tail_length = _place(self.tail_buffers, length, (tail["token_ids"] != FILLER) & ~handed[:, None])
+        self.tail_buffers, self.tail_length = place(self.tail_buffers, length, (tail["token_ids"] != FILLER) & ~handed[:, None])
 
         store, stored = self.store, self.store_length
-        new = None if method_slots is None else self.encode_store(method_slots)
+        new = None if method_slots is None else self.encoding.encode(self, method_slots)
         token_ids, scores = store["token_ids"], store.get("scores")
         if new is not None:
             token_ids = torch.cat([token_ids, new["token_ids"]], dim=2)
             scores = None if scores is None else torch.cat([scores, new["scores"]], dim=2)
         keep = token_ids != FILLER
-        selected = self.select_store(token_ids, scores)
+        selected = self.keep.bound(self, token_ids, scores)
         if selected is not None:
             keep &= selected
         if new is not None or not bool(keep.all()):
-            self.store_buffers, self.store_length = _place(self.store_buffers, stored, keep[..., :stored], new, keep[..., stored:])
+            self.store_buffers, self.store_length = place(self.store_buffers, stored, keep[..., :stored], new, keep[..., stored:])
         # The tail back to its tokens and room for the next block (a prefill left it longer); the store with room to grow.
         self._arrange()
         self.handed += hand
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
+
+    def _hand_one_in_place(self) -> bool:
+        """The usual per-token step in a few dozen small kernels without a device sync: the oldest token leaves the window,
+        its slot is filled by the tail's last one, and the keep policy's `admit` decides what the store keeps.
+
+        Only when rows are aligned (no padding), blocks are single tokens, one token is due and the store is full and
+        stays so; the result is then the general path's, slot for slot (the tests check it). Returns whether it ran.
+        """
+        if not (self.block_size == 1 and self.rows_aligned and not self.has_fillers and self._new_tokens == 1):
+            return False
+        seen = torch.tensor([self.cumulative_length])
+        sink = min(self.cumulative_length, self.sink)
+        window = int(self.keep.window(self, seen))
+        if self.tail_length - sink - window != 1 or int(self.keep.budget.room(seen, self.settings)) - window != self.store_length:
+            return False
+        tail, last = self.tail, self.tail_length - 1
+        oldest = self.cumulative_length - self.tail_length + sink  # the first token id after the sink still in the tail
+        where = (tail["token_ids"][:, :1] == oldest).int().argmax(-1, keepdim=True)  # [B, 1, 1]: its slot (the same in every head)
+        leaving = {}
+        for name, slots in tail.items():  # keys, values, token ids (and scores)
+            if slots is not None:
+                index = slot_index(where, slots)
+                leaving[name] = slots.gather(2, index)
+                slots.scatter_(2, index, slots[:, :, last:])  # the last slot fills its place
+        self.tail_length = last
+        self.tail = views(self.tail_buffers, last)
+        self.keep.admit(self, leaving)
+        self.handed += 1
+        self._tokens_until_check = 1
+        return True
 
     def _method_slots(self, tail: dict, order: torch.Tensor, start: torch.Tensor, blocks: torch.Tensor) -> dict | None:
         """Hand each row's whole blocks to the method; lay what it returns out per row (gaps are fillers).
@@ -551,12 +421,14 @@ class CompressedLayer(CacheLayerMixin):
             return None if tensor is None else tensor[where]
 
         handed = Slots(rows, gather(tail["keys"]), gather(tail["values"]), gather(tail["token_ids"]), gather(tail["scores"]))
-        out = self.compress_blocks(handed)
+        out = self.keep.choose(self, handed)
+        if out is not None:
+            out = self.encoding.merge(self, out)
         if out is None or out.keys.shape[2] == 0:
             return None
         ids = out.token_ids if out.keep is None else out.token_ids.masked_fill(~out.keep, FILLER)
         if out.bias is not None and not self.uses_bias:
-            raise RuntimeError(f"{type(self).__name__} returned slot biases but does not set uses_bias = True.")
+            raise RuntimeError(f"{type(self.encoding).__name__} returned slot biases but does not set uses_bias = True.")
         out = replace(out, token_ids=ids)
         # Row r's blocks go side by side: [B, H, max_blocks * k] with filler where a row has fewer blocks.
         per_block = out.keys.shape[2]
@@ -564,7 +436,7 @@ class CompressedLayer(CacheLayerMixin):
         position = (block_in_row[:, None] * per_block + torch.arange(per_block, device=self.device))[:, None, :]
         batch = len(blocks)
         laid = {}
-        wanted = {"scores": self.tracks_attention or self.scores_store, "bias": self.uses_bias}
+        wanted = {"scores": self.store_scores, "bias": self.uses_bias}
         for name, value, fill in (("keys", out.keys, 0.0), ("values", out.values, 0.0), ("token_ids", out.token_ids, FILLER), ("scores", out.scores, 0.0), ("bias", out.bias, 0.0)):
             if not wanted.get(name, True):
                 laid[name] = None
@@ -603,24 +475,34 @@ class CompressedLayer(CacheLayerMixin):
 
 
 class CompressedCache(Cache):
-    """A `transformers.Cache` of `CompressedLayer`s: pass it to `model.generate(cache=...)` (`past_key_values=` before transformers 5.24).
+    """The general compressed cache: a `transformers.Cache` whose layers keep what `keep` chooses, held as `encoding` says.
 
-    Subclasses set `layer_class` and pass its keyword arguments; layers are created on first use.
+    ``CompressedCache(keep=MyPolicy(), sink=4, window=64, block_size=16)``; pass it to ``model.generate(cache=...)``
+    (``past_key_values=`` before transformers 5.24). The public caches are presets of it. Settings resolve in one
+    place (`CacheSettings.resolve`): the defaults, then the keep policy's preferences, then `fitted` (the settings an
+    artifact was fitted with), then what is passed here. Layers are created on first use.
     """
 
-    layer_class: type[CompressedLayer] = CompressedLayer
-
-    def __init__(self, config=None, **layer_kwargs):
+    def __init__(
+        self, keep: KeepPolicy | None = None, encoding: Encoding | None = None, *, sink: int | None = None, window: int | None = None,
+        block_size: int | None = None, fitted: dict | None = None, config=None,
+    ):
         if config is not None:
             check_supported_config(config)
-        self._layer_kwargs = layer_kwargs
-        self.layer_class(layer_idx=0, **layer_kwargs)  # validate the arguments now, not at the first update
-        super().__init__(layer_class_to_replicate=self.layer_class)
+        self.keep = keep or KeepPolicy()
+        self.encoding = encoding or Encoding()
+        for policy, kind in ((self.keep, KeepPolicy), (self.encoding, Encoding)):
+            if not isinstance(policy, kind):
+                raise TypeError(f"{kind.__name__.lower()} must be a kvcompress.policies.{kind.__name__}, got {type(policy).__name__}.")
+        self.settings = CacheSettings.resolve(self.keep.preferred, fitted, sink=sink, window=window, block_size=block_size)
+        if self.keep.budget is not None:
+            self.keep.budget.check_sink(self.settings.sink)
+        super().__init__(layer_class_to_replicate=CompressedLayer)
 
     def layer(self, layer_idx: int) -> CompressedLayer:
         """The layer `layer_idx`, created (with those before it) on first use."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(self.layer_class(layer_idx=len(self.layers), **self._layer_kwargs))
+            self.layers.append(CompressedLayer(len(self.layers), self.keep, self.encoding, self.settings))
         return self.layers[layer_idx]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -643,5 +525,6 @@ class CompressedCache(Cache):
         return self.dense_nbytes() / held if held else 1.0
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self._layer_kwargs.items())})"
+        settings = ", ".join(f"{name}={value}" for name, value in vars(self.settings).items())
+        return f"{type(self).__name__}({type(self.keep).__name__}, {type(self.encoding).__name__}, {settings})"
 

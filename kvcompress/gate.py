@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .cache import FILLER, CompressedCache, Slots
+from .cache import CompressedCache
 from .config import ConfigError
-from .hub import CompressorArtifact, FittedLayer
+from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .lowrank import rotate
+from .memory import DEFAULT_CONTEXT, KEPT_GATE_TOKEN_COST, kept_share, resolve_keep_ratio
+from .policies import KeepPolicy, LayerView
+from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
+from .slots import FILLER, Slots
 
 
 class GateBank(torch.nn.Module):
@@ -168,35 +172,37 @@ class _UnionVotes:
         return (self.voted[rows, ids] < self.num_layers) | self.kept[rows, ids]
 
 
-class GatedLayer(FittedLayer):
-    """Sink and recent window exact; a token leaving the window is kept when its gate's probability reaches
-    the head's threshold (per head, or by union over the layer's or the model's heads)."""
+class GateKeep(KeepPolicy):
+    """Keep a token leaving the window when its gate's probability reaches the head's threshold (fitted for
+    `keep_ratio` on held-out tokens), per head or by union over the layer's or the model's heads (`policy`);
+    `max_tokens` caps each head's kept tokens, lowest probabilities first."""
 
-    scores_store = True  # the store keeps each slot's gate probability (for the hard cap)
+    keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
 
-    def __init__(
-        self, layer_idx: int, compressor: GateCompressor, thresholds: torch.Tensor, policy: str = "head",
-        max_tokens: int | None = None, votes: _UnionVotes | None = None, sink: int = 4, window: int = 64, block_size: int = 16,
-    ):
-        super().__init__(layer_idx, compressor, sink=sink, window=window, block_size=block_size)
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-            raise ValueError(f"max_tokens must be a positive number of tokens per head, got {max_tokens!r}.")
-        self.policy, self.max_tokens, self.votes = policy, max_tokens, votes
-        self.layer_thresholds = thresholds[layer_idx] if layer_idx < len(thresholds) else None
+    def __init__(self, compressor: GateCompressor, keep_ratio: float = 0.125, policy: str = "head", budget: str = "shared", max_tokens: int | None = None):
+        if not isinstance(compressor, GateCompressor):
+            raise TypeError(f"Gating needs a GateCompressor, got {type(compressor).__name__}.")
+        if max_tokens is not None:
+            max_tokens = whole_number("max_tokens", max_tokens, "a positive number of tokens per head", 1, MAX_TOKENS)
+        self.compressor, self.keep_ratio, self.policy, self.share, self.max_tokens = compressor, keep_ratio, policy, budget, max_tokens
+        self.thresholds = compressor.thresholds(keep_ratio, policy, budget)  # [layers, heads]
+        self.per_head = policy == "head"
+        self.votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
+        self.artifacts = (compressor,)
 
-    def compress_blocks(self, blocks: Slots) -> Slots:
+    def choose(self, layer: LayerView, blocks: Slots) -> Slots:
         positions = blocks.token_ids[:, 0]
         keys = rotate(blocks.keys.float(), positions, self.compressor.inv_freq(positions.device), inverse=True)
-        probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(self.layer_idx, keys))  # [n, H, k]
-        keep = probabilities >= self.layer_thresholds.to(keys.device)[None, :, None]
+        probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(layer.layer_idx, keys))  # [n, H, k]
+        keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
         elif self.policy == "global":
             self.votes.record(blocks.rows, positions, keep.any(dim=1))
-            keep = None  # decided once every layer has voted (select_store)
+            keep = None  # decided once every layer has voted (bound)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
 
-    def select_store(self, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+    def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         keep = self.votes.keep(token_ids) if self.policy == "global" else None
         if self.max_tokens is not None:
             ranked = scores.masked_fill(token_ids == FILLER if keep is None else (token_ids == FILLER) | ~keep, float("-inf"))
@@ -204,46 +210,43 @@ class GatedLayer(FittedLayer):
             keep = capped if keep is None else keep & capped
         return keep
 
+    def __repr__(self):
+        return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, budget={self.share}, max_tokens={self.max_tokens})"
 
-def gating(compressor: GateCompressor, keep_ratio: float, policy: str, budget: str, max_tokens: int | None) -> dict:
-    """The `GatedLayer` arguments shared by all layers of one cache: thresholds for the keep ratio, and the global union's votes."""
-    if not isinstance(compressor, GateCompressor):
-        raise TypeError(f"Gating needs a GateCompressor, got {type(compressor).__name__}.")
-    votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
-    return {"compressor": compressor, "thresholds": compressor.thresholds(keep_ratio, policy, budget), "policy": policy, "max_tokens": max_tokens, "votes": votes}
+
+def gate_keep_ratio(ratio: float, settings: CacheSettings, context: int) -> float:
+    """The keep ratio at which gates hold about 1/`ratio` of dense bytes at `context` tokens (`kvcompress.memory`)."""
+    exact = settings.sink + settings.window + settings.block_size / 2  # on average half a block waits in the tail
+    return kept_share(Budget(ratio=ratio).ratio, context, exact, KEPT_GATE_TOKEN_COST)
 
 
 class GatedCache(CompressedCache):
-    """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", keep_ratio=0.125)``.
+    """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", ratio=8)`` or ``(..., keep_ratio=0.125)``.
 
-    `keep_ratio` is the share of the tokens leaving the window to keep (thresholds fitted on held-out
-    calibration data); `policy` is "head" (each head keeps its own tokens), "layer" or "global" (a
-    token is kept by all heads of the layer / the model when any of them keeps it); `budget` "shared"
-    (one probability threshold: heads keep what their gates expect to be needed) or "equal" (every
-    head keeps the same share); `max_tokens` optionally caps each head's kept tokens (lowest gate
-    probabilities go first).
+    `ratio`: the memory knob, dense bytes over held bytes reached at `context` tokens (fewer tokens compress
+    less, as the exact sink and window weigh more); it sets the keep ratio. `keep_ratio`: the share of the
+    tokens leaving the window to keep (thresholds fitted on held-out calibration data; default 0.125).
+    `policy` "head" (each head keeps its own tokens), "layer" or "global" (a token is kept by all heads of
+    the layer / the model when any of them keeps it); `budget` "shared" (one probability threshold: heads
+    keep what their gates expect to be needed) or "equal" (every head keeps the same share); `max_tokens`
+    optionally caps each head's kept tokens (lowest gate probabilities go first).
     """
 
-    layer_class = GatedLayer
-
     def __init__(
-        self, compressor: GateCompressor, keep_ratio: float = 0.125, *, policy: str = "head", budget: str = "shared",
-        max_tokens: int | None = None, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
+        self, compressor: GateCompressor, keep_ratio: float | None = None, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT,
+        policy: str = "head", budget: str = "shared", max_tokens: int | None = None, sink: int | None = None, window: int | None = None,
+        block_size: int | None = None, config=None,
     ):
-        super().__init__(
-            config=config, **gating(compressor, keep_ratio, policy, budget, max_tokens),
-            **compressor.cache_settings(sink=sink, window=window, block_size=block_size),
-        )
-        self.compressor, self.keep_ratio, self.budget = compressor, keep_ratio, budget
+        settings = CacheSettings.resolve(compressor.cache_settings() if isinstance(compressor, GateCompressor) else {}, sink=sink, window=window, block_size=block_size)
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(ratio, settings, context))
+        super().__init__(GateKeep(compressor, keep_ratio, policy, budget, max_tokens), fitted=vars(settings), config=config)
+        self.compressor, self.keep_ratio = compressor, keep_ratio
 
     @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id, keep_ratio: float = 0.125, *, policy: str = "head", budget: str = "shared", max_tokens: int | None = None,
-        sink: int | None = None, window: int | None = None, block_size: int | None = None, revision=None, token=None, **download_kwargs,
-    ):
-        """A fresh cache from a gate directory or Hub repo; caches of the same files share the gates."""
-        compressor = GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
-        return cls(compressor, keep_ratio, policy=policy, budget=budget, max_tokens=max_tokens, sink=sink, window=window, block_size=block_size)
+    def from_pretrained(cls, path_or_hub_id, keep_ratio: float | None = None, *, revision=None, token=None, **settings):
+        """A fresh cache from a gate directory or Hub repo (settings as for the constructor); caches of the same files share the gates."""
+        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
+        return cls(GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), keep_ratio, **settings)
 
     def __repr__(self):
-        return f"GatedCache(keep_ratio={self.keep_ratio}, policy={self._layer_kwargs['policy']}, budget={self.budget}, max_tokens={self._layer_kwargs['max_tokens']})"
+        return f"GatedCache({self.keep!r})"

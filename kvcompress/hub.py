@@ -30,11 +30,11 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .cache import CompressedLayer
 from .config import ConfigError
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, kv_shape
 
 FORMAT_VERSION = 1
+DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only")  # from_pretrained keywords that go to the download
 CONFIG_FILE = "compressor_config.json"
 WEIGHTS_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"  # shipped repositories: the measured comparison their model card shows
@@ -226,25 +226,6 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
                         "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
                     )
         self._checked_layers.add(layer_idx)
-
-
-class FittedLayer(CompressedLayer):
-    """A cache layer driven by fitted artifacts, which check at first use that they were fitted for this model."""
-
-    def __init__(self, layer_idx: int, compressor: CompressorArtifact | None, sink: int = 4, window: int = 64, block_size: int = 16):
-        super().__init__(layer_idx, sink=sink, window=window, block_size=block_size)
-        self.compressor = compressor
-        self.artifacts = [compressor] if compressor is not None else []  # every artifact the layer uses (a composition has several)
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        for artifact in self.artifacts:
-            artifact.check_shapes(self.layer_idx, key_states, value_states)
-        super().lazy_initialization(key_states, value_states)
-
-    def check_module(self, module, attention_kwargs: dict) -> None:
-        super().check_module(module, attention_kwargs)
-        for artifact in self.artifacts:
-            artifact.check_module(module)
 
 
 def model_signature(model, name_or_path: str | None = None, revision: str | None = None) -> dict:

@@ -15,7 +15,7 @@ The store holds only latents ``[B, 1, slots, sum of the layer's ranks]`` (heads 
 heterogeneous ranks cost no padding). Attention reads them as they are (`attends_store`): values
 are mixed in latent space and decoded once per query, ``(P Z) W + (sum P) b``; keys are decoded
 and rotated block by block, on chip by a Triton kernel on a GPU (`kvcompress.latent_attention`).
-The full keys and values of the store never exist at once (`decode_store` is the plain inverse,
+The full keys and values of the store never exist at once (`decode` is the plain inverse,
 which the tests check attention against). The attention sink and the recent window stay exact.
 """
 
@@ -28,10 +28,12 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from . import latent_attention
 from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
-from .cache import FILLER, CompressedCache, Slots
+from .cache import CompressedCache
 from .config import ConfigError, RankConfig
-from .hub import CompressorArtifact, FittedLayer
+from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
+from .policies import Encoding, LayerView
 from .quantize import Quantized
+from .slots import FILLER
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -157,7 +159,7 @@ class LowRankCompressor(CompressorArtifact):
 
     def attend_store(self, layer_idx: int, queries: torch.Tensor, key_latents, value_latents, token_ids: torch.Tensor, scaling: float):
         """Query rows' partial softmax over a store of latents (floats or `Quantized`), without decoding it to keys and values
-        (see `CompressedLayer.attend_store`).
+        (see `Encoding.attend`).
 
         Values are mixed in latent space and decoded once per query row. Keys are decoded on chip by
         the Triton kernel (`kvcompress.latent_attention`) where it runs, else here, in PyTorch, a
@@ -203,39 +205,49 @@ class KVSpliceCompressor(LowRankCompressor):
     cache_class_name = "KVSpliceCache"
 
 
-class LowRankLayer(FittedLayer):
-    """Sink and recent window exact; older tokens as per-head latents of the compressor's projections."""
+class LowRankEncoding(Encoding):
+    """Slots held as per-head latents of a low-rank compressor's projections; attention reads the latents as they are.
 
+    `per_head`: latents per KV head (for keep policies whose heads keep different tokens) rather than one
+    row of latents per token shared by the heads side by side."""
+
+    plain = False
     attends_store = True
 
-    def compress_blocks(self, blocks: Slots) -> Slots:
-        return blocks  # every token is kept; encode_store makes it small
+    def __init__(self, compressor: LowRankCompressor, per_head: bool = False):
+        if not isinstance(compressor, LowRankCompressor):
+            raise TypeError(f"A low-rank encoding needs a PCA or KVSplice compressor, got {type(compressor).__name__}.")
+        self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
 
-    def encode_store(self, slots: dict) -> dict:
-        return self.compressor.encode(self.layer_idx, slots["keys"], slots["values"], slots["token_ids"]) | {"token_ids": slots["token_ids"]}
+    def encode(self, layer: LayerView, slots: dict) -> dict:
+        latents = self.compressor.encode(layer.layer_idx, slots["keys"], slots["values"], slots["token_ids"], per_head=self.per_head)
+        return {name: value for name, value in slots.items() if name not in ("keys", "values") and value is not None} | latents
 
-    def decode_store(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.compressor.decode(self.layer_idx, store["key_latents"], store["value_latents"], store["token_ids"])
+    def decode(self, layer: LayerView, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compressor.decode(layer.layer_idx, store["key_latents"], store["value_latents"], store["token_ids"])
 
-    def attend_store(self, queries: torch.Tensor, scaling: float):
-        return self.compressor.attend_store(self.layer_idx, queries, self.store["key_latents"], self.store["value_latents"], self.store["token_ids"], scaling)
+    def attend(self, layer: LayerView, store: dict, queries: torch.Tensor, scaling: float):
+        return self.compressor.attend_store(layer.layer_idx, queries, store["key_latents"], store["value_latents"], store["token_ids"], scaling)
 
 
 class _LowRankCache(CompressedCache):
-    layer_class = LowRankLayer
+    """Sink and recent window exact; every older token as per-head latents of the compressor's projections."""
+
     compressor_class: type[LowRankCompressor] = LowRankCompressor
 
     def __init__(self, compressor: LowRankCompressor, *, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None):
         if not isinstance(compressor, self.compressor_class):
             raise TypeError(f"{type(self).__name__} needs a {self.compressor_class.__name__}, got {type(compressor).__name__}.")
-        super().__init__(config=config, compressor=compressor, **compressor.cache_settings(sink=sink, window=window, block_size=block_size))
+        super().__init__(
+            encoding=LowRankEncoding(compressor), fitted=compressor.cache_settings(), sink=sink, window=window, block_size=block_size, config=config,
+        )
         self.compressor = compressor
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, revision: str | None = None, token=None, sink=None, window=None, block_size=None, **download_kwargs):
+    def from_pretrained(cls, path_or_hub_id, *, revision: str | None = None, token=None, **settings):
         """A fresh cache from a compressor directory or Hub repo; caches of the same files share its weights."""
-        compressor = cls.compressor_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
-        return cls(compressor, sink=sink, window=window, block_size=block_size)
+        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
+        return cls(cls.compressor_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)
 
 
 class PCACache(_LowRankCache):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .policies import Encoding, LayerView
+
 BITS = (4, 8)
 
 
@@ -71,3 +73,42 @@ class Quantized:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize({"q": self.q, "scale": self.scale}, self.width, dtype)
+
+
+SLOT_METADATA = ("token_ids", "scores", "bias")  # per-slot bookkeeping that stays as it is
+
+
+class QuantizedEncoding(Encoding):
+    """Another encoding's numbers (plain keys and values by default, or low-rank latents) held as int8 or int4 with a float16
+    scale per `group_size` numbers; they are de-quantized while a layer's attention runs (on chip in the latent kernel)."""
+
+    plain = False
+
+    def __init__(self, bits: int = 8, group_size: int = 32, inner: Encoding | None = None):
+        if bits is None:
+            raise ValueError("QuantizedEncoding needs bits (4 or 8).")
+        check_quantization(bits, group_size)
+        self.bits, self.group_size, self.inner = bits, group_size, inner or Encoding()
+        self.attends_store, self.uses_bias, self.artifacts = self.inner.attends_store, self.inner.uses_bias, self.inner.artifacts
+        self.widths: dict[int, dict[str, int]] = {}  # per layer: the width of each quantized tensor before padding
+
+    def encode(self, layer: LayerView, slots: dict) -> dict:
+        tensors = self.inner.encode(layer, slots)
+        numbers = {name: tensor for name, tensor in tensors.items() if name not in SLOT_METADATA and tensor is not None}
+        self.widths[layer.layer_idx] = {name: tensor.shape[-1] for name, tensor in numbers.items()}
+        packed = {f"{name}.{part}": value for name, tensor in numbers.items() for part, value in quantize(tensor, self.bits, self.group_size).items()}
+        return {name: tensors.get(name) for name in SLOT_METADATA if name in tensors} | packed
+
+    def quantized(self, layer: LayerView, store: dict) -> dict:
+        """The store with its numbers as `Quantized` tensors (for an inner `attend` that reads them as they are)."""
+        widths = self.widths[layer.layer_idx]
+        return {name: store[name] for name in SLOT_METADATA if name in store} | {
+            name: Quantized(store[f"{name}.q"], store[f"{name}.scale"], width) for name, width in widths.items()
+        }
+
+    def decode(self, layer: LayerView, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        store = {name: t.dequantize(layer.dtype) if isinstance(t, Quantized) else t for name, t in self.quantized(layer, store).items()}
+        return self.inner.decode(layer, store)
+
+    def attend(self, layer: LayerView, store: dict, queries: torch.Tensor, scaling: float):
+        return self.inner.attend(layer, self.quantized(layer, store), queries, scaling)

@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from .attention_matching import MergedWindows, attention_matching_merge
-from .cache import SYNTHESIZED, CompressedCache, Slots
+from .cache import CompressedCache
 from .config import ConfigError
-from .hub import CompressorArtifact, FittedLayer
+from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .lowrank import rotate
+from .policies import Encoding, LayerView
+from .slots import SYNTHESIZED, Slots
 
 MERGES = ("sidecar", "attention_matching")
 
@@ -183,25 +185,29 @@ class SidecarCompressor(CompressorArtifact):
         return f"{type(self).__name__}({self.config['base_model'].get('name_or_path')}, {self.window}:{self.slots} windows)"
 
 
-class SidecarLayer(FittedLayer):
-    """Sink and recent window exact; every block of `window` tokens leaving it becomes `slots` super-tokens."""
+class SidecarMerge(Encoding):
+    """Every block of N tokens leaving the window becomes `slots` super-tokens with an attention-logit bias each: the
+    closed-form attention-matching merge, refined by the trained sidecar network (`merge="sidecar"`) or not."""
 
     uses_bias = True
 
-    def __init__(self, layer_idx: int, compressor: SidecarCompressor, merge: str = "sidecar", sink: int = 4, window: int = 32, block_size: int = 32):
-        super().__init__(layer_idx, compressor, sink=sink, window=window, block_size=block_size)
-        self.merge = merge
+    def __init__(self, compressor: SidecarCompressor, merge: str = "sidecar"):
+        if not isinstance(compressor, SidecarCompressor):
+            raise TypeError(f"SidecarCache needs a SidecarCompressor, got {type(compressor).__name__}.")
+        if merge not in MERGES:
+            raise ValueError(f"Unknown merge {merge!r}; choose from {', '.join(MERGES)}.")
+        self.compressor, self.merging, self.artifacts = compressor, merge, (compressor,)
 
-    def compress_blocks(self, blocks: Slots) -> Slots:
+    def merge(self, layer: LayerView, blocks: Slots) -> Slots:
         count, heads, length, dim = blocks.keys.shape
         inv_freq = self.compressor.inv_freq(blocks.keys.device)
         starts = blocks.token_ids[:, 0, 0].long()  # blocks are whole, in order and aligned across heads
         keys = to_window_frame(blocks.keys.float(), starts, inv_freq)
         values = blocks.values.float()
-        merged = attention_matching_merge(keys, values, self.compressor.window_frame_queries(self.layer_idx, keys.device), self.compressor.slots)
+        merged = attention_matching_merge(keys, values, self.compressor.window_frame_queries(layer.layer_idx, keys.device), self.compressor.slots)
         merged_keys, merged_values, bias = merged.keys, merged.values, merged.bias
-        if self.merge == "sidecar":
-            groups = (self.layer_idx * heads + torch.arange(heads, device=keys.device)).repeat(count)
+        if self.merging == "sidecar":
+            groups = (layer.layer_idx * heads + torch.arange(heads, device=keys.device)).repeat(count)
             flat = lambda t: t.reshape(count * heads, *t.shape[2:])  # noqa: E731
             refined = self.compressor.device_network(keys.device)(flat(keys), flat(values), groups, MergedWindows(*(flat(t) for t in (merged_keys, merged_values, bias, merged.selected))))
             merged_keys, merged_values, bias = (t.view(count, heads, *t.shape[1:]) for t in refined)
@@ -218,19 +224,13 @@ class SidecarCache(CompressedCache):
     artifact's reference queries). `window` is the exact recent window; blocks are the network's N.
     """
 
-    layer_class = SidecarLayer
-
     def __init__(self, compressor: SidecarCompressor, *, merge: str = "sidecar", sink: int | None = None, window: int | None = None, config=None):
-        if not isinstance(compressor, SidecarCompressor):
-            raise TypeError(f"SidecarCache needs a SidecarCompressor, got {type(compressor).__name__}.")
-        if merge not in MERGES:
-            raise ValueError(f"Unknown merge {merge!r}; choose from {', '.join(MERGES)}.")
-        settings = compressor.cache_settings(sink=sink, window=window) | {"block_size": compressor.window}
-        super().__init__(config=config, compressor=compressor, merge=merge, **settings)
+        encoding = SidecarMerge(compressor, merge)
+        super().__init__(encoding=encoding, fitted=compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window, config=config)
         self.compressor = compressor
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, merge: str = "sidecar", revision: str | None = None, token=None, sink=None, window=None, **download_kwargs):
+    def from_pretrained(cls, path_or_hub_id, *, revision: str | None = None, token=None, **settings):
         """A fresh cache from a sidecar directory or Hub repo; caches of the same files share its network."""
-        compressor = SidecarCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download_kwargs)
-        return cls(compressor, merge=merge, sink=sink, window=window)
+        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
+        return cls(SidecarCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)

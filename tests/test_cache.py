@@ -197,7 +197,7 @@ def test_per_token_eviction_works_in_place():
 
 
 def test_place_keeps_slots_where_they_are_and_moves_only_the_rest():
-    from kvcompress.cache import _place
+    from kvcompress.slots import place as _place
 
     ids = torch.tensor([[[0, 1, 2, 3, 4, 5]]], dtype=torch.int32)
     buffers = {"token_ids": ids.clone(), "keys": ids.float()[..., None].clone()}
@@ -212,17 +212,17 @@ def test_place_keeps_slots_where_they_are_and_moves_only_the_rest():
 @pytest.mark.parametrize("cache_class", [StreamingLLMCache, H2OCache])
 @pytest.mark.parametrize("budget", [dict(budget=24), dict(ratio=3)])
 def test_per_token_eviction_in_place_equals_the_general_path(monkeypatch, cache_class, budget):
-    from kvcompress.baselines import _BudgetedLayer
+    from kvcompress.cache import CompressedLayer
 
     model = tiny_model("llama")
     ids = prompt_ids(40, batch=2)
     ran = []
-    in_place = _BudgetedLayer._hand_one_in_place
-    monkeypatch.setattr(_BudgetedLayer, "_hand_one_in_place", lambda self: ran.append(in_place(self)) or ran[-1])
+    in_place = CompressedLayer._hand_one_in_place
+    monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", lambda self: ran.append(in_place(self)) or ran[-1])
     quick = cache_class(**budget)
     quick_tokens = greedy(model, quick, ids, new_tokens=30)
     assert sum(ran) > 20  # the usual per-token step took the in-place path
-    monkeypatch.setattr(_BudgetedLayer, "_hand_one_in_place", lambda self: False)
+    monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", lambda self: False)
     general = cache_class(**budget)
     assert torch.equal(greedy(model, general, ids, new_tokens=30), quick_tokens)
     for a, b in zip(quick.layers, general.layers):

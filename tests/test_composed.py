@@ -9,9 +9,9 @@ from test_lowrank import fitted, stream_logits
 from transformers import DynamicCache
 
 from kvcompress import ComposedCache, GatedCache, PCACache
-from kvcompress.cache import FILLER, STORE_ROOM
 from kvcompress.lowrank import LowRankCompressor, PCACompressor
 from kvcompress.quantize import dequantize, quantize
+from kvcompress.slots import FILLER, STORE_ROOM
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_loads_from_directories_and_refuses_bad_settings(parts, tmp_path):
     loaded = ComposedCache.from_pretrained(gate=tmp_path / "gate", lowrank=tmp_path / "pca", keep_ratio=0.3, bits=4, group_size=8)
     ids = prompt_ids(40)
     assert torch.equal(greedy(model, loaded, ids), greedy(model, ComposedCache(gates, low_rank, keep_ratio=0.3, bits=4, group_size=8), ids))
-    assert loaded.layers[0].window == 8  # the artifacts' cache settings
+    assert loaded.settings.window == 8  # the artifacts' cache settings
     with pytest.raises(ValueError, match="needs at least one of gate, lowrank or bits"):
         ComposedCache(bits=None)
     with pytest.raises(ValueError, match="bits must be one of 4, 8"):

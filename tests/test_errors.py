@@ -27,7 +27,8 @@ from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache, ca
         (lambda: StreamingLLMCache(budget=4, sink=4), r"sink \(4\) must be smaller than the budget"),
         (lambda: StreamingLLMCache(budget=16, sink=-1), "sink must be an integer >= 0"),
         (lambda: H2OCache(budget=16, block_size=0), "block_size must be an integer >= 1"),
-        (lambda: H2OCache(budget=16, recent_share=1.5), r"recent_share must be in \[0, 1\]"),
+        (lambda: H2OCache(budget=16, recent_share=1.5), r"recent_share must be a number in \[0, 1\]"),
+            (lambda: H2OCache(budget=16, recent_share=True), r"recent_share must be a number in \[0, 1\]"),
     ],
 )
 def test_invalid_arguments(make, message):

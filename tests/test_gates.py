@@ -82,10 +82,10 @@ def test_the_gate_report_plots(tmp_path):
 from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from kvcompress.cache import FILLER  # noqa: E402
 from kvcompress.calibration.gates import gate_compressor  # noqa: E402
 from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
 from kvcompress.hub import model_signature  # noqa: E402
+from kvcompress.slots import FILLER  # noqa: E402
 
 SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
 
@@ -204,7 +204,7 @@ def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):
     assert GatedCache.from_pretrained(tmp_path).compressor is loaded.compressor
     with pytest.raises(ValueError, match="Unknown retention policy 'heads'"):
         GatedCache(compressor, 0.3, policy="heads")
-    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\]"):
         GatedCache(compressor, 1.5)
     with pytest.raises(ValueError, match="max_tokens must be a positive number"):
         GatedCache(compressor, 0.3, max_tokens=0)

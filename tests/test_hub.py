@@ -22,7 +22,7 @@ LOADER = """
 import json, sys, torch
 from kvcompress.lowrank import PCACache
 cache = PCACache.from_pretrained(sys.argv[1], cache_dir=sys.argv[2])
-report = {"sum": float(sum(t.double().sum() for t in cache.compressor.tensors.values())), "window": cache.layers[0].window if cache.layers else None}
+report = {"sum": float(sum(t.double().sum() for t in cache.compressor.tensors.values())), "window": cache.settings.window}
 for bad in ("kvtest/no-such-repo",):
     try:
         PCACache.from_pretrained(bad, cache_dir=sys.argv[2])

@@ -16,8 +16,9 @@ from test_lowrank import SETTINGS, calibrate, uniform
 
 from kvcompress import ComposedCache, PCACache, cache_kwargs, latent_attention
 from kvcompress.attention import _attend_over_slots
-from kvcompress.cache import FILLER, CompressedLayer
+from kvcompress.cache import CompressedLayer
 from kvcompress.config import HeadRanks
+from kvcompress.slots import FILLER
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def outputs_on_the_same_states(model, cache, reference, monkeypatch) -> list[tup
 
 def decoding_the_store(layer, query, new_keep, scaling):
     """Attention over the store decoded to keys and values, joined with the tail, as caches without `attends_store` do it."""
-    keys, values = layer.decode_store(layer.store)
+    keys, values = layer.encoding.decode(layer, layer.store)
     keys, values = torch.cat([keys, layer.tail["keys"]], dim=2), torch.cat([values, layer.tail["values"]], dim=2)
     return _attend_over_slots(layer, query, keys, values, new_keep, None, scaling)[0]
 

@@ -138,7 +138,7 @@ def test_save_and_load_round_trip_shares_weights(tmp_path):
     assert first.compressor is second.compressor  # loaded once, shared by every cache
     ids = prompt_ids(40)
     assert torch.equal(greedy(model, first, ids), greedy(model, PCACache(compressor), ids))
-    assert first.layers[0].window == 8  # cache settings travel with the artifact
+    assert first.settings.window == 8  # cache settings travel with the artifact
 
 
 def test_artifact_errors(tmp_path, monkeypatch):

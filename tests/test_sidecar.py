@@ -7,7 +7,6 @@ from transformers import DynamicCache
 
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
 from kvcompress.attention_matching import attention_matching_merge
-from kvcompress.cache import SYNTHESIZED
 from kvcompress.calibration.lowrank import rope_inv_freq
 from kvcompress.calibration.sidecar import (
     LossWeights,
@@ -24,6 +23,7 @@ from kvcompress.calibration.trajectories import collect_trajectories, load_traje
 from kvcompress.hub import model_signature
 from kvcompress.lowrank import rotate
 from kvcompress.sidecar import SidecarNetwork, to_window_frame, window_frame_references
+from kvcompress.slots import SYNTHESIZED
 
 LENGTH = 128  # trajectory sequence length for the tiny model
 
