@@ -24,6 +24,7 @@ A compressed cache used without it raises at its next update instead of silently
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,33 @@ def enable(model):
     return model
 
 
-def expect_attention(layer, keys: torch.Tensor) -> None:
+class AttentionLayer(Protocol):
+    """What kvcompress attention asks of a cache layer (`kvcompress.cache.CompressedLayer` is the one implementation)."""
+
+    layer_idx: int
+    tracks_attention: bool  # attention must report the mass each slot receives (to `after_attention`)
+    store_attended: bool  # `update` returned only the tail: the layer attends its store itself (`attend_with_store`)
+
+    def check_module(self, module, attention_kwargs: dict) -> None:
+        """Refuse a model or attention feature the layer cannot serve."""
+
+    def needs_slot_mask(self) -> bool:
+        """Whether the slots need the layer's own mask (fillers, biases, tracking) rather than the positional one."""
+
+    def slot_filled(self, length: int) -> torch.Tensor:
+        """Which of the first `length` table slots hold a token ``[B, H, length]``."""
+
+    def slot_bias(self, length: int) -> torch.Tensor | None:
+        """Additive logit bias of the first `length` table slots, if the layer has any."""
+
+    def attend_with_store(self, query: torch.Tensor, new_keep: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output ``[B, q, heads, D]`` over the layer's store and its exact tail."""
+
+    def after_attention(self, new_valid: torch.Tensor | None, received: torch.Tensor | None) -> None:
+        """Record which new tokens were padding and the attention slots received; compress what is due."""
+
+
+def expect_attention(layer: AttentionLayer, keys: torch.Tensor) -> None:
     """Called by the cache after each update: the layer's attention, over `keys`, must come next and collect it."""
     stale = getattr(_pending, "entry", None)
     if stale is not None:
@@ -97,7 +124,7 @@ def expect_attention(layer, keys: torch.Tensor) -> None:
     _pending.entry = (layer, keys)
 
 
-def _take_pending(module, key: torch.Tensor):
+def _take_pending(module, key: torch.Tensor) -> AttentionLayer | None:
     """The compressed layer whose update produced `key`, if any."""
     entry = getattr(_pending, "entry", None)
     _pending.entry = None
@@ -129,7 +156,7 @@ def _new_token_keep(attention_mask, q_len: int, device=None):
     return new if new.dtype == torch.bool else new > torch.finfo(new.dtype).min / 2
 
 
-def _attend_over_slots(layer, query, key, value, new_keep, query_valid, scaling):
+def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query_valid, scaling):
     """Grouped-query attention over the layer's slots with its filler mask and bias; also the attention each slot got.
 
     Fused sdpa with the mask and bias as an additive logit mask (none when a single query sees every

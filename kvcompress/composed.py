@@ -17,12 +17,12 @@ only stacks them.
 from __future__ import annotations
 
 from .cache import CompressedCache
-from .gate import GateCompressor, GateKeep
+from .gate import GateCompressor, GateKeep, gate_keep_ratio
 from .lowrank import LowRankCompressor, LowRankEncoding
-from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio
+from .memory import DEFAULT_CONTEXT, resolve_keep_ratio
 from .policies import Encoding
 from .quantize import QuantizedEncoding, check_quantization
-from .settings import Budget, CacheSettings
+from .settings import CacheSettings
 
 
 class ComposedCache(CompressedCache):
@@ -52,26 +52,27 @@ class ComposedCache(CompressedCache):
         settings = CacheSettings.resolve({"block_size": 16}, fitted, sink=sink, window=window, block_size=block_size)
         keep = None
         if gate is not None:
-            cost = self.kept_token_cost(gate, lowrank, bits, group_size)
-            exact = settings.sink + settings.window + settings.block_size / 2
-            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: kept_share(Budget(ratio=ratio).ratio, context, exact, cost))
-            keep = GateKeep(gate, keep_ratio, policy, budget, max_tokens)
+            keep = GateKeep(gate, 1.0, policy, budget, max_tokens)  # the per-head policy decides the latents' layout
         elif keep_ratio is not None or ratio is not None:
             raise ValueError("keep_ratio and ratio choose what a gate keeps; ComposedCache without a gate keeps every token.")
         encoding = LowRankEncoding(lowrank, per_head=keep is not None and keep.per_head) if lowrank is not None else Encoding()
         if bits is not None:
             encoding = QuantizedEncoding(bits, group_size, encoding)
+        if gate is not None:
+            cost = self.kept_token_cost(gate, encoding)
+            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(gate, ratio, settings, context, policy, budget, cost))
+            keep = GateKeep(gate, keep_ratio, policy, budget, max_tokens)
         super().__init__(keep, encoding, fitted=vars(settings), config=config)
         self.gate, self.lowrank, self.keep_ratio, self.bits = gate, lowrank, keep_ratio, bits
 
     @staticmethod
-    def kept_token_cost(gate: GateCompressor, lowrank: LowRankCompressor | None, bits: int | None, group_size: int) -> float:
-        """Dense tokens' worth of memory per kept token-head: its numbers (latents, or keys and values) at `bits` with a float16 scale per
-        group, plus a token id and a gate score (4 bytes each, against float32 dense numbers: the pretrained compressors' dtype)."""
-        dim = gate.config["base_model"]["head_dim"]
-        numbers = 2 * dim * (lowrank.ranks.memory_fraction() if lowrank is not None else 1.0)
-        per_number = 4.0 if bits is None else bits / 8 + 2 / group_size
-        return (numbers * per_number + 8) / (2 * dim * 4)
+    def kept_token_cost(gate: GateCompressor, encoding: Encoding, dtype_bytes: int = 4) -> float:
+        """Dense tokens' worth of memory per kept token-head: its numbers as `encoding` holds them, averaged over layers, plus a
+        token id and a gate score (4 bytes each), against dense numbers of `dtype_bytes` (float32: the pretrained compressors')."""
+        base = gate.config["base_model"]
+        layers, dim = base["num_layers"], base["head_dim"]
+        numbers = sum(encoding.slot_bytes(layer, dim, dtype_bytes) for layer in range(layers)) / layers
+        return (numbers + 8) / (2 * dim * dtype_bytes)
 
     @classmethod
     def from_pretrained(cls, gate=None, lowrank=None, *, revision=None, token=None, **cache_kwargs):

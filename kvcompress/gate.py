@@ -13,10 +13,10 @@ from .cache import CompressedCache
 from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .lowrank import rotate
-from .memory import DEFAULT_CONTEXT, KEPT_GATE_TOKEN_COST, kept_share, resolve_keep_ratio
+from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
-from .slots import FILLER, Slots
+from .slots import FILLER, STORE_ROOM, Slots
 
 
 class GateBank(torch.nn.Module):
@@ -214,10 +214,26 @@ class GateKeep(KeepPolicy):
         return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, budget={self.share}, max_tokens={self.max_tokens})"
 
 
-def gate_keep_ratio(ratio: float, settings: CacheSettings, context: int) -> float:
-    """The keep ratio at which gates hold about 1/`ratio` of dense bytes at `context` tokens (`kvcompress.memory`)."""
-    exact = settings.sink + settings.window + settings.block_size / 2  # on average half a block waits in the tail
-    return kept_share(Budget(ratio=ratio).ratio, context, exact, KEPT_GATE_TOKEN_COST)
+def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", budget: str = "shared",
+                    token_cost: float | None = None) -> float:
+    """The keep ratio at which gates hold 1/`ratio` of the dense bytes at `context` tokens, from the artifact's held-out
+    probabilities: what each head keeps at the thresholds of a keep ratio, padded to the layer's fullest head (the store is
+    rectangular), with the store's room to grow. `token_cost`: a kept token-head in dense tokens (default: key, value, token
+    id and gate score)."""
+    probabilities = compressor.tensors["heldout_probabilities"].float()
+    head_dim = compressor.config["base_model"]["head_dim"]
+    token_cost = slot_cost(2 * head_dim, head_dim, extra_bytes=8) if token_cost is None else token_cost
+
+    def held(keep_ratio: float) -> float:
+        kept = probabilities >= compressor.thresholds(keep_ratio, policy, budget)[..., None]
+        if policy == "layer":
+            kept = kept.any(1, keepdim=True)
+        elif policy == "global":
+            kept = kept.any(1, keepdim=True).any(0, keepdim=True)
+        return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM)
+
+    exact = settings.sink + settings.window + 1.5 * settings.block_size  # the tail: on average half a block waiting, and room for one
+    return kept_share(Budget(ratio=ratio).ratio, context, exact, token_cost, held)
 
 
 class GatedCache(CompressedCache):
@@ -237,8 +253,10 @@ class GatedCache(CompressedCache):
         policy: str = "head", budget: str = "shared", max_tokens: int | None = None, sink: int | None = None, window: int | None = None,
         block_size: int | None = None, config=None,
     ):
-        settings = CacheSettings.resolve(compressor.cache_settings() if isinstance(compressor, GateCompressor) else {}, sink=sink, window=window, block_size=block_size)
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(ratio, settings, context))
+        if not isinstance(compressor, GateCompressor):
+            raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
+        settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, budget))
         super().__init__(GateKeep(compressor, keep_ratio, policy, budget, max_tokens), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
 

@@ -31,8 +31,10 @@ from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
 from .cache import CompressedCache
 from .config import ConfigError, RankConfig
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
+from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
 from .quantize import Quantized
+from .settings import Budget, CacheSettings
 from .slots import FILLER
 
 
@@ -219,6 +221,14 @@ class LowRankEncoding(Encoding):
             raise TypeError(f"A low-rank encoding needs a PCA or KVSplice compressor, got {type(compressor).__name__}.")
         self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
 
+    def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
+        ranks = self.compressor.ranks
+        heads = [ranks.heads[layer_idx, head] for head in range(ranks.num_kv_heads)]
+        per_kind = ([head.key for head in heads], [head.value for head in heads])
+        if self.per_head:  # each head's latents padded to the layer's largest rank
+            return [(max(kind), 1) for kind in per_kind]
+        return [(sum(kind), len(heads)) for kind in per_kind]  # heads side by side in one row per token
+
     def encode(self, layer: LayerView, slots: dict) -> dict:
         latents = self.compressor.encode(layer.layer_idx, slots["keys"], slots["values"], slots["token_ids"], per_head=self.per_head)
         return {name: value for name, value in slots.items() if name not in ("keys", "values") and value is not None} | latents
@@ -231,16 +241,28 @@ class LowRankEncoding(Encoding):
 
 
 class _LowRankCache(CompressedCache):
-    """Sink and recent window exact; every older token as per-head latents of the compressor's projections."""
+    """Sink and recent window exact; every older token as per-head latents of the compressor's projections.
+
+    `ratio`: the memory knob, dense bytes over held bytes at `context` tokens. The latents' size is the
+    compressor's (its ranks); a lower ratio than theirs buys a longer exact window, a higher one is refused.
+    """
 
     compressor_class: type[LowRankCompressor] = LowRankCompressor
 
-    def __init__(self, compressor: LowRankCompressor, *, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None):
+    def __init__(
+        self, compressor: LowRankCompressor, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT, sink: int | None = None,
+        window: int | None = None, block_size: int | None = None, config=None,
+    ):
         if not isinstance(compressor, self.compressor_class):
             raise TypeError(f"{type(self).__name__} needs a {self.compressor_class.__name__}, got {type(compressor).__name__}.")
-        super().__init__(
-            encoding=LowRankEncoding(compressor), fitted=compressor.cache_settings(), sink=sink, window=window, block_size=block_size, config=config,
-        )
+        settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
+        if ratio is not None:
+            if window is not None:
+                raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
+            dim = compressor.config["base_model"]["head_dim"]
+            cost = slot_cost(2 * dim * compressor.ranks.memory_fraction(), dim, extra_bytes=4)  # latents and a token id
+            window = window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, repr(compressor))
+        super().__init__(encoding=LowRankEncoding(compressor), fitted=vars(settings), window=window, config=config)
         self.compressor = compressor
 
     @classmethod

@@ -1,7 +1,7 @@
 """The byte model: how a memory target (``ratio=``) becomes a cache's internal setting.
 
 A compressed cache holds a few tokens exact (the sink, the recent window, on average half a block
-waiting in the tail) and, of the rest, a share at some cost per token relative to dense. At
+waiting in the tail and room for one block more) and, of the rest, a share at some cost per token relative to dense. At
 `context` tokens it holds ``exact + share * (context - exact) * cost`` dense-token equivalents; the
 share that makes that ``context / ratio`` is what `kept_share` returns. `nbytes()` measures what a
 cache really holds; this model only sets the knob, and the benchmarks report the measured ratio.
@@ -12,20 +12,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 DEFAULT_CONTEXT = 4096  # tokens at which ``ratio=`` is met unless a cache is told the context it will see
-# A kept token-head of the gates costs its key and value plus a token id and a gate score, and ragged heads
-# pad to the fullest one: 1.1 dense tokens, as measured on SmolLM2-135M (docs/benchmarks.md).
-KEPT_GATE_TOKEN_COST = 1.1
 
 
-def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.0) -> float:
-    """The share of the tokens beyond the `exact_tokens` to keep, at `cost` dense tokens each, so that a cache
-    holds 1/`ratio` of the dense bytes at `context` tokens (at most 1, rounded to 4 digits)."""
+def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.0, held: Callable[[float], float] | None = None) -> float:
+    """The share of the tokens beyond the `exact_tokens` to keep, at `cost` dense tokens each, so that a cache holds
+    1/`ratio` of the dense bytes at `context` tokens (at most 1, to 4 digits). `held(share)`, when given, is the share of
+    those tokens' slots a cache really holds when it keeps `share` of them (padding to the fullest head, room to grow)."""
     if context <= exact_tokens or context / ratio <= exact_tokens:
         raise ValueError(
             f"At {context} tokens the exact sink and window ({exact_tokens:g} tokens) already hold more than 1/{ratio:g} of the "
             f"cache: {ratio:g}:1 cannot be reached. Ask for a lower ratio, a longer context=, or a smaller window=."
         )
-    return min(1.0, round((context / ratio - exact_tokens) / ((context - exact_tokens) * cost), 4))
+    allowed = (context / ratio - exact_tokens) / ((context - exact_tokens) * cost)
+    if held is None:
+        return min(1.0, round(allowed, 4))
+    if held(1.0) <= allowed:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if held(middle) <= allowed else (low, middle)
+    return max(round(low, 4), 1e-4)
 
 
 def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, from_ratio: Callable[[], float], default: float = 0.125) -> float:
@@ -38,3 +45,22 @@ def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, from_ratio
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be a number in (0, 1] (e.g. 0.125 to keep about one token in 8), got {keep_ratio!r}.")
     return float(keep_ratio)
+
+
+def slot_cost(numbers_per_token: float, head_dim: int, extra_bytes: int, dtype_bytes: int = 4) -> float:
+    """Dense tokens' worth of memory of one held token-head: `numbers_per_token` numbers (of the 2 x `head_dim` of a dense key and
+    value) and `extra_bytes` of bookkeeping (token id, score, bias), at `dtype_bytes` per number."""
+    return (numbers_per_token * dtype_bytes + extra_bytes) / (2 * head_dim * dtype_bytes)
+
+
+def window_for_ratio(ratio: float, context: int, cost: float, sink: int, block_size: int, what: str) -> int:
+    """The exact recent window at which a cache that holds every older token at `cost` dense tokens holds 1/`ratio` of the
+    dense bytes at `context` tokens: a lower ratio than the encoding's own buys a longer exact window."""
+    fixed = sink + 1.5 * block_size  # the tail: on average half a block waiting, and room for one
+    best = context / (fixed + (context - fixed) * cost)
+    if ratio > best * 1.001:
+        raise ValueError(
+            f"{what} holds at most {best:.2f}:1 at {context} tokens (its encoding keeps {cost:.3f} of each old token), so {ratio:g}:1 "
+            f"cannot be reached. Ask for at most {best:.2f}, or add eviction: ComposedCache(gate=..., lowrank=..., ratio={ratio:g})."
+        )
+    return max(0, int((context / ratio - context * cost) / (1 - cost) - fixed))

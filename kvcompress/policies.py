@@ -80,6 +80,15 @@ class Encoding:
     uses_bias = False  # slots carry an additive attention-logit bias (``Slots.bias``)
     artifacts: tuple[CompressorArtifact, ...] = ()
 
+    def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
+        """The numbers held per stored slot, for the byte model (`kvcompress.memory`): per tensor, its width and how many heads
+        share it (a key and a value of `head_dim` numbers per head by default)."""
+        return [(head_dim, 1), (head_dim, 1)]
+
+    def slot_bytes(self, layer_idx: int, head_dim: int, dtype_bytes: int) -> float:
+        """Bytes of numbers per stored token-head (bookkeeping such as token ids excluded)."""
+        return sum(width * dtype_bytes / heads for width, heads in self.widths(layer_idx, head_dim))
+
     def merge(self, layer: LayerView, blocks: Slots) -> Slots:
         """The slots to store for the kept blocks: by default the blocks themselves."""
         return blocks

@@ -90,18 +90,25 @@ class QuantizedEncoding(Encoding):
         check_quantization(bits, group_size)
         self.bits, self.group_size, self.inner = bits, group_size, inner or Encoding()
         self.attends_store, self.uses_bias, self.artifacts = self.inner.attends_store, self.inner.uses_bias, self.inner.artifacts
-        self.widths: dict[int, dict[str, int]] = {}  # per layer: the width of each quantized tensor before padding
+        self.layer_widths: dict[int, dict[str, int]] = {}  # per layer: the width of each quantized tensor before padding
+
+    def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
+        return self.inner.widths(layer_idx, head_dim)
+
+    def slot_bytes(self, layer_idx: int, head_dim: int, dtype_bytes: int) -> float:
+        groups = [(math.ceil(width / self.group_size), heads) for width, heads in self.widths(layer_idx, head_dim)]
+        return sum(count * (self.group_size * self.bits / 8 + 2) / heads for count, heads in groups)  # padded groups, a float16 scale each
 
     def encode(self, layer: LayerView, slots: dict) -> dict:
         tensors = self.inner.encode(layer, slots)
         numbers = {name: tensor for name, tensor in tensors.items() if name not in SLOT_METADATA and tensor is not None}
-        self.widths[layer.layer_idx] = {name: tensor.shape[-1] for name, tensor in numbers.items()}
+        self.layer_widths[layer.layer_idx] = {name: tensor.shape[-1] for name, tensor in numbers.items()}
         packed = {f"{name}.{part}": value for name, tensor in numbers.items() for part, value in quantize(tensor, self.bits, self.group_size).items()}
         return {name: tensors.get(name) for name in SLOT_METADATA if name in tensors} | packed
 
     def quantized(self, layer: LayerView, store: dict) -> dict:
         """The store with its numbers as `Quantized` tensors (for an inner `attend` that reads them as they are)."""
-        widths = self.widths[layer.layer_idx]
+        widths = self.layer_widths[layer.layer_idx]
         return {name: store[name] for name in SLOT_METADATA if name in store} | {
             name: Quantized(store[f"{name}.q"], store[f"{name}.scale"], width) for name, width in widths.items()
         }

@@ -33,7 +33,9 @@ from .cache import CompressedCache
 from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .lowrank import rotate
+from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
+from .settings import Budget, CacheSettings
 from .slots import SYNTHESIZED, Slots
 
 MERGES = ("sidecar", "attention_matching")
@@ -222,11 +224,23 @@ class SidecarCache(CompressedCache):
 
     `merge`: "sidecar" (the trained network) or "attention_matching" (the closed-form rival, with the
     artifact's reference queries). `window` is the exact recent window; blocks are the network's N.
+    `ratio`: the memory knob, dense bytes over held bytes at `context` tokens: the merge ratio N:k is the
+    network's; a lower ratio than it gives buys a longer exact window, a higher one is refused.
     """
 
-    def __init__(self, compressor: SidecarCompressor, *, merge: str = "sidecar", sink: int | None = None, window: int | None = None, config=None):
+    def __init__(
+        self, compressor: SidecarCompressor, *, merge: str = "sidecar", ratio: float | None = None, context: int = DEFAULT_CONTEXT,
+        sink: int | None = None, window: int | None = None, config=None,
+    ):
         encoding = SidecarMerge(compressor, merge)
-        super().__init__(encoding=encoding, fitted=compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window, config=config)
+        settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)
+        if ratio is not None:
+            if window is not None:
+                raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
+            dim = compressor.config["base_model"]["head_dim"]
+            cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8)  # keys, values, token id and bias
+            window = window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, repr(compressor))
+        super().__init__(encoding=encoding, fitted=vars(settings), window=window, config=config)
         self.compressor = compressor
 
     @classmethod
