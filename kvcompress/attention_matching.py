@@ -1,5 +1,5 @@
 """Closed-form attention matching (Zweiger et al. 2026, "Fast KV Compaction via Attention Matching"):
-the training-free rival of the sidecar (issue 6), merging a window of N tokens into k slots per head.
+the training-free rival of the sidecar, merging a window of N tokens into k slots per head.
 
 For reference queries q (post-RoPE, as attention will see them), a window's keys K and values V
 contribute to attention through two quantities only: its *mass* ``m(q) = sum_j exp(q.k_j / sqrt d)``

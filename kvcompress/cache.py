@@ -1,26 +1,27 @@
-"""The shared compressed-cache machinery every method builds on.
+"""The engine every compressed cache runs on: buffers, scheduling, and the transformers and attention contracts.
 
-Per layer, batch row and KV head, a `CompressedLayer` holds two parts, and attention reads the
-table ``[store | tail]`` they make:
+Methods are policies (`kvcompress.policies`), not subclasses: a `KeepPolicy` chooses what to keep of
+the tokens leaving the exact window, an `Encoding` decides how the kept slots are held. Per layer,
+batch row and KV head, a `CompressedLayer` holds two parts, and attention reads the table
+``[store | tail]`` they make:
 
 * the *tail*: the row's first `sink` real tokens and its raw tokens that have not been handed to
-  the method yet, exact and in order. It always holds at least the recent window.
-* the *store*: whatever the method chose to keep for tokens that left the recent window (kept
-  tokens, merged super-tokens, low-rank latents, ...), in the method's own encoding
-  (`encode_store` / `decode_store`; by default plain keys and values). Only the encoded form is
-  held between forward passes; decoded keys and values exist only while attention runs. A method
-  whose encoding is cheaper to attend as it is than to decode (low-rank latents) says so with
-  `attends_store`: attention then asks it for the partial softmax over its store
-  (`attend_store`) and merges that with the exact tail (`attend_with_store`), and the store is
-  never decoded.
+  the policies yet, exact and in order. It always holds at least the recent window.
+* the *store*: what the keep policy chose for tokens that left the recent window (kept tokens,
+  merged super-tokens, low-rank latents, ...), in the encoding's form (`Encoding.encode` /
+  `Encoding.decode`; by default plain keys and values). Only the encoded form is held between
+  forward passes; decoded keys and values exist only while attention runs. An encoding that is
+  cheaper to attend as it is than to decode (low-rank latents) says so with `attends_store`:
+  attention then asks it for the partial softmax over its store (`Encoding.attend`) and merges
+  that with the exact tail (`attend_with_store`), and the store is never decoded.
 
 Once a row's tail (sink excluded) is longer than its window by `block_size` tokens or more, the
-oldest whole blocks are handed to the method (`compress_blocks`), which returns the slots to store
-for them, or none. Rows and heads may end up with different slot counts (padding, per-head
+oldest whole blocks are handed to the policies (`KeepPolicy.choose`, then `Encoding.merge`), which
+return the slots to store for them, or none; `KeepPolicy.bound` may then drop store slots. Rows and heads may end up with different slot counts (padding, per-head
 eviction): the parts stay rectangular and the gaps are *filler* slots (token id -1) that the
 kvcompress attention masks out. Attention is invariant to slot order, so layout is free, and the
 core uses that freedom to work in place: both parts live in buffers with room for the slots they
-reach, new tokens are written after the last slot, and when slots leave (handed to the method,
+reach, new tokens are written after the last slot, and when slots leave (handed to the policies,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
 never the whole cache. A buffer grows when a part outgrows it; after each compression the tail's
 is cut back to its tokens and room for the next block, and the store keeps room to grow by 1/32
@@ -34,7 +35,9 @@ view, with the room's filler slots masked out, instead of joining the parts by a
 Everything is per row in the row's own real tokens (left padding is dropped), so a left-padded
 batch compresses each row exactly as it would alone. Compression runs right after the layer's
 attention (see `kvcompress.attention`), so prefill attention is exact and, with
-`generate(prefill_chunk_size=...)`, prefill memory is bounded too.
+`generate(prefill_chunk_size=...)`, prefill memory is bounded too. A budgeted keep policy's usual
+step (one token leaves, the store stays full) runs in place without a device sync
+(`_hand_one_in_place`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-head rank configs for the low-rank caches, in the JSON shape of the seed-003 design.
+"""Per-head rank configs for the low-rank caches, in one JSON shape:
 
     {"global": {"target_memory_reduction": 0.5, "d_head": 64, "algo_default": "pca"},
      "per_layer_head": {"0/0": {"enabled": true, "rank": 32, "algo": "pca", "d_k": 64, "d_v": 64}, ...}}
@@ -88,7 +88,7 @@ class RankConfig:
 
     @classmethod
     def from_json(cls, data, num_layers: int, num_kv_heads: int, d_k: int, d_v: int) -> RankConfig:
-        """Validate a config in the seed-003 shape against a model's layer, head and head-dim counts."""
+        """Validate a rank config against a model's layer, head and head-dim counts."""
         if not isinstance(data, dict):
             raise ConfigError("The rank config must be a JSON object with 'global' and 'per_layer_head'.")
         unknown = set(data) - {"global", "per_layer_head"}

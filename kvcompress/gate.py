@@ -1,4 +1,4 @@
-"""Learned retention gates (seed 004): per KV head, an MLP on a token's key predicts whether the token
+"""Learned retention gates: per KV head, an MLP on a token's key predicts whether the token
 will matter to future queries once it has left the recent window.
 
 `GateBank` holds the gates of every head of every layer stacked (``[layers * heads, ...]``), so one
@@ -57,7 +57,7 @@ def fitted_thresholds(
 
     `probabilities` ``[layers, heads, n]`` are the gates' outputs on the same held-out tokens.
     `budget` "shared": one probability threshold for every head (per layer for the "layer" policy),
-    so heads whose gates expect more future attention keep more tokens (seed 004's single threshold;
+    so heads whose gates expect more future attention keep more tokens (a single threshold;
     measured better on pass-key retrieval than equal shares). "equal": every head keeps the same
     share (one quantile level). `policy` "head": each head keeps its own tokens; "layer" and
     "global": a token is kept by every head of its layer (of the model) when any of them keeps it.

@@ -222,12 +222,10 @@ class LowRankEncoding(Encoding):
         self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
 
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
-        ranks = self.compressor.ranks
-        heads = [ranks.heads[layer_idx, head] for head in range(ranks.num_kv_heads)]
-        per_kind = ([head.key for head in heads], [head.value for head in heads])
+        per_kind = self.compressor.ranks.layer_ranks(layer_idx)
         if self.per_head:  # each head's latents padded to the layer's largest rank
             return [(max(kind), 1) for kind in per_kind]
-        return [(sum(kind), len(heads)) for kind in per_kind]  # heads side by side in one row per token
+        return [(sum(kind), len(kind)) for kind in per_kind]  # heads side by side in one row per token
 
     def encode(self, layer: LayerView, slots: dict) -> dict:
         latents = self.compressor.encode(layer.layer_idx, slots["keys"], slots["values"], slots["token_ids"], per_head=self.per_head)

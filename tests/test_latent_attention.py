@@ -187,3 +187,23 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter():
         cwd=tests.parent, env=environment, capture_output=True, text=True, timeout=1200,
     )
     assert run.returncode == 0 and f"{len(CACHES) + 1} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["pca, mixed ranks", "gates x pca x int4"])
+def test_chunked_attention_over_store_and_tail_equals_one_chunk(parts, name, monkeypatch):
+    """With a tiny score budget, attention over the tail (`attend_with_store`) and over the latents (the PyTorch path of
+    `attend_store`) run in many chunks of queries and of slots; the result is the one-chunk result."""
+    from kvcompress import cache as cache_module
+    from kvcompress import lowrank as lowrank_module
+
+    model, gates, pca = parts
+    monkeypatch.setattr(latent_attention, "available", lambda *args: False)
+    ids, mask = padded_prompt()
+    whole = decode_logits(model, CACHES[name](gates, pca), ids, mask)
+    chunks = []
+    attend = cache_module.CompressedLayer.attend_with_store
+    monkeypatch.setattr(cache_module.CompressedLayer, "attend_with_store", lambda layer, query, *args: chunks.append(query.shape[2]) or attend(layer, query, *args))
+    for module in (cache_module, lowrank_module):
+        monkeypatch.setattr(module, "SCORES_PER_CHUNK", 240)  # one query per chunk of the tail, about 20 slots per chunk of the store
+    assert torch.allclose(decode_logits(model, CACHES[name](gates, pca), ids, mask), whole, atol=1e-5)
+    assert max(chunks) == 40  # prefill chunks of 40 queries went through in pieces
