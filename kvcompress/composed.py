@@ -30,14 +30,14 @@ class ComposedCache(CompressedCache):
 
     ``ComposedCache.from_pretrained(gate="gate-dir", lowrank="pca-dir", keep_ratio=0.1, bits=4)``; leave
     out `gate` to keep every token, `lowrank` to store full-width keys and values, or set ``bits=None``
-    to store floats. `ratio` (reached at `context` tokens), `keep_ratio`, `policy`, `budget` and `max_tokens` are `GatedCache`'s; `group_size`
+    to store floats. `ratio` (reached at `context` tokens), `keep_ratio`, `policy`, `allocation` and `max_tokens` are `GatedCache`'s; `group_size`
     numbers share one float16 scale. Sink, window and block size come from the artifacts (the gate's
     first) unless given.
     """
 
     def __init__(
         self, gate: GateCompressor | None = None, lowrank: LowRankCompressor | None = None, *, keep_ratio: float | None = None,
-        ratio: float | None = None, context: int = DEFAULT_CONTEXT, policy: str = "head", budget: str = "shared", max_tokens: int | None = None,
+        ratio: float | None = None, context: int = DEFAULT_CONTEXT, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
         bits: int | None = 8, group_size: int = 32, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
     ):
         if gate is None and lowrank is None and bits is None:
@@ -52,7 +52,7 @@ class ComposedCache(CompressedCache):
         settings = CacheSettings.resolve({"block_size": 16}, fitted, sink=sink, window=window, block_size=block_size)
         keep = None
         if gate is not None:
-            keep = GateKeep(gate, 1.0, policy, budget, max_tokens)  # the per-head policy decides the latents' layout
+            keep = GateKeep(gate, 1.0, policy, allocation, max_tokens)  # the per-head policy decides the latents' layout
         elif keep_ratio is not None or ratio is not None:
             raise ValueError("keep_ratio and ratio choose what a gate keeps; ComposedCache without a gate keeps every token.")
         encoding = LowRankEncoding(lowrank, per_head=keep is not None and keep.per_head) if lowrank is not None else Encoding()
@@ -60,8 +60,8 @@ class ComposedCache(CompressedCache):
             encoding = QuantizedEncoding(bits, group_size, encoding)
         if gate is not None:
             cost = self.kept_token_cost(gate, encoding)
-            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(gate, ratio, settings, context, policy, budget, cost))
-            keep = GateKeep(gate, keep_ratio, policy, budget, max_tokens)
+            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(gate, ratio, settings, context, policy, allocation, cost))
+            keep = GateKeep(gate, keep_ratio, policy, allocation, max_tokens)
         super().__init__(keep, encoding, fitted=vars(settings), config=config)
         self.gate, self.lowrank, self.keep_ratio, self.bits = gate, lowrank, keep_ratio, bits
 

@@ -47,16 +47,16 @@ class GateBank(torch.nn.Module):
 
 
 POLICIES = ("head", "layer", "global")
-BUDGETS = ("shared", "equal")
+ALLOCATIONS = ("shared", "equal")  # one probability threshold for all heads, or the same share for each head
 
 
 def fitted_thresholds(
-    probabilities: torch.Tensor, keep_ratio: float, policy: str = "head", budget: str = "shared", iterations: int = 40,
+    probabilities: torch.Tensor, keep_ratio: float, policy: str = "head", allocation: str = "shared", iterations: int = 40,
 ) -> torch.Tensor:
     """Per-head probability thresholds ``[layers, heads]`` that keep `keep_ratio` of held-out tokens.
 
     `probabilities` ``[layers, heads, n]`` are the gates' outputs on the same held-out tokens.
-    `budget` "shared": one probability threshold for every head (per layer for the "layer" policy),
+    `allocation` "shared": one probability threshold for every head (per layer for the "layer" policy),
     so heads whose gates expect more future attention keep more tokens (a single threshold;
     measured better on pass-key retrieval than equal shares). "equal": every head keeps the same
     share (one quantile level). `policy` "head": each head keeps its own tokens; "layer" and
@@ -65,8 +65,8 @@ def fitted_thresholds(
     """
     if policy not in POLICIES:
         raise ValueError(f"Unknown retention policy {policy!r}; choose from {', '.join(POLICIES)}.")
-    if budget not in BUDGETS:
-        raise ValueError(f"Unknown budget {budget!r}; choose from {', '.join(BUDGETS)}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"Unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}.")
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1] (e.g. 0.125 to keep about one token in 8), got {keep_ratio!r}.")
     if keep_ratio == 1:
@@ -76,12 +76,12 @@ def fitted_thresholds(
     layers, heads = probabilities.shape[:2]
 
     def at_level(level: torch.Tensor) -> torch.Tensor:  # level [layers] in [0, 1] -> thresholds [layers, heads]
-        if budget == "shared":
+        if allocation == "shared":
             return level[:, None].expand(layers, heads)
         index = (level * last).round().long().clamp(0, last)
         return ordered.gather(-1, index[:, None, None].expand(-1, heads, 1))[..., 0]
 
-    if policy == "head" and budget == "equal":
+    if policy == "head" and allocation == "equal":
         return at_level(torch.full((layers,), 1 - keep_ratio))
     low, high = torch.zeros(layers), torch.ones(layers)
     for _ in range(iterations):
@@ -137,8 +137,8 @@ class GateCompressor(CompressorArtifact):
 
         return self.on_device("gates", device, build)
 
-    def thresholds(self, keep_ratio: float, policy: str = "head", budget: str = "shared") -> torch.Tensor:
-        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy, budget)
+    def thresholds(self, keep_ratio: float, policy: str = "head", allocation: str = "shared") -> torch.Tensor:
+        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy, allocation)
 
     def __repr__(self):
         return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
@@ -179,13 +179,15 @@ class GateKeep(KeepPolicy):
 
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
 
-    def __init__(self, compressor: GateCompressor, keep_ratio: float = 0.125, policy: str = "head", budget: str = "shared", max_tokens: int | None = None):
+    def __init__(
+        self, compressor: GateCompressor, keep_ratio: float = 0.125, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
+    ):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"Gating needs a GateCompressor, got {type(compressor).__name__}.")
         if max_tokens is not None:
             max_tokens = whole_number("max_tokens", max_tokens, "a positive number of tokens per head", 1, MAX_TOKENS)
-        self.compressor, self.keep_ratio, self.policy, self.share, self.max_tokens = compressor, keep_ratio, policy, budget, max_tokens
-        self.thresholds = compressor.thresholds(keep_ratio, policy, budget)  # [layers, heads]
+        self.compressor, self.keep_ratio, self.policy, self.allocation, self.max_tokens = compressor, keep_ratio, policy, allocation, max_tokens
+        self.thresholds = compressor.thresholds(keep_ratio, policy, allocation)  # [layers, heads]
         self.per_head = policy == "head"
         self.votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
         self.artifacts = (compressor,)
@@ -211,10 +213,10 @@ class GateKeep(KeepPolicy):
         return keep
 
     def __repr__(self):
-        return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, budget={self.share}, max_tokens={self.max_tokens})"
+        return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"
 
 
-def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", budget: str = "shared",
+def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", allocation: str = "shared",
                     token_cost: float | None = None) -> float:
     """The keep ratio at which gates hold 1/`ratio` of the dense bytes at `context` tokens, from the artifact's held-out
     probabilities: what each head keeps at the thresholds of a keep ratio, padded to the layer's fullest head (the store is
@@ -225,7 +227,7 @@ def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSet
     token_cost = slot_cost(2 * head_dim, head_dim, extra_bytes=8) if token_cost is None else token_cost
 
     def held(keep_ratio: float) -> float:
-        kept = probabilities >= compressor.thresholds(keep_ratio, policy, budget)[..., None]
+        kept = probabilities >= compressor.thresholds(keep_ratio, policy, allocation)[..., None]
         if policy == "layer":
             kept = kept.any(1, keepdim=True)
         elif policy == "global":
@@ -243,21 +245,21 @@ class GatedCache(CompressedCache):
     less, as the exact sink and window weigh more); it sets the keep ratio. `keep_ratio`: the share of the
     tokens leaving the window to keep (thresholds fitted on held-out calibration data; default 0.125).
     `policy` "head" (each head keeps its own tokens), "layer" or "global" (a token is kept by all heads of
-    the layer / the model when any of them keeps it); `budget` "shared" (one probability threshold: heads
+    the layer / the model when any of them keeps it); `allocation` "shared" (one probability threshold: heads
     keep what their gates expect to be needed) or "equal" (every head keeps the same share); `max_tokens`
     optionally caps each head's kept tokens (lowest gate probabilities go first).
     """
 
     def __init__(
         self, compressor: GateCompressor, keep_ratio: float | None = None, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT,
-        policy: str = "head", budget: str = "shared", max_tokens: int | None = None, sink: int | None = None, window: int | None = None,
+        policy: str = "head", allocation: str = "shared", max_tokens: int | None = None, sink: int | None = None, window: int | None = None,
         block_size: int | None = None, config=None,
     ):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, budget))
-        super().__init__(GateKeep(compressor, keep_ratio, policy, budget, max_tokens), fitted=vars(settings), config=config)
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, allocation))
+        super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
 
     @classmethod

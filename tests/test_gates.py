@@ -105,30 +105,30 @@ def gated():
     return model, tiny_gates(model)
 
 
-@pytest.mark.parametrize("budget", ["shared", "equal"])
+@pytest.mark.parametrize("allocation", ["shared", "equal"])
 @pytest.mark.parametrize("policy", ["head", "layer", "global"])
-def test_thresholds_keep_the_asked_share_of_held_out_tokens(policy, budget):
+def test_thresholds_keep_the_asked_share_of_held_out_tokens(policy, allocation):
     probabilities = torch.rand(3, 4, 2000, generator=torch.Generator().manual_seed(5)) ** torch.arange(1.0, 5.0)[:, None]  # heads differ
-    thresholds = fitted_thresholds(probabilities, 0.1, policy, budget)
+    thresholds = fitted_thresholds(probabilities, 0.1, policy, allocation)
     kept = probabilities >= thresholds[..., None]
     if policy == "head":
-        rates = kept.float().mean()[None] if budget == "shared" else kept.float().mean(-1)
+        rates = kept.float().mean()[None] if allocation == "shared" else kept.float().mean(-1)
     elif policy == "layer":
         rates = kept.any(1).float().mean(-1)
     else:
         rates = kept.any(1).any(0).float().mean()[None]
     assert torch.allclose(rates, torch.full_like(rates, 0.1), atol=0.005)
     per_head = kept.float().mean(-1)
-    if budget == "shared":  # one probability threshold per layer: heads whose gates say "keep" more often keep more
+    if allocation == "shared":  # one probability threshold per layer: heads whose gates say "keep" more often keep more
         assert torch.equal(thresholds, thresholds[:, :1].expand_as(thresholds))
         assert bool((per_head[:, 0] > per_head[:, 3]).all())
     elif policy != "global":
         assert torch.allclose(per_head, per_head[:, :1].expand_as(per_head), atol=0.005)
 
 
-def test_an_unknown_budget_is_refused(gated):
-    with pytest.raises(ValueError, match="Unknown budget 'fair'; choose from shared, equal"):
-        GatedCache(gated[1], 0.2, budget="fair")
+def test_an_unknown_allocation_is_refused(gated):
+    with pytest.raises(ValueError, match="Unknown allocation 'fair'; choose from shared, equal"):
+        GatedCache(gated[1], 0.2, allocation="fair")
 
 
 @pytest.mark.parametrize("policy", ["head", "layer", "global"])
