@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -67,7 +67,7 @@ def check_supported_config(config) -> None:
         )
 
 
-def enable(model):
+def enable(model: PreTrainedModel) -> PreTrainedModel:
     """Route `model`'s attention through kvcompress so compressed caches work under `generate()`.
 
     Keeps the model's base implementation (sdpa or eager); returns the model for chaining.

@@ -7,12 +7,17 @@ larger block trades up to `block_size - 1` tokens of budget for fewer cache rebu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .cache import CompressedCache
 from .policies import KeepPolicy, LayerView
 from .settings import Budget
 from .slots import FILLER, Slots, slot_index
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class RecentOnly(KeepPolicy):
@@ -71,7 +76,7 @@ class HeavyHitters(RecentOnly):
 class StreamingLLMCache(CompressedCache):
     """Sink + recent window. ``StreamingLLMCache(budget=256)`` or ``StreamingLLMCache(ratio=8)``."""
 
-    def __init__(self, budget: int | None = None, *, ratio: float | None = None, sink: int = 4, block_size: int = 1, config=None):
+    def __init__(self, budget: int | None = None, *, ratio: float | None = None, sink: int = 4, block_size: int = 1, config: PretrainedConfig | None = None) -> None:
         super().__init__(RecentOnly(Budget(budget, ratio)), sink=sink, block_size=block_size, config=config)
 
 
@@ -79,6 +84,6 @@ class H2OCache(CompressedCache):
     """Sink + recent window + per-head heavy hitters. ``H2OCache(budget=256)`` or ``H2OCache(ratio=8)``."""
 
     def __init__(
-        self, budget: int | None = None, *, ratio: float | None = None, sink: int = 4, recent_share: float = 0.5, block_size: int = 1, config=None,
-    ):
+        self, budget: int | None = None, *, ratio: float | None = None, sink: int = 4, recent_share: float = 0.5, block_size: int = 1, config: PretrainedConfig | None = None,
+    ) -> None:
         super().__init__(HeavyHitters(Budget(budget, ratio), recent_share), sink=sink, block_size=block_size, config=config)

@@ -43,6 +43,7 @@ step (one token leaves, the store stays full) runs in place without a device syn
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -51,6 +52,9 @@ from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attentio
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
 from .slots import FILLER, STORE_ROOM, Slots, capacity, joined, place, resized, slot_index, views
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -488,8 +492,8 @@ class CompressedCache(Cache):
 
     def __init__(
         self, keep: KeepPolicy | None = None, encoding: Encoding | None = None, *, sink: int | None = None, window: int | None = None,
-        block_size: int | None = None, fitted: dict | None = None, config=None,
-    ):
+        block_size: int | None = None, fitted: dict | None = None, config: PretrainedConfig | None = None,
+    ) -> None:
         if config is not None:
             check_supported_config(config)
         self.keep = keep or KeepPolicy()

@@ -16,6 +16,8 @@ only stacks them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .cache import CompressedCache
 from .gate import GateCompressor, GateKeep, gate_keep_ratio
 from .lowrank import LowRankCompressor, LowRankEncoding
@@ -23,6 +25,9 @@ from .memory import DEFAULT_CONTEXT, resolve_keep_ratio
 from .policies import Encoding
 from .quantize import QuantizedEncoding, check_quantization
 from .settings import CacheSettings
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class ComposedCache(CompressedCache):
@@ -38,8 +43,8 @@ class ComposedCache(CompressedCache):
     def __init__(
         self, gate: GateCompressor | None = None, lowrank: LowRankCompressor | None = None, *, keep_ratio: float | None = None,
         ratio: float | None = None, context: int = DEFAULT_CONTEXT, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
-        bits: int | None = 8, group_size: int = 32, sink: int | None = None, window: int | None = None, block_size: int | None = None, config=None,
-    ):
+        bits: int | None = 8, group_size: int = 32, sink: int | None = None, window: int | None = None, block_size: int | None = None, config: PretrainedConfig | None = None,
+    ) -> None:
         if gate is None and lowrank is None and bits is None:
             raise ValueError("ComposedCache needs at least one of gate, lowrank or bits; with none it would be a DynamicCache.")
         if lowrank is not None and not isinstance(lowrank, LowRankCompressor):

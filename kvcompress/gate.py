@@ -7,6 +7,9 @@ layer's heads are scored with three batched matmuls and no Python loop over head
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import torch
 
 from .cache import CompressedCache
@@ -17,6 +20,9 @@ from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
 from .slots import FILLER, STORE_ROOM, Slots
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class GateBank(torch.nn.Module):
@@ -253,8 +259,8 @@ class GatedCache(CompressedCache):
     def __init__(
         self, compressor: GateCompressor, keep_ratio: float | None = None, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT,
         policy: str = "head", allocation: str = "shared", max_tokens: int | None = None, sink: int | None = None, window: int | None = None,
-        block_size: int | None = None, config=None,
-    ):
+        block_size: int | None = None, config: PretrainedConfig | None = None,
+    ) -> None:
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
@@ -263,7 +269,9 @@ class GatedCache(CompressedCache):
         self.compressor, self.keep_ratio = compressor, keep_ratio
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, keep_ratio: float | None = None, *, revision=None, token=None, **settings):
+    def from_pretrained(
+        cls, path_or_hub_id: str | os.PathLike, keep_ratio: float | None = None, *, revision: str | None = None, token: str | bool | None = None, **settings,
+    ) -> GatedCache:
         """A fresh cache from a gate directory or Hub repo (settings as for the constructor); caches of the same files share the gates."""
         download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
         return cls(GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), keep_ratio, **settings)

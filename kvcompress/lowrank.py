@@ -21,7 +21,9 @@ which the tests check attention against). The attention sink and the recent wind
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
@@ -36,6 +38,9 @@ from .policies import Encoding, LayerView
 from .quantize import Quantized
 from .settings import Budget, CacheSettings
 from .slots import FILLER
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -249,8 +254,8 @@ class _LowRankCache(CompressedCache):
 
     def __init__(
         self, compressor: LowRankCompressor, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT, sink: int | None = None,
-        window: int | None = None, block_size: int | None = None, config=None,
-    ):
+        window: int | None = None, block_size: int | None = None, config: PretrainedConfig | None = None,
+    ) -> None:
         if not isinstance(compressor, self.compressor_class):
             raise TypeError(f"{type(self).__name__} needs a {self.compressor_class.__name__}, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
@@ -264,7 +269,9 @@ class _LowRankCache(CompressedCache):
         self.compressor = compressor
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, revision: str | None = None, token=None, **settings):
+    def from_pretrained(
+        cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None, **settings,
+    ) -> _LowRankCache:
         """A fresh cache from a compressor directory or Hub repo; caches of the same files share its weights."""
         download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
         return cls(cls.compressor_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from .attention import enable
 from .extras import require
@@ -72,7 +73,10 @@ def default_model_path() -> Path:
     return target
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=torch.float32, device=None, attn_implementation="sdpa", revision=None):
+def load_model(
+    name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa", revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` ready for compressed caches.
 
     `name_or_path` is a local directory or a Hub id; None (or "SmolLM2-135M-Instruct") loads the
@@ -106,7 +110,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
-def cache_kwargs(cache) -> dict:
+def cache_kwargs(cache: Cache) -> dict:
     """How to hand `cache` to `model.generate()` or `model(...)` under the installed transformers:
     ``model.generate(**inputs, **kvcompress.cache_kwargs(cache))``."""
     return {CACHE_ARGUMENT: cache}

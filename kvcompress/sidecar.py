@@ -24,6 +24,8 @@ queries before RoPE, rotated to positions after the window, so no inference-time
 from __future__ import annotations
 
 import copy
+import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +39,9 @@ from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
 from .settings import Budget, CacheSettings
 from .slots import SYNTHESIZED, Slots
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MERGES = ("sidecar", "attention_matching")
 
@@ -230,8 +235,8 @@ class SidecarCache(CompressedCache):
 
     def __init__(
         self, compressor: SidecarCompressor, *, merge: str = "sidecar", ratio: float | None = None, context: int = DEFAULT_CONTEXT,
-        sink: int | None = None, window: int | None = None, config=None,
-    ):
+        sink: int | None = None, window: int | None = None, config: PretrainedConfig | None = None,
+    ) -> None:
         encoding = SidecarMerge(compressor, merge)
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)
         if ratio is not None:
@@ -244,7 +249,9 @@ class SidecarCache(CompressedCache):
         self.compressor = compressor
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, revision: str | None = None, token=None, **settings):
+    def from_pretrained(
+        cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None, **settings,
+    ) -> SidecarCache:
         """A fresh cache from a sidecar directory or Hub repo; caches of the same files share its network."""
         download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
         return cls(SidecarCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)
