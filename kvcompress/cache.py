@@ -503,7 +503,7 @@ class CompressedCache(Cache):
                 raise TypeError(f"{kind.__name__.lower()} must be a kvcompress.policies.{kind.__name__}, got {type(policy).__name__}.")
         self.settings = CacheSettings.resolve(self.keep.preferred, fitted, sink=sink, window=window, block_size=block_size)
         if self.keep.budget is not None:
-            self.keep.budget.check_sink(self.settings.sink)
+            self.keep.budget.check(self.settings)
         super().__init__(layer_class_to_replicate=CompressedLayer)
 
     def layer(self, layer_idx: int) -> CompressedLayer:

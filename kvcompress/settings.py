@@ -50,12 +50,23 @@ class Budget:
         return torch.ceil(seen / self.ratio).long()
 
     def room(self, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
-        """Tokens a row may hold beyond its sink, less the slack of block-wise eviction (a block leaves only when whole)."""
+        """Tokens a row may hold beyond its sink, less the slack of block-wise eviction (a block leaves only when whole).
+        At ratio 1 nothing is lost: the room is every token."""
+        if self.ratio == 1:
+            return torch.full_like(seen, MAX_TOKENS)
         return (self.at(seen) - settings.sink - (settings.block_size - 1)).clamp(min=0)
 
-    def check_sink(self, sink: int) -> None:
-        if self.tokens is not None and sink >= self.tokens:
-            raise ValueError(f"sink ({sink}) must be smaller than the budget ({self.tokens} tokens): the sink alone would fill it.")
+    def check(self, settings: CacheSettings) -> None:
+        """Refuse settings with which a token budget cannot hold: the sink and one block's slack must fit inside it."""
+        if self.tokens is None:
+            return
+        if settings.sink >= self.tokens:
+            raise ValueError(f"sink ({settings.sink}) must be smaller than the budget ({self.tokens} tokens): the sink alone would fill it.")
+        if settings.sink + settings.block_size > self.tokens:
+            raise ValueError(
+                f"block_size ({settings.block_size}) is too large for a budget of {self.tokens} tokens with a sink of {settings.sink}: tokens leave "
+                f"in whole blocks, so up to sink + block_size - 1 tokens stay. Use block_size <= {self.tokens - settings.sink}."
+            )
 
     def __str__(self):
         return f"{self.tokens} tokens" if self.tokens is not None else f"{self.ratio:g}:1"
