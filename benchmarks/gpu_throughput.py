@@ -142,14 +142,14 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
         "streamingllm 8:1, block 64": (*big, lambda: kvcompress.StreamingLLMCache(ratio=8, block_size=64)),
         "h2o 8:1": (*big, lambda: kvcompress.H2OCache(ratio=8)),
         "h2o 8:1, block 64": (*big, lambda: kvcompress.H2OCache(ratio=8, block_size=64)),
-        f"gates keep {gate_keep:.3f} (8:1)": (*big, lambda: kvcompress.GatedCache(artifacts["gate"], gate_keep, budget="equal")),
+        f"gates keep {gate_keep:.3f} (8:1)": (*big, lambda: kvcompress.GatedCache(artifacts["gate"], gate_keep, allocation="equal")),
         f"pca rank {artifacts['pca'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.PCACache(artifacts["pca"])),
         f"kvsplice rank {artifacts['kvsplice'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.KVSpliceCache(artifacts["kvsplice"])),
         "sidecar 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"])),
         "attention matching 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"], merge="attention_matching")),
     } | {
         f"gates x pca rank {composed_rank} x int{bits}, keep {keep:.3f} (8:1)": (
-            *big, lambda keep=keep, bits=bits: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=keep, budget="equal", bits=bits))
+            *big, lambda keep=keep, bits=bits: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=keep, allocation="equal", bits=bits))
         for bits, keep in composed_keep.items()
     }
 
