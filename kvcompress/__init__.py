@@ -11,7 +11,7 @@ from .cache import CompressedCache, CompressedLayer
 from .composed import ComposedCache
 from .config import ConfigError, RankConfig
 from .gate import GateCompressor, GatedCache
-from .hub import PretrainedCompressor, list_pretrained, publish_pretrained
+from .hub import PretrainedCompressor, list_pretrained, load_cache, publish_pretrained
 from .lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
 from .models import cache_kwargs, load_model
 from .policies import Encoding, KeepPolicy, LayerView
@@ -48,6 +48,7 @@ __all__ = [
     "cache_kwargs",
     "enable",
     "list_pretrained",
+    "load_cache",
     "load_model",
     "publish_pretrained",
 ]

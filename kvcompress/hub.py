@@ -98,6 +98,12 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
     def validate(self) -> None:
         """Raise if the tensors do not match the config."""
 
+    def cache_class(self) -> type:
+        """The cache class this artifact is fitted for: its constructor takes the artifact first (`kvcompress.load_cache`)."""
+        import kvcompress
+
+        return getattr(kvcompress, self.cache_class_name)
+
     def cache_settings(self, **overrides) -> dict:
         """The cache settings (sink, window, block_size) fitted with the artifact, with the non-None `overrides` applied."""
         settings = dict(self.config.get("cache", {})) | {name: value for name, value in overrides.items() if value is not None}
@@ -335,7 +341,7 @@ def list_pretrained() -> list[PretrainedCompressor]:
         config = json.loads((directory / CONFIG_FILE).read_text())
         card = ModelCard.load(directory / "README.md") if (directory / "README.md").is_file() else None
         results = (card.data.eval_results or []) if card else []
-        owner = _artifact_class(config["method"])
+        owner = artifact_class(config["method"])
         found.append(PretrainedCompressor(
             repo_id=f"{PRETRAINED_NAMESPACE}/{directory.name}", method=config["method"],
             cache_class=owner.cache_class_name if owner else "?", base_model=config["base_model"]["name_or_path"], path=directory,
@@ -395,7 +401,7 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
         )
     method = config.get("method")
     if method != cls.method:
-        owner = _artifact_class(method)
+        owner = artifact_class(method)
         hint = f"load it with {owner.cache_class_name}.from_pretrained" if owner else "it is not a known kvcompress method"
         raise ConfigError(f"{config_file} holds a {method!r} compressor, not {cls.method!r}: {hint}.")
     try:
@@ -406,7 +412,15 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
     return cls(config, tensors)
 
 
-def _artifact_class(method: str) -> type[CompressorArtifact] | None:
+def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token: str | bool | None = None, **settings):
+    """A fresh cache of the class an artifact (a directory or Hub id) was fitted for, with `settings` for its constructor
+    (e.g. ``ratio=8``): ``kvcompress.load_cache("kvcompress/smollm2-135m-instruct-gate", ratio=8)`` is a `GatedCache`."""
+    download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
+    artifact = CompressorArtifact.from_pretrained(path_or_hub_id, revision=revision, token=token, **download)
+    return artifact.cache_class()(artifact, **settings)
+
+
+def artifact_class(method: str) -> type[CompressorArtifact] | None:
     """The artifact class of a method name, if kvcompress knows it."""
     return next((sub for sub in _artifact_classes() if sub.method == method), None)
 

@@ -4,6 +4,7 @@ measured as their model cards say."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from huggingface_hub import ModelCard
 from transformers import DynamicCache
 
 import kvcompress
-from kvcompress import GatedCache, KVSpliceCache, PCACache, SidecarCache, list_pretrained
+from kvcompress import ConfigError, GatedCache, KVSpliceCache, PCACache, SidecarCache, list_pretrained
 from kvcompress.calibration.cli import main as cli
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import streaming_perplexity
@@ -153,3 +154,21 @@ def test_shipped_compressor_reproduces_its_model_card(repo_id, default_model, mo
     assert result.nbytes < result.dense_nbytes
     out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"), **kvcompress.cache_kwargs(SHIPPED[repo_id].from_pretrained(repo_id)), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 5
+
+
+def test_load_cache_builds_the_cache_each_artifact_names(monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for repo_id, cache_class in SHIPPED.items():
+        cache = kvcompress.load_cache(repo_id)
+        assert type(cache) is cache_class and cache.compressor.cache_class() is cache_class
+    gate = kvcompress.load_cache("kvcompress/smollm2-135m-instruct-gate", ratio=8, context=1536)
+    assert gate.keep_ratio == GatedCache.from_pretrained("kvcompress/smollm2-135m-instruct-gate", ratio=8, context=1536).keep_ratio
+    local = tmp_path / "pca"
+    shutil.copytree(shipped_repository("kvcompress/smollm2-135m-instruct-pca-2x"), local)
+    assert type(kvcompress.load_cache(local, window=32)) is PCACache and kvcompress.load_cache(local, window=32).settings.window == 32
+    config = json.loads((local / CONFIG_FILE).read_text()) | {"method": "telepathy"}
+    (local / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'telepathy' compressor.*not a known kvcompress method"):
+        kvcompress.load_cache(local)
+    with pytest.raises((FileNotFoundError, ValueError), match="no-such-dir"):
+        kvcompress.load_cache(tmp_path / "no-such-dir")

@@ -19,13 +19,12 @@ import torch
 from kvcompress.config import RankConfig
 from kvcompress.corpus import DEFAULT_CORPUS_NAME, load_text, split_text
 from kvcompress.evaluation.harness import streaming_perplexity
-from kvcompress.hub import model_signature
-from kvcompress.lowrank import KVSpliceCache, KVSpliceCompressor, PCACache, PCACompressor
+from kvcompress.hub import artifact_class, model_signature
 
 from .collect import collect_attention_samples
 from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, lowrank_tensors, pca_heads, rope_inv_freq
 
-LOWRANK_METHODS = {"pca": (PCACompressor, PCACache), "kvsplice": (KVSpliceCompressor, KVSpliceCache)}
+LOWRANK_METHODS = ("pca", "kvsplice")
 
 
 @dataclass
@@ -161,12 +160,11 @@ class LowRankCalibration:
         else:
             key_heads, value_heads = pca_heads(self.key_spectrum, key_ranks, exact), pca_heads(self.value_spectrum, value_ranks, exact)
         config = {"base_model": self.signature, "cache": cache_settings, "ranks": ranks.to_json(), "calibration": self.calibration}
-        compressor_class = LOWRANK_METHODS[method][0]
-        return compressor_class(config, lowrank_tensors(key_heads, value_heads, self.data.num_heads, self.inv_freq)), metrics
+        return artifact_class(method)(config, lowrank_tensors(key_heads, value_heads, self.data.num_heads, self.inv_freq)), metrics
 
     def measure(self, compressor, fit_metrics: dict, rank_source: str, seconds: float, baseline: float | None = None) -> CalibrationReport:
         """Perplexity and memory of the compressor on the held-out tokens (and of the dense cache unless given)."""
         fraction = compressor.ranks.memory_fraction()
         setting = f"ranks: {rank_source}; the compressed store keeps {100 * fraction:.1f}% of dense K/V"
-        cache = LOWRANK_METHODS[compressor.method][1](compressor)
+        cache = compressor.cache_class()(compressor)
         return measure(self.model, self.heldout_ids, compressor, cache, setting, seconds, {"rank_memory_fraction": fraction} | fit_metrics, baseline)

@@ -27,15 +27,11 @@ from transformers import DynamicCache
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 from kvcompress.cache import CompressedCache
 from kvcompress.composed import ComposedCache
-from kvcompress.gate import GatedCache
-from kvcompress.hub import CompressorArtifact
-from kvcompress.lowrank import KVSpliceCache, PCACache
-from kvcompress.sidecar import SidecarCache
+from kvcompress.hub import CompressorArtifact, load_cache
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 COMPOSE = "compose"  # CacheSpec.fitted("compose@gate=DIR,lowrank=DIR,...") builds a ComposedCache
 CACHE_CLASSES = {"dense": DynamicCache, "streamingllm": StreamingLLMCache, "h2o": H2OCache}
-FITTED_CACHE_CLASSES = {"pca": PCACache, "kvsplice": KVSpliceCache, "gate": GatedCache, "sidecar": SidecarCache}  # built from a compressor artifact
 PASSKEY_INTRO = (
     "Below is a long text. Somewhere in it is a five-digit pass key. "
     "Remember it, you will be asked for it at the end.\n\n"
@@ -80,15 +76,13 @@ class CacheSpec:
         if path == COMPOSE:
             return cls(COMPOSE, path=COMPOSE, options=_parse_options(option_text, spec))
         method = CompressorArtifact.from_pretrained(path).method  # a directory or a Hub id (the shipped ones work offline)
-        if method not in FITTED_CACHE_CLASSES:
-            raise ValueError(f"{path} holds a {method!r} compressor; the evaluator knows {', '.join(FITTED_CACHE_CLASSES)}.")
         return cls(method, path=path, options=_parse_options(option_text, spec))
 
     def build(self):
         if self.method == COMPOSE:
             return ComposedCache.from_pretrained(**dict(self.options))
         if self.path is not None:
-            return FITTED_CACHE_CLASSES[self.method].from_pretrained(self.path, **dict(self.options))
+            return load_cache(self.path, **dict(self.options))
         return build_cache(self.method, self.ratio)
 
     @property
