@@ -40,11 +40,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 import kvcompress  # noqa: E402
 from kvcompress.attention import SDPA_BACKENDS  # noqa: E402
-from kvcompress.calibration.gates import gate_compressor  # noqa: E402
-from kvcompress.calibration.lowrank import lowrank_tensors, rope_inv_freq  # noqa: E402
 from kvcompress.config import RankConfig  # noqa: E402
-from kvcompress.gate import GateBank  # noqa: E402
+from kvcompress.gate import GateBank, GateCompressor  # noqa: E402
 from kvcompress.lowrank import KVSpliceCompressor, PCACompressor  # noqa: E402
+from kvcompress.memory import kept_share  # noqa: E402
+from kvcompress.rope import rope_inv_freq  # noqa: E402
 from kvcompress.sidecar import SidecarCompressor, SidecarNetwork  # noqa: E402
 
 LLAMA_8B = dict(
@@ -98,7 +98,7 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     bank = GateBank(layers, heads, dim)
     with torch.no_grad():
         probabilities = torch.sigmoid(bank(torch.randn(layers * heads, 2048, dim, generator=generator)))
-    artifacts = {"gate": gate_compressor(bank, probabilities, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}})}
+    artifacts = {"gate": GateCompressor.from_gates(bank, probabilities, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}})}
 
     def lowrank(compressor_class, rank: int, orthonormal: bool):
         heads_ = []
@@ -108,7 +108,7 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
             heads_.append({"encoder": encoder, "encoder_bias": torch.zeros(rank), "decoder": torch.linalg.pinv(encoder), "decoder_bias": torch.zeros(dim)})
         ranks = RankConfig.uniform(layers, heads, dim, dim, rank, algo=compressor_class.method)
         config_ = {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}, "ranks": ranks.to_json()}
-        return compressor_class(config_, lowrank_tensors(heads_, heads_, heads, inv_freq))
+        return compressor_class.from_heads(config_, heads_, heads_, inv_freq)
 
     artifacts["pca"] = lowrank(PCACompressor, key_rank, orthonormal=True)
     artifacts["kvsplice"] = lowrank(KVSpliceCompressor, key_rank, orthonormal=False)
@@ -120,17 +120,13 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     return artifacts
 
 
-def keep_ratio_for(ratio: float, context: int, kept_token_bytes: float, dense_token_bytes: float, exact: int = SINK + WINDOW + 16) -> float:
-    """The gate keep ratio at which a cache that holds `exact` tokens exact and the kept ones at `kept_token_bytes` is `ratio`:1."""
-    return min(1.0, (context * dense_token_bytes / ratio - exact * dense_token_bytes) / ((context - exact) * kept_token_bytes))
-
-
 def caches(context: int, artifacts: dict, dim: int) -> dict:
     """name -> (batch, tokens seen per row, cache factory), every compressed cache set for about 8:1."""
     dense_bytes = 2 * dim * 2  # bf16 keys and values of one token and head
-    gate_keep = keep_ratio_for(8, context, dense_bytes + 8, dense_bytes)  # + token id and gate score
+    exact = SINK + WINDOW + 16
+    gate_keep = kept_share(8, context, exact, (dense_bytes + 8) / dense_bytes)  # + token id and gate score
     composed_width = 2 * artifacts["pca-composed"].ranks.d_k * artifacts["pca-composed"].ranks.memory_fraction()
-    composed_keep = {bits: keep_ratio_for(8, context, composed_width * (bits / 8 + 2 / 32) + 8, dense_bytes) for bits in (4, 8)}  # latents + fp16 scale per 32
+    composed_keep = {bits: kept_share(8, context, exact, (composed_width * (bits / 8 + 2 / 32) + 8) / dense_bytes) for bits in (4, 8)}  # latents + fp16 scale per 32
     composed_rank = artifacts["pca-composed"].ranks.heads[0, 0].key
     big = (COMPRESSED_BATCH, context)
     return {

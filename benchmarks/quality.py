@@ -40,6 +40,7 @@ import kvcompress  # noqa: E402
 from kvcompress.corpus import heldout_text  # noqa: E402
 from kvcompress.evaluation.harness import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
 from kvcompress.evaluation.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
+from kvcompress.memory import kept_share  # noqa: E402
 
 EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by the fitted caches
 GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)
@@ -47,8 +48,10 @@ GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate scor
 
 def gate_keep_ratio(ratio: float, reference: int, cost: float = GATE_COST) -> float | None:
     """The gates' keep ratio that holds about `ratio`:1 at `reference` tokens (None: the exact sink and window alone exceed it)."""
-    keep = (reference / ratio - EXACT_TOKENS) / ((reference - EXACT_TOKENS) * cost)
-    return None if keep <= 0 else min(1.0, round(keep, 4))
+    try:
+        return kept_share(ratio, reference, EXACT_TOKENS, cost)
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch
 from .cache import CompressedCache
 from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
-from .lowrank import rotate
 from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
+from .rope import rotate
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
 from .slots import FILLER, STORE_ROOM, Slots
 
@@ -132,7 +132,17 @@ class GateCompressor(CompressorArtifact):
         if probabilities is None or tuple(probabilities.shape[:2]) != (layers, heads):
             raise ConfigError("The gate compressor lacks its held-out probabilities [layers, heads, n]; thresholds cannot be fitted.")
 
-    def bank(self, device) -> GateBank:
+    @classmethod
+    def from_gates(cls, gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict) -> GateCompressor:
+        """The artifact of trained `gates`: with the model's RoPE frequencies (`kvcompress.rope.rope_inv_freq`) and the gates'
+        probabilities on held-out tokens, from which thresholds are fitted for any keep ratio at load time. `config` holds
+        ``base_model`` (`kvcompress.hub.model_signature`) and ``cache`` (sink, window, block_size)."""
+        tensors = {f"gates.{name}": parameter.detach().float().contiguous() for name, parameter in gates.named_parameters()}
+        tensors["rope.inv_freq"] = inv_freq.float().contiguous()
+        tensors["heldout_probabilities"] = heldout_probabilities.reshape(gates.num_layers, gates.num_heads, -1).float().contiguous()
+        return cls(config | {"gates": {"hidden": gates.hidden}}, tensors)
+
+    def bank(self, device: str | torch.device) -> GateBank:
         """The gate bank on `device`, built once and shared by every cache."""
 
         def build() -> GateBank:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from . import latent_attention
 from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
@@ -36,20 +35,12 @@ from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
 from .quantize import Quantized
+from .rope import rotate
 from .settings import Budget, CacheSettings
 from .slots import FILLER
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Apply (or undo) RoPE to `x` ``[B, H, n, D]`` at `positions` ``[B, n]`` (or per head, ``[B, H, n]``), as transformers' Llama does."""
-    freqs = positions[..., None].float() * inv_freq.float()
-    angles = torch.cat([freqs, freqs], dim=-1)
-    angles = angles[:, None] if positions.dim() == 2 else angles
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    return x * cos + rotate_half(x) * (-sin if inverse else sin)
 
 
 @dataclass
@@ -139,6 +130,19 @@ class LowRankCompressor(CompressorArtifact):
         wrong = [f"{name} {tuple(self.tensors[name].shape)} (config says {shape})" for name, shape in expected.items() if tuple(self.tensors[name].shape) != shape]
         if wrong:
             raise ConfigError(f"The {self.method} compressor's tensors do not match its ranks: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
+
+    @classmethod
+    def from_heads(cls, config: dict, key_heads: list[dict], value_heads: list[dict], inv_freq: torch.Tensor) -> LowRankCompressor:
+        """The artifact of per-head projections, layer by layer then head by head (``encoder [D, r]``, ``encoder_bias [r]``,
+        ``decoder [r, D]``, ``decoder_bias [D]`` each), with the model's RoPE frequencies. `config` holds ``base_model``,
+        ``cache`` and ``ranks`` (`RankConfig.to_json`). Called on the family class, the method is the config's."""
+        num_heads = config["base_model"]["num_kv_heads"]
+        tensors = {"rope.inv_freq": inv_freq.float().contiguous()}
+        for kind, heads in (("key", key_heads), ("value", value_heads)):
+            for group, head in enumerate(heads):
+                prefix = f"layers.{group // num_heads}.heads.{group % num_heads}.{kind}."
+                tensors |= {prefix + name: tensor.float().contiguous() for name, tensor in head.items()}
+        return cls(config, tensors)
 
     def projections(self, layer_idx: int, device, dtype) -> tuple[AffineProjection, AffineProjection]:
         """(keys, values) projections of a layer on `device` in `dtype`, built once and shared by every cache."""

@@ -34,9 +34,9 @@ from .attention_matching import MergedWindows, attention_matching_merge
 from .cache import CompressedCache
 from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
-from .lowrank import rotate
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
+from .rope import rotate
 from .settings import Budget, CacheSettings
 from .slots import SYNTHESIZED, Slots
 

@@ -6,8 +6,8 @@ from conftest import VOCAB, tiny_model
 
 from kvcompress import cache_kwargs
 from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
-from kvcompress.calibration.lowrank import rope_inv_freq
 from kvcompress.gate import GateBank
+from kvcompress.rope import rope_inv_freq
 
 
 def test_one_layers_gates_score_in_one_batch_exactly_like_each_head_alone():
@@ -82,7 +82,6 @@ def test_the_gate_report_plots(tmp_path):
 from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from kvcompress.calibration.gates import gate_compressor  # noqa: E402
 from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
 from kvcompress.hub import model_signature  # noqa: E402
 from kvcompress.slots import FILLER  # noqa: E402
@@ -96,7 +95,7 @@ def tiny_gates(model) -> GateCompressor:
     labels = collect_retention_labels(model, ids, inv_freq, window=8, sink=4, threshold=0.05, sequence_length=128, min_future=16)
     with torch.enable_grad():
         gates, probabilities, _ = train_gates(labels, hidden=16, steps=30, batch=64, evaluate_every=10)
-    return gate_compressor(gates, probabilities, inv_freq, {"base_model": model_signature(model, "tiny"), "cache": SETTINGS})
+    return GateCompressor.from_gates(gates, probabilities, inv_freq, {"base_model": model_signature(model, "tiny"), "cache": SETTINGS})
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +151,7 @@ def test_per_head_policy_keeps_exactly_the_tokens_each_gate_lets_through(gated):
     dense = DynamicCache()
     model(input_ids=prompt_ids(60), **cache_kwargs(dense))
     keys = dense.layers[1].keys[:, :, 4 : 4 + handed]
-    from kvcompress.lowrank import rotate
+    from kvcompress.rope import rotate
 
     positions = torch.arange(4, 4 + handed, device=keys.device)[None]
     unrotated = rotate(keys, positions, compressor.inv_freq(keys.device), inverse=True)

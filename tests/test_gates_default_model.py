@@ -4,14 +4,14 @@ beats StreamingLLM at the same measured memory."""
 import pytest
 import torch
 
-from kvcompress import StreamingLLMCache
-from kvcompress.calibration.gates import collect_retention_labels, gate_compressor, train_gates
-from kvcompress.calibration.lowrank import rope_inv_freq
+from kvcompress import GateCompressor, StreamingLLMCache
+from kvcompress.calibration.gates import collect_retention_labels, train_gates
 from kvcompress.calibration.recall import recall_sequences
 from kvcompress.corpus import heldout_text, load_text, split_text
 from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.gate import GatedCache
 from kvcompress.hub import model_signature
+from kvcompress.rope import rope_inv_freq
 
 pytestmark = pytest.mark.model
 
@@ -25,7 +25,7 @@ def trained(default_model):
     with torch.enable_grad():
         gates, probabilities, report = train_gates(labels, steps=200)
     config = {"base_model": model_signature(model), "cache": {"sink": 4, "window": 64, "block_size": 16}}
-    return gate_compressor(gates, probabilities, inv_freq, config), report
+    return GateCompressor.from_gates(gates, probabilities, inv_freq, config), report
 
 
 def test_gates_predict_which_tokens_future_queries_attend(trained):

@@ -48,3 +48,9 @@ def test_ruff_clean():
     assert ruff, "ruff is part of the test extra"
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_benchmarks_build_artifacts_through_the_public_api():
+    """Benchmarks measure the library as a user has it: nothing from calibration."""
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        assert "kvcompress.calibration" not in script.read_text(), script.name

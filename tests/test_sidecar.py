@@ -7,7 +7,6 @@ from transformers import DynamicCache
 
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
 from kvcompress.attention_matching import attention_matching_merge
-from kvcompress.calibration.lowrank import rope_inv_freq
 from kvcompress.calibration.sidecar import (
     LossWeights,
     TrainingSettings,
@@ -21,7 +20,7 @@ from kvcompress.calibration.sidecar import (
 )
 from kvcompress.calibration.trajectories import collect_trajectories, load_trajectories
 from kvcompress.hub import model_signature
-from kvcompress.lowrank import rotate
+from kvcompress.rope import rope_inv_freq, rotate
 from kvcompress.sidecar import SidecarNetwork, to_window_frame, window_frame_references
 from kvcompress.slots import SYNTHESIZED
 

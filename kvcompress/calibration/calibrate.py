@@ -20,9 +20,10 @@ from kvcompress.config import RankConfig
 from kvcompress.corpus import DEFAULT_CORPUS_NAME, load_text, split_text
 from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.hub import artifact_class, model_signature
+from kvcompress.rope import rope_inv_freq
 
 from .collect import collect_attention_samples
-from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, lowrank_tensors, pca_heads, rope_inv_freq
+from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, pca_heads
 
 LOWRANK_METHODS = ("pca", "kvsplice")
 
@@ -160,7 +161,7 @@ class LowRankCalibration:
         else:
             key_heads, value_heads = pca_heads(self.key_spectrum, key_ranks, exact), pca_heads(self.value_spectrum, value_ranks, exact)
         config = {"base_model": self.signature, "cache": cache_settings, "ranks": ranks.to_json(), "calibration": self.calibration}
-        return artifact_class(method)(config, lowrank_tensors(key_heads, value_heads, self.data.num_heads, self.inv_freq)), metrics
+        return artifact_class(method).from_heads(config, key_heads, value_heads, self.inv_freq), metrics
 
     def measure(self, compressor, fit_metrics: dict, rank_source: str, seconds: float, baseline: float | None = None) -> CalibrationReport:
         """Perplexity and memory of the compressor on the held-out tokens (and of the dense cache unless given)."""

@@ -144,12 +144,12 @@ def _calibrate(args) -> None:
 
 def _calibrate_gates(args) -> None:
     from kvcompress import load_model
-    from kvcompress.gate import GatedCache
+    from kvcompress.gate import GateCompressor, GatedCache
     from kvcompress.hub import model_signature
+    from kvcompress.rope import rope_inv_freq
 
     from .calibrate import calibration_corpus, measure
-    from .gates import collect_retention_labels, gate_compressor, train_gates
-    from .lowrank import rope_inv_freq
+    from .gates import collect_retention_labels, train_gates
     from .recall import recall_sequences
 
     started = time.perf_counter()
@@ -175,7 +175,7 @@ def _calibrate_gates(args) -> None:
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
         "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": args.recall_facts},
     }
-    compressor = gate_compressor(gates, probabilities, inv_freq, config)
+    compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config)
     seconds = time.perf_counter() - started
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
         f"recall_{name}": value for name, value in report.get("recall", {}).items() if name.endswith("rate")
@@ -200,10 +200,10 @@ def _calibrate_sidecar(args) -> None:
     from kvcompress import load_model
     from kvcompress.hub import model_signature
     from kvcompress.models import cache_dir, kv_shape
+    from kvcompress.rope import rope_inv_freq
     from kvcompress.sidecar import SidecarCache, SidecarNetwork
 
     from .calibrate import calibration_corpus, measure
-    from .lowrank import rope_inv_freq
     from .sidecar import LossWeights, TrainingSettings, reference_queries, sidecar_compressor, train_sidecar, unhealthy
     from .trajectories import collect_trajectories
 

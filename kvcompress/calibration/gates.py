@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvcompress.gate import GateBank, GateCompressor
-from kvcompress.lowrank import rotate
+from kvcompress.gate import GateBank
 from kvcompress.models import kv_shape
+from kvcompress.rope import rotate
 
 from .collect import recording_attention
 from .training import BestPerGroup
@@ -184,11 +184,3 @@ def gate_report(probabilities: torch.Tensor, labels: torch.Tensor, data: Retenti
     report["median_auc"] = float(finite.median()) if len(finite) else float("nan")
     report["mean_positive_rate"] = float(labels.float().mean())
     return report
-
-
-def gate_compressor(gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict) -> GateCompressor:
-    """The artifact: gates, RoPE frequencies and held-out probabilities (for fitting thresholds at load time)."""
-    tensors = {f"gates.{name}": parameter.detach().float().contiguous() for name, parameter in gates.named_parameters()}
-    tensors["rope.inv_freq"] = inv_freq.float().contiguous()
-    tensors["heldout_probabilities"] = heldout_probabilities.reshape(gates.num_layers, gates.num_heads, -1).float().contiguous()
-    return GateCompressor(config | {"gates": {"hidden": gates.hidden}}, tensors)

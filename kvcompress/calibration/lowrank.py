@@ -28,27 +28,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.config import HeadRanks, RankConfig
-from kvcompress.lowrank import rotate
-from kvcompress.models import kv_shape
+from kvcompress.rope import rotate
 
 from .collect import AttentionSamples, probing_attention
 from .training import BestPerGroup
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FISHER_IMPLEMENTATION = "kvcompress_fisher"
 _probes = threading.local()
-
-
-def rope_inv_freq(model) -> torch.Tensor:
-    """The model's RoPE frequencies; refuses RoPE variants whose frequencies change with the sequence."""
-    rotary = model.model.rotary_emb
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"RoPE type {rope_type!r} is not supported by the low-rank caches (they need fixed frequencies: {', '.join(SUPPORTED_ROPE_TYPES)}).")
-    head_dim = kv_shape(model.config)[2]
-    if rotary.inv_freq.numel() * 2 != head_dim:
-        raise ValueError(f"Partial RoPE ({rotary.inv_freq.numel() * 2} of {head_dim} dims) is not supported by the low-rank caches.")
-    return rotary.inv_freq.detach().float().cpu()
 
 
 @dataclass
@@ -107,16 +93,6 @@ def pca_heads(spectrum: Spectrum, ranks: list[int], exact: list[bool]) -> list[d
         mean = spectrum.mean[group]
         heads.append({"encoder": basis.T.contiguous(), "encoder_bias": -(mean @ basis.T), "decoder": basis.contiguous(), "decoder_bias": mean.clone()})
     return heads
-
-
-def lowrank_tensors(key_heads: list[dict], value_heads: list[dict], num_heads: int, inv_freq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The safetensors layout of `kvcompress.lowrank.LowRankCompressor`."""
-    tensors = {"rope.inv_freq": inv_freq.float().contiguous()}
-    for kind, heads in (("key", key_heads), ("value", value_heads)):
-        for group, head in enumerate(heads):
-            prefix = f"layers.{group // num_heads}.heads.{group % num_heads}.{kind}."
-            tensors |= {prefix + name: tensor.float().contiguous() for name, tensor in head.items()}
-    return tensors
 
 
 def group_ranks(ranks: RankConfig) -> tuple[list[int], list[int], list[bool]]:

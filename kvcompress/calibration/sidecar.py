@@ -32,7 +32,7 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from kvcompress.attention_matching import MergedWindows, attention_matching_merge
-from kvcompress.lowrank import rotate
+from kvcompress.rope import rotate
 from kvcompress.sidecar import SidecarCompressor, SidecarNetwork, to_window_frame, window_frame_references
 
 from .trajectories import Trajectories
