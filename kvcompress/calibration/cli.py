@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,18 +17,21 @@ import torch
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
 
+DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", default=None, help="text file or datasets name (default: the WikiText-2 validation text shipped with kvcompress)")
+    parser.add_argument("--model", default=None, help="local path or Hub id; none: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--data", default=None, help="text file or datasets name; none: the WikiText-2 validation text shipped with kvcompress")
 
 
 def _cache_from_arguments(args):
     if args.compressor:
         return CacheSpec.fitted(args.compressor).build()
-    if args.cache != "dense" and (args.ratio is None) == (args.budget is None):
-        raise SystemExit(f"error: --cache {args.cache} needs exactly one of --ratio or --budget")
-    return build_cache(args.cache, ratio=args.ratio, budget=args.budget)
+    if args.ratio is not None and args.budget is not None:
+        raise SystemExit(f"error: --cache {args.cache} takes one of --ratio or --budget, not both")
+    ratio = DEFAULT_RATIO if args.cache != "dense" and args.ratio is None and args.budget is None else args.ratio
+    return build_cache(args.cache, ratio=ratio, budget=args.budget)
 
 
 def _generate(args) -> None:
@@ -86,12 +91,55 @@ def _record_command(compressor, args) -> None:
     compressor.config.setdefault("calibration", {})["command"] = args.command_line
 
 
+def _phase(message: str) -> None:
+    """Announce a long phase before it starts (some run for minutes without a progress bar)."""
+    print(f"-> {message}", file=sys.stderr, flush=True)
+
+
+def _save_measure_report(args, compressor, measure, reports: dict, plot=None, warning: str = ""):
+    """The tail every calibrator shares: save (before the minutes-long check, so a stop keeps the fit), measure on held-out
+    text, save again with the metrics in the config and card, write the reports, summarise, plot and push."""
+    output = Path(args.output)
+    _record_command(compressor, args)
+    _phase(f"saving the compressor to {output}/")
+    compressor.save_pretrained(output)
+    _phase("measuring held-out streaming perplexity and memory against the dense cache")
+    summary = measure()
+    compressor.save_pretrained(output)
+    (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    for name, report in reports.items():
+        (output / name).write_text(json.dumps(report, indent=2) + "\n")
+    written = "".join(f"{name}, " for name in reports)
+    print(f"\n{summary.summary()}\n" + warning + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, {written}calibration_results.json)")
+    if args.plot and plot is not None:
+        _phase(f"plotting to {args.plot}")
+        print(f"wrote {plot(summary)}")
+    if args.push_to_hub:
+        _phase(f"pushing to the Hub repo {args.push_to_hub}")
+        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+    return summary
+
+
 def _cache_settings(args) -> dict:
     """The sink, window and block size a calibrated compressor's caches use by default."""
     return {"sink": args.sink, "window": args.window, "block_size": args.block_size}
 
 
+def _check_output(args) -> None:
+    """Refuse an --output that would lose work, before any: a file, or an artifact without --overwrite."""
+    output = Path(args.output)
+    if output.is_file():
+        raise SystemExit(f"error: --output {output} is a file; give a directory for the compressor")
+    if (output / "compressor_config.json").exists() and not args.overwrite:
+        raise SystemExit(f"error: --output {output} already holds a compressor; pass --overwrite to replace it, or choose another directory")
+    if output.exists() and args.overwrite:
+        shutil.rmtree(output)  # no stale files of the old artifact beside the new one
+
+
 def _calibrate(args) -> None:
+    if args.target_memory_reduction is not None and not 0 < args.target_memory_reduction < 1:
+        raise SystemExit(f"error: --target-memory-reduction is the share of K/V memory to save, in (0, 1), e.g. 0.5; got {args.target_memory_reduction}")
+    _check_output(args)
     if args.method == "gate":
         return _calibrate_gates(args)
     if args.method == "sidecar":
@@ -109,6 +157,7 @@ def _calibrate(args) -> None:
     if args.rank_v is not None and args.rank is None:
         raise SystemExit("error: --rank-v needs --rank")
     started = time.perf_counter()
+    _phase("loading the model")
     model, tokenizer = load_model(args.model)
     layers, kv_heads, head_dim = kv_shape(model.config)
     shape = layers, kv_heads, head_dim, head_dim
@@ -124,22 +173,14 @@ def _calibrate(args) -> None:
     )
     ranks, source = calibration.ranks(template, args.target_memory_reduction)
     settings = _cache_settings(args)
+    _phase(f"fitting the {args.method} projections at the chosen ranks")
     compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
     seconds = time.perf_counter() - started
-    report = calibration.measure(compressor, fit_metrics, source, seconds)
-
-    output = Path(args.output)
-    _record_command(compressor, args)
-    compressor.save_pretrained(output)
-    ranks.save(output / "ranks.json")
-    (output / "calibration_results.json").write_text(json.dumps(report.metrics(), indent=2) + "\n")
-    if calibration.fisher is not None:
-        (output / "fisher.json").write_text(json.dumps(calibration.fisher.summary(calibration.data.num_heads), indent=2) + "\n")
-    print(f"\n{report.summary()}\n\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, ranks.json, calibration_results.json)")
-    if args.plot:
-        _plot_sweep(args, calibration, template, settings, report.baseline_perplexity)
-    if args.push_to_hub:
-        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+    reports = {"ranks.json": ranks.to_json()} | ({"fisher.json": calibration.fisher.summary(calibration.data.num_heads)} if calibration.fisher is not None else {})
+    _save_measure_report(
+        args, compressor, lambda: calibration.measure(compressor, fit_metrics, source, seconds), reports,
+        plot=lambda summary: _plot_sweep(args, calibration, template, settings, summary.baseline_perplexity),
+    )
 
 
 def _calibrate_gates(args) -> None:
@@ -153,6 +194,7 @@ def _calibrate_gates(args) -> None:
     from .recall import recall_sequences
 
     started = time.perf_counter()
+    _phase("loading the model")
     model, tokenizer = load_model(args.model)
     token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=args.recall_facts) if args.recall_facts else None
@@ -180,20 +222,11 @@ def _calibrate_gates(args) -> None:
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
         f"recall_{name}": value for name, value in report.get("recall", {}).items() if name.endswith("rate")
     }
-    cache = GatedCache(compressor, args.keep_ratio)
-    summary = measure(model, heldout_ids.to(model.device), compressor, cache, f"keep ratio {args.keep_ratio:g}, per-head policy", seconds, fit_metrics)
-    output = Path(args.output)
-    _record_command(compressor, args)
-    compressor.save_pretrained(output)
-    (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
-    (output / "gate_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{summary.summary()}\n\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, gate_report.json, calibration_results.json)")
-    if args.plot:
-        from .plots import plot_gate_report
-
-        print(f"wrote {plot_gate_report(report, args.plot, title='retention gates on held-out tokens')}")
-    if args.push_to_hub:
-        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+    setting = f"keep ratio {args.keep_ratio:g}, per-head policy"
+    _save_measure_report(
+        args, compressor, lambda: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor, args.keep_ratio), setting, seconds, fit_metrics),
+        {"gate_report.json": report}, plot=lambda _: _plot("plot_gate_report", report, args.plot, title="retention gates on held-out tokens"),
+    )
 
 
 def _calibrate_sidecar(args) -> None:
@@ -208,6 +241,7 @@ def _calibrate_sidecar(args) -> None:
     from .trajectories import collect_trajectories
 
     started = time.perf_counter()
+    _phase("loading the model")
     model, tokenizer = load_model(args.model)
     token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     inv_freq = rope_inv_freq(model)
@@ -236,24 +270,23 @@ def _calibrate_sidecar(args) -> None:
     fit_metrics = {f"heldout_{name}": best[name] for name in ("output_error", "output_cosine", "key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio")}
     fit_metrics["heldout_output_error_attention_matching"] = training["initial"]["output_error"]
     setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
-    summary = measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics)
-    output = Path(args.output)
-    _record_command(compressor, args)
-    compressor.save_pretrained(output)
-    (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
-    (output / "training_history.json").write_text(json.dumps(training["history"], indent=2) + "\n")
     warning = unhealthy(best)
-    print(f"\n{summary.summary()}\n" + (f"WARNING: diagnostics outside [0.5, 2]: {', '.join(warning)}\n" if warning else "")
-          + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, training_history.json, calibration_results.json)")
-    if args.plot:
-        from .plots import plot_sidecar_training
-
-        print(f"wrote {plot_sidecar_training(training['history'], args.plot, title=setting)}")
-    if args.push_to_hub:
-        print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+    _save_measure_report(
+        args, compressor, lambda: measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics),
+        {"training_history.json": training["history"]},
+        plot=lambda _: _plot("plot_sidecar_training", training["history"], args.plot, title=setting),
+        warning=f"WARNING: diagnostics outside [0.5, 2]: {', '.join(warning)}\n" if warning else "",
+    )
 
 
-def _plot_sweep(args, calibration, template, settings, baseline: float) -> None:
+def _plot(name: str, *args, **kwargs):
+    """A plot from `kvcompress.calibration.plots` (imported on use: matplotlib is the calibration extra's)."""
+    from . import plots
+
+    return getattr(plots, name)(*args, **kwargs)
+
+
+def _plot_sweep(args, calibration, template, settings, baseline: float) -> str:
     """PPL vs memory for Fisher-guided and uniform ranks at several memory targets."""
     from kvcompress.config import RankConfig
 
@@ -272,7 +305,7 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> None:
             curves[label].append((ranks.memory_fraction(), report.perplexity))
             print(f"{args.method} {label} at {100 * ranks.memory_fraction():.1f}% memory: perplexity {report.perplexity:.3f} ({100 * report.degradation:+.2f}%)")
     title = f"{args.method} on {str(calibration.signature['name_or_path']).split('/')[-1]}"
-    print(f"wrote {plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)}")
+    return plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)
 
 
 def _pretrained(args) -> None:
@@ -300,37 +333,39 @@ def _publish(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="KV-cache compression for HuggingFace causal LMs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every option shows its default
 
     generate = commands.add_parser("generate", help="generate with a compressed cache and report the memory it held")
-    generate.add_argument("prompt", nargs="?", help="a user message (default: the passkey-retrieval demo)")
+    generate.add_argument("prompt", nargs="?", help="a user message; none: the passkey-retrieval demo")
     _add_model_arguments(generate)
-    generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o")
-    generate.add_argument("--ratio", type=float, default=None, help="compression ratio, e.g. 4 for 4:1")
+    generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o", help="the cache to generate with (unless --compressor)")
+    generate.add_argument("--ratio", type=float, default=None, help=f"compression ratio, e.g. 4 for 4:1; none and no --budget: {DEFAULT_RATIO:g}")
     generate.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
     generate.add_argument(
         "--compressor", default=None, metavar="DIR_OR_HUB_ID[@OPTIONS]",
         help="use a fitted compressor instead of --cache: a directory (kvcompress calibrate --output) or a Hub id (kvcompress pretrained lists the shipped ones), "
         "with cache options after @, e.g. kvcompress/smollm2-135m-instruct-gate@keep_ratio=0.07",
     )
-    generate.add_argument("--max-new-tokens", type=int, default=16)
+    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     generate.add_argument("--context-tokens", type=int, default=1536, help="passkey demo: prompt length")
     generate.add_argument("--depth", type=float, default=0.5, help="passkey demo: where the key is hidden (0..1)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="passkey demo: random seed of the key and its filler")
     generate.set_defaults(run=_generate)
 
     evaluate_ = commands.add_parser("evaluate", help="streaming perplexity, passkey retrieval and memory of several caches")
     _add_model_arguments(evaluate_)
-    evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES))
-    evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8])
+    evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES), help="caches to compare")
+    evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8], help="compression ratios of the budgeted caches")
     evaluate_.add_argument(
         "--compressors", nargs="+", default=[], metavar="DIR_OR_HUB_ID[@OPTIONS]",
         help="also evaluate fitted compressors (directories or Hub ids), e.g. gate-dir@keep_ratio=0.08,policy=layer",
     )
-    evaluate_.add_argument("--ppl-tokens", type=int, default=1024)
-    evaluate_.add_argument("--ppl-chunk", type=int, default=32)
-    evaluate_.add_argument("--passkey-tokens", type=int, default=1536)
-    evaluate_.add_argument("--depths", nargs="+", type=float, default=list(DEPTHS))
+    evaluate_.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens for streaming perplexity")
+    evaluate_.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward in the perplexity stream")
+    evaluate_.add_argument("--passkey-tokens", type=int, default=1536, help="length of each passkey prompt")
+    evaluate_.add_argument("--depths", nargs="+", type=float, default=list(DEPTHS), help="where the key is hidden (0..1)")
     evaluate_.add_argument("--trials", type=int, default=2, help="passkey prompts per depth")
     evaluate_.add_argument("--output", default=None, help="also write the results as JSON")
     evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
@@ -338,23 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice, gate or sidecar), measure it and save it")
     _add_model_arguments(calibrate)
-    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate", "sidecar"], required=True)
+    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate", "sidecar"], required=True, help="what to fit")
     calibrate.add_argument("--rank", type=int, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
     calibrate.add_argument("--rank-v", type=int, default=None, help="uniform rank of the values, with --rank")
     calibrate.add_argument("--target-memory-reduction", type=float, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
-    calibrate.add_argument("--config", default=None, help="rank config JSON (seed-003 shape); with a memory target, its enabled heads get Fisher ranks")
+    calibrate.add_argument("--config", default=None, help="rank config JSON (see kvcompress.config); with a memory target, its enabled heads get Fisher ranks")
     calibrate.add_argument("--output", required=True, help="directory for the compressor artifact")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an artifact already in --output")
     calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo")
     calibrate.add_argument("--plot", default=None, help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate), training diagnostics (sidecar)")
     calibrate.add_argument("--sweep", nargs="+", type=float, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
     calibrate.add_argument("--samples", type=int, default=4096, help="key/value samples per head")
     calibrate.add_argument("--tokens", type=int, default=16384, help="calibration tokens to collect from")
     calibrate.add_argument("--fisher-sequences", type=int, default=8, help="512-token sequences for Fisher information")
-    calibrate.add_argument("--kvsplice-steps", type=int, default=300)
+    calibrate.add_argument("--kvsplice-steps", type=int, default=300, help="training steps of each KVSplice projection")
     calibrate.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the perplexity check")
-    calibrate.add_argument("--sink", type=int, default=4)
-    calibrate.add_argument("--window", type=int, default=64)
-    calibrate.add_argument("--block-size", type=int, default=16)
+    calibrate.add_argument("--sink", type=int, default=4, help="first tokens kept exact by the fitted cache")
+    calibrate.add_argument("--window", type=int, default=64, help="recent tokens kept exact by the fitted cache")
+    calibrate.add_argument("--block-size", type=int, default=16, help="tokens that leave the window together")
     gate = calibrate.add_argument_group("gate")
     gate.add_argument("--keep-ratio", type=float, default=0.125, help="share of tokens leaving the window the check keeps")
     gate.add_argument("--label-threshold", type=float, default=0.02, help="attention share from a later query that makes a token worth keeping")
@@ -363,26 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--recall-facts", type=int, default=4,
         help="short statements spliced into each calibration sequence and asked for at its end, so the labels see recall (0: prose only)",
     )
-    gate.add_argument("--gate-steps", type=int, default=400)
-    gate.add_argument("--gate-hidden", type=int, default=256)
+    gate.add_argument("--gate-steps", type=int, default=400, help="training steps of the gates")
+    gate.add_argument("--gate-hidden", type=int, default=256, help="width of each gate MLP")
     sidecar = calibrate.add_argument_group("sidecar")
     sidecar.add_argument("--merge-window", type=int, default=32, choices=[32, 64, 128], help="N: tokens merged per window")
-    sidecar.add_argument("--slots", type=int, default=1, help="k: super-tokens per window (N:k is the merge ratio)")
+    sidecar.add_argument("--slots", type=int, default=4, help="k: super-tokens per window; N:k is the merge ratio (32:4 = 8:1, as the shipped sidecar-8x)")
     sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
-    sidecar.add_argument("--sidecar-steps", type=int, default=400)
-    sidecar.add_argument("--sidecar-lr", type=float, default=3e-4)
-    sidecar.add_argument("--trajectories", default=None, metavar="DIR", help="trajectory shards (collected there, or resumed; default: under the kvcompress cache)")
+    sidecar.add_argument("--sidecar-steps", type=int, default=400, help="training steps of the sidecar network")
+    sidecar.add_argument("--sidecar-lr", type=float, default=3e-4, help="learning rate of the sidecar network")
+    sidecar.add_argument("--trajectories", default=None, metavar="DIR", help="trajectory shards (collected there, or resumed); none: under the kvcompress cache")
     sidecar.add_argument("--trajectory-sequences", type=int, default=24, help="1024-token sequences to train on")
     sidecar.add_argument("--heldout-sequences", type=int, default=4, help="further sequences for held-out diagnostics")
     sidecar.add_argument("--query-positions", type=int, default=128, help="future queries (with forces) stored per sequence")
-    sidecar.add_argument("--disk-budget-gb", type=float, default=4.0)
+    sidecar.add_argument("--disk-budget-gb", type=float, default=4.0, help="most disk the trajectory shards may take")
     calibrate.set_defaults(run=_calibrate)
 
     pretrained = commands.add_parser("pretrained", help="list the pretrained compressors that ship with kvcompress, with their measured memory and quality")
     pretrained.set_defaults(run=_pretrained)
 
     publish = commands.add_parser("publish", help="upload the shipped compressors to the Hub (create_repo + upload_folder; needs `hf auth login`)")
-    publish.add_argument("--namespace", default="kvcompress", help="Hub user or organisation to publish under (default: kvcompress)")
+    publish.add_argument("--namespace", default="kvcompress", help="Hub user or organisation to publish under")
     publish.add_argument("--dry-run", action="store_true", help="only print what would be uploaded where")
     publish.add_argument("--private", action="store_true", help="create the repositories as private")
     publish.set_defaults(run=_publish)
@@ -394,7 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["kvcompress", *argv])
     torch.set_grad_enabled(False)
-    args.run(args)
+    try:
+        args.run(args)
+    except Exception as error:  # one clear line for a user; the traceback with --debug
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {error}\n(run with kvcompress --debug ... for the traceback)") from None
 
 
 if __name__ == "__main__":
