@@ -22,8 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-RECORDING_IMPLEMENTATION = "kvcompress_record"
-_recorder = threading.local()
+TAP_IMPLEMENTATION = "kvcompress_tap"
+_tap = threading.local()
 
 
 @dataclass
@@ -64,51 +64,45 @@ class _Reservoir:
         self.items = {name: tensor.index_select(dim[name], keep.to(tensor.device)) for name, tensor in items.items()}
 
 
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    layers = getattr(_recorder, "layers", None)
-    if layers is not None:
-        layers[module.layer_idx] = (query.detach(), key.detach(), value.detach())
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+def _tap_attention(module, query, key, value, attention_mask, **kwargs):
+    observe = getattr(_tap, "observe", None)
+    attend = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)  # noqa: E731
+    return attend(query, key, value) if observe is None else observe(_tap.layers, module.layer_idx, query, key, value, attend)
 
 
-AttentionInterface.register(RECORDING_IMPLEMENTATION, _recording_attention)
-AttentionMaskInterface.register(RECORDING_IMPLEMENTATION, sdpa_mask)
+AttentionInterface.register(TAP_IMPLEMENTATION, _tap_attention)
+AttentionMaskInterface.register(TAP_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
-def attention_implementation(model, name: str, state: threading.local | None = None):
-    """Within the block, `model` attends with the registered attention implementation `name`; with
-    `state`, the block gets a fresh dict as ``state.layers`` for that implementation to fill."""
+def attention_tap(model, observe, probing: bool = False):
+    """The one attention tap of calibration: within the block, each attention call of `model` runs
+    ``observe(layers, layer_idx, query, key, value, attend)``, which returns what attention returns (``attend(q, k, v)``
+    is the model's own sdpa attention) and may leave what it saw in ``layers``, the dict the block gets. With `probing`
+    the model's parameters are frozen, so that a backward pass fills only the gradients of probes `observe` adds."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    if state is not None:
-        state.layers = {}
-    try:
-        yield None if state is None else state.layers
-    finally:
-        model.set_attn_implementation(previous)
-        if state is not None:
-            state.layers = None
-
-
-@contextmanager
-def probing_attention(model, name: str, state: threading.local):
-    """`attention_implementation(model, name, state)` with the model's parameters frozen, so that a backward pass
-    fills only the gradients of the zero probes the implementation adds (not of the weights)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if p.requires_grad] if probing else []
     for parameter in frozen:
         parameter.requires_grad_(False)
+    model.set_attn_implementation(TAP_IMPLEMENTATION)
+    _tap.observe, _tap.layers = observe, {}
     try:
-        with attention_implementation(model, name, state) as probes:
-            yield probes
+        yield _tap.layers
     finally:
+        model.set_attn_implementation(previous)
+        _tap.observe = _tap.layers = None
         for parameter in frozen:
             parameter.requires_grad_(True)
 
 
+def _record(layers: dict, layer: int, query, key, value, attend):
+    layers[layer] = (query.detach(), key.detach(), value.detach())
+    return attend(query, key, value)
+
+
 def recording_attention(model):
     """Within the block, every forward of `model` leaves each layer's (query, key, value) in the yielded dict."""
-    return attention_implementation(model, RECORDING_IMPLEMENTATION, _recorder)
+    return attention_tap(model, _record)
 
 
 @torch.no_grad()

@@ -18,23 +18,16 @@ Tokens in the attention sink are never compressed, so they are left out of every
 from __future__ import annotations
 
 import heapq
-import threading
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.config import HeadRanks, RankConfig
 from kvcompress.rope import rotate
 
-from .collect import AttentionSamples, probing_attention
+from .collect import AttentionSamples, attention_tap
 from .training import BestPerGroup
-
-FISHER_IMPLEMENTATION = "kvcompress_fisher"
-_probes = threading.local()
 
 
 @dataclass
@@ -227,17 +220,11 @@ class _Autoencoder(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- Fisher
-def _probing_attention(module, query, key, value, attention_mask, **kwargs):
-    probes = getattr(_probes, "layers", None)
-    if probes is not None:
-        key_probe, value_probe = torch.zeros_like(key, requires_grad=True), torch.zeros_like(value, requires_grad=True)
-        probes[module.layer_idx] = (key_probe, value_probe)
-        key, value = key + key_probe, value + value_probe
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(FISHER_IMPLEMENTATION, _probing_attention)
-AttentionMaskInterface.register(FISHER_IMPLEMENTATION, sdpa_mask)
+def _key_value_probes(layers: dict, layer: int, query, key, value, attend):
+    """Zero probes added to the keys and values: their gradients are the loss's gradients w.r.t. them (for Fisher information)."""
+    key_probe, value_probe = torch.zeros_like(key, requires_grad=True), torch.zeros_like(value, requires_grad=True)
+    layers[layer] = (key_probe, value_probe)
+    return attend(query, key + key_probe, value + value_probe)
 
 
 @dataclass
@@ -276,7 +263,7 @@ def fisher_information(model, token_ids: torch.Tensor, inv_freq: torch.Tensor, s
     keys_fisher = values_fisher = None
     counted = 0
     positions = torch.arange(sequence_length)
-    with probing_attention(model, FISHER_IMPLEMENTATION, _probes) as probes:
+    with attention_tap(model, _key_value_probes, probing=True) as probes:
         for index in tqdm(range(sequences), desc="fisher", unit="seq"):
             chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
             model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()

@@ -22,7 +22,6 @@ disk budget checked before it starts.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,31 +29,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .collect import probing_attention
+from .collect import attention_tap
 
-PROBING_IMPLEMENTATION = "kvcompress_trajectory"
 MANIFEST = "trajectories.json"
 STORED_DTYPES = {"keys": torch.float16, "values": torch.float16, "queries": torch.float16, "forces": torch.float32, "output_grads": torch.float32}
-_probes = threading.local()
 
 
-def _probing_attention(module, query, key, value, attention_mask, **kwargs):
-    layers = getattr(_probes, "layers", None)
-    if layers is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+def _query_output_probes(layers: dict, layer: int, query, key, value, attend):
+    """Zero probes on the queries and the attention output: their gradients are the forces and output gradients stored."""
     query_probe = torch.zeros_like(query, requires_grad=True)
-    output, weights = sdpa_attention_forward(module, query + query_probe, key, value, attention_mask, **kwargs)
+    output, weights = attend(query + query_probe, key, value)
     output_probe = torch.zeros_like(output, requires_grad=True)  # [B, T, heads, D]
-    layers[module.layer_idx] = (query.detach(), key.detach(), value.detach(), query_probe, output_probe)
+    layers[layer] = (query.detach(), key.detach(), value.detach(), query_probe, output_probe)
     return output + output_probe, weights
-
-
-AttentionInterface.register(PROBING_IMPLEMENTATION, _probing_attention)
-AttentionMaskInterface.register(PROBING_IMPLEMENTATION, sdpa_mask)
 
 
 @dataclass
@@ -138,7 +126,7 @@ def collect_trajectories(
     _check_manifest(output_dir, settings)
     generator = torch.Generator().manual_seed(seed)
     positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]
-    with probing_attention(model, PROBING_IMPLEMENTATION, _probes) as probes:
+    with attention_tap(model, _query_output_probes, probing=True) as probes:
         for index in tqdm(range(sequences), desc="trajectories", unit="seq"):
             shard = output_dir / f"sequence-{index:05d}.safetensors"
             if _shard_complete(shard):
