@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import CompressedCache
-from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
@@ -114,23 +113,15 @@ class GateCompressor(CompressorArtifact):
     method = "gate"
     cache_class_name = "GatedCache"
 
-    def validate(self) -> None:
+    def expected_tensors(self) -> dict[str, tuple]:
         base = self.config["base_model"]
         layers, heads, dim = base["num_layers"], base["num_kv_heads"], base["head_dim"]
-        hidden = self.config["gates"]["hidden"]
-        groups = layers * heads
-        expected = {
+        hidden, groups = self.config["gates"]["hidden"], layers * heads
+        return super().expected_tensors() | {
             "gates.w1": (groups, dim, hidden), "gates.b1": (groups, 1, hidden), "gates.w2": (groups, hidden, hidden),
-            "gates.b2": (groups, 1, hidden), "gates.w3": (groups, hidden, 1), "gates.b3": (groups, 1, 1), "rope.inv_freq": (dim // 2,),
+            "gates.b2": (groups, 1, hidden), "gates.w3": (groups, hidden, 1), "gates.b3": (groups, 1, 1),
+            "heldout_probabilities": (layers, heads, None),  # the gates' outputs on held-out tokens: thresholds are fitted on them
         }
-        for name, shape in expected.items():
-            if name not in self.tensors:
-                raise ConfigError(f"The gate compressor lacks tensor {name}; the weights file does not match its config.")
-            if tuple(self.tensors[name].shape) != shape:
-                raise ConfigError(f"The gate compressor's {name} is {tuple(self.tensors[name].shape)}, its config says {shape}.")
-        probabilities = self.tensors.get("heldout_probabilities")
-        if probabilities is None or tuple(probabilities.shape[:2]) != (layers, heads):
-            raise ConfigError("The gate compressor lacks its held-out probabilities [layers, heads, n]; thresholds cannot be fitted.")
 
     @classmethod
     def from_gates(cls, gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict) -> GateCompressor:

@@ -95,8 +95,30 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self._on_device: dict[str, dict] = {}
         self.validate()
 
+    def expected_tensors(self) -> dict[str, tuple]:
+        """The tensors this artifact must hold and their shapes, from its config (None in a shape: any size)."""
+        return {"rope.inv_freq": (self.config["base_model"]["head_dim"] // 2,)}
+
     def validate(self) -> None:
-        """Raise if the tensors do not match the config."""
+        """Check the tensors against the config, in one place: every expected tensor present, of its shape, and holding
+        finite floating-point numbers. An artifact is untrusted input: anything else is a clear `ConfigError`."""
+        try:
+            expected = self.expected_tensors()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"The {self.method} compressor's config is incomplete or malformed ({type(error).__name__}: {error}); re-save or re-calibrate it.") from None
+        for name, shape in expected.items():
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                raise ConfigError(f"The {self.method} compressor lacks tensor {name}; the weights file does not match its config.")
+            if len(tensor.shape) != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+                raise ConfigError(f"The {self.method} compressor's {name} is {tuple(tensor.shape)}, its config says {tuple(shape)}.")
+            if not tensor.is_floating_point():
+                raise ConfigError(f"The {self.method} compressor's {name} holds {tensor.dtype}, not floating-point numbers: the weights file is not this artifact's.")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ConfigError(
+                    f"The {self.method} compressor's {name} holds NaN or infinite values: the weights file is corrupt. "
+                    "Re-download it (force_download=True) or re-calibrate."
+                )
 
     def cache_class(self) -> type:
         """The cache class this artifact is fitted for: its constructor takes the artifact first (`kvcompress.load_cache`)."""

@@ -139,30 +139,27 @@ class SidecarCompressor(CompressorArtifact):
     cache_class_name = "SidecarCache"
 
     def validate(self) -> None:
-        base, shape = self.config["base_model"], self.config.get("sidecar")
+        base, shape = self.config.get("base_model") or {}, self.config.get("sidecar")
         if not isinstance(shape, dict):
             raise ConfigError("The sidecar compressor's config has no 'sidecar' section (the network's shape).")
-        if (shape.get("num_layers"), shape.get("num_heads"), shape.get("head_dim")) != (base["num_layers"], base["num_kv_heads"], base["head_dim"]):
-            raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base['num_layers']} layers x {base['num_kv_heads']} KV heads x {base['head_dim']}.")
+        if (shape.get("num_layers"), shape.get("num_heads"), shape.get("head_dim")) != (base.get("num_layers"), base.get("num_kv_heads"), base.get("head_dim")):
+            raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base.get('num_layers')} layers x {base.get('num_kv_heads')} KV heads x {base.get('head_dim')}.")
         try:
             self.network = SidecarNetwork(**shape)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"The sidecar compressor's 'sidecar' section is invalid: {error}") from None
-        state = {name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")}
-        try:
-            self.network.load_state_dict(state)
-        except RuntimeError as error:
-            raise ConfigError(f"The sidecar compressor's weights do not match its config: {str(error).splitlines()[0]} ...") from None
+        super().validate()
+        self.network.load_state_dict({name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")})
         self.network.eval().requires_grad_(False)
-        for name, shape_ in (("rope.inv_freq", (base["head_dim"] // 2,)), ("reference_queries", None), ("reference_offsets", None)):
-            if name not in self.tensors:
-                raise ConfigError(f"The sidecar compressor lacks tensor {name}; the weights file does not match its config.")
-            if shape_ is not None and tuple(self.tensors[name].shape) != shape_:
-                raise ConfigError(f"The sidecar compressor's {name} is {tuple(self.tensors[name].shape)}, expected {shape_}.")
-        references = self.tensors["reference_queries"]
-        expected = (base["num_layers"], base["num_kv_heads"], self.tensors["reference_offsets"].shape[0], base["head_dim"])
-        if tuple(references.shape) != expected:
-            raise ConfigError(f"The sidecar compressor's reference_queries are {tuple(references.shape)}; expected {expected} ([layers, kv_heads, offsets, head_dim]).")
+        offsets = self.tensors["reference_offsets"].shape[0]
+        if self.tensors["reference_queries"].shape[2] != offsets:
+            raise ConfigError(f"The sidecar compressor holds {self.tensors['reference_queries'].shape[2]} reference queries per head but {offsets} offsets.")
+
+    def expected_tensors(self) -> dict[str, tuple]:
+        base = self.config["base_model"]
+        network = {f"network.{name}": tuple(tensor.shape) for name, tensor in self.network.state_dict().items()}
+        references = {"reference_queries": (base["num_layers"], base["num_kv_heads"], None, base["head_dim"]), "reference_offsets": (None,)}
+        return super().expected_tensors() | network | references
 
     @classmethod
     def from_network(cls, network: SidecarNetwork, inv_freq: torch.Tensor, reference_queries: torch.Tensor, reference_offsets: torch.Tensor, config: dict) -> SidecarCompressor:

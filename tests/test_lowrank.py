@@ -178,7 +178,7 @@ def test_artifact_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="newer than this kvcompress reads"):
         PCACache.from_pretrained(newer)
     mismatched = variant("mismatched", edit_config(lambda c: c["ranks"]["per_layer_head"]["1/0"].update(rank=3)))
-    with pytest.raises(ConfigError, match="do not match its ranks: layers.1.heads.0.key.encoder"):
+    with pytest.raises(ConfigError, match=r"layers.1.heads.0.key.encoder is \(16, 6\), its config says \(16, 3\)"):
         PCACache.from_pretrained(mismatched)
 
 
