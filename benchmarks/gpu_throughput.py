@@ -1,7 +1,7 @@
 """Decode throughput at equal KV memory on a GPU, peak memory, and the longest context that fits.
 
     python benchmarks/gpu_throughput.py [--context 32768] [--steps 32] [--longest dense streamingllm gates] \\
-        [--output docs/benchmark] [--update-readme README.md]
+        [--output docs/benchmark] [--update-docs docs/benchmarks.md]
 
 A Llama-3.1-8B-shaped model with random bf16 weights (nothing is downloaded). Caches are filled with
 random post-RoPE keys/values through the cache API, chunk by chunk as a chunked prefill leaves them
@@ -32,7 +32,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from readme_block import update_readme  # noqa: E402
+from doc_block import update_block  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
@@ -278,11 +278,11 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="run only the caches whose names start with these (dense always runs)")
     parser.add_argument("--longest", nargs="*", default=[], metavar="PREFIX", help="caches (name prefixes, 'dense' for DynamicCache) to find the longest context of")
     parser.add_argument("--output", default="docs/benchmark")
-    parser.add_argument("--update-readme", default=None, metavar="README")
+    parser.add_argument("--update-docs", default=None, metavar="PAGE")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (use --context 2048): checks the pipeline, measures nothing")
     parser.add_argument(
         "--render", nargs="+", default=None, metavar="JSON",
-        help="only re-render the table and README block from saved gpu.json files (runs of several, e.g. --only and --longest parts, are merged)",
+        help="only re-render the table and docs block from saved gpu.json files (runs of several, e.g. --only and --longest parts, are merged)",
     )
     args = parser.parse_args(argv)
     if args.render:
@@ -356,8 +356,8 @@ def write_outputs(runs: list[Run], longest: dict, env: dict, args, output: Path,
     if quiet:
         return
     print("\n" + section)
-    if args.update_readme:
-        update_readme(Path(args.update_readme), "gpu", section)
+    if args.update_docs:
+        update_block(Path(args.update_docs), "gpu", section)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/pretrained.py                                      # every shipped repository (~45 min on 2 CPU cores)
     python benchmarks/pretrained.py --only smollm2-135m-instruct-gate    # one
-    python benchmarks/pretrained.py --render --update-readme README.md   # only the README table, from the evaluation.json files
+    python benchmarks/pretrained.py --render --update-docs docs/pretrained.md   # only the docs table, from the evaluation.json files
 
 For each repository: its network weights are stored in float16 when that leaves the measured perplexity
 unchanged (checked here, else they stay float32); then the compressor, and StreamingLLM and H2O at the
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from doc_block import update_block
 from quality import Row, Settings, gate_keep_ratio, prompts, run
-from readme_block import update_readme
 from safetensors.torch import save_file
 
 import kvcompress
@@ -86,7 +86,7 @@ def card_section(rows: list[dict], settings: Settings, env: dict, name: str) -> 
     ])
 
 
-def readme_table() -> str:
+def docs_table() -> str:
     """Every shipped compressor beside dense and the baselines at its memory, from the evaluation.json files."""
     evaluations = {d.parent.name: json.loads(d.read_text()) for d in sorted(PRETRAINED_DIR.glob(f"*/{EVALUATION_FILE}"))}
     first = next(iter(evaluations.values()))
@@ -110,14 +110,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, metavar="NAME", help="repository folder names (default: all)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
-    parser.add_argument("--update-readme", default=None, metavar="README", help="also write the table of all shipped compressors into its 'pretrained' block")
-    parser.add_argument("--render", action="store_true", help="measure nothing: only rebuild the README table from the evaluation.json files")
+    parser.add_argument("--update-docs", default=None, metavar="PAGE", help="also write the table of all shipped compressors into its 'pretrained' block")
+    parser.add_argument("--render", action="store_true", help="measure nothing: only rebuild the docs table from the evaluation.json files")
     args = parser.parse_args(argv)
     if not args.render:
         measure(args)
-    if args.update_readme:
-        update_readme(Path(args.update_readme), "pretrained", readme_table())
-        print(f"updated {args.update_readme}")
+    if args.update_docs:
+        update_block(Path(args.update_docs), "pretrained", docs_table())
+        print(f"updated {args.update_docs}")
 
 
 def measure(args) -> None:

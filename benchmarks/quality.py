@@ -1,8 +1,8 @@
-"""Quality vs compression of every cache on the same prompts, in one run: tables, plots, README section.
+"""Quality vs compression of every cache on the same prompts, in one run: tables, plots, docs section.
 
     python benchmarks/quality.py --gate results/gate-recall --lowrank results/pca-fisher50 results/kvsplice-fisher50 \\
         --composed-lowrank results/pca-uniform16 --sidecar results/sidecar-8 [--kvpress docs/benchmark/kvpress.json] \\
-        [--ratios 2 4 8 16 32] [--device cuda] [--output docs/benchmark] [--update-readme README.md]
+        [--ratios 2 4 8 16 32] [--device cuda] [--output docs/benchmark] [--update-docs docs/benchmarks.md]
 
 For every target ratio it evaluates StreamingLLM, H2O, the gates (keep ratio set for the target at
 the reference context) and the composition gates x low rank x int4; the fitted caches whose ratio
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -33,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from readme_block import update_readme  # noqa: E402
+from doc_block import update_block  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import kvcompress  # noqa: E402
@@ -213,12 +214,12 @@ def main(argv=None) -> None:
     parser.add_argument("--kvpress", default=None, metavar="JSON", help="results of benchmarks/kvpress_runner.py to merge in")
     parser.add_argument("--export-prompts", default=None, metavar="JSON", help="write the prompts for kvpress_runner.py and stop")
     parser.add_argument("--output", default="docs/benchmark")
-    parser.add_argument("--update-readme", default=None, metavar="README")
+    parser.add_argument("--update-docs", default=None, metavar="PAGE")
     parser.add_argument("--quick", action="store_true", help="a small run (2 ratios, fewer prompts, short long-context) to check the pipeline")
-    parser.add_argument("--render", default=None, metavar="JSON", help="only re-render tables, plot and README section from a saved quality.json")
+    parser.add_argument("--render", default=None, metavar="JSON", help="only re-render tables, plot and docs section from a saved quality.json")
     args = parser.parse_args(argv)
     if args.render:
-        return render(args.render, args.output, args.update_readme)
+        return render(args.render, args.output, args.update_docs)
     settings = Settings() if not args.quick else Settings(ppl_tokens=256, short=512, long=1024, short_depths=(0.5,), long_depths=(0.5,), trials=1, task_trials=1)
     ratios = args.ratios if not args.quick else args.ratios[:2]
 
@@ -237,11 +238,11 @@ def main(argv=None) -> None:
         external = json.loads(Path(args.kvpress).read_text())
         rows += [Row(**row) for row in external["rows"]]
         env["kvpress"] = external["environment"]
-    write_outputs(rows, settings, env, skipped, Path(args.output), args.update_readme)
+    write_outputs(rows, settings, env, skipped, Path(args.output), args.update_docs)
 
 
-def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[str], output: Path, readme: str | None) -> None:
-    """quality.json, quality.md (the README section), the plot, and the README block when asked."""
+def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[str], output: Path, page: str | None) -> None:
+    """quality.json, quality.md (the docs section), the plot, and the docs block when asked."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "quality.json").write_text(json.dumps({"environment": env, "settings": asdict(settings), "skipped": skipped, "rows": [asdict(r) for r in rows]}, indent=1))
     plot(rows, settings, output / "quality_vs_compression.png")
@@ -254,18 +255,18 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
         f"{settings.ppl_tokens} held-out tokens. The measured ratio is dense bytes over held bytes at the end of a {settings.short}-token pass-key run.",
         "", table(rows, settings), "",
         f"Left out at {settings.short} tokens: {', '.join(skipped) or 'none'}.", "",
-        f"![quality vs compression]({output.as_posix()}/quality_vs_compression.png)",
+        f"![quality vs compression]({Path(os.path.relpath(output / 'quality_vs_compression.png', Path(page).parent if page else output)).as_posix()})",
     ])
     (output / "quality.md").write_text(section + "\n")
     print("\n" + section)
-    if readme:
-        update_readme(Path(readme), "quality", section)
+    if page:
+        update_block(Path(page), "quality", section)
 
 
-def render(path: str, output: str, readme: str | None) -> None:
-    """Tables, plot and README section again from a saved quality.json (no model runs)."""
+def render(path: str, output: str, page: str | None) -> None:
+    """Tables, plot and docs section again from a saved quality.json (no model runs)."""
     data = json.loads(Path(path).read_text())
-    write_outputs([Row(**row) for row in data["rows"]], Settings(**data["settings"]), data["environment"], data["skipped"], Path(output), readme)
+    write_outputs([Row(**row) for row in data["rows"]], Settings(**data["settings"]), data["environment"], data["skipped"], Path(output), page)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark's generated tasks (on the default model's tokenizer) and its rendering of tables, plot and README block."""
+"""The benchmark's generated tasks (on the default model's tokenizer) and its rendering of tables, plot and docs block."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ from kvcompress.evaluation.tasks import Prompt, hide, multikey_prompts, score, v
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import quality  # noqa: E402
-from readme_block import markers, update_readme  # noqa: E402
+from doc_block import markers, update_block  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_scores_are_shares_of_expected_answers_found():
     assert score(prompt, " ABCDE, VAR KLMNO") == 0.5 and score(prompt, "FGHIJ ABCDE") == 1.0 and score(prompt, "") == 0.0
 
 
-def test_render_writes_tables_plot_and_replaces_only_the_readme_block(tmp_path):
+def test_render_writes_tables_plot_and_replaces_only_the_docs_block(tmp_path):
     rows = [
         quality.Row("dense", "dense", 1.0, {"ppl": 17.7, "passkey": 1.0, "passkey_long": 1.0, "multikey": 0.5, "variables": 0.5}, 100, 100),
         quality.Row("h2o", "h2o 8:1", 8.0, {"ppl": 29.2, "passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.1}, 13, 100),
@@ -52,15 +52,15 @@ def test_render_writes_tables_plot_and_replaces_only_the_readme_block(tmp_path):
     environment = {"device": "CPU", "torch": "2", "transformers": "5", "model": "m", "dtype": "torch.float32", "minutes": 1.0}
     saved = tmp_path / "in.json"
     saved.write_text(json.dumps({"environment": environment, "settings": quality.asdict(quality.Settings()), "skipped": ["gates 32:1 (why)"], "rows": [quality.asdict(r) for r in rows]}))
-    readme = tmp_path / "README.md"
+    page = tmp_path / "benchmarks.md"
     start, end = markers("quality")
-    readme.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
-    quality.render(saved, tmp_path / "out", readme)
-    text = readme.read_text()
+    page.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
+    quality.render(saved, tmp_path / "out", page)
+    text = page.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
     assert "| h2o | h2o 8:1 | 8:1 | 7.69 |" in text and "| kvpress SnapKVPress | kvpress SnapKVPress 8:1 | 8:1 | 7.14 | 0 | - |" in text
     assert "Left out at 1536 tokens: gates 32:1 (why)." in text
     assert (tmp_path / "out" / "quality_vs_compression.png").stat().st_size > 10_000
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="has no <!-- benchmark:quality:start -->"):
-        update_readme(tmp_path / "bare.md", "quality", "x")
+        update_block(tmp_path / "bare.md", "quality", "x")
