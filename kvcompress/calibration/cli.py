@@ -337,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every option shows its default
 
+    _add_generate(commands)
+    _add_evaluate(commands)
+    _add_calibrate(commands)
+    _add_hub_commands(commands)
+    return parser
+
+
+def _add_generate(commands) -> None:
     generate = commands.add_parser("generate", help="generate with a compressed cache and report the memory it held")
     generate.add_argument("prompt", nargs="?", help="a user message; none: the passkey-retrieval demo")
     _add_model_arguments(generate)
@@ -354,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="passkey demo: random seed of the key and its filler")
     generate.set_defaults(run=_generate)
 
+
+def _add_evaluate(commands) -> None:
     evaluate_ = commands.add_parser("evaluate", help="streaming perplexity, passkey retrieval and memory of several caches")
     _add_model_arguments(evaluate_)
     evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES), help="caches to compare")
@@ -371,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
     evaluate_.set_defaults(run=_evaluate)
 
+
+def _add_calibrate(commands) -> None:
     calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice, gate or sidecar), measure it and save it")
     _add_model_arguments(calibrate)
     calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate", "sidecar"], required=True, help="what to fit")
@@ -414,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--disk-budget-gb", type=float, default=4.0, help="most disk the trajectory shards may take")
     calibrate.set_defaults(run=_calibrate)
 
+
+def _add_hub_commands(commands) -> None:
     pretrained = commands.add_parser("pretrained", help="list the pretrained compressors that ship with kvcompress, with their measured memory and quality")
     pretrained.set_defaults(run=_pretrained)
 
@@ -422,7 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="only print what would be uploaded where")
     publish.add_argument("--private", action="store_true", help="create the repositories as private")
     publish.set_defaults(run=_publish)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
