@@ -1,6 +1,7 @@
 """Decode time per token of each cache against `DynamicCache`, measured in the same run.
 
-    python benchmarks/decode_speed.py [--model PATH] [--contexts 128 1536] [--new-tokens 32] [--repeats 3] [--compressors DIR ...]
+    python benchmarks/decode_speed.py [--model PATH] [--contexts 128 1536] [--new-tokens 32] [--repeats 3] [--compressors DIR ...] \\
+        [--update-docs [docs/benchmarks.md]]
 
 For each context length, every cache prefills the same prompt and then decodes `--new-tokens`
 tokens one forward at a time; caches take turns within each repeat (so drift in machine load
@@ -8,7 +9,8 @@ hits all of them alike) and the median over repeats is reported. "core" is a Str
 whose budget covers the whole sequence: nothing is compressed, so its extra time is the overhead
 of the shared machinery (routing, bookkeeping) alone. "block 16" caches evict 16 tokens at a time
 (holding up to 15 tokens of their budget less) and rebuild their table 16x less often.
-`--compressors` adds fitted compressors (`kvcompress calibrate --output DIR`).
+`--compressors` adds fitted compressors (`kvcompress calibrate --output DIR`). `--update-docs` writes
+the table into the 'decode' block of docs/benchmarks.md (or of the page given).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import transformers
+from doc_block import add_update_docs, update_block
 from transformers import DynamicCache
 
 import kvcompress
@@ -62,14 +66,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compressors", nargs="+", default=[], metavar="DIR", help="fitted compressor directories to time too")
     parser.add_argument("--no-baselines", action="store_true", help="time only dense and the --compressors")
+    add_update_docs(parser, "benchmarks.md", "decode")
     args = parser.parse_args(argv)
 
     model, tokenizer = kvcompress.load_model(args.model)
     ids = tokenizer(heldout_text()).input_ids
     print(f"model {model.config.name_or_path}, {model.dtype}, device {model.device}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n")
-    print("| context | cache | ms/token | vs dense | held MiB | dense MiB |")
-    print("|---|---|---|---|---|---|")
+    lines = ["| context | cache | ms/token | vs dense | held MiB | dense MiB |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for context in args.contexts:
         prompt = torch.tensor([ids[:context]], device=model.device)
         factories = caches_for(context, args.new_tokens, args.compressors, baselines=not args.no_baselines)
@@ -82,7 +87,11 @@ def main(argv=None) -> None:
         for name, results in runs.items():
             seconds = statistics.median(run[0] for run in results)
             held, dense_bytes = results[-1][1:]
-            print(f"| {context} | {name} | {1000 * seconds:.1f} | {seconds / dense:.2f}x | {held / 2**20:.2f} | {dense_bytes / 2**20:.2f} |")
+            lines.append(f"| {context} | {name} | {1000 * seconds:.1f} | {seconds / dense:.2f}x | {held / 2**20:.2f} | {dense_bytes / 2**20:.2f} |")
+            print(lines[-1], flush=True)
+    if args.update_docs:
+        update_block(Path(args.update_docs), "decode", "\n".join(lines))
+        print(f"updated {args.update_docs}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Decode throughput at equal KV memory on a GPU, peak memory, and the longest context that fits.
 
     python benchmarks/gpu_throughput.py [--context 32768] [--steps 32] [--longest dense streamingllm gates] \\
-        [--output docs/benchmark] [--update-docs docs/benchmarks.md]
+        [--output docs/benchmark] [--update-docs [docs/benchmarks.md]]
 
 A Llama-3.1-8B-shaped model with random bf16 weights (nothing is downloaded). Caches are filled with
 random post-RoPE keys/values through the cache API, chunk by chunk as a chunked prefill leaves them
@@ -32,7 +32,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from doc_block import update_block  # noqa: E402
+from doc_block import add_update_docs, update_block  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
@@ -108,7 +108,7 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
             heads_.append({"encoder": encoder, "encoder_bias": torch.zeros(rank), "decoder": torch.linalg.pinv(encoder), "decoder_bias": torch.zeros(dim)})
         ranks = RankConfig.uniform(layers, heads, dim, dim, rank, algo=compressor_class.method)
         config_ = {"base_model": base, "cache": {"sink": SINK, "window": WINDOW, "block_size": 16}, "ranks": ranks.to_json()}
-        return compressor_class.from_heads(config_, heads_, heads_, inv_freq)
+        return compressor_class.from_heads(heads_, heads_, inv_freq, config_)
 
     artifacts["pca"] = lowrank(PCACompressor, key_rank, orthonormal=True)
     artifacts["kvsplice"] = lowrank(KVSpliceCompressor, key_rank, orthonormal=False)
@@ -116,7 +116,7 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     network = SidecarNetwork(layers, heads, dim, window=32, slots=4)
     references = torch.randn(layers, heads, 64, dim, generator=generator)
     offsets = torch.exp(torch.empty(64).uniform_(math.log(32), math.log(1024), generator=generator)).round()
-    artifacts["sidecar"] = SidecarCompressor.from_network(network, inv_freq, references, offsets, {"base_model": base, "cache": {"sink": SINK, "window": 32}})
+    artifacts["sidecar"] = SidecarCompressor.from_network(network, references, offsets, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": 32}})
     return artifacts
 
 
@@ -278,7 +278,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="run only the caches whose names start with these (dense always runs)")
     parser.add_argument("--longest", nargs="*", default=[], metavar="PREFIX", help="caches (name prefixes, 'dense' for DynamicCache) to find the longest context of")
     parser.add_argument("--output", default="docs/benchmark")
-    parser.add_argument("--update-docs", default=None, metavar="PAGE")
+    add_update_docs(parser, "benchmarks.md", "gpu")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (use --context 2048): checks the pipeline, measures nothing")
     parser.add_argument(
         "--render", nargs="+", default=None, metavar="JSON",

@@ -2,7 +2,7 @@
 
     python benchmarks/pretrained.py                                      # every shipped repository (~45 min on 2 CPU cores)
     python benchmarks/pretrained.py --only smollm2-135m-instruct-gate    # one
-    python benchmarks/pretrained.py --render --update-docs docs/pretrained.md   # only the docs table, from the evaluation.json files
+    python benchmarks/pretrained.py --render --update-docs                      # only the table in docs/pretrained.md, from the evaluation.json files
 
 For each repository: its network weights are stored in float16 when that leaves the measured perplexity
 unchanged (checked here, else they stay float32); then the compressor, and StreamingLLM and H2O at the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from doc_block import update_block
+from doc_block import add_update_docs, update_block
 from quality import Row, Settings, gate_keep_ratio, prompts, run
 from safetensors.torch import save_file
 
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, metavar="NAME", help="repository folder names (default: all)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
-    parser.add_argument("--update-docs", default=None, metavar="PAGE", help="also write the table of all shipped compressors into its 'pretrained' block")
+    add_update_docs(parser, "pretrained.md", "pretrained")  # the table of all shipped compressors
     parser.add_argument("--render", action="store_true", help="measure nothing: only rebuild the docs table from the evaluation.json files")
     args = parser.parse_args(argv)
     if not args.render:

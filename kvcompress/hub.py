@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # one folder pe
 
 logger = logging.getLogger("kvcompress")
 _SHIPPED_IN_USE: set[str] = set()  # Hub ids this process loads from the shipped copies (the Hub had no answer for them)
+_METHODS: dict[str, type[CompressorArtifact]] = {}  # the registry: method name -> artifact class (which names its cache class)
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -81,11 +83,21 @@ output = model.generate(**inputs, cache=cache, max_new_tokens=64)   # transforme
 class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcompress", "kv-cache-compression"], model_card_template=MODEL_CARD):
     """The fitted part of a compressed cache: a config dict and named tensors.
 
-    Subclasses set `method` and `cache_class_name` and check their tensors in `validate`.
+    Subclasses set `method` (which registers them: `artifact_class`, `known_methods`) and `cache_class_name`
+    (a cache class of their module, or of kvcompress), and declare their tensors in `expected_tensors`.
     """
 
     method: str = ""
     cache_class_name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("method")
+        if method:
+            known = _METHODS.get(method)
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise TypeError(f"Method {method!r} is already {known.__module__}.{known.__qualname__}'s; give {cls.__name__} a method name of its own.")
+            _METHODS[method] = cls
 
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
         self.config = config | {"method": self.method}
@@ -96,7 +108,8 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self.validate()
 
     def expected_tensors(self) -> dict[str, tuple]:
-        """The tensors this artifact must hold and their shapes, from its config (None in a shape: any size)."""
+        """The tensors this artifact must hold and their shapes, from its config. In a shape, None is any size and a
+        string names a size that every tensor naming it must share (e.g. how many reference queries there are)."""
         return {"rope.inv_freq": (self.config["base_model"]["head_dim"] // 2,)}
 
     def validate(self) -> None:
@@ -106,12 +119,18 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
             expected = self.expected_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"The {self.method} compressor's config is incomplete or malformed ({type(error).__name__}: {error}); re-save or re-calibrate it.") from None
+        named: dict[str, tuple[int, str]] = {}  # a named size -> (its size, the first tensor that had it)
         for name, shape in expected.items():
             tensor = self.tensors.get(name)
             if tensor is None:
                 raise ConfigError(f"The {self.method} compressor lacks tensor {name}; the weights file does not match its config.")
-            if len(tensor.shape) != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+            if len(tensor.shape) != len(shape) or any(isinstance(want, int) and got != want for got, want in zip(tensor.shape, shape)):
                 raise ConfigError(f"The {self.method} compressor's {name} is {tuple(tensor.shape)}, its config says {tuple(shape)}.")
+            for got, want in zip(tensor.shape, shape):
+                if isinstance(want, str):
+                    size, first = named.setdefault(want, (got, name))
+                    if size != got:
+                        raise ConfigError(f"The {self.method} compressor's {name} holds {got} {want} but its {first} holds {size}: the weights file does not match itself.")
             if not tensor.is_floating_point():
                 raise ConfigError(f"The {self.method} compressor's {name} holds {tensor.dtype}, not floating-point numbers: the weights file is not this artifact's.")
             if not bool(torch.isfinite(tensor).all()):
@@ -120,11 +139,13 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
                     "Re-download it (force_download=True) or re-calibrate."
                 )
 
-    def cache_class(self) -> type:
-        """The cache class this artifact is fitted for: its constructor takes the artifact first (`kvcompress.load_cache`)."""
+    @classmethod
+    def cache_class(cls) -> type:
+        """The cache class this artifact is fitted for (`cache_class_name`, in the artifact's module or in kvcompress):
+        its constructor takes the artifact first (`kvcompress.load_cache`)."""
         import kvcompress
 
-        return getattr(kvcompress, self.cache_class_name)
+        return getattr(sys.modules[cls.__module__], cls.cache_class_name, None) or getattr(kvcompress, cls.cache_class_name)
 
     def cache_settings(self, **overrides) -> dict:
         """The cache settings (sink, window, block_size) fitted with the artifact, with the non-None `overrides` applied."""
@@ -219,10 +240,10 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         if cls.method:
             return cls
         try:
-            method = json.loads(Path(config_file).read_text()).get("method")
+            owner = artifact_class(json.loads(Path(config_file).read_text()).get("method"))
         except (json.JSONDecodeError, AttributeError):
             return cls  # _load reports the broken file
-        return next((sub for sub in _artifact_classes(cls) if sub.method == method), cls)
+        return owner if owner is not None and issubclass(owner, cls) else cls
 
     # ------------------------------------------------------------------------------ model checks
     def check_shapes(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -424,8 +445,9 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
     method = config.get("method")
     if method != cls.method:
         owner = artifact_class(method)
-        hint = f"load it with {owner.cache_class_name}.from_pretrained" if owner else "it is not a known kvcompress method"
-        raise ConfigError(f"{config_file} holds a {method!r} compressor, not {cls.method!r}: {hint}.")
+        if owner is None:
+            raise ConfigError(f"{config_file} holds a {method!r} compressor: not a known kvcompress method (known: {', '.join(known_methods())}).")
+        raise ConfigError(f"{config_file} holds a {method!r} compressor, which {cls.__name__} does not load: load it with {owner.cache_class_name}.from_pretrained.")
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as error:
@@ -443,11 +465,10 @@ def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token
 
 
 def artifact_class(method: str) -> type[CompressorArtifact] | None:
-    """The artifact class of a method name, if kvcompress knows it."""
-    return next((sub for sub in _artifact_classes() if sub.method == method), None)
+    """The artifact class of a method name (its `cache_class()` is the method's cache), if kvcompress knows it."""
+    return _METHODS.get(method) if isinstance(method, str) else None
 
 
-def _artifact_classes(base=CompressorArtifact):
-    for sub in base.__subclasses__():
-        yield sub
-        yield from _artifact_classes(sub)
+def known_methods(family: type[CompressorArtifact] = CompressorArtifact) -> list[str]:
+    """The method names of the registered artifact classes (of `family`, e.g. `LowRankCompressor`), sorted."""
+    return sorted(method for method, owner in _METHODS.items() if issubclass(owner, family))

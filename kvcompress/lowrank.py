@@ -133,10 +133,10 @@ class LowRankCompressor(CompressorArtifact):
         return expected
 
     @classmethod
-    def from_heads(cls, config: dict, key_heads: list[dict], value_heads: list[dict], inv_freq: torch.Tensor) -> LowRankCompressor:
+    def from_heads(cls, key_heads: list[dict], value_heads: list[dict], inv_freq: torch.Tensor, config: dict) -> LowRankCompressor:
         """The artifact of per-head projections, layer by layer then head by head (``encoder [D, r]``, ``encoder_bias [r]``,
-        ``decoder [r, D]``, ``decoder_bias [D]`` each), with the model's RoPE frequencies. `config` holds ``base_model``,
-        ``cache`` and ``ranks`` (`RankConfig.to_json`). Called on the family class, the method is the config's."""
+        ``decoder [r, D]``, ``decoder_bias [D]`` each), with the model's RoPE frequencies (`kvcompress.rope.rope_inv_freq`).
+        `config` holds ``base_model`` (`kvcompress.hub.model_signature`), ``cache`` and ``ranks`` (`RankConfig.to_json`)."""
         num_heads = config["base_model"]["num_kv_heads"]
         tensors = {"rope.inv_freq": inv_freq.float().contiguous()}
         for kind, heads in (("key", key_heads), ("value", value_heads)):

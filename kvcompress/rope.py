@@ -1,7 +1,8 @@
 """RoPE helpers: the model's rotary frequencies, and rotating keys to (or back from) their positions.
 
 Methods that work on keys before RoPE (the gates, the low-rank projections, the sidecar's window frame)
-undo the rotation at a token's position, and redo it where attention needs rotated keys.
+undo the rotation at a token's position, and redo it where attention needs rotated keys. The sidecar
+works in a window's own frame: its keys rotated back to the window's first position.
 """
 
 from __future__ import annotations
@@ -36,3 +37,15 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inv
     angles = angles[:, None] if positions.dim() == 2 else angles
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     return x * cos + rotate_half(x) * (-sin if inverse else sin)
+
+
+def to_window_frame(keys: torch.Tensor, starts: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = True) -> torch.Tensor:
+    """Rotate keys ``[n, H, m, D]`` back (or, with ``inverse=False``, forward) by each window's start position ``[n]``."""
+    positions = starts[:, None].expand(-1, keys.shape[2])
+    return rotate(keys, positions, inv_freq, inverse=inverse)
+
+
+def window_frame_references(queries: torch.Tensor, offsets: torch.Tensor, window: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Reference queries ``[L, H, M, D]`` (before RoPE) rotated to `offsets` ``[M]`` tokens after a window's end, in its frame."""
+    positions = (window + offsets)[None].expand(queries.shape[0], -1)
+    return rotate(queries, positions, inv_freq)

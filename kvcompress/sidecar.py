@@ -36,7 +36,7 @@ from .config import ConfigError
 from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
 from .policies import Encoding, LayerView
-from .rope import rotate
+from .rope import to_window_frame, window_frame_references
 from .settings import Budget, CacheSettings
 from .slots import SYNTHESIZED, Slots
 
@@ -115,18 +115,6 @@ class SidecarNetwork(nn.Module):
         return merged_keys, merged_values, start.bias + correction[..., -1]
 
 
-def to_window_frame(keys: torch.Tensor, starts: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = True) -> torch.Tensor:
-    """Rotate keys ``[n, H, m, D]`` back (or, with ``inverse=False``, forward) by each window's start position ``[n]``."""
-    positions = starts[:, None].expand(-1, keys.shape[2])
-    return rotate(keys, positions, inv_freq, inverse=inverse)
-
-
-def window_frame_references(queries: torch.Tensor, offsets: torch.Tensor, window: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Reference queries ``[L, H, M, D]`` (before RoPE) rotated to `offsets` ``[M]`` tokens after a window's end, in its frame."""
-    positions = (window + offsets)[None].expand(queries.shape[0], -1)
-    return rotate(queries, positions, inv_freq)
-
-
 class SidecarCompressor(CompressorArtifact):
     """A trained sidecar network, the RoPE frequencies, and reference queries for the attention-matching option.
 
@@ -151,18 +139,20 @@ class SidecarCompressor(CompressorArtifact):
         super().validate()
         self.network.load_state_dict({name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")})
         self.network.eval().requires_grad_(False)
-        offsets = self.tensors["reference_offsets"].shape[0]
-        if self.tensors["reference_queries"].shape[2] != offsets:
-            raise ConfigError(f"The sidecar compressor holds {self.tensors['reference_queries'].shape[2]} reference queries per head but {offsets} offsets.")
 
     def expected_tensors(self) -> dict[str, tuple]:
         base = self.config["base_model"]
         network = {f"network.{name}": tuple(tensor.shape) for name, tensor in self.network.state_dict().items()}
-        references = {"reference_queries": (base["num_layers"], base["num_kv_heads"], None, base["head_dim"]), "reference_offsets": (None,)}
+        references = {"reference_queries": (base["num_layers"], base["num_kv_heads"], "references", base["head_dim"]), "reference_offsets": ("references",)}
         return super().expected_tensors() | network | references
 
     @classmethod
-    def from_network(cls, network: SidecarNetwork, inv_freq: torch.Tensor, reference_queries: torch.Tensor, reference_offsets: torch.Tensor, config: dict) -> SidecarCompressor:
+    def from_network(
+        cls, network: SidecarNetwork, reference_queries: torch.Tensor, reference_offsets: torch.Tensor, inv_freq: torch.Tensor, config: dict,
+    ) -> SidecarCompressor:
+        """The artifact of a trained `network`: with its reference queries ``[layers, kv_heads, M, D]`` (before RoPE) and their
+        offsets ``[M]`` after a window's end, for the attention-matching merge, and the model's RoPE frequencies
+        (`kvcompress.rope.rope_inv_freq`). `config` holds ``base_model`` (`kvcompress.hub.model_signature`) and ``cache``."""
         tensors = {f"network.{name}": tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
         tensors |= {"rope.inv_freq": inv_freq.float().cpu(), "reference_queries": reference_queries.float().cpu(), "reference_offsets": reference_offsets.float().cpu()}
         return cls(config | {"sidecar": network.shape}, tensors)

@@ -1,15 +1,18 @@
-"""Artifacts are untrusted input: tensor checks live in one place (CompressorArtifact.validate) and refuse what is wrong."""
+"""Artifacts are untrusted input: tensor checks live in one place (CompressorArtifact.validate) and refuse what is wrong.
+The registry of methods: every artifact class that sets `method` registers itself and names its cache."""
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import kvcompress
-from kvcompress import ConfigError
-from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE, shipped_repository
+from kvcompress import ConfigError, hub
+from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE, artifact_class, known_methods, shipped_repository
+from kvcompress.lowrank import LowRankCompressor, PCACompressor, _LowRankCache
 
 SHIPPED = ["kvcompress/smollm2-135m-instruct-gate", "kvcompress/smollm2-135m-instruct-pca-2x", "kvcompress/smollm2-135m-instruct-sidecar-8x"]
 
@@ -58,3 +61,42 @@ def test_a_config_without_its_base_model_is_refused_clearly(repo_id, tmp_path):
     (directory / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="config|base model"):
         kvcompress.load_cache(directory)
+
+
+@pytest.mark.parametrize("repo_id", SHIPPED)
+def test_a_tensor_of_the_wrong_shape_is_refused_with_its_name(repo_id, tmp_path):
+    directory = _copy(repo_id, tmp_path)
+    name = sorted(load_file(directory / WEIGHTS_FILE))[0]
+    _rewrite(directory, lambda tensors: tensors.__setitem__(name, torch.cat([tensors[name], tensors[name]])))
+    with pytest.raises(ConfigError, match=rf"{name} is \(.*\), its config says \("):
+        kvcompress.load_cache(directory)
+
+
+def test_the_registry_knows_every_method_and_its_cache():
+    assert known_methods() == ["gate", "kvsplice", "pca", "sidecar"]
+    assert known_methods(LowRankCompressor) == ["kvsplice", "pca"]
+    assert {method: artifact_class(method).cache_class() for method in known_methods()} == {
+        "gate": kvcompress.GatedCache, "kvsplice": kvcompress.KVSpliceCache, "pca": kvcompress.PCACache, "sidecar": kvcompress.SidecarCache,
+    }
+    assert artifact_class("telepathy") is None and artifact_class(None) is None
+    with pytest.raises(TypeError, match="'pca' is already kvcompress.lowrank.PCACompressor's"):
+        type("OtherPCA", (LowRankCompressor,), {"method": "pca"})
+
+
+def test_a_new_artifact_class_registers_and_loads_as_its_cache(tmp_path, monkeypatch):
+    """A method outside kvcompress: setting `method` registers the class, and load_cache builds the cache its module names."""
+    monkeypatch.setattr(hub, "_METHODS", dict(hub._METHODS))  # registered for this test only
+
+    class ReversedPCACompressor(PCACompressor):
+        method, cache_class_name = "reversed-pca", "ReversedPCACache"
+
+    class ReversedPCACache(_LowRankCache):
+        compressor_class = ReversedPCACompressor
+
+    monkeypatch.setattr(sys.modules[__name__], "ReversedPCACache", ReversedPCACache, raising=False)
+    directory = _copy("kvcompress/smollm2-135m-instruct-pca-2x", tmp_path)
+    config = json.loads((directory / CONFIG_FILE).read_text()) | {"method": "reversed-pca"}
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    assert artifact_class("reversed-pca") is ReversedPCACompressor and "reversed-pca" in known_methods(LowRankCompressor)
+    assert type(kvcompress.load_cache(directory)) is ReversedPCACache
+    assert type(LowRankCompressor.from_pretrained(directory)) is ReversedPCACompressor

@@ -1,6 +1,9 @@
 """The benchmark's generated tasks (on the default model's tokenizer) and its rendering of tables, plot and docs block."""
 
+import argparse
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,9 +11,19 @@ import pytest
 
 from kvcompress.evaluation.tasks import Prompt, hide, multikey_prompts, score, variables_prompts
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
-from doc_block import markers, update_block  # noqa: E402
+from doc_block import DOCS, add_update_docs, markers, update_block  # noqa: E402
+
+# each generated block, the docs page it lives in (where --update-docs alone writes it), and the script that writes it
+BLOCKS = {"quality": "benchmarks.md", "gpu": "benchmarks.md", "decode": "benchmarks.md", "pretrained": "pretrained.md"}
+
+
+def stale(page: Path, *blocks: str) -> None:
+    """Replace what the benchmarks generated in `page` by a placeholder, as before a re-run."""
+    for block in blocks:
+        update_block(page, block, "stale")
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +77,36 @@ def test_render_writes_tables_plot_and_replaces_only_the_docs_block(tmp_path):
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="has no <!-- benchmark:quality:start -->"):
         update_block(tmp_path / "bare.md", "quality", "x")
+
+
+def test_each_block_lives_in_its_docs_page_where_update_docs_alone_writes_it():
+    for block, page in BLOCKS.items():
+        start, end = markers(block)
+        text = (DOCS / page).read_text()
+        assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end), (block, page)
+        parser = argparse.ArgumentParser()
+        add_update_docs(parser, page, block)
+        assert parser.parse_args(["--update-docs"]).update_docs == str(DOCS / page)
+        assert parser.parse_args(["--update-docs", "elsewhere.md"]).update_docs == "elsewhere.md"
+        assert parser.parse_args([]).update_docs is None  # a run writes no docs unless asked
+    assert "benchmark:" not in (ROOT / "README.md").read_text()  # the README holds no generated block
+
+
+def test_quality_and_gpu_blocks_regenerate_byte_for_byte_from_the_saved_results(tmp_path):
+    """--render of the saved results rewrites the stale blocks of a copy of docs/benchmarks.md back to the page as committed."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    page = docs / "benchmarks.md"
+    shutil.copy(DOCS / "benchmarks.md", page)
+    shutil.copytree(DOCS / "benchmark" / "gpu-parts", docs / "benchmark" / "gpu-parts")
+    stale(page, "quality", "gpu")
+    assert page.read_text() != (DOCS / "benchmarks.md").read_text()
+
+    quality.main(["--render", str(DOCS / "benchmark" / "quality.json"), "--output", str(docs / "benchmark"), "--update-docs", str(page)])
+    assert (docs / "benchmark" / "quality.md").read_text() == (DOCS / "benchmark" / "quality.md").read_text()  # its plot linked beside it
+    parts = [str(docs / "benchmark" / "gpu-parts" / f"{part}.json") for part in ("throughput", "longest", "longest-gates")]
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--render", *parts, "--output", str(tmp_path / "gpu"), "--update-docs", str(page)],
+        check=True, capture_output=True, timeout=300,
+    )
+    assert page.read_text() == (DOCS / "benchmarks.md").read_text()

@@ -1,11 +1,15 @@
 """The CLI as a user meets it: every option explained with its default, bad input refused at once in one line."""
 
 import argparse
+import json
 import time
 
 import pytest
 
+from kvcompress.calibration import cli
+from kvcompress.calibration.calibrate import CalibrationReport
 from kvcompress.calibration.cli import build_parser, main
+from kvcompress.hub import known_methods
 
 
 def _subcommands(parser):
@@ -16,14 +20,21 @@ def _subcommands(parser):
 @pytest.mark.parametrize("name", sorted(_subcommands(build_parser())))
 def test_every_option_has_help_and_shows_its_default(name):
     command = _subcommands(build_parser())[name]
-    assert command.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    formatter = command._get_formatter()
+    assert isinstance(formatter, argparse.ArgumentDefaultsHelpFormatter)
     for action in command._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.help, f"kvcompress {name} {action.option_strings or action.dest} has no help"
-        assert "(default:" not in action.help  # the formatter adds it once
-    if len(command._actions) > 1:
-        assert "(default:" in command.format_help()
+        option = f"kvcompress {name} {action.option_strings[0] if action.option_strings else action.dest}"
+        assert action.help, f"{option} has no help"
+        assert "(default:" not in action.help, f"{option}: the formatter adds the default once"
+        if action.required or action.default is argparse.SUPPRESS:  # nothing to show: it must be given / it is off unless given
+            continue
+        assert "%(default)s" in formatter._get_help_string(action), f"{option} does not show its default"
+
+
+def test_every_method_has_a_calibrator():
+    assert sorted(cli.CALIBRATORS) == known_methods()
 
 
 def test_the_sidecar_default_is_the_shipped_merge_ratio():
@@ -36,44 +47,157 @@ def _refused_at_once(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert time.perf_counter() - started < 1.0  # before any model is loaded
-    text = str(exit_.value.code) + capsys.readouterr().err
+    err = capsys.readouterr().err
+    text = str(exit_.value.code) + err
     assert exit_.value.code != 0 and message in text, text
+    assert len(err.strip().splitlines()) <= 1 and "Traceback" not in err  # one line, no usage block
+    return err
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.2", "0", "1"])
+@pytest.mark.parametrize("value", ["1.5", "-0.2", "0", "1", "nan", "half"])
 def test_a_memory_target_outside_0_1_is_refused_before_any_work(value, capsys, tmp_path):
     _refused_at_once(["calibrate", "--method", "pca", "--target-memory-reduction", value, "--output", str(tmp_path / "out")], "in (0, 1)", capsys)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["calibrate", "--method", "pca", "--rank", "0"], "argument --rank: must be a whole number >= 1, got '0'"),
+        (["calibrate", "--method", "pca", "--rank", "8.5"], "argument --rank: must be a whole number >= 1"),
+        (["calibrate", "--method", "pca", "--rank", "8", "--samples", "-1"], "argument --samples"),
+        (["calibrate", "--method", "pca", "--target-memory-reduction", "0.5", "--sweep", "0.5", "2"], "argument --sweep: must be in (0, 1)"),
+        (["calibrate", "--method", "gate", "--keep-ratio", "0"], "argument --keep-ratio: must be in (0, 1]"),
+        (["calibrate", "--method", "gate", "--label-threshold", "1"], "argument --label-threshold"),
+        (["calibrate", "--method", "gate", "--sink", "-1"], "argument --sink: must be a whole number >= 0"),
+        (["calibrate", "--method", "sidecar", "--sidecar-lr", "0"], "argument --sidecar-lr: must be a number > 0"),
+        (["calibrate", "--method", "sidecar", "--disk-budget-gb", "inf"], "argument --disk-budget-gb"),
+        (["calibrate", "--method", "sidecar", "--slots", "32"], "--slots (32) must be fewer than --merge-window (32)"),
+        (["evaluate", "--ratios", "4", "0.5"], "argument --ratios: must be a compression ratio >= 1"),
+        (["evaluate", "--depths", "1.5"], "argument --depths: must be in [0, 1]"),
+        (["evaluate", "--trials", "0"], "argument --trials"),
+        (["generate", "--ratio", "0.5"], "argument --ratio: must be a compression ratio >= 1"),
+        (["generate", "--budget", "0"], "argument --budget"),
+        (["generate", "--depth", "-0.1"], "argument --depth"),
+    ],
+)
+def test_bad_numbers_are_refused_when_parsed(argv, message, capsys, tmp_path):
+    output = ["--output", str(tmp_path / "out")] if argv[0] == "calibrate" else []
+    err = _refused_at_once([*argv, *output], message, capsys)
+    assert err.startswith(f"kvcompress {argv[0]}: error: ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["calibrate", "--method", "gate", "--rank", "8"], "--rank is an option of --method kvsplice / pca, not of --method gate"),
+        (["calibrate", "--method", "pca", "--rank", "8", "--slots", "8"], "--slots is an option of --method sidecar"),
+        (["calibrate", "--method", "pca", "--rank", "8", "--kvsplice-steps", "10"], "--kvsplice-steps is an option of --method kvsplice"),
+        (["calibrate", "--method", "sidecar", "--block-size", "8"], "--block-size is an option of --method kvsplice / pca / gate"),
+        (["calibrate", "--method", "pca", "--rank", "8", "--samples", "4096", "--tokens", "1024"], "--tokens (1024) must be at least --samples (4096)"),
+        (["generate", "--ratio", "4", "--budget", "64"], "takes one of --ratio or --budget"),
+        (["generate", "--cache", "dense", "--budget", "64"], "--cache dense keeps every token"),
+        (["generate", "--compressor", "somewhere", "--cache", "dense"], "--compressor brings its own cache"),
+        (["generate", "hello", "--context-tokens", "512"], "--context-tokens sets up the passkey demo"),
+        (["evaluate", "--caches"], "nothing to evaluate"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(argv, message, capsys, tmp_path):
+    output = ["--output", str(tmp_path / "out")] if argv[0] == "calibrate" else []
+    _refused_at_once([*argv, *output], message, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/no/such/model"], "there is no directory /no/such/model"),
+        (["--model", "./my-model"], "there is no directory ./my-model"),
+        (["--data", "missing-corpus.txt"], "there is no file missing-corpus.txt"),
+        (["--config", "missing-ranks.json"], "there is no file missing-ranks.json"),
+    ],
+)
+def test_missing_paths_are_refused_before_the_model_loads(argv, message, capsys, tmp_path):
+    _refused_at_once(["calibrate", "--method", "pca", *argv, "--output", str(tmp_path / "out")], message, capsys)
+
+
+def _artifact(directory):
+    directory.mkdir()
+    (directory / "compressor_config.json").write_text("{}")
+    (directory / "stale.json").write_text("{}")
+    return directory
+
+
 def test_output_is_checked_before_any_work(capsys, tmp_path):
-    existing = tmp_path / "artifact"
-    existing.mkdir()
-    (existing / "compressor_config.json").write_text("{}")
-    (existing / "stale.json").write_text("{}")
+    existing = _artifact(tmp_path / "artifact")
     _refused_at_once(["calibrate", "--method", "gate", "--output", str(existing)], "pass --overwrite", capsys)
     assert (existing / "stale.json").exists()  # nothing was touched
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     _refused_at_once(["calibrate", "--method", "gate", "--output", str(a_file)], "is a file", capsys)
+    _refused_at_once(["calibrate", "--method", "gate", "--output", str(a_file), "--overwrite"], "is a file", capsys)
 
 
-def test_overwrite_clears_the_old_artifact_before_the_new_one(tmp_path, monkeypatch):
-    from kvcompress.calibration import cli
+class _FakeCompressor:
+    method = "gate"
 
-    existing = tmp_path / "artifact"
-    existing.mkdir()
-    (existing / "compressor_config.json").write_text("{}")
-    (existing / "stale.json").write_text("{}")
-    monkeypatch.setattr(cli, "_calibrate_gates", lambda args: None)  # stop after the checks
+    def __init__(self):
+        self.config = {}
+
+    def save_pretrained(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "compressor_config.json").write_text(json.dumps(self.config))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """`kvcompress calibrate` without a model: loading and the corpus are stubbed, the gate calibrator is `fit` (set it)."""
+    calls = []
+    monkeypatch.setattr("kvcompress.load_model", lambda name: calls.append("load") or (None, None))
+    monkeypatch.setattr("kvcompress.calibration.calibrate.calibration_corpus", lambda tokenizer, data, eval_tokens: (None, None, "corpus"))
+    return calls
+
+
+def test_overwrite_replaces_the_old_artifact_once_the_new_one_is_fitted(tmp_path, capsys, monkeypatch, no_model):
+    existing = _artifact(tmp_path / "artifact")
+
+    def fit(args, *_):
+        assert (existing / "stale.json").exists()  # the old artifact is still there while fitting
+        compressor = _FakeCompressor()
+        return cli._Fitted(compressor, lambda seconds: CalibrationReport("gate", "fake", 10.0, 11.0, 50, 100, 8, seconds), {"report.json": {"a": 1}})
+
+    monkeypatch.setitem(cli.CALIBRATORS, "gate", fit)
     main(["calibrate", "--method", "gate", "--output", str(existing), "--overwrite"])
-    assert not existing.exists()
+    assert no_model == ["load"]
+    assert sorted(path.name for path in existing.iterdir()) == ["calibration_results.json", "compressor_config.json", "report.json"]
+    config = json.loads((existing / "compressor_config.json").read_text())
+    assert config["calibration"]["command"].endswith(f"--output {existing} --overwrite")
+    assert json.loads((existing / "calibration_results.json").read_text())["perplexity"] == 11.0
+    captured = capsys.readouterr()
+    assert "Perplexity degradation: +10.00%" in captured.out
+    for phase in ("-> loading the model", "-> reading and tokenizing", "-> removing the old compressor", "-> saving the compressor", "-> checking streaming perplexity"):
+        assert phase in captured.err
+
+
+def test_a_failed_calibration_keeps_the_old_artifact(tmp_path, monkeypatch, no_model):
+    existing = _artifact(tmp_path / "artifact")
+
+    def fit(args, *_):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(cli.CALIBRATORS, "gate", fit)
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--method", "gate", "--output", str(existing), "--overwrite"])
+    assert str(exit_.value.code).startswith("error: out of memory\n")
+    assert (existing / "stale.json").exists()
 
 
 def test_errors_are_one_line_unless_debug(tmp_path, capsys):
     missing = str(tmp_path / "no-such-compressor")
+    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--compressor", missing])
     assert str(exit_.value.code).startswith("error: ") and "--debug" in str(exit_.value.code)
-    with pytest.raises(Exception) as raised:
-        main(["--debug", "generate", "--compressor", missing])
-    assert not isinstance(raised.value, SystemExit)
+    assert time.perf_counter() - started < 5  # the compressor is looked for before the model loads
+    for argv in (["--debug", "generate", "--compressor", missing], ["generate", "--compressor", missing, "--debug"]):
+        with pytest.raises(Exception) as raised:
+            main(argv)
+        assert not isinstance(raised.value, SystemExit)

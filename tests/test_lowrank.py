@@ -254,8 +254,11 @@ def test_the_evaluator_builds_fitted_caches_from_their_directories(tmp_path):
         (["--target-memory-reduction", "0.5", "--rank-v", "8"], "--rank-v needs --rank"),
     ],
 )
-def test_calibrate_refuses_conflicting_rank_options(arguments, message, capsys):
+def test_calibrate_refuses_conflicting_rank_options(arguments, message, capsys, tmp_path):
     from kvcompress.calibration.cli import main
 
-    with pytest.raises(SystemExit, match=message):
-        main(["calibrate", "--method", "pca", "--output", "unused", *arguments])
+    (tmp_path / "ranks.json").write_text("{}")
+    arguments = [str(tmp_path / argument) if argument == "ranks.json" else argument for argument in arguments]
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--method", "pca", "--output", str(tmp_path / "unused"), *arguments])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

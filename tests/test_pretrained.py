@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,23 @@ def test_load_cache_builds_the_cache_each_artifact_names(monkeypatch, tmp_path):
         kvcompress.load_cache(local)
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-dir"):
         kvcompress.load_cache(tmp_path / "no-such-dir")
+
+
+def test_docs_table_regenerates_byte_for_byte_from_the_evaluation_files(tmp_path):
+    """`benchmarks/pretrained.py --render --update-docs PAGE` rebuilds the table in docs/pretrained.md from the shipped evaluation.json files."""
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import pretrained as benchmark
+    from doc_block import markers, update_block
+
+    page = tmp_path / "pretrained.md"
+    shutil.copy(root / "docs" / "pretrained.md", page)
+    update_block(page, "pretrained", "stale")
+    benchmark.main(["--render", "--update-docs", str(page)])
+    text = page.read_text()
+    assert text == (root / "docs" / "pretrained.md").read_text()
+    start, end = markers("pretrained")
+    block = text.split(start)[1].split(end)[0]
+    for repo_id in SHIPPED:
+        evaluation = json.loads((shipped_repository(repo_id) / EVALUATION_FILE).read_text())
+        assert f"**{repo_id.split('/')[1]}**" in block and f"{evaluation['rows'][1]['measured_ratio']:.2f}:1" in block

@@ -13,15 +13,14 @@ from kvcompress.calibration.sidecar import (
     merge_stretches,
     reference_queries,
     sample_stretches,
-    sidecar_compressor,
     step_losses,
     train_sidecar,
     unhealthy,
 )
 from kvcompress.calibration.trajectories import collect_trajectories, load_trajectories
 from kvcompress.hub import model_signature
-from kvcompress.rope import rope_inv_freq, rotate
-from kvcompress.sidecar import SidecarNetwork, to_window_frame, window_frame_references
+from kvcompress.rope import rope_inv_freq, rotate, to_window_frame, window_frame_references
+from kvcompress.sidecar import SidecarNetwork
 from kvcompress.slots import SYNTHESIZED
 
 LENGTH = 128  # trajectory sequence length for the tiny model
@@ -47,7 +46,8 @@ def _references(model, data):
 
 def _compressor(model, data, window=8, slots=2, network=None):
     config = {"base_model": model_signature(model, "tiny"), "cache": {"sink": 4, "window": 8}}
-    return sidecar_compressor(network or _network(window, slots), _references(model, data), rope_inv_freq(model), config)
+    references = _references(model, data)
+    return SidecarCompressor.from_network(network or _network(window, slots), references.queries, references.offsets, rope_inv_freq(model), config)
 
 
 def test_forces_are_the_attention_jacobian_applied_to_the_output_gradient(tiny):
@@ -193,7 +193,7 @@ def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tin
     broken["network.out.weight"] = broken["network.out.weight"][:3]
     with pytest.raises(ConfigError, match=r"network.out.weight is \(3, 32\), its config says \(33, 32\)"):
         SidecarCompressor(compressor.config, broken)
-    with pytest.raises(ConfigError, match="holds 15 reference queries per head but 16 offsets"):
+    with pytest.raises(ConfigError, match="reference_offsets holds 16 references but its reference_queries holds 15"):
         SidecarCompressor(compressor.config, compressor.tensors | {"reference_queries": compressor.tensors["reference_queries"][:, :, :15]})
     with pytest.raises(ConfigError, match="'sidecar' section is invalid: slots must be between 1 and the window"):
         SidecarCompressor(compressor.config | {"sidecar": compressor.config["sidecar"] | {"slots": 99}}, compressor.tensors)

@@ -1,8 +1,16 @@
 """The calibration pipeline: collect from a corpus, fit a compressor, measure it on held-out text.
 
-    compressor, report = calibrate_lowrank(model, tokenizer, "pca", target_memory_reduction=0.5)
+    calibration = LowRankCalibration.collect(model, tokenizer, fisher_sequences=8)  # samples and Fisher information
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    full = RankConfig.uniform(layers, kv_heads, head_dim, head_dim, head_dim)        # every head, at full rank
+    ranks, source = calibration.ranks(full, target_memory_reduction=0.5)             # Fisher-guided ranks
+    compressor, fit_metrics = calibration.fit("pca", ranks, {"sink": 4, "window": 64, "block_size": 16})
+    report = calibration.measure(compressor, fit_metrics, source, seconds=0.0)
     compressor.save_pretrained("smollm2-pca")          # or .push_to_hub("user/smollm2-pca")
     print(report.summary())
+
+`kvcompress calibrate` (`kvcompress.calibration.cli`) runs this for pca and kvsplice, and its
+counterparts for gates and the sidecar.
 
 Everything the summary prints is measured in the run: perplexity of the dense cache and of the
 compressed one on the corpus' held-out part (never seen by the fit), the memory both held there,
@@ -19,13 +27,12 @@ import torch
 from kvcompress.config import RankConfig
 from kvcompress.corpus import DEFAULT_CORPUS_NAME, load_text, split_text
 from kvcompress.evaluation.harness import streaming_perplexity
-from kvcompress.hub import artifact_class, model_signature
+from kvcompress.hub import artifact_class, known_methods, model_signature
+from kvcompress.lowrank import LowRankCompressor
 from kvcompress.rope import rope_inv_freq
 
 from .collect import collect_attention_samples
 from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, pca_heads
-
-LOWRANK_METHODS = ("pca", "kvsplice")
 
 
 @dataclass
@@ -152,8 +159,8 @@ class LowRankCalibration:
 
     def fit(self, method: str, ranks: RankConfig, cache_settings: dict, kvsplice_steps: int = 300):
         """A compressor of `method` at `ranks` and its fit metrics."""
-        if method not in LOWRANK_METHODS:
-            raise ValueError(f"Unknown low-rank method {method!r}; choose from {', '.join(LOWRANK_METHODS)}.")
+        if method not in known_methods(LowRankCompressor):
+            raise ValueError(f"Unknown low-rank method {method!r}; choose from {', '.join(known_methods(LowRankCompressor))}.")
         key_ranks, value_ranks, exact = group_ranks(ranks)
         metrics = {}
         if method == "kvsplice":
@@ -161,7 +168,7 @@ class LowRankCalibration:
         else:
             key_heads, value_heads = pca_heads(self.key_spectrum, key_ranks, exact), pca_heads(self.value_spectrum, value_ranks, exact)
         config = {"base_model": self.signature, "cache": cache_settings, "ranks": ranks.to_json(), "calibration": self.calibration}
-        return artifact_class(method).from_heads(config, key_heads, value_heads, self.inv_freq), metrics
+        return artifact_class(method).from_heads(key_heads, value_heads, self.inv_freq, config), metrics
 
     def measure(self, compressor, fit_metrics: dict, rank_source: str, seconds: float, baseline: float | None = None) -> CalibrationReport:
         """Perplexity and memory of the compressor on the held-out tokens (and of the dense cache unless given)."""

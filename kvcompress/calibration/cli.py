@@ -1,35 +1,131 @@
-"""The `kvcompress` command line: `generate`, `evaluate` and `calibrate`."""
+"""The `kvcompress` command line: `generate`, `evaluate`, `calibrate`, `pretrained` and `publish`.
+
+Every option is explained with its default (`kvcompress <command> --help`). Bad input is refused in
+one line before any work: flag values as they are parsed, combinations and paths right after. An
+error during the work is one line too; `--debug` shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import random
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
+from kvcompress.extras import require
+from kvcompress.hub import CONFIG_FILE, known_methods
+from kvcompress.lowrank import LowRankCompressor
+from kvcompress.models import DEFAULT_MODEL
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
+LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local path or Hub id; none: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--data", default=None, help="text file or datasets name; none: the WikiText-2 validation text shipped with kvcompress")
+# ------------------------------------------------------------------------------------------ parsing
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; a required option has none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
+
+    def _get_default_metavar_for_optional(self, action):
+        return getattr(action.type, "metavar", None) or super()._get_default_metavar_for_optional(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose options show their defaults and which refuses bad input in one line (the usage is one --help away)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def given(self, args, *flags: str) -> list[str]:
+        """Those of `flags` that the command line set to something other than their default."""
+        return [flag for flag in flags if getattr(args, _dest(flag)) != self.get_default(_dest(flag))]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _checked(convert, accept, requirement: str, metavar: str):
+    """An argparse type: the text `convert`ed, refused unless `accept`ed (NaN never is) with 'must be `requirement`'."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    parse.metavar = metavar  # what --help calls the value
+    return parse
+
+
+COUNT = _checked(int, lambda n: n >= 1, "a whole number >= 1", "N")
+COUNT_OR_ZERO = _checked(int, lambda n: n >= 0, "a whole number >= 0", "N")
+RATIO = _checked(float, lambda x: 1 <= x < math.inf, "a compression ratio >= 1, e.g. 4 for 4:1", "RATIO")
+SHARE = _checked(float, lambda x: 0 < x < 1, "in (0, 1)", "F")
+SHARE_OR_ALL = _checked(float, lambda x: 0 < x <= 1, "in (0, 1]", "F")
+DEPTH = _checked(float, lambda x: 0 <= x <= 1, "in [0, 1] (0: the start of the context, 1: its end)", "D")
+POSITIVE = _checked(float, lambda x: 0 < x < math.inf, "a number > 0", "X")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub id (``name`` or ``owner/name``)."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+
+
+def _model(text: str) -> str:
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give the model's directory or a Hub id")
+    if not Path(text).exists() and _looks_like_path(text):
+        raise argparse.ArgumentTypeError(f"there is no directory {text}; give a local model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
+    return text
+
+
+def _corpus(text: str) -> str:
+    local = Path(text.partition("@")[0])
+    if not Path(text).is_file() and not local.is_dir() and (Path(text).suffix in (".txt", ".md", ".text") or _looks_like_path(str(local))):
+        raise argparse.ArgumentTypeError(f"there is no file {text}; give a text file or a datasets name such as wikitext:wikitext-2-raw-v1@validation")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"there is no file {text}")
+    return text
+
+
+def _require(parser: _Parser, module: str, flag: str) -> None:
+    """Refuse `flag` at once where the package it needs is missing (not after minutes of work)."""
+    try:
+        require(module, "calibration", flag)
+    except ModuleNotFoundError as error:
+        parser.error(str(error))
+
+
+# ------------------------------------------------------------------------------------------ generate
 def _cache_from_arguments(args):
     if args.compressor:
         return CacheSpec.fitted(args.compressor).build()
-    if args.ratio is not None and args.budget is not None:
-        raise SystemExit(f"error: --cache {args.cache} takes one of --ratio or --budget, not both")
     ratio = DEFAULT_RATIO if args.cache != "dense" and args.ratio is None and args.budget is None else args.ratio
     return build_cache(args.cache, ratio=ratio, budget=args.budget)
 
@@ -38,6 +134,8 @@ def _generate(args) -> None:
     from kvcompress import cache_kwargs, load_model
     from kvcompress.cache import CompressedCache
 
+    cache = _cache_from_arguments(args)  # first: a compressor that is not there fails before the model loads
+    _phase(f"loading the model {args.model or DEFAULT_MODEL}")
     model, tokenizer = load_model(args.model)
     if args.prompt:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
@@ -49,7 +147,6 @@ def _generate(args) -> None:
         prompt = context + question
         print(f"Prompt: {args.context_tokens} tokens of WikiText with a pass key hidden at depth {args.depth}.")
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    cache = _cache_from_arguments(args)
     started = time.perf_counter()
     output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
@@ -62,12 +159,28 @@ def _generate(args) -> None:
     print(f"KV cache held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB, compression {dense / held:.2f}:1 ({seconds:.1f} s)")
 
 
+def _check_generate(parser: _Parser, args) -> None:
+    if args.compressor:
+        given = parser.given(args, "--cache", "--ratio", "--budget")
+        if given:
+            parser.error(f"--compressor brings its own cache: give its settings after @ (e.g. DIR@keep_ratio=0.07), not {given[0]}")
+    elif args.ratio is not None and args.budget is not None:
+        parser.error(f"--cache {args.cache} takes one of --ratio or --budget, not both")
+    elif args.cache == "dense" and (args.ratio is not None or args.budget is not None):
+        parser.error("--cache dense keeps every token: it takes no --ratio or --budget")
+    given = parser.given(args, "--data", "--context-tokens", "--depth", "--seed") if args.prompt else []
+    if given:
+        parser.error(f"{given[0]} sets up the passkey demo, which a prompt replaces")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
 def _evaluate(args) -> None:
     from kvcompress import load_model
 
     specs = [CacheSpec("dense")] if "dense" in args.caches else []
     specs += [CacheSpec(method, ratio) for method in args.caches if method != "dense" for ratio in args.ratios]
     specs += [CacheSpec.fitted(path) for path in args.compressors]
+    _phase(f"loading the model {args.model or DEFAULT_MODEL}")
     model, tokenizer = load_model(args.model)
     rows = evaluate(
         model, tokenizer, specs, heldout_text(args.data), ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
@@ -78,6 +191,7 @@ def _evaluate(args) -> None:
           f"{args.ppl_chunk}; passkey at {args.passkey_tokens} tokens, {args.trials} trials per depth; memory at the end of a passkey run\n")
     print(table)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(rows_to_json(rows))
         print(f"\nwrote {args.output}")
     if args.plot:
@@ -86,38 +200,71 @@ def _evaluate(args) -> None:
         print(f"wrote {plot_quality_vs_compression(rows, args.plot, title=str(model.config.name_or_path).split('/')[-1])}")
 
 
-def _record_command(compressor, args) -> None:
-    """The artifact remembers the command that made it (its model card shows it)."""
-    compressor.config.setdefault("calibration", {})["command"] = args.command_line
+def _check_evaluate(parser: _Parser, args) -> None:
+    if not args.caches and not args.compressors:
+        parser.error("nothing to evaluate: give --caches, --compressors or both")
+    if args.output and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a directory; give the name of the JSON file to write")
+    if args.plot:
+        _require(parser, "matplotlib", "--plot")
 
 
+# ------------------------------------------------------------------------------------------ calibrate
 def _phase(message: str) -> None:
     """Announce a long phase before it starts (some run for minutes without a progress bar)."""
     print(f"-> {message}", file=sys.stderr, flush=True)
 
 
-def _save_measure_report(args, compressor, measure, reports: dict, plot=None, warning: str = ""):
+@dataclass
+class _Fitted:
+    """What a calibrator hands the tail all of them share."""
+
+    compressor: object
+    measure: Callable  # seconds of calibration -> CalibrationReport: the held-out check (minutes)
+    reports: dict  # further JSON files of the artifact directory: name -> content
+    plot: Callable | None = None  # CalibrationReport -> the path written (with --plot)
+    warning: str = ""
+
+
+def _calibrate(args) -> None:
+    """Load the model and the corpus, fit with the method's calibrator, then save, measure, report and push."""
+    from kvcompress import load_model
+
+    from .calibrate import calibration_corpus
+
+    started = time.perf_counter()
+    _phase(f"loading the model {args.model or DEFAULT_MODEL}")
+    model, tokenizer = load_model(args.model)
+    _phase(f"reading and tokenizing the corpus {args.data or '(the shipped WikiText-2)'}")
+    corpus = calibration_corpus(tokenizer, args.data, args.eval_tokens)
+    fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
+    _finish(args, fitted, time.perf_counter() - started)
+
+
+def _finish(args, fitted: _Fitted, seconds: float) -> None:
     """The tail every calibrator shares: save (before the minutes-long check, so a stop keeps the fit), measure on held-out
     text, save again with the metrics in the config and card, write the reports, summarise, plot and push."""
-    output = Path(args.output)
-    _record_command(compressor, args)
+    output, compressor = Path(args.output), fitted.compressor
+    compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
+    if args.overwrite and (output / CONFIG_FILE).is_file():
+        _phase(f"removing the old compressor in {output}/")
+        shutil.rmtree(output)  # only now the new one is fitted; no stale files of the old one beside it
     _phase(f"saving the compressor to {output}/")
     compressor.save_pretrained(output)
-    _phase("measuring held-out streaming perplexity and memory against the dense cache")
-    summary = measure()
+    _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense (the final check)")
+    summary = fitted.measure(seconds)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
-    for name, report in reports.items():
+    for name, report in fitted.reports.items():
         (output / name).write_text(json.dumps(report, indent=2) + "\n")
-    written = "".join(f"{name}, " for name in reports)
-    print(f"\n{summary.summary()}\n" + warning + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, {written}calibration_results.json)")
-    if args.plot and plot is not None:
+    written = "".join(f"{name}, " for name in fitted.reports)
+    print(f"\n{summary.summary()}\n" + fitted.warning + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, {written}calibration_results.json)")
+    if args.plot and fitted.plot is not None:
         _phase(f"plotting to {args.plot}")
-        print(f"wrote {plot(summary)}")
+        print(f"wrote {fitted.plot(summary)}")
     if args.push_to_hub:
         _phase(f"pushing to the Hub repo {args.push_to_hub}")
         print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
-    return summary
 
 
 def _cache_settings(args) -> dict:
@@ -125,40 +272,12 @@ def _cache_settings(args) -> dict:
     return {"sink": args.sink, "window": args.window, "block_size": args.block_size}
 
 
-def _check_output(args) -> None:
-    """Refuse an --output that would lose work, before any: a file, or an artifact without --overwrite."""
-    output = Path(args.output)
-    if output.is_file():
-        raise SystemExit(f"error: --output {output} is a file; give a directory for the compressor")
-    if (output / "compressor_config.json").exists() and not args.overwrite:
-        raise SystemExit(f"error: --output {output} already holds a compressor; pass --overwrite to replace it, or choose another directory")
-    if output.exists() and args.overwrite:
-        shutil.rmtree(output)  # no stale files of the old artifact beside the new one
-
-
-def _calibrate(args) -> None:
-    if args.target_memory_reduction is not None and not 0 < args.target_memory_reduction < 1:
-        raise SystemExit(f"error: --target-memory-reduction is the share of K/V memory to save, in (0, 1), e.g. 0.5; got {args.target_memory_reduction}")
-    _check_output(args)
-    if args.method == "gate":
-        return _calibrate_gates(args)
-    if args.method == "sidecar":
-        return _calibrate_sidecar(args)
-    from kvcompress import load_model
+def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
     from kvcompress.config import RankConfig
     from kvcompress.models import kv_shape
 
     from .calibrate import LowRankCalibration
 
-    if args.rank is not None and (args.target_memory_reduction is not None or args.config):
-        raise SystemExit("error: --rank sets every head's rank; it cannot be combined with --target-memory-reduction or --config")
-    if args.rank is None and args.target_memory_reduction is None and not args.config:
-        raise SystemExit("error: give --rank R, --target-memory-reduction F or --config FILE (a config may be combined with a memory target)")
-    if args.rank_v is not None and args.rank is None:
-        raise SystemExit("error: --rank-v needs --rank")
-    started = time.perf_counter()
-    _phase("loading the model")
-    model, tokenizer = load_model(args.model)
     layers, kv_heads, head_dim = kv_shape(model.config)
     shape = layers, kv_heads, head_dim, head_dim
     if args.config:
@@ -167,42 +286,40 @@ def _calibrate(args) -> None:
         full = shape[2] if args.rank is None else args.rank
         template = RankConfig.uniform(*shape, full, args.rank_v if args.rank is not None else None, algo=args.method)
     needs_fisher = args.target_memory_reduction is not None or bool(args.plot)
-    calibration = LowRankCalibration.collect(
-        model, tokenizer, args.data, samples=args.samples, tokens=args.tokens, sink=args.sink,
-        fisher_sequences=args.fisher_sequences if needs_fisher else 0, eval_tokens=args.eval_tokens, name_or_path=args.model,
+    fisher = f", then Fisher information over {args.fisher_sequences} sequences" if needs_fisher else ""
+    _phase(f"collecting {args.samples} key/value samples per head from {args.tokens} calibration tokens{fisher}")
+    calibration = LowRankCalibration.from_token_ids(
+        model, token_ids, heldout_ids, samples=args.samples, tokens=args.tokens, sink=args.sink,
+        fisher_sequences=args.fisher_sequences if needs_fisher else 0, name_or_path=args.model, data_name=data_name,
     )
     ranks, source = calibration.ranks(template, args.target_memory_reduction)
     settings = _cache_settings(args)
-    _phase(f"fitting the {args.method} projections at the chosen ranks")
+    _phase(f"fitting the {args.method} projections at the {'Fisher-guided' if source == 'fisher' else 'given'} ranks")
     compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
-    seconds = time.perf_counter() - started
     reports = {"ranks.json": ranks.to_json()} | ({"fisher.json": calibration.fisher.summary(calibration.data.num_heads)} if calibration.fisher is not None else {})
-    _save_measure_report(
-        args, compressor, lambda: calibration.measure(compressor, fit_metrics, source, seconds), reports,
+    return _Fitted(
+        compressor, lambda seconds: calibration.measure(compressor, fit_metrics, source, seconds), reports,
         plot=lambda summary: _plot_sweep(args, calibration, template, settings, summary.baseline_perplexity),
     )
 
 
-def _calibrate_gates(args) -> None:
-    from kvcompress import load_model
+def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
     from kvcompress.gate import GateCompressor, GatedCache
     from kvcompress.hub import model_signature
     from kvcompress.rope import rope_inv_freq
 
-    from .calibrate import calibration_corpus, measure
+    from .calibrate import measure
     from .gates import collect_retention_labels, train_gates
     from .recall import recall_sequences
 
-    started = time.perf_counter()
-    _phase("loading the model")
-    model, tokenizer = load_model(args.model)
-    token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=args.recall_facts) if args.recall_facts else None
     inv_freq = rope_inv_freq(model)
+    _phase(f"labelling the tokens of {args.gate_tokens} calibration tokens that queries beyond the window attend to")
     labels = collect_retention_labels(
         model, token_ids if recall is None else recall.token_ids, inv_freq, window=args.window, sink=args.sink,
         threshold=args.label_threshold, max_tokens=args.gate_tokens,
     )
+    _phase(f"training the gates ({args.gate_steps} steps at most)")
     with torch.enable_grad():
         gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps)
     if recall is not None:  # do the labels see the recall? statements should be positive far more often than prose
@@ -218,34 +335,29 @@ def _calibrate_gates(args) -> None:
         "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": args.recall_facts},
     }
     compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config)
-    seconds = time.perf_counter() - started
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
         f"recall_{name}": value for name, value in report.get("recall", {}).items() if name.endswith("rate")
     }
     setting = f"keep ratio {args.keep_ratio:g}, per-head policy"
-    _save_measure_report(
-        args, compressor, lambda: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor, args.keep_ratio), setting, seconds, fit_metrics),
+    return _Fitted(
+        compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor, args.keep_ratio), setting, seconds, fit_metrics),
         {"gate_report.json": report}, plot=lambda _: _plot("plot_gate_report", report, args.plot, title="retention gates on held-out tokens"),
     )
 
 
-def _calibrate_sidecar(args) -> None:
-    from kvcompress import load_model
+def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
     from kvcompress.hub import model_signature
     from kvcompress.models import cache_dir, kv_shape
     from kvcompress.rope import rope_inv_freq
-    from kvcompress.sidecar import SidecarCache, SidecarNetwork
+    from kvcompress.sidecar import SidecarCache, SidecarCompressor, SidecarNetwork
 
-    from .calibrate import calibration_corpus, measure
-    from .sidecar import LossWeights, TrainingSettings, reference_queries, sidecar_compressor, train_sidecar, unhealthy
+    from .calibrate import measure
+    from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, unhealthy
     from .trajectories import collect_trajectories
 
-    started = time.perf_counter()
-    _phase("loading the model")
-    model, tokenizer = load_model(args.model)
-    token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     inv_freq = rope_inv_freq(model)
     directory = Path(args.trajectories) if args.trajectories else cache_dir() / "trajectories" / Path(str(model.config._name_or_path)).name
+    _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept)")
     trajectories = collect_trajectories(
         model, token_ids, directory, sequences=args.trajectory_sequences + args.heldout_sequences,
         query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,
@@ -255,6 +367,7 @@ def _calibrate_sidecar(args) -> None:
     weights = LossWeights.output_matching_only() if args.loss == "output" else LossWeights()
     settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr)
     references = reference_queries(train, inv_freq, recent_window=args.window)
+    _phase(f"training the sidecar network ({args.sidecar_steps} steps; first attention matching on the held-out sequences, the starting point)")
     with torch.enable_grad():
         training = train_sidecar(network, train, heldout, inv_freq, references, weights, settings)
     best = training["best"]
@@ -265,18 +378,20 @@ def _calibrate_sidecar(args) -> None:
                         "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions},
         "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"]},
     }
-    compressor = sidecar_compressor(network, references, inv_freq, config)
-    seconds = time.perf_counter() - started
+    compressor = SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
     fit_metrics = {f"heldout_{name}": best[name] for name in ("output_error", "output_cosine", "key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio")}
     fit_metrics["heldout_output_error_attention_matching"] = training["initial"]["output_error"]
     setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
     warning = unhealthy(best)
-    _save_measure_report(
-        args, compressor, lambda: measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics),
+    return _Fitted(
+        compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics),
         {"training_history.json": training["history"]},
         plot=lambda _: _plot("plot_sidecar_training", training["history"], args.plot, title=setting),
         warning=f"WARNING: diagnostics outside [0.5, 2]: {', '.join(warning)}\n" if warning else "",
     )
+
+
+CALIBRATORS = dict.fromkeys(LOWRANK_METHODS, _fit_lowrank) | {"gate": _fit_gates, "sidecar": _fit_sidecar}  # one per method
 
 
 def _plot(name: str, *args, **kwargs):
@@ -292,6 +407,7 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> str:
 
     from .plots import plot_perplexity_vs_memory
 
+    _phase(f"sweeping {len(args.sweep)} memory targets for the plot: a fit and a held-out check each, with Fisher-guided and with uniform ranks")
     curves = {"fisher-guided ranks": [], "uniform ranks": []}
     shape = template.num_layers, template.num_kv_heads, template.d_k, template.d_v
     for target in args.sweep:
@@ -308,6 +424,39 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> str:
     return plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)
 
 
+def _check_calibrate(parser: _Parser, args) -> None:
+    """Everything that can be refused before the model loads: options of other methods, combinations, --output."""
+    for group in parser._action_groups:
+        methods = getattr(group, "methods", None)
+        given = parser.given(args, *(action.option_strings[0] for action in group._group_actions)) if methods and args.method not in methods else []
+        if given:
+            parser.error(f"{given[0]} is an option of --method {' / '.join(methods)}, not of --method {args.method}")
+    if args.method in LOWRANK_METHODS:
+        if args.rank is not None and (args.target_memory_reduction is not None or args.config):
+            parser.error("--rank sets every head's rank; it cannot be combined with --target-memory-reduction or --config")
+        if args.rank is None and args.target_memory_reduction is None and not args.config:
+            parser.error("give --rank R, --target-memory-reduction F or --config FILE (a config may be combined with a memory target)")
+        if args.rank_v is not None and args.rank is None:
+            parser.error("--rank-v needs --rank")
+        if args.tokens < args.samples:
+            parser.error(f"--tokens ({args.tokens}) must be at least --samples ({args.samples}): the samples are drawn from those tokens")
+    if args.method == "sidecar" and args.slots >= args.merge_window:
+        parser.error(f"--slots ({args.slots}) must be fewer than --merge-window ({args.merge_window}): each window of N tokens becomes k super-tokens")
+    if args.plot:
+        _require(parser, "matplotlib", "--plot")
+    if args.push_to_hub:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            parser.error("--push-to-hub needs a Hub login: run `hf auth login` (or set HF_TOKEN) first")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output} is a file; give a directory for the compressor")
+    if (output / CONFIG_FILE).exists() and not args.overwrite:
+        parser.error(f"--output {output} already holds a compressor; pass --overwrite to replace it, or choose another directory")
+
+
+# ------------------------------------------------------------------------------------------ hub
 def _pretrained(args) -> None:
     from kvcompress import list_pretrained
 
@@ -331,17 +480,27 @@ def _publish(args) -> None:
     print(f"{'would publish' if args.dry_run else 'published'} {len(repo_ids)} repositories" + (" (dry run: nothing was uploaded)" if args.dry_run else ""))
 
 
+# ------------------------------------------------------------------------------------------ the parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvcompress", description="KV-cache compression for HuggingFace causal LMs.")
+    parser = _Parser(prog="kvcompress", description="KV-cache compression for HuggingFace causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every option shows its default
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_generate(commands)
     _add_evaluate(commands)
     _add_calibrate(commands)
     _add_hub_commands(commands)
+    for command in commands.choices.values():  # --debug also after the command; given or not, the one before it holds
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error, not just its message (off unless given)")
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=_model, default=None, metavar="DIR_OR_HUB_ID", help="local directory or Hub id; none: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--data", type=_corpus, default=None, metavar="FILE_OR_DATASET",
+        help="text file or datasets name (name[:config][@split]); none: the WikiText-2 validation text shipped with kvcompress",
+    )
 
 
 def _add_generate(commands) -> None:
@@ -349,82 +508,104 @@ def _add_generate(commands) -> None:
     generate.add_argument("prompt", nargs="?", help="a user message; none: the passkey-retrieval demo")
     _add_model_arguments(generate)
     generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o", help="the cache to generate with (unless --compressor)")
-    generate.add_argument("--ratio", type=float, default=None, help=f"compression ratio, e.g. 4 for 4:1; none and no --budget: {DEFAULT_RATIO:g}")
-    generate.add_argument("--budget", type=int, default=None, help="tokens kept per layer and KV head")
+    generate.add_argument("--ratio", type=RATIO, default=None, help=f"compression ratio, e.g. 4 for 4:1; none and no --budget: {DEFAULT_RATIO:g}")
+    generate.add_argument("--budget", type=COUNT, default=None, help="tokens kept per layer and KV head (instead of --ratio)")
     generate.add_argument(
         "--compressor", default=None, metavar="DIR_OR_HUB_ID[@OPTIONS]",
         help="use a fitted compressor instead of --cache: a directory (kvcompress calibrate --output) or a Hub id (kvcompress pretrained lists the shipped ones), "
         "with cache options after @, e.g. kvcompress/smollm2-135m-instruct-gate@keep_ratio=0.07",
     )
-    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
-    generate.add_argument("--context-tokens", type=int, default=1536, help="passkey demo: prompt length")
-    generate.add_argument("--depth", type=float, default=0.5, help="passkey demo: where the key is hidden (0..1)")
+    generate.add_argument("--max-new-tokens", type=COUNT, default=16, help="tokens to generate")
+    generate.add_argument("--context-tokens", type=COUNT, default=1536, help="passkey demo: prompt length")
+    generate.add_argument("--depth", type=DEPTH, default=0.5, help="passkey demo: where the key is hidden (0..1)")
     generate.add_argument("--seed", type=int, default=0, help="passkey demo: random seed of the key and its filler")
-    generate.set_defaults(run=_generate)
+    generate.set_defaults(run=_generate, check=functools.partial(_check_generate, generate))
 
 
 def _add_evaluate(commands) -> None:
     evaluate_ = commands.add_parser("evaluate", help="streaming perplexity, passkey retrieval and memory of several caches")
     _add_model_arguments(evaluate_)
     evaluate_.add_argument("--caches", nargs="*", default=["dense", "streamingllm", "h2o"], choices=sorted(CACHE_CLASSES), help="caches to compare")
-    evaluate_.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8], help="compression ratios of the budgeted caches")
+    evaluate_.add_argument("--ratios", nargs="+", type=RATIO, default=[2, 4, 8], help="compression ratios of the budgeted caches")
     evaluate_.add_argument(
         "--compressors", nargs="+", default=[], metavar="DIR_OR_HUB_ID[@OPTIONS]",
         help="also evaluate fitted compressors (directories or Hub ids), e.g. gate-dir@keep_ratio=0.08,policy=layer",
     )
-    evaluate_.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens for streaming perplexity")
-    evaluate_.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward in the perplexity stream")
-    evaluate_.add_argument("--passkey-tokens", type=int, default=1536, help="length of each passkey prompt")
-    evaluate_.add_argument("--depths", nargs="+", type=float, default=list(DEPTHS), help="where the key is hidden (0..1)")
-    evaluate_.add_argument("--trials", type=int, default=2, help="passkey prompts per depth")
-    evaluate_.add_argument("--output", default=None, help="also write the results as JSON")
-    evaluate_.add_argument("--plot", default=None, help="also plot quality vs compression to this PNG")
-    evaluate_.set_defaults(run=_evaluate)
+    evaluate_.add_argument("--ppl-tokens", type=COUNT, default=1024, help="held-out tokens for streaming perplexity")
+    evaluate_.add_argument("--ppl-chunk", type=COUNT, default=32, help="tokens per forward in the perplexity stream")
+    evaluate_.add_argument("--passkey-tokens", type=COUNT, default=1536, help="length of each passkey prompt")
+    evaluate_.add_argument("--depths", nargs="+", type=DEPTH, default=list(DEPTHS), help="where the key is hidden (0..1)")
+    evaluate_.add_argument("--trials", type=COUNT, default=2, help="passkey prompts per depth")
+    evaluate_.add_argument("--output", default=None, metavar="FILE", help="also write the results as JSON")
+    evaluate_.add_argument("--plot", default=None, metavar="PNG", help="also plot quality vs compression to this PNG")
+    evaluate_.set_defaults(run=_evaluate, check=functools.partial(_check_evaluate, evaluate_))
+
+
+def _method_options(parser: argparse.ArgumentParser, *methods: str):
+    """An argument group of the options only `methods` use (any other method refuses them)."""
+    group = parser.add_argument_group(f"options of --method {' / '.join(methods)}")
+    group.methods = methods
+    return group
 
 
 def _add_calibrate(commands) -> None:
     calibrate = commands.add_parser("calibrate", help="fit a compressor (pca, kvsplice, gate or sidecar), measure it and save it")
     _add_model_arguments(calibrate)
-    calibrate.add_argument("--method", choices=["pca", "kvsplice", "gate", "sidecar"], required=True, help="what to fit")
-    calibrate.add_argument("--rank", type=int, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
-    calibrate.add_argument("--rank-v", type=int, default=None, help="uniform rank of the values, with --rank")
-    calibrate.add_argument("--target-memory-reduction", type=float, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
-    calibrate.add_argument("--config", default=None, help="rank config JSON (see kvcompress.config); with a memory target, its enabled heads get Fisher ranks")
-    calibrate.add_argument("--output", required=True, help="directory for the compressor artifact")
-    calibrate.add_argument("--overwrite", action="store_true", help="replace an artifact already in --output")
-    calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo")
-    calibrate.add_argument("--plot", default=None, help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate), training diagnostics (sidecar)")
-    calibrate.add_argument("--sweep", nargs="+", type=float, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
-    calibrate.add_argument("--samples", type=int, default=4096, help="key/value samples per head")
-    calibrate.add_argument("--tokens", type=int, default=16384, help="calibration tokens to collect from")
-    calibrate.add_argument("--fisher-sequences", type=int, default=8, help="512-token sequences for Fisher information")
-    calibrate.add_argument("--kvsplice-steps", type=int, default=300, help="training steps of each KVSplice projection")
-    calibrate.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the perplexity check")
-    calibrate.add_argument("--sink", type=int, default=4, help="first tokens kept exact by the fitted cache")
-    calibrate.add_argument("--window", type=int, default=64, help="recent tokens kept exact by the fitted cache")
-    calibrate.add_argument("--block-size", type=int, default=16, help="tokens that leave the window together")
-    gate = calibrate.add_argument_group("gate")
-    gate.add_argument("--keep-ratio", type=float, default=0.125, help="share of tokens leaving the window the check keeps")
-    gate.add_argument("--label-threshold", type=float, default=0.02, help="attention share from a later query that makes a token worth keeping")
-    gate.add_argument("--gate-tokens", type=int, default=20480, help="calibration tokens to label (in sequences of 1024)")
+    calibrate.add_argument(
+        "--method", choices=known_methods(), required=True,
+        help="what to fit: pca or kvsplice (low-rank keys and values), gate (retention gates), sidecar (a network merging windows of tokens)",
+    )
+    calibrate.add_argument("--output", required=True, metavar="DIR", help="directory for the compressor artifact")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace an artifact already in --output (removed once the new one is fitted)")
+    calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo (needs `hf auth login`)")
+    calibrate.add_argument(
+        "--plot", default=None, metavar="PNG",
+        help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate), training diagnostics (sidecar)",
+    )
+    calibrate.add_argument("--eval-tokens", type=COUNT, default=1024, help="held-out tokens for the perplexity check")
+    calibrate.add_argument("--sink", type=COUNT_OR_ZERO, default=4, help="first tokens kept exact by the fitted cache")
+    calibrate.add_argument("--window", type=COUNT, default=64, help="recent tokens kept exact by the fitted cache")
+    blocks = _method_options(calibrate, *LOWRANK_METHODS, "gate")
+    blocks.add_argument("--block-size", type=COUNT, default=16, help="tokens that leave the window together")
+
+    lowrank = _method_options(calibrate, *LOWRANK_METHODS)
+    lowrank.add_argument("--rank", type=COUNT, default=None, help="uniform rank of every head's keys (and values, unless --rank-v)")
+    lowrank.add_argument("--rank-v", type=COUNT, default=None, help="uniform rank of the values, with --rank")
+    lowrank.add_argument("--target-memory-reduction", type=SHARE, default=None, help="Fisher-guided ranks that save this share of K/V memory, e.g. 0.5")
+    lowrank.add_argument("--config", type=_existing_file, default=None, metavar="FILE", help="rank config JSON (see kvcompress.config); with a memory target, its enabled heads get Fisher ranks")
+    lowrank.add_argument("--sweep", nargs="+", type=SHARE, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
+    lowrank.add_argument("--samples", type=COUNT, default=4096, help="key/value samples per head")
+    lowrank.add_argument("--tokens", type=COUNT, default=16384, help="calibration tokens to collect from")
+    lowrank.add_argument("--fisher-sequences", type=COUNT, default=8, help="512-token sequences for Fisher information")
+    kvsplice = _method_options(calibrate, "kvsplice")
+    kvsplice.add_argument("--kvsplice-steps", type=COUNT, default=300, help="training steps of each KVSplice projection")
+
+    gate = _method_options(calibrate, "gate")
+    gate.add_argument("--keep-ratio", type=SHARE_OR_ALL, default=0.125, help="share of tokens leaving the window the check keeps")
+    gate.add_argument("--label-threshold", type=SHARE, default=0.02, help="attention share from a later query that makes a token worth keeping")
+    gate.add_argument("--gate-tokens", type=COUNT, default=20480, help="calibration tokens to label (in sequences of 1024)")
     gate.add_argument(
-        "--recall-facts", type=int, default=4,
+        "--recall-facts", type=COUNT_OR_ZERO, default=4,
         help="short statements spliced into each calibration sequence and asked for at its end, so the labels see recall (0: prose only)",
     )
-    gate.add_argument("--gate-steps", type=int, default=400, help="training steps of the gates")
-    gate.add_argument("--gate-hidden", type=int, default=256, help="width of each gate MLP")
-    sidecar = calibrate.add_argument_group("sidecar")
+    gate.add_argument("--gate-steps", type=COUNT, default=400, help="training steps of the gates")
+    gate.add_argument("--gate-hidden", type=COUNT, default=256, help="width of each gate MLP")
+
+    sidecar = _method_options(calibrate, "sidecar")
     sidecar.add_argument("--merge-window", type=int, default=32, choices=[32, 64, 128], help="N: tokens merged per window")
-    sidecar.add_argument("--slots", type=int, default=4, help="k: super-tokens per window; N:k is the merge ratio (32:4 = 8:1, as the shipped sidecar-8x)")
+    sidecar.add_argument(
+        "--slots", type=COUNT, default=4,
+        help="k: super-tokens each window of N tokens becomes, so N:k is the compression of the merged tokens (32:4 = 8:1, as the shipped sidecar-8x)",
+    )
     sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
-    sidecar.add_argument("--sidecar-steps", type=int, default=400, help="training steps of the sidecar network")
-    sidecar.add_argument("--sidecar-lr", type=float, default=3e-4, help="learning rate of the sidecar network")
+    sidecar.add_argument("--sidecar-steps", type=COUNT, default=400, help="training steps of the sidecar network")
+    sidecar.add_argument("--sidecar-lr", type=POSITIVE, metavar="LR", default=3e-4, help="learning rate of the sidecar network")
     sidecar.add_argument("--trajectories", default=None, metavar="DIR", help="trajectory shards (collected there, or resumed); none: under the kvcompress cache")
-    sidecar.add_argument("--trajectory-sequences", type=int, default=24, help="1024-token sequences to train on")
-    sidecar.add_argument("--heldout-sequences", type=int, default=4, help="further sequences for held-out diagnostics")
-    sidecar.add_argument("--query-positions", type=int, default=128, help="future queries (with forces) stored per sequence")
-    sidecar.add_argument("--disk-budget-gb", type=float, default=4.0, help="most disk the trajectory shards may take")
-    calibrate.set_defaults(run=_calibrate)
+    sidecar.add_argument("--trajectory-sequences", type=COUNT, default=24, help="1024-token sequences to train on")
+    sidecar.add_argument("--heldout-sequences", type=COUNT, default=4, help="further sequences for held-out diagnostics")
+    sidecar.add_argument("--query-positions", type=COUNT, default=128, help="future queries (with forces) stored per sequence")
+    sidecar.add_argument("--disk-budget-gb", type=POSITIVE, metavar="GB", default=4.0, help="most disk the trajectory shards may take")
+    calibrate.set_defaults(run=_calibrate, check=functools.partial(_check_calibrate, calibrate))
 
 
 def _add_hub_commands(commands) -> None:
@@ -441,10 +622,17 @@ def _add_hub_commands(commands) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "check", None):
+        args.check(args)  # combinations and paths, before any work
     args.command_line = shlex.join(["kvcompress", *argv])
     torch.set_grad_enabled(False)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as error:  # one clear line for a user; the traceback with --debug
         if args.debug:
             raise

@@ -32,8 +32,8 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from kvcompress.attention_matching import MergedWindows, attention_matching_merge
-from kvcompress.rope import rotate
-from kvcompress.sidecar import SidecarCompressor, SidecarNetwork, to_window_frame, window_frame_references
+from kvcompress.rope import rotate, to_window_frame, window_frame_references
+from kvcompress.sidecar import SidecarNetwork
 
 from .trajectories import Trajectories
 
@@ -361,7 +361,3 @@ def reference_queries(data: Trajectories, inv_freq: torch.Tensor, count: int = 6
     length = data.settings["sequence_length"]
     offsets = torch.exp(torch.empty(count).uniform_(math.log(recent_window), math.log(length), generator=generator)).round()
     return References(grouped[:, :, pick].contiguous(), offsets)
-
-
-def sidecar_compressor(network: SidecarNetwork, references: References, inv_freq: torch.Tensor, config: dict) -> SidecarCompressor:
-    return SidecarCompressor.from_network(network, inv_freq, references.queries, references.offsets, config)
