@@ -76,39 +76,14 @@ class CompressedLayer(CacheLayerMixin):
         self.encoding = encoding or Encoding()
         self.settings = settings or CacheSettings()
         self.artifacts = (*self.keep.artifacts, *self.encoding.artifacts)
+        # What the policies declare, read once: the engine and attention consult it on every step.
+        self.tracks_attention = self.keep.needs_attention
+        self.store_scores = self.keep.needs_attention or self.keep.keeps_scores  # store slots keep received attention or the policy's score
+        self.uses_bias, self.attends_store = self.encoding.uses_bias, self.encoding.attends_store
+        self.plain_store = self.encoding.plain  # keys and values as they are: the store shares the tail's allocation
+        self.sink, self.block_size = self.settings.sink, self.settings.block_size
         self._model_checked = False
         self.reset()
-
-    # What the policies declare, read by the engine and by attention.
-    @property
-    def tracks_attention(self) -> bool:
-        return self.keep.needs_attention
-
-    @property
-    def store_scores(self) -> bool:
-        """Whether store slots keep a score: the attention they received, or one the keep policy gave them."""
-        return self.keep.needs_attention or self.keep.keeps_scores
-
-    @property
-    def uses_bias(self) -> bool:
-        return self.encoding.uses_bias
-
-    @property
-    def attends_store(self) -> bool:
-        return self.encoding.attends_store
-
-    @property
-    def plain_store(self) -> bool:
-        """Whether the store holds keys and values as they are (and so shares the tail's allocation)."""
-        return self.encoding.plain
-
-    @property
-    def sink(self) -> int:
-        return self.settings.sink
-
-    @property
-    def block_size(self) -> int:
-        return self.settings.block_size
 
     # ----------------------------------------------------------------------- transformers contract
     def reset(self) -> None:

@@ -7,13 +7,11 @@ layer's heads are scored with three batched matmuls and no Python loop over head
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import CompressedCache
-from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
+from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .rope import rotate
@@ -245,7 +243,7 @@ def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSet
     return kept_share(Budget(ratio=ratio).ratio, context, exact, token_cost, held)
 
 
-class GatedCache(CompressedCache):
+class GatedCache(FittedCache):
     """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", ratio=8)`` or ``(..., keep_ratio=0.125)``.
 
     `ratio`: the memory knob, dense bytes over held bytes reached at `context` tokens (fewer tokens compress
@@ -256,6 +254,8 @@ class GatedCache(CompressedCache):
     keep what their gates expect to be needed) or "equal" (every head keeps the same share); `max_tokens`
     optionally caps each head's kept tokens (lowest gate probabilities go first).
     """
+
+    artifact_class = GateCompressor
 
     def __init__(
         self, compressor: GateCompressor, keep_ratio: float | None = None, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT,
@@ -268,14 +268,6 @@ class GatedCache(CompressedCache):
         keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, allocation))
         super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id: str | os.PathLike, keep_ratio: float | None = None, *, revision: str | None = None, token: str | bool | None = None, **settings,
-    ) -> GatedCache:
-        """A fresh cache from a gate directory or Hub repo (settings as for the constructor); caches of the same files share the gates."""
-        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
-        return cls(GateCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), keep_ratio, **settings)
 
     def __repr__(self):
         return f"GatedCache({self.keep!r})"

@@ -31,6 +31,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cache import CompressedCache
 from .config import ConfigError
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, kv_shape
 
@@ -456,12 +457,24 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
     return cls(config, tensors)
 
 
-def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token: str | bool | None = None, **settings):
+class FittedCache(CompressedCache):
+    """A preset cache built on a fitted artifact of `artifact_class`, which its constructor takes first."""
+
+    artifact_class: type[CompressorArtifact] = CompressorArtifact
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, *args, revision: str | None = None, token: str | bool | None = None, **settings):
+        """A fresh cache from an artifact directory or Hub repo; caches of the same files share its weights. `args` and `settings`
+        go to the constructor, except the download keywords (`DOWNLOAD_ARGUMENTS`)."""
+        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
+        artifact = cls.artifact_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download)
+        return (cls if cls.artifact_class.method else artifact.cache_class())(artifact, *args, **settings)
+
+
+def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token: str | bool | None = None, **settings) -> FittedCache:
     """A fresh cache of the class an artifact (a directory or Hub id) was fitted for, with `settings` for its constructor
     (e.g. ``ratio=8``): ``kvcompress.load_cache("kvcompress/smollm2-135m-instruct-gate", ratio=8)`` is a `GatedCache`."""
-    download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
-    artifact = CompressorArtifact.from_pretrained(path_or_hub_id, revision=revision, token=token, **download)
-    return artifact.cache_class()(artifact, **settings)
+    return FittedCache.from_pretrained(path_or_hub_id, revision=revision, token=token, **settings)
 
 
 def artifact_class(method: str) -> type[CompressorArtifact] | None:

@@ -21,7 +21,6 @@ which the tests check attention against). The attention sink and the recent wind
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,14 +28,13 @@ import torch
 
 from . import latent_attention
 from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
-from .cache import CompressedCache
 from .config import ConfigError, RankConfig
-from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
-from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
+from .hub import CompressorArtifact, FittedCache
+from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .quantize import Quantized
 from .rope import rotate
-from .settings import Budget, CacheSettings
+from .settings import CacheSettings
 from .slots import FILLER
 
 if TYPE_CHECKING:
@@ -248,47 +246,36 @@ class LowRankEncoding(Encoding):
         return self.compressor.attend_store(layer.layer_idx, queries, store["key_latents"], store["value_latents"], store["token_ids"], scaling)
 
 
-class _LowRankCache(CompressedCache):
+class _LowRankCache(FittedCache):
     """Sink and recent window exact; every older token as per-head latents of the compressor's projections.
 
     `ratio`: the memory knob, dense bytes over held bytes at `context` tokens. The latents' size is the
     compressor's (its ranks); a lower ratio than theirs buys a longer exact window, a higher one is refused.
     """
 
-    compressor_class: type[LowRankCompressor] = LowRankCompressor
+    artifact_class: type[LowRankCompressor] = LowRankCompressor
 
     def __init__(
         self, compressor: LowRankCompressor, *, ratio: float | None = None, context: int = DEFAULT_CONTEXT, sink: int | None = None,
         window: int | None = None, block_size: int | None = None, config: PretrainedConfig | None = None,
     ) -> None:
-        if not isinstance(compressor, self.compressor_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.compressor_class.__name__}, got {type(compressor).__name__}.")
+        if not isinstance(compressor, self.artifact_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.artifact_class.__name__}, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
-        if ratio is not None:
-            if window is not None:
-                raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
-            dim = compressor.config["base_model"]["head_dim"]
-            cost = slot_cost(2 * dim * compressor.ranks.memory_fraction(), dim, extra_bytes=4)  # latents and a token id
-            window = window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, repr(compressor))
+        dim = compressor.config["base_model"]["head_dim"]
+        cost = slot_cost(2 * dim * compressor.ranks.memory_fraction(), dim, extra_bytes=4)  # latents and a token id
+        window = window_for(ratio, window, context, cost, settings, repr(compressor))
         super().__init__(encoding=LowRankEncoding(compressor), fitted=vars(settings), window=window, config=config)
         self.compressor = compressor
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None, **settings,
-    ) -> _LowRankCache:
-        """A fresh cache from a compressor directory or Hub repo; caches of the same files share its weights."""
-        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
-        return cls(cls.compressor_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)
 
 
 class PCACache(_LowRankCache):
     """Per-head PCA bases for keys (pre-RoPE) and values. ``PCACache.from_pretrained("dir-or-hub-id")``."""
 
-    compressor_class = PCACompressor
+    artifact_class = PCACompressor
 
 
 class KVSpliceCache(_LowRankCache):
     """Per-head learned linear encoder/decoder. ``KVSpliceCache.from_pretrained("dir-or-hub-id")``."""
 
-    compressor_class = KVSpliceCompressor
+    artifact_class = KVSpliceCompressor

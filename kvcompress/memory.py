@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .settings import Budget, CacheSettings
+
 DEFAULT_CONTEXT = 4096  # tokens at which ``ratio=`` is met unless a cache is told the context it will see
 
 
@@ -51,6 +53,15 @@ def slot_cost(numbers_per_token: float, head_dim: int, extra_bytes: int, dtype_b
     """Dense tokens' worth of memory of one held token-head: `numbers_per_token` numbers (of the 2 x `head_dim` of a dense key and
     value) and `extra_bytes` of bookkeeping (token id, score, bias), at `dtype_bytes` per number."""
     return (numbers_per_token * dtype_bytes + extra_bytes) / (2 * head_dim * dtype_bytes)
+
+
+def window_for(ratio: float | None, window: int | None, context: int, cost: float, settings: CacheSettings, what: str) -> int | None:
+    """The exact window a cache was given, or, with `ratio`, the one that meets it (`window_for_ratio`): one or the other."""
+    if ratio is None:
+        return window
+    if window is not None:
+        raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
+    return window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, what)
 
 
 def window_for_ratio(ratio: float, context: int, cost: float, sink: int, block_size: int, what: str) -> int:

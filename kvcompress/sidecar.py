@@ -24,20 +24,18 @@ queries before RoPE, rotated to positions after the window, so no inference-time
 from __future__ import annotations
 
 import copy
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .attention_matching import MergedWindows, attention_matching_merge
-from .cache import CompressedCache
 from .config import ConfigError
-from .hub import DOWNLOAD_ARGUMENTS, CompressorArtifact
-from .memory import DEFAULT_CONTEXT, slot_cost, window_for_ratio
+from .hub import CompressorArtifact, FittedCache
+from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .rope import to_window_frame, window_frame_references
-from .settings import Budget, CacheSettings
+from .settings import CacheSettings
 from .slots import SYNTHESIZED, Slots
 
 if TYPE_CHECKING:
@@ -211,7 +209,7 @@ class SidecarMerge(Encoding):
         return Slots(blocks.rows, merged_keys.to(dtype), merged_values.to(dtype), token_ids, bias=bias.float())
 
 
-class SidecarCache(CompressedCache):
+class SidecarCache(FittedCache):
     """Windows of N old tokens merged into k super-tokens each. ``SidecarCache.from_pretrained("dir-or-hub-id")``.
 
     `merge`: "sidecar" (the trained network) or "attention_matching" (the closed-form rival, with the
@@ -220,25 +218,16 @@ class SidecarCache(CompressedCache):
     network's; a lower ratio than it gives buys a longer exact window, a higher one is refused.
     """
 
+    artifact_class = SidecarCompressor
+
     def __init__(
         self, compressor: SidecarCompressor, *, merge: str = "sidecar", ratio: float | None = None, context: int = DEFAULT_CONTEXT,
         sink: int | None = None, window: int | None = None, config: PretrainedConfig | None = None,
     ) -> None:
         encoding = SidecarMerge(compressor, merge)
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)
-        if ratio is not None:
-            if window is not None:
-                raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
-            dim = compressor.config["base_model"]["head_dim"]
-            cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8)  # keys, values, token id and bias
-            window = window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, repr(compressor))
+        dim = compressor.config["base_model"]["head_dim"]
+        cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8)  # keys, values, token id and bias
+        window = window_for(ratio, window, context, cost, settings, repr(compressor))
         super().__init__(encoding=encoding, fitted=vars(settings), window=window, config=config)
         self.compressor = compressor
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None, **settings,
-    ) -> SidecarCache:
-        """A fresh cache from a sidecar directory or Hub repo; caches of the same files share its network."""
-        download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
-        return cls(SidecarCompressor.from_pretrained(path_or_hub_id, revision=revision, token=token, **download), **settings)
