@@ -15,6 +15,7 @@ from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .rope import rotate
+from .schema import Field, size
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
 from .slots import FILLER, STORE_ROOM, Slots
 
@@ -49,7 +50,7 @@ class GateBank(torch.nn.Module):
         return logits.view(heads, batch, length).transpose(0, 1)
 
 
-POLICIES = ("head", "layer", "global")
+POLICIES = ("head", "layer")
 ALLOCATIONS = ("shared", "equal")  # one probability threshold for all heads, or the same share for each head
 
 
@@ -62,8 +63,8 @@ def fitted_thresholds(
     `allocation` "shared": one probability threshold for every head (per layer for the "layer" policy),
     so heads whose gates expect more future attention keep more tokens (a single threshold;
     measured better on pass-key retrieval than equal shares). "equal": every head keeps the same
-    share (one quantile level). `policy` "head": each head keeps its own tokens; "layer" and
-    "global": a token is kept by every head of its layer (of the model) when any of them keeps it.
+    share (one quantile level). `policy` "head": each head keeps its own tokens; "layer": a token
+    is kept by every head of its layer when any of them keeps it.
     The level is found by bisection so that what the policy keeps is `keep_ratio` of the tokens.
     """
     if policy not in POLICIES:
@@ -90,12 +91,7 @@ def fitted_thresholds(
     for _ in range(iterations):
         level = (low + high) / 2
         kept = probabilities >= at_level(level)[..., None]
-        if policy == "head":
-            rate = kept.float().mean().expand(layers)
-        elif policy == "layer":
-            rate = kept.any(1).float().mean(-1)
-        else:
-            rate = kept.any(1).any(0).float().mean().expand(layers)
+        rate = kept.float().mean().expand(layers) if policy == "head" else kept.any(1).float().mean(-1)
         too_many = rate > keep_ratio
         low, high = torch.where(too_many, level, low), torch.where(too_many, high, level)
     return at_level(high)
@@ -110,6 +106,7 @@ class GateCompressor(CompressorArtifact):
 
     method = "gate"
     cache_class_name = "GatedCache"
+    config_schema = CompressorArtifact.config_schema | {"gates": Field(dict, fields={"hidden": size()}), "label": Field(dict, required=False)}
 
     def expected_tensors(self) -> dict[str, tuple]:
         base = self.config["base_model"]
@@ -149,37 +146,9 @@ class GateCompressor(CompressorArtifact):
         return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
 
 
-class _UnionVotes:
-    """The global-union policy's votes, shared by all layers of one cache: per row and token, whether any
-    head of any layer keeps it, and how many layers have voted."""
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.kept = self.voted = None
-
-    def record(self, rows: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> None:
-        """`rows [n]`, `token_ids [n, k]`, `keep [n, k]` (any head of this layer keeps the token)."""
-        needed = (int(rows.max()) + 1, int(token_ids.max()) + 1)
-        if self.kept is None or self.kept.shape[0] < needed[0] or self.kept.shape[1] < needed[1]:
-            size = (max(needed[0], 0 if self.kept is None else self.kept.shape[0]), max(needed[1], 0 if self.kept is None else self.kept.shape[1]) * 2)
-            kept, voted = torch.zeros(size, dtype=torch.bool, device=rows.device), torch.zeros(size, dtype=torch.int16, device=rows.device)
-            if self.kept is not None:
-                kept[: self.kept.shape[0], : self.kept.shape[1]], voted[: self.voted.shape[0], : self.voted.shape[1]] = self.kept, self.voted
-            self.kept, self.voted = kept, voted
-        where = (rows[:, None].expand_as(token_ids), token_ids.long())
-        self.kept[where] = self.kept[where] | keep
-        self.voted.index_put_(where, torch.ones_like(token_ids, dtype=self.voted.dtype), accumulate=True)
-
-    def keep(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """For store slots ``[B, H, S]``: False only for tokens every layer has voted on and none kept."""
-        rows = torch.arange(token_ids.shape[0], device=token_ids.device)[:, None, None].expand_as(token_ids)
-        ids = token_ids.long().clamp(min=0)
-        return (self.voted[rows, ids] < self.num_layers) | self.kept[rows, ids]
-
-
 class GateKeep(KeepPolicy):
     """Keep a token leaving the window when its gate's probability reaches the head's threshold (fitted for
-    `keep_ratio` on held-out tokens), per head or by union over the layer's or the model's heads (`policy`);
+    `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`);
     `max_tokens` caps each head's kept tokens, lowest probabilities first."""
 
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
@@ -194,7 +163,6 @@ class GateKeep(KeepPolicy):
         self.compressor, self.keep_ratio, self.policy, self.allocation, self.max_tokens = compressor, keep_ratio, policy, allocation, max_tokens
         self.thresholds = compressor.thresholds(keep_ratio, policy, allocation)  # [layers, heads]
         self.per_head = policy == "head"
-        self.votes = _UnionVotes(compressor.config["base_model"]["num_layers"]) if policy == "global" else None
         self.artifacts = (compressor,)
 
     def choose(self, layer: LayerView, blocks: Slots) -> Slots:
@@ -204,18 +172,13 @@ class GateKeep(KeepPolicy):
         keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
-        elif self.policy == "global":
-            self.votes.record(blocks.rows, positions, keep.any(dim=1))
-            keep = None  # decided once every layer has voted (bound)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
 
     def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
-        keep = self.votes.keep(token_ids) if self.policy == "global" else None
-        if self.max_tokens is not None:
-            ranked = scores.masked_fill(token_ids == FILLER if keep is None else (token_ids == FILLER) | ~keep, float("-inf"))
-            capped = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1) < self.max_tokens
-            keep = capped if keep is None else keep & capped
-        return keep
+        if self.max_tokens is None:
+            return None
+        ranked = scores.masked_fill(token_ids == FILLER, float("-inf"))
+        return ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1) < self.max_tokens
 
     def __repr__(self):
         return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"
@@ -235,8 +198,6 @@ def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSet
         kept = probabilities >= compressor.thresholds(keep_ratio, policy, allocation)[..., None]
         if policy == "layer":
             kept = kept.any(1, keepdim=True)
-        elif policy == "global":
-            kept = kept.any(1, keepdim=True).any(0, keepdim=True)
         return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM)
 
     exact = settings.sink + settings.window + 1.5 * settings.block_size  # the tail: on average half a block waiting, and room for one
@@ -249,8 +210,8 @@ class GatedCache(FittedCache):
     `ratio`: the memory knob, dense bytes over held bytes reached at `context` tokens (fewer tokens compress
     less, as the exact sink and window weigh more); it sets the keep ratio. `keep_ratio`: the share of the
     tokens leaving the window to keep (thresholds fitted on held-out calibration data; default 0.125).
-    `policy` "head" (each head keeps its own tokens), "layer" or "global" (a token is kept by all heads of
-    the layer / the model when any of them keeps it); `allocation` "shared" (one probability threshold: heads
+    `policy` "head" (each head keeps its own tokens) or "layer" (a token is kept by all heads of the layer
+    when any of them keeps it); `allocation` "shared" (one probability threshold: heads
     keep what their gates expect to be needed) or "equal" (every head keeps the same share); `max_tokens`
     optionally caps each head's kept tokens (lowest gate probabilities go first).
     """
@@ -265,7 +226,7 @@ class GatedCache(FittedCache):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, allocation))
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, allocation))
         super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
 

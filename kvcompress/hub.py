@@ -18,6 +18,7 @@ The pretrained compressors ship inside the package as complete Hub repositories
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from .cache import CompressedCache
 from .config import ConfigError
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, kv_shape
+from .schema import ARTIFACT, FINGERPRINT_NAMES, check
 
 FORMAT_VERSION = 1
 DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only")  # from_pretrained keywords that go to the download
@@ -90,6 +92,7 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
 
     method: str = ""
     cache_class_name: str = ""
+    config_schema = ARTIFACT  # `kvcompress.schema`: subclasses add their own sections
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -114,12 +117,19 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         return {"rope.inv_freq": (self.config["base_model"]["head_dim"] // 2,)}
 
     def validate(self) -> None:
-        """Check the tensors against the config, in one place: every expected tensor present, of its shape, and holding
-        finite floating-point numbers. An artifact is untrusted input: anything else is a clear `ConfigError`."""
-        try:
-            expected = self.expected_tensors()
-        except (KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"The {self.method} compressor's config is incomplete or malformed ({type(error).__name__}: {error}); re-save or re-calibrate it.") from None
+        """Check the config against `config_schema` and the tensors against the config, in one place: every expected tensor
+        present, of its shape, and holding finite floating-point numbers. An artifact is untrusted input: anything else is a
+        clear `ConfigError`."""
+        check(self.config, self.config_schema)
+        base = self.config["base_model"]
+        for name, norms in base["fingerprint"].items():
+            if len(norms) != base["num_layers"]:
+                raise ConfigError(f"compressor_config.json: base_model.fingerprint.{name} has {len(norms)} entries for {base['num_layers']} layers.")
+        self.read_config()
+        expected = self.expected_tensors()
+        unknown = sorted(set(self.tensors) - set(expected))
+        if unknown:
+            raise ConfigError(f"The {self.method} compressor holds tensor(s) its config does not declare ({', '.join(unknown[:3])}...): the weights file is not this artifact's.")
         named: dict[str, tuple[int, str]] = {}  # a named size -> (its size, the first tensor that had it)
         for name, shape in expected.items():
             tensor = self.tensors.get(name)
@@ -139,6 +149,9 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
                     f"The {self.method} compressor's {name} holds NaN or infinite values: the weights file is corrupt. "
                     "Re-download it (force_download=True) or re-calibrate."
                 )
+
+    def read_config(self) -> None:
+        """Build what the artifact derives from its config (which the schema has checked), before its tensors are checked."""
 
     @classmethod
     def cache_class(cls) -> type:
@@ -168,9 +181,11 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
     def _save_pretrained(self, save_directory: Path) -> None:
         from . import __version__
 
+        weights = Path(save_directory) / WEIGHTS_FILE
+        save_file({name: tensor.contiguous() for name, tensor in self.tensors.items()}, str(weights), metadata={"format": "pt"})
         config = {"format_version": FORMAT_VERSION, "kvcompress_version": __version__} | self.config
+        config = {"sha256": checksum(config, weights)} | config
         (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({name: tensor.contiguous() for name, tensor in self.tensors.items()}, str(Path(save_directory) / WEIGHTS_FILE), metadata={"format": "pt"})
         (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
@@ -241,8 +256,8 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         if cls.method:
             return cls
         try:
-            owner = artifact_class(json.loads(Path(config_file).read_text()).get("method"))
-        except (json.JSONDecodeError, AttributeError):
+            owner = artifact_class(json.loads(Path(config_file).read_bytes()).get("method"))
+        except (ValueError, AttributeError):
             return cls  # _load reports the broken file
         return owner if owner is not None and issubclass(owner, cls) else cls
 
@@ -260,21 +275,20 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
             )
 
     def check_module(self, module) -> None:
-        """Once per layer: raise if the attention module's K/V projections are not the ones this artifact was fitted on."""
+        """Once per layer: raise if the model is not the architecture this artifact was fitted for, or the layer's attention
+        projections are not the ones it was fitted on (their weight norms, within `FINGERPRINT_TOLERANCE`)."""
         layer_idx = module.layer_idx
         if layer_idx in self._checked_layers:
             return
-        fingerprint = self.config["base_model"].get("fingerprint")
-        if fingerprint is not None:
-            for name in ("k_proj", "v_proj"):
-                got = float(getattr(module, name).weight.detach().float().norm())
-                expected = fingerprint[name][layer_idx]
-                if not math.isclose(got, expected, rel_tol=FINGERPRINT_TOLERANCE):
-                    raise ValueError(
-                        f"This {self.method} compressor was fitted for {self.config['base_model'].get('name_or_path')}, not for this "
-                        f"model: layer {layer_idx} {name} weight norm is {got:.4g}, the fitted model's was {expected:.4g}. "
-                        "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
-                    )
+        base = self.config["base_model"]
+        fitted_for = f"This {self.method} compressor was fitted for {base['name_or_path']} ({base['model_type']})"
+        advice = "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
+        if module.config.model_type != base["model_type"] or module.config.num_attention_heads != base["num_attention_heads"]:
+            raise ValueError(f"{fitted_for}, not for this {module.config.model_type} model with {module.config.num_attention_heads} attention heads. {advice}")
+        for name in FINGERPRINT_NAMES:
+            got, expected = _weight_norm(getattr(module, name)), base["fingerprint"][name][layer_idx]
+            if not math.isclose(got, expected, rel_tol=FINGERPRINT_TOLERANCE):
+                raise ValueError(f"{fitted_for}, not for this model: layer {layer_idx} {name} weight norm is {got:.4g}, the fitted model's was {expected:.4g}. {advice}")
         self._checked_layers.add(layer_idx)
 
 
@@ -291,12 +305,24 @@ def model_signature(model, name_or_path: str | None = None, revision: str | None
         "num_attention_heads": config.num_attention_heads,
         "num_kv_heads": num_kv_heads,
         "head_dim": head_dim,
-        "fingerprint": {name: [float(getattr(a, name).weight.detach().float().norm()) for a in attention] for name in ("k_proj", "v_proj")},
+        "fingerprint": {name: [_weight_norm(getattr(a, name)) for a in attention] for name in FINGERPRINT_NAMES},
     }
+
+
+def _weight_norm(projection) -> float:
+    return float(projection.weight.detach().float().norm())
 
 
 def _format(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def checksum(config: dict, weights: Path) -> str:
+    """The sha256 that seals an artifact: of its config (without the checksum, as canonical JSON) and its weights file. Any
+    change to either (a corrupt download, random bytes that still parse as finite numbers, an edited field) is refused."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(Path(weights).read_bytes())
+    return digest.hexdigest()
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -430,8 +456,8 @@ def _eval_results(evaluation: dict) -> list[EvalResult]:
 def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp) -> CompressorArtifact:
     """One artifact per (class, files, file versions): caches built from the same files share its tensors."""
     try:
-        config = json.loads(Path(config_file).read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(Path(config_file).read_bytes())
+    except ValueError as error:  # not JSON, or not text
         raise ConfigError(f"{config_file} is not valid JSON ({error}); re-download or re-save the compressor.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_file} must hold a JSON object.")
@@ -449,10 +475,18 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
         if owner is None:
             raise ConfigError(f"{config_file} holds a {method!r} compressor: not a known kvcompress method (known: {', '.join(known_methods())}).")
         raise ConfigError(f"{config_file} holds a {method!r} compressor, which {cls.__name__} does not load: load it with {owner.cache_class_name}.from_pretrained.")
+    recorded = config.pop("sha256", None)
+    if not isinstance(recorded, str):
+        raise ConfigError(f"{config_file} has no 'sha256' (the checksum of the config and {WEIGHTS_FILE}); re-save the compressor with this kvcompress.")
+    if checksum(config, Path(weights_file)) != recorded:
+        raise ConfigError(
+            f"{Path(config_file).parent} does not match the checksum in its {CONFIG_FILE} (it covers the config and {WEIGHTS_FILE}): a file is "
+            "corrupt, truncated, edited or from another compressor. Re-download it (force_download=True) or re-save the compressor."
+        )
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{weights_file} is corrupt or not a safetensors file ({error}). Re-download it (force_download=True) or re-save the compressor.") from None
+        raise ConfigError(f"{weights_file} is corrupt or not a safetensors file ({error}). Re-download it (force_download=True) or re-save the compressor.") from None
     config = {key: value for key, value in config.items() if key not in ("format_version", "kvcompress_version")}
     return cls(config, tensors)
 

@@ -28,12 +28,13 @@ import torch
 
 from . import latent_attention
 from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
-from .config import ConfigError, RankConfig
+from .config import RankConfig
 from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .quantize import Quantized
 from .rope import rotate
+from .schema import Field
 from .settings import CacheSettings
 from .slots import FILLER
 
@@ -113,13 +114,11 @@ class LowRankCompressor(CompressorArtifact):
     ``layers.{l}.heads.{h}.{kind}.{encoder,encoder_bias,decoder,decoder_bias}``.
     """
 
-    def validate(self) -> None:
-        base = self.config.get("base_model") or {}
-        try:
-            self.ranks = RankConfig.from_json(self.config["ranks"], base["num_layers"], base["num_kv_heads"], base["head_dim"], base["head_dim"])
-        except (KeyError, TypeError) as error:
-            raise ConfigError(f"The {self.method} compressor's config lacks its ranks or base model shape ({error}); re-save or re-calibrate it.") from None
-        super().validate()
+    config_schema = CompressorArtifact.config_schema | {"ranks": Field(dict)}  # the rank config (`RankConfig.from_json` checks it)
+
+    def read_config(self) -> None:
+        base = self.config["base_model"]
+        self.ranks = RankConfig.from_json(self.config["ranks"], base["num_layers"], base["num_kv_heads"], base["head_dim"], base["head_dim"])
 
     def expected_tensors(self) -> dict[str, tuple]:
         dim = self.config["base_model"]["head_dim"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .settings import Budget, CacheSettings
+from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
 
 DEFAULT_CONTEXT = 4096  # tokens at which ``ratio=`` is met unless a cache is told the context it will see
 
@@ -20,6 +20,7 @@ def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.
     """The share of the tokens beyond the `exact_tokens` to keep, at `cost` dense tokens each, so that a cache holds
     1/`ratio` of the dense bytes at `context` tokens (at most 1, to 4 digits). `held(share)`, when given, is the share of
     those tokens' slots a cache really holds when it keeps `share` of them (padding to the fullest head, room to grow)."""
+    context = check_context(context)
     if context <= exact_tokens or context / ratio <= exact_tokens:
         raise ValueError(
             f"At {context} tokens the exact sink and window ({exact_tokens:g} tokens) already hold more than 1/{ratio:g} of the "
@@ -27,7 +28,7 @@ def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.
         )
     allowed = (context / ratio - exact_tokens) / ((context - exact_tokens) * cost)
     if held is None:
-        return min(1.0, round(allowed, 4))
+        return min(1.0, max(round(allowed, 4), 1e-4))  # a share that rounds to 0 would keep nothing: the smallest that keeps some
     if held(1.0) <= allowed:
         return 1.0
     low, high = 0.0, 1.0
@@ -37,12 +38,13 @@ def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.
     return max(round(low, 4), 1e-4)
 
 
-def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, from_ratio: Callable[[], float], default: float = 0.125) -> float:
-    """One of `keep_ratio` (a share) or `ratio` (a memory target, turned into a share by `from_ratio`), checked."""
+def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, context: int, from_ratio: Callable[[], float], default: float = 0.125) -> float:
+    """One of `keep_ratio` (a share) or `ratio` (a memory target at `context` tokens, turned into a share by `from_ratio`), checked."""
+    check_context(context)
     if keep_ratio is not None and ratio is not None:
         raise ValueError("Give either ratio= (a memory target, e.g. 8 for 8:1) or keep_ratio= (the share of old tokens to keep), not both.")
     if ratio is not None:
-        return from_ratio()
+        return 1.0 if Budget(ratio=ratio).ratio == 1 else from_ratio()  # ratio 1: nothing is lost
     keep_ratio = default if keep_ratio is None else keep_ratio
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be a number in (0, 1] (e.g. 0.125 to keep about one token in 8), got {keep_ratio!r}.")
@@ -57,11 +59,19 @@ def slot_cost(numbers_per_token: float, head_dim: int, extra_bytes: int, dtype_b
 
 def window_for(ratio: float | None, window: int | None, context: int, cost: float, settings: CacheSettings, what: str) -> int | None:
     """The exact window a cache was given, or, with `ratio`, the one that meets it (`window_for_ratio`): one or the other."""
+    check_context(context)
     if ratio is None:
         return window
     if window is not None:
         raise ValueError("Give either ratio= (the window follows from it) or window=, not both.")
-    return window_for_ratio(Budget(ratio=ratio).ratio, context, cost, settings.sink, settings.block_size, what)
+    if Budget(ratio=ratio).ratio == 1:
+        return MAX_TOKENS  # ratio 1: every token stays exact
+    return window_for_ratio(ratio, context, cost, settings.sink, settings.block_size, what)
+
+
+def check_context(context) -> int:
+    """`context` (the tokens at which ``ratio=`` is met), checked."""
+    return whole_number("context", context, "the context length in tokens at which ratio= is met", 1, MAX_TOKENS)
 
 
 def window_for_ratio(ratio: float, context: int, cost: float, sink: int, block_size: int, what: str) -> int:

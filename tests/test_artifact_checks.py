@@ -2,11 +2,13 @@
 The registry of methods: every artifact class that sets `method` registers itself and names its cache."""
 
 import json
+import random
 import shutil
 import sys
 
 import pytest
 import torch
+from conftest import reseal
 from safetensors.torch import load_file, save_file
 
 import kvcompress
@@ -24,9 +26,47 @@ def _copy(repo_id, tmp_path):
 
 
 def _rewrite(directory, change):
+    """Change the tensors and seal the artifact again: one written consistently, with wrong contents."""
     tensors = load_file(directory / WEIGHTS_FILE)
     change(tensors)
     save_file(tensors, str(directory / WEIGHTS_FILE))
+    reseal(directory)
+
+
+@pytest.mark.parametrize("repo_id", SHIPPED)
+@pytest.mark.parametrize("damage", ["random bytes over the data", "truncated", "an extra tensor"])
+def test_weights_that_do_not_match_their_checksum_are_refused(repo_id, damage, tmp_path):
+    """Random bytes over the data, header intact, can be finite numbers: only the checksum tells them from the fitted ones."""
+    directory = _copy(repo_id, tmp_path)
+    weights = directory / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    if damage == "random bytes over the data":
+        data[-64:-32] = random.Random(0).randbytes(32)
+    elif damage == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        save_file(load_file(weights) | {"extra": torch.zeros(2)}, str(weights))
+        data = weights.read_bytes()
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"does not match the checksum in its {CONFIG_FILE} .* a file is corrupt, truncated, edited"):
+        kvcompress.load_cache(directory)
+
+
+def test_an_edited_config_is_refused(tmp_path):
+    """A field that shapes no tensor (the sidecar's attention heads) would otherwise build another network silently."""
+    directory = _copy(SHIPPED[2], tmp_path)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    config["sidecar"]["attention_heads"] = 8
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="does not match the checksum"):
+        kvcompress.load_cache(directory)
+
+
+def test_an_undeclared_tensor_is_refused(tmp_path):
+    directory = _copy(SHIPPED[0], tmp_path)
+    _rewrite(directory, lambda tensors: tensors.__setitem__("extra", torch.zeros(2)))
+    with pytest.raises(ConfigError, match=r"holds tensor\(s\) its config does not declare \(extra\.\.\.\)"):
+        kvcompress.load_cache(directory)
 
 
 @pytest.mark.parametrize("repo_id", SHIPPED)
@@ -58,8 +98,8 @@ def test_a_config_without_its_base_model_is_refused_clearly(repo_id, tmp_path):
     directory = _copy(repo_id, tmp_path)
     config = json.loads((directory / CONFIG_FILE).read_text())
     del config["base_model"]["head_dim"]
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="config|base model"):
+    reseal(directory, config)
+    with pytest.raises(ConfigError, match="compressor_config.json: the field 'head_dim' in base_model is missing"):
         kvcompress.load_cache(directory)
 
 
@@ -95,8 +135,7 @@ def test_a_new_artifact_class_registers_and_loads_as_its_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(sys.modules[__name__], "ReversedPCACache", ReversedPCACache, raising=False)
     directory = _copy("kvcompress/smollm2-135m-instruct-pca-2x", tmp_path)
-    config = json.loads((directory / CONFIG_FILE).read_text()) | {"method": "reversed-pca"}
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    reseal(directory, json.loads((directory / CONFIG_FILE).read_text()) | {"method": "reversed-pca"})
     assert artifact_class("reversed-pca") is ReversedPCACompressor and "reversed-pca" in known_methods(LowRankCompressor)
     assert type(kvcompress.load_cache(directory)) is ReversedPCACache
     assert type(LowRankCompressor.from_pretrained(directory)) is ReversedPCACompressor

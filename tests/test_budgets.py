@@ -6,9 +6,12 @@ import torch
 from conftest import greedy, prompt_ids, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_gates import tiny_gates
+from test_lowrank import fitted
+from test_sidecar import untrained_sidecar
 from transformers import DynamicCache
 
-from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
+from kvcompress import GatedCache, H2OCache, PCACache, SidecarCache, StreamingLLMCache, cache_kwargs
 
 CACHES = {"streamingllm": StreamingLLMCache, "h2o": H2OCache}
 
@@ -39,3 +42,25 @@ def test_held_tokens_never_exceed_the_budget(name, budget, block_size, sink, len
 def test_ratio_one_loses_nothing(cache_class, block_size):
     model, ids = tiny_model("qwen3"), prompt_ids(60)
     assert torch.equal(greedy(model, cache_class(ratio=1, block_size=block_size), ids), greedy(model, DynamicCache(), ids))
+
+
+@pytest.fixture(scope="module")
+def learned():
+    """A tiny Llama and a gate, a PCA (rank 6 of 16) and an untrained sidecar artifact fitted for it."""
+    model = tiny_model("llama")
+    return model, {GatedCache: tiny_gates(model), PCACache: fitted(model, 6), SidecarCache: untrained_sidecar(model)}
+
+
+@pytest.mark.parametrize("cache_class", [GatedCache, PCACache, SidecarCache])
+def test_ratio_one_of_a_learned_cache_loses_nothing(learned, cache_class):
+    """Ratio 1 asks for no compression: the gates keep every token, low rank and merging keep every token exact."""
+    model, artifacts = learned
+    ids = prompt_ids(60)
+    assert torch.equal(greedy(model, cache_class(artifacts[cache_class], ratio=1), ids), greedy(model, DynamicCache(), ids))
+
+
+@pytest.mark.parametrize("cache_class", [GatedCache, PCACache, SidecarCache])
+@pytest.mark.parametrize("context", [True, 0, 2.5, "4096"])
+def test_a_context_that_is_not_a_token_count_is_refused(learned, cache_class, context):
+    with pytest.raises(ValueError, match=rf"context must be the context length in tokens at which ratio= is met .*got {context!r}"):
+        cache_class(learned[1][cache_class], ratio=2, context=context)

@@ -105,23 +105,21 @@ def gated():
 
 
 @pytest.mark.parametrize("allocation", ["shared", "equal"])
-@pytest.mark.parametrize("policy", ["head", "layer", "global"])
+@pytest.mark.parametrize("policy", ["head", "layer"])
 def test_thresholds_keep_the_asked_share_of_held_out_tokens(policy, allocation):
     probabilities = torch.rand(3, 4, 2000, generator=torch.Generator().manual_seed(5)) ** torch.arange(1.0, 5.0)[:, None]  # heads differ
     thresholds = fitted_thresholds(probabilities, 0.1, policy, allocation)
     kept = probabilities >= thresholds[..., None]
     if policy == "head":
         rates = kept.float().mean()[None] if allocation == "shared" else kept.float().mean(-1)
-    elif policy == "layer":
-        rates = kept.any(1).float().mean(-1)
     else:
-        rates = kept.any(1).any(0).float().mean()[None]
+        rates = kept.any(1).float().mean(-1)
     assert torch.allclose(rates, torch.full_like(rates, 0.1), atol=0.005)
     per_head = kept.float().mean(-1)
     if allocation == "shared":  # one probability threshold per layer: heads whose gates say "keep" more often keep more
         assert torch.equal(thresholds, thresholds[:, :1].expand_as(thresholds))
         assert bool((per_head[:, 0] > per_head[:, 3]).all())
-    elif policy != "global":
+    else:
         assert torch.allclose(per_head, per_head[:, :1].expand_as(per_head), atol=0.005)
 
 
@@ -130,7 +128,14 @@ def test_an_unknown_allocation_is_refused(gated):
         GatedCache(gated[1], 0.2, allocation="fair")
 
 
-@pytest.mark.parametrize("policy", ["head", "layer", "global"])
+def test_the_global_union_is_refused(gated):
+    """A union over every layer is decided only once the last layer has seen a block, so earlier layers held dense memory
+    until then and a row's eviction followed the other rows' blocks; measured worse than per head on every metric, it is gone."""
+    with pytest.raises(ValueError, match="Unknown retention policy 'global'; choose from head, layer"):
+        GatedCache(gated[1], 0.2, policy="global")
+
+
+@pytest.mark.parametrize("policy", ["head", "layer"])
 def test_keeping_everything_equals_dense(gated, policy):
     model, compressor = gated
     ids = prompt_ids(40)
@@ -166,19 +171,13 @@ def test_per_head_policy_keeps_exactly_the_tokens_each_gate_lets_through(gated):
     assert cache.nbytes() < 0.7 * cache.dense_nbytes()
 
 
-def test_union_policies_keep_the_same_tokens_across_heads_and_layers(gated):
+def test_the_layer_union_keeps_the_same_tokens_across_heads(gated):
     model, compressor = gated
-    layer_cache, global_cache = GatedCache(compressor, 0.3, policy="layer"), GatedCache(compressor, 0.3, policy="global")
-    for cache in (layer_cache, global_cache):
-        greedy(model, cache, prompt_ids(60), new_tokens=20)
-    for layer in layer_cache.layers:
+    cache = GatedCache(compressor, 0.3, policy="layer")
+    greedy(model, cache, prompt_ids(60), new_tokens=20)
+    for layer in cache.layers:
         heads = _held(layer)[0]
-        assert heads[0] == heads[1]
-    first, last = (set(_held(layer)[0][0]) for layer in global_cache.layers)
-    # The last layer decides each block for all layers; an earlier layer drops the block's rejected tokens at its next compression.
-    assert last <= first and len(last) < 60 + 20 - 1
-    newest = int(global_cache.layers[0].handed[0]) + 4
-    assert all(newest - 4 <= token < newest for token in first - last)
+        assert heads[0] == heads[1] and len(heads[0]) < 60 + 20 - 1
 
 
 def test_the_hard_cap_bounds_each_heads_store(gated):

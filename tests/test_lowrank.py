@@ -6,7 +6,7 @@ import json
 import huggingface_hub
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, reseal, tiny_model
 from transformers import DynamicCache
 
 from kvcompress import cache_kwargs
@@ -164,6 +164,9 @@ def test_artifact_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         PCACache.from_pretrained(missing)
     corrupt = variant("corrupt", lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"))
+    with pytest.raises(ConfigError, match="does not match the checksum"):
+        PCACache.from_pretrained(corrupt)
+    reseal(corrupt)  # consistently written, yet not safetensors
     with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
         PCACache.from_pretrained(corrupt)
 
@@ -171,7 +174,7 @@ def test_artifact_errors(tmp_path, monkeypatch):
         def edit(directory):
             config = json.loads((directory / CONFIG_FILE).read_text())
             change(config)
-            (directory / CONFIG_FILE).write_text(json.dumps(config))
+            reseal(directory, config)
         return edit
 
     newer = variant("newer", edit_config(lambda c: c.update(format_version=99)))
@@ -186,8 +189,15 @@ def test_a_compressor_for_another_model_is_refused():
     compressor = fitted(tiny_model("llama"), 6)
     other_weights = tiny_model("llama")
     torch.nn.init.normal_(other_weights.model.layers[0].self_attn.k_proj.weight)
-    with pytest.raises(ValueError, match="fitted for tiny, not for this model: layer 0 k_proj"):
+    with pytest.raises(ValueError, match=r"fitted for tiny \(llama\), not for this model: layer 0 k_proj"):
         greedy(other_weights, PCACache(compressor), prompt_ids(20), new_tokens=2)
+    same_keys_and_values = tiny_model("llama")  # only the queries' projection differs: the keys' statistics still do not hold
+    torch.nn.init.normal_(same_keys_and_values.model.layers[1].self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="layer 1 q_proj weight norm"):
+        greedy(same_keys_and_values, PCACache(compressor), prompt_ids(20), new_tokens=2)
+    other_architecture = tiny_model("qwen2")  # the same shapes
+    with pytest.raises(ValueError, match=r"fitted for tiny \(llama\), not for this qwen2 model"):
+        greedy(other_architecture, PCACache(compressor), prompt_ids(20), new_tokens=2)
     other_shape = tiny_model("llama", num_key_value_heads=4)
     with pytest.raises(ValueError, match="2 KV heads of dim 16\\) but layer 0 of this model has 4 KV heads"):
         greedy(other_shape, PCACache(compressor), prompt_ids(20), new_tokens=2)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kvcompress import ComposedCache, GatedCache, H2OCache, KVSpliceCache, PCACache, SidecarCache, StreamingLLMCache, cache_kwargs
@@ -17,6 +17,7 @@ def offline(monkeypatch):
 
 
 @given(ratio=st.floats(1.0, 64.0), context=st.integers(256, 1 << 17), exact=st.integers(0, 200), cost=st.floats(1.0, 1.5))
+@example(ratio=58.5, context=4096, exact=70, cost=1.0)  # the share rounded to 0 once
 def test_the_kept_share_meets_the_ratio_at_the_context(ratio, context, exact, cost):
     if context / ratio <= exact:
         with pytest.raises(ValueError, match="cannot be reached"):

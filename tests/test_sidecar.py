@@ -15,6 +15,7 @@ from kvcompress.calibration.sidecar import (
     sample_stretches,
     step_losses,
     train_sidecar,
+    training_warnings,
     unhealthy,
 )
 from kvcompress.calibration.trajectories import collect_trajectories, load_trajectories
@@ -38,6 +39,13 @@ def tiny(tmp_path_factory):
 
 def _network(window=8, slots=2):
     return SidecarNetwork(2, 2, 16, window, slots, width=32, encoder_layers=1, attention_heads=2, inducing_points=4)
+
+
+def untrained_sidecar(model) -> SidecarCompressor:
+    """An 8:2 sidecar artifact for a tiny Llama without trajectories: an untrained network (attention matching) and random references."""
+    config = {"base_model": model_signature(model, "tiny"), "cache": {"sink": 4, "window": 8}}
+    references = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    return SidecarCompressor.from_network(_network(), references, torch.arange(1.0, 17.0), rope_inv_freq(model), config)
 
 
 def _references(model, data):
@@ -169,6 +177,16 @@ def test_losses_and_diagnostics_of_a_step(tiny):
     assert unhealthy({"key_norm_ratio": 0.6, "value_norm_ratio": 1.9, "jacobian_norm_ratio": 1.0}) == []
 
 
+def test_a_network_that_never_beats_attention_matching_is_reported(tiny):
+    model, _, _, data = tiny
+    train, heldout = data.split(1)
+    settings = TrainingSettings(steps=10, windows=2, regions=3, eval_every=5, eval_pairs=4, learning_rate=1e-12)  # no step can help
+    with torch.enable_grad():
+        history = train_sidecar(_network(), train, heldout, rope_inv_freq(model), _references(model, train), LossWeights(), settings)
+    assert history["best_step"] == 0
+    assert any("never beat its starting point" in line and "plain attention matching" in line for line in training_warnings(history))
+
+
 def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tiny, tmp_path):
     model, _, _, data = tiny
     train, heldout = data.split(1)
@@ -177,6 +195,7 @@ def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tin
     with torch.enable_grad():
         history = train_sidecar(network, train, heldout, rope_inv_freq(model), _references(model, train), LossWeights(), settings)
     assert history["best"]["objective"] < history["initial"]["objective"]  # better than attention matching alone, on held-out data
+    assert not any("never beat" in line for line in training_warnings(history))
     compressor = _compressor(model, train, network=network)
     compressor.save_pretrained(tmp_path)
     loaded = SidecarCache.from_pretrained(tmp_path)

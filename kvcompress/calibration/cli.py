@@ -352,7 +352,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     from kvcompress.sidecar import SidecarCache, SidecarCompressor, SidecarNetwork
 
     from .calibrate import measure
-    from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, unhealthy
+    from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
     from .trajectories import collect_trajectories
 
     inv_freq = rope_inv_freq(model)
@@ -382,12 +382,11 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     fit_metrics = {f"heldout_{name}": best[name] for name in ("output_error", "output_cosine", "key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio")}
     fit_metrics["heldout_output_error_attention_matching"] = training["initial"]["output_error"]
     setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
-    warning = unhealthy(best)
     return _Fitted(
         compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics),
         {"training_history.json": training["history"]},
         plot=lambda _: _plot("plot_sidecar_training", training["history"], args.plot, title=setting),
-        warning=f"WARNING: diagnostics outside [0.5, 2]: {', '.join(warning)}\n" if warning else "",
+        warning="".join(f"WARNING: {line}\n" for line in training_warnings(training)),
     )
 
 

@@ -257,6 +257,23 @@ def unhealthy(metrics: dict) -> list[str]:
             for name in ("key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio") if not HEALTHY[0] <= metrics[name] <= HEALTHY[1]]
 
 
+def training_warnings(training: dict) -> list[str]:
+    """What a calibration summary must say of a `train_sidecar` run: a network that never beat its starting point (the
+    artifact is then plain attention matching), and diagnostics outside [0.5, 2]."""
+    warnings = []
+    trained = [entry["objective"] for entry in training["history"][1:]]
+    if training["best_step"] == 0 and trained:
+        warnings.append(
+            f"the sidecar network never beat its starting point (held-out objective {training['initial']['objective']:.4f} untrained, "
+            f"{min(trained):.4f} at best after training): the saved artifact is plain attention matching. Train longer (--sidecar-steps) "
+            "or at another learning rate (--sidecar-lr)."
+        )
+    unhealthy_ratios = unhealthy(training["best"])
+    if unhealthy_ratios:
+        warnings.append(f"diagnostics outside [0.5, 2]: {', '.join(unhealthy_ratios)}")
+    return warnings
+
+
 @dataclass
 class TrainingSettings:
     steps: int = 400
