@@ -1,7 +1,7 @@
 """The honest baselines: StreamingLLM (sink + recent) and H2O (sink + recent + heavy hitters), as keep policies.
 
-Both hold at most `budget` tokens per row and KV head (a fixed count, or `ceil(seen / ratio)` for a
-compression ratio). Tokens are evicted in blocks of `block_size` (default 1, as in the papers); a
+Both hold at most `budget` tokens per row and KV head (`Budget.at`: a fixed count, or `ceil(seen / ratio)`
+for a compression ratio, never fewer than the sink and one block's slack, `sink + block_size - 1`). Tokens are evicted in blocks of `block_size` (default 1, as in the papers); a
 larger block trades up to `block_size - 1` tokens of budget for fewer cache rebuilds.
 """
 

@@ -377,7 +377,8 @@ class CompressedLayer(CacheLayerMixin):
             if slots is not None:
                 index = slot_index(where, slots)
                 leaving[name] = slots.gather(2, index)
-                slots.scatter_(2, index, slots[:, :, last:])  # the last slot fills its place
+                if window > 0:  # the last slot (the newest token) fills its place; with no window the newest is the one leaving
+                    slots.scatter_(2, index, slots[:, :, last:])
         self.tail_length = last
         self.tail = views(self.tail_buffers, last)
         self.keep.admit(self, leaving)
@@ -437,11 +438,10 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         storages = {}
-        for part in (self.store, self.tail):
-            for tensor in part.values():
-                if tensor is not None:
-                    storage = tensor.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
+        for tensor in (*self.store.values(), *self.tail.values(), self.seen, self.handed):  # the per-row counters too
+            if tensor is not None:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
     def dense_nbytes(self) -> int:

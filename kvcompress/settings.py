@@ -43,18 +43,19 @@ class Budget:
                 raise ValueError(f"ratio must be a finite compression ratio >= 1 (e.g. 8 for 8:1), got {self.ratio!r}.")
             object.__setattr__(self, "ratio", float(self.ratio))
 
-    def at(self, seen: torch.Tensor) -> torch.Tensor:
-        """Tokens a row may hold after seeing `seen` real tokens (per row)."""
+    def at(self, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
+        """Tokens a row may hold after seeing `seen` real tokens (per row): the token count, or ``ceil(seen / ratio)`` but never
+        fewer than the sink and one block's slack (a block leaves only when whole), which a short prompt at a ratio holds."""
         if self.tokens is not None:
             return torch.full_like(seen, self.tokens)
-        return torch.ceil(seen / self.ratio).long()
+        return torch.ceil(seen / self.ratio).long().clamp(min=settings.sink + settings.block_size - 1)
 
     def room(self, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
-        """Tokens a row may hold beyond its sink, less the slack of block-wise eviction (a block leaves only when whole).
-        At ratio 1 nothing is lost: the room is every token."""
+        """Tokens a row may hold beyond its sink, less the slack of block-wise eviction. At ratio 1 nothing is lost: the
+        room is every token."""
         if self.ratio == 1:
             return torch.full_like(seen, MAX_TOKENS)
-        return (self.at(seen) - settings.sink - (settings.block_size - 1)).clamp(min=0)
+        return self.at(seen, settings) - settings.sink - (settings.block_size - 1)
 
     def check(self, settings: CacheSettings) -> None:
         """Refuse settings with which a token budget cannot hold: the sink and one block's slack must fit inside it."""

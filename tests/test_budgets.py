@@ -1,10 +1,12 @@
 """Token budgets hold: a budgeted cache never holds more than its budget, refuses settings that cannot hold it, and at
 ratio 1 loses nothing."""
 
+import math
+
 import pytest
 import torch
 from conftest import greedy, prompt_ids, tiny_model
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_gates import tiny_gates
 from test_lowrank import fitted
@@ -35,6 +37,31 @@ def test_held_tokens_never_exceed_the_budget(name, budget, block_size, sink, len
         for position in range(length // 2, length):
             model(input_ids=ids[:, position : position + 1], **cache_kwargs(cache))
             assert max(int(layer.tokens_held().max()) for layer in cache.layers) <= budget
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(sorted(CACHES)), ratio=st.floats(1.5, 16), block_size=st.integers(1, 8), sink=st.integers(0, 4), length=st.integers(8, 60))
+@example(name="streamingllm", ratio=8.0, block_size=5, sink=0, length=20)  # held 4 tokens where ceil(24 / 8) = 3 once
+def test_a_ratio_holds_ceil_seen_over_ratio_or_the_sink_and_one_blocks_slack(name, ratio, block_size, sink, length):
+    """A block leaves only when whole, so a ratio's budget never goes below sink + block_size - 1 (`Budget.at`); above that it is met."""
+    model, ids = tiny_model("llama"), prompt_ids(length + 12)
+    cache = CACHES[name](ratio=ratio, block_size=block_size, sink=sink)
+    with torch.no_grad():
+        model(input_ids=ids[:, :length], **cache_kwargs(cache))
+        for position in range(length, length + 12):
+            model(input_ids=ids[:, position : position + 1], **cache_kwargs(cache))
+            for layer in cache.layers:
+                seen = int(layer.seen[0])
+                assert int(layer.tokens_held().max()) <= max(math.ceil(seen / ratio), sink + block_size - 1)
+
+
+@pytest.mark.parametrize("recent_share", [0.0, 1.0])
+def test_a_budget_of_one_token_without_a_sink_runs(recent_share):
+    """With no window the token leaving is the newest one: nothing moves into its slot (the slot once overlapped itself)."""
+    model, ids = tiny_model("llama"), prompt_ids(20)
+    cache = H2OCache(budget=1, sink=0, block_size=1, recent_share=recent_share)
+    greedy(model, cache, ids, new_tokens=8)
+    assert all(int(layer.tokens_held().max()) <= 1 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("cache_class", CACHES.values())

@@ -77,9 +77,10 @@ def test_the_savings_multiply_and_the_bytes_are_the_quantized_store(parts):
     stored, tail = layer.store_capacity(), layer.tail_capacity()  # the slots and the room to grow
     assert layer.store_length <= stored <= layer.store_length * (1 + 1 / STORE_ROOM)
     # int4 latents (keys: 2 heads x 4 dims -> 1 group of 8; values: 2 x 6 = 12 dims -> 2 groups) with float16 scales,
-    # int32 token ids and float32 gate probabilities per slot and head, then the exact tail with room for the next block.
+    # int32 token ids and float32 gate probabilities per slot and head, then the exact tail with room for the next block,
+    # and the row's two int64 counters (tokens seen, tokens handed to the policies).
     quantized = stored * (8 // 2 + 16 // 2) + stored * (1 + 2) * 2
-    assert layer.nbytes() == quantized + stored * 2 * (4 + 4) + tail * 2 * (16 + 16 + 1) * 4
+    assert layer.nbytes() == quantized + stored * 2 * (4 + 4) + tail * 2 * (16 + 16 + 1) * 4 + 2 * 8
     assert {name for name, t in layer.store.items() if t is not None} == {"token_ids", "scores", "key_latents.q", "key_latents.scale", "value_latents.q", "value_latents.scale"}
 
 
@@ -90,8 +91,9 @@ def test_int8_alone_keeps_every_token_in_a_third_of_the_float32_bytes():
     layer = cache.layers[0]
     assert int(layer.tokens_held().min()) == 64 + 15
     stored, heads = layer.store_capacity(), layer.store["token_ids"].shape[1]  # the slots and the room to grow
-    # per slot and head: int8 keys and values (16 bytes each) with one float16 scale each, and an int32 token id
-    assert layer.store["keys.q"].dtype == torch.int8 and layer.nbytes() == stored * heads * (2 * (16 + 2) + 4) + layer.tail_capacity() * heads * (2 * 16 + 1) * 4
+    # per slot and head: int8 keys and values (16 bytes each) with one float16 scale each, and an int32 token id; the row's two int64 counters
+    assert layer.store["keys.q"].dtype == torch.int8
+    assert layer.nbytes() == stored * heads * (2 * (16 + 2) + 4) + layer.tail_capacity() * heads * (2 * 16 + 1) * 4 + 2 * 8
     assert stored * heads * (2 * (16 + 2) + 4) < 0.33 * stored * heads * 2 * 16 * 4  # the stored tokens in a third of their float32 bytes
 
 

@@ -75,7 +75,7 @@ def test_store_holds_only_latents_and_the_memory_saving_is_real():
     assert set(layer.store) == {"key_latents", "value_latents", "token_ids"}  # no full keys or values are kept
     assert layer.store["key_latents"].shape == (1, 1, stored, 2 * 4) and layer.store["value_latents"].shape == (1, 1, stored, 2 * 8)
     tail, stored = layer.tail_capacity(), layer.store_capacity()  # the room to grow is counted too
-    expected = stored * (2 * 4 + 2 * 8) * 4 + stored * 2 * 4 + tail * 2 * (16 + 16 + 1) * 4  # latents, store ids, exact tail and its room
+    expected = stored * (2 * 4 + 2 * 8) * 4 + stored * 2 * 4 + tail * 2 * (16 + 16 + 1) * 4 + 2 * 8  # latents, store ids, exact tail and its room, row counters
     assert layer.nbytes() == expected
     assert cache.nbytes() < 0.55 * cache.dense_nbytes()
 
