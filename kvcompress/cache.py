@@ -377,8 +377,7 @@ class CompressedLayer(CacheLayerMixin):
             if slots is not None:
                 index = slot_index(where, slots)
                 leaving[name] = slots.gather(2, index)
-                if window > 0:  # the last slot (the newest token) fills its place; with no window the newest is the one leaving
-                    slots.scatter_(2, index, slots[:, :, last:])
+                slots.scatter_(2, index, slots[:, :, last:].clone())  # the last slot fills its place (a copy: it may be that place)
         self.tail_length = last
         self.tail = views(self.tail_buffers, last)
         self.keep.admit(self, leaving)

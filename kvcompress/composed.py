@@ -58,8 +58,11 @@ class ComposedCache(CompressedCache):
         keep = None
         if gate is not None:
             keep = GateKeep(gate, 1.0, policy, allocation, max_tokens)  # the per-head policy decides the latents' layout
-        elif keep_ratio is not None or ratio is not None:
-            raise ValueError("keep_ratio and ratio choose what a gate keeps; ComposedCache without a gate keeps every token.")
+        else:
+            given = {"keep_ratio": keep_ratio, "ratio": ratio, "max_tokens": max_tokens, "policy": None if policy == "head" else policy,
+                     "allocation": None if allocation == "shared" else allocation}
+            if any(value is not None for value in given.values()):
+                raise ValueError(f"{', '.join(name for name, value in given.items() if value is not None)} choose what a gate keeps; ComposedCache without a gate keeps every token.")
         encoding = LowRankEncoding(lowrank, per_head=keep is not None and keep.per_head) if lowrank is not None else Encoding()
         if bits is not None:
             encoding = QuantizedEncoding(bits, group_size, encoding)

@@ -51,6 +51,7 @@ class GateBank(torch.nn.Module):
 
 
 POLICIES = ("head", "layer")
+SCORE_GRID = 4096  # gate probabilities are kept to 1/4096, so that rounding noise of the model's keys does not reorder equal keys
 ALLOCATIONS = ("shared", "equal")  # one probability threshold for all heads, or the same share for each head
 
 
@@ -86,7 +87,7 @@ def fitted_thresholds(
         return ordered.gather(-1, index[:, None, None].expand(-1, heads, 1))[..., 0]
 
     if policy == "head" and allocation == "equal":
-        return at_level(torch.full((layers,), 1 - keep_ratio))
+        return between_probabilities(probabilities, at_level(torch.full((layers,), 1 - keep_ratio)), allocation)
     low, high = torch.zeros(layers), torch.ones(layers)
     for _ in range(iterations):
         level = (low + high) / 2
@@ -94,7 +95,19 @@ def fitted_thresholds(
         rate = kept.float().mean().expand(layers) if policy == "head" else kept.any(1).float().mean(-1)
         too_many = rate > keep_ratio
         low, high = torch.where(too_many, level, low), torch.where(too_many, high, level)
-    return at_level(high)
+    return between_probabilities(probabilities, at_level(high), allocation)
+
+
+def between_probabilities(probabilities: torch.Tensor, thresholds: torch.Tensor, allocation: str) -> torch.Tensor:
+    """Each threshold moved to halfway between the held-out probabilities on either side of it (over the layer's heads for a
+    shared threshold): the same held-out tokens are kept, and no threshold sits on a probability. A layer's first keys depend
+    on the token alone, so a token seen in calibration scores its held-out probability again, give or take rounding, and a
+    threshold on it would keep or drop the token by that rounding (which differs between a batch and its rows)."""
+    pooled = probabilities.flatten(1)[:, None] if allocation == "shared" else probabilities
+    level = thresholds[..., None]
+    below = torch.where(pooled < level, pooled, -torch.inf).amax(-1)
+    above = torch.where(pooled >= level, pooled, torch.inf).amin(-1)
+    return torch.where(below.isfinite() & above.isfinite(), (below + above) / 2, thresholds)
 
 
 class GateCompressor(CompressorArtifact):
@@ -169,6 +182,7 @@ class GateKeep(KeepPolicy):
         positions = blocks.token_ids[:, 0]
         keys = rotate(blocks.keys.float(), positions, self.compressor.inv_freq(positions.device), inverse=True)
         probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(layer.layer_idx, keys))  # [n, H, k]
+        probabilities = (probabilities * SCORE_GRID).round() / SCORE_GRID  # equal keys score equal, whatever the rounding of the model
         keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
@@ -177,8 +191,10 @@ class GateKeep(KeepPolicy):
     def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         if self.max_tokens is None:
             return None
-        ranked = scores.masked_fill(token_ids == FILLER, float("-inf"))
-        return ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1) < self.max_tokens
+        newest_first = token_ids.argsort(dim=-1, descending=True, stable=True)  # equal scores: the newest token stays
+        ranked = scores.masked_fill(token_ids == FILLER, float("-inf")).gather(-1, newest_first)
+        order = newest_first.gather(-1, ranked.argsort(dim=-1, descending=True, stable=True))
+        return order.argsort(dim=-1) < self.max_tokens
 
     def __repr__(self):
         return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"

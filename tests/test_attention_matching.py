@@ -75,3 +75,10 @@ def test_on_the_default_model_merged_windows_beat_kept_keys_and_pooling(default_
     mean = {name: sum(e) / len(e) for name, e in errors.items()}
     print({name: round(e, 4) for name, e in mean.items()})
     assert mean["attention matching"] < 0.9 * min(mean["kept keys"], mean["mean pooling, log-count bias"]), mean
+
+
+def test_a_window_of_equal_keys_merges():
+    """Padding tokens' keys are all zero in the first layer: equal keys make the Gram matrix singular (once a LinAlgError)."""
+    key = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    merged = attention_matching_merge(key.expand(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 16, 8), slots=2)
+    assert all(bool(torch.isfinite(t).all()) for t in (merged.keys, merged.values, merged.bias))

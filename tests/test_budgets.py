@@ -91,3 +91,10 @@ def test_ratio_one_of_a_learned_cache_loses_nothing(learned, cache_class):
 def test_a_context_that_is_not_a_token_count_is_refused(learned, cache_class, context):
     with pytest.raises(ValueError, match=rf"context must be the context length in tokens at which ratio= is met .*got {context!r}"):
         cache_class(learned[1][cache_class], ratio=2, context=context)
+
+
+@pytest.mark.parametrize("cache_class", CACHES.values())
+def test_one_kv_head_evicts_in_place(cache_class):
+    """With one row and one KV head the tail's last slot is a contiguous view of the buffer it is scattered into (once refused by torch)."""
+    model = tiny_model("llama", num_key_value_heads=1)
+    greedy(model, cache_class(budget=16), prompt_ids(40), new_tokens=8)

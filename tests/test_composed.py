@@ -124,3 +124,10 @@ def test_loads_from_directories_and_refuses_bad_settings(parts, tmp_path):
     other = tiny_model("llama", num_key_value_heads=4)
     with pytest.raises(ValueError, match="fitted for tiny .* 2 KV heads of dim 16.* has 4 KV heads"):
         greedy(other, ComposedCache(gates, low_rank, keep_ratio=0.3), prompt_ids(20), new_tokens=2)
+
+
+@pytest.mark.parametrize("setting", [{"max_tokens": 5}, {"policy": "layer"}, {"allocation": "equal"}, {"keep_ratio": 0.5}])
+def test_the_gates_settings_without_a_gate_are_refused(setting):
+    """Without a gate every token is kept: a gate's setting would be silently ignored."""
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} choose what a gate keeps; ComposedCache without a gate keeps every token"):
+        ComposedCache(bits=8, **setting)

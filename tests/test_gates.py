@@ -210,3 +210,24 @@ def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):
 
     with pytest.raises(Exception, match="load it with GatedCache"):
         PCACache.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "shape, seed, settings",
+    [((4, 8, 32), 10, {"keep_ratio": 0.3, "allocation": "equal"}), ((2, 16, 64), 3, {"keep_ratio": 0.5, "max_tokens": 3}), ((2, 16, 64), 10, {"keep_ratio": 0.5, "max_tokens": 3})],
+)
+def test_a_batch_decides_like_its_rows_when_a_token_repeats_a_calibration_token(shape, seed, settings):
+    """A layer's first keys depend on the token alone: a repeated token scores the same probability, up to the model's rounding,
+    which differs between a batch and its rows. Thresholds halfway between held-out probabilities and scores on a 1/4096 grid
+    make the decision the same (these cases once differed)."""
+    heads, head_dim, hidden = shape
+    model = tiny_model("llama", hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim, num_hidden_layers=1)
+    gates = tiny_gates(model)
+
+    def make():
+        return GatedCache(gates, sink=0, window=0, block_size=1, **settings)
+
+    ids = prompt_ids(20, batch=2, seed=seed)
+    together = greedy(model, make(), ids, new_tokens=11)
+    for row in range(2):
+        assert torch.equal(together[row], greedy(model, make(), ids[row : row + 1], new_tokens=11)[0])
