@@ -61,10 +61,13 @@ def _nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, itera
     gram = design.transpose(-1, -2) @ design  # nonnegative entries: design holds attention probabilities
     rhs = (design.transpose(-1, -2) @ target[..., None])[..., 0]
     step = 1 / _largest_eigenvalue(gram).clamp(min=1e-12)
-    # Equal keys (e.g. padding tokens' zero keys) make the Gram matrix singular: a jitter above the dtype's rounding keeps the solve defined.
-    scale = 16 * torch.finfo(gram.dtype).eps * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=torch.finfo(gram.dtype).tiny)
-    jitter = scale[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    weights = torch.linalg.solve(gram + jitter, rhs).clamp(min=0)  # exact when no constraint binds
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    weights, info = torch.linalg.solve_ex(gram + 1e-9 * trace, rhs)  # exact when no constraint binds
+    singular = (info != 0) | ~weights.isfinite().all(-1)
+    if bool(singular.any()):  # equal keys (e.g. padding tokens' zero keys): a jitter above the dtype's rounding, for those windows only
+        steadied = torch.linalg.solve(gram + 16 * torch.finfo(gram.dtype).eps * trace + torch.finfo(gram.dtype).tiny * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), rhs)
+        weights = torch.where(singular[..., None], steadied, weights)
+    weights = weights.clamp(min=0)
     for _ in range(iterations):
         weights = (weights - step * ((gram @ weights[..., None])[..., 0] - rhs)).clamp(min=0)
     return weights
