@@ -29,9 +29,11 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
+import transformers
 from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 from test_gates import tiny_gates
 from test_lowrank import SETTINGS, calibrate, uniform
 from transformers import DynamicCache
@@ -178,12 +180,18 @@ class Inputs:
         return ids, mask, prompt_ids(self.turn or 1, batch=len(self.padding), seed=self.seed + 1)
 
 
+# Before transformers 5.24, chunked prefill of a second turn (and of padded rows) reaches kvcompress with a mask it refuses as
+# right padding (a clear ValueError): chunked prefill is drawn from 5.24 on.
+CHUNKED_PREFILL = Version(transformers.__version__) >= Version("5.24")
+
+
 @st.composite
 def inputs(draw, fewest: int = 2):
     """`fewest` to 3 rows. Paddings are whole prefill chunks, so a padded row's chunks end where they end when it runs alone."""
-    count, chunk, width = draw(st.integers(fewest, 3)), draw(st.none() | st.integers(4, 32)), draw(st.integers(20, 120))
+    count, chunk, width = draw(st.integers(fewest, 3)), draw(st.none() | st.integers(4, 32)) if CHUNKED_PREFILL else None, draw(st.integers(20, 120))
     step = chunk or 1
-    padding = tuple(step * pads for pads in draw(st.lists(st.integers(0, (width - 20) // step), min_size=count, max_size=count)))
+    most = (width - 20) // step
+    padding = tuple(step * pads for pads in draw(st.lists(st.integers(0, most), min_size=count, max_size=count)))
     turn = draw(st.none() | st.integers(1, 24))
     return Inputs(width, padding, chunk, draw(st.integers(8, 16)), turn, draw(st.integers(0, 1000)))
 
