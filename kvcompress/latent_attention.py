@@ -28,13 +28,15 @@ from .quantize import Quantized
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # a CPU-only torch: the low-rank caches use their PyTorch path
     triton = None
 
-BLOCK_SLOTS = 128  # store slots per inner step
+BLOCK_SLOTS = 128  # store slots per inner step, at most: wide ranks take half (or less) where shared memory runs out
 PROGRAMS_WANTED = 1024  # spans per call at least, so that a small batch still fills the GPU
 NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128 slots beat 8 warps and 32 or 64 slots
 ROW_TILE = 16  # query rows per program: tl.dot's smallest
+_FITTING_BLOCK = {}  # (device, dtype, head_dim, key width, value width, bits) -> the block of slots that fitted in shared memory
 
 
 def available(queries: torch.Tensor) -> bool:
@@ -105,16 +107,26 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     sums = torch.empty_like(maxima)
     latents = torch.empty(batch * heads, spans, tiles * ROW_TILE, value_width, device=queries.device, dtype=torch.float32)
     zk_strides, zks_strides, zv_strides, zvs_strides, ids_strides = (_slot_strides(t) for t in (zk, zk_scale, zv, zv_scale, token_ids))
-    _store_partials_kernel[(batch * heads, spans, tiles)](
-        queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
-        rows, slots, span, scaling, key_decoder.shape[1],
-        *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
-        ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
-        HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_width, VALUE_WIDTH=value_width, BLOCK=BLOCK_SLOTS, TILE=ROW_TILE,
-        KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
-        PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
-        FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
-    )
+    shape_key = (queries.device, queries.dtype, dim, key_width, value_width, key_bits, value_bits)
+    block = _FITTING_BLOCK.get(shape_key, BLOCK_SLOTS)
+    while True:
+        try:
+            _store_partials_kernel[(batch * heads, spans, tiles)](
+                queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
+                rows, slots, span, scaling, key_decoder.shape[1],
+                *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
+                ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
+                HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_width, VALUE_WIDTH=value_width, BLOCK=block, TILE=ROW_TILE,
+                KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
+                PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
+                FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
+            )
+            break
+        except OutOfResources:  # near-full ranks of a 128-dim head: a block of 128 slots needs more shared memory than an H200 has
+            if block == ROW_TILE:
+                raise
+            block //= 2  # spans are whole multiples of BLOCK_SLOTS, so of every half of it too
+    _FITTING_BLOCK[shape_key] = block
     top, total, latents = merge_softmax(maxima[..., :rows], sums[..., :rows], latents[:, :, :rows, :value_rank], dim=1)
     shape = (batch, heads, rows)
     return top.view(shape), total.view(shape), latents.view(*shape, value_rank)

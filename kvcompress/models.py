@@ -73,23 +73,60 @@ def default_model_path() -> Path:
     return target
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(device: str | torch.device | None) -> str | torch.device:
+    """Where a model goes: None is CUDA when there is a GPU, else the CPU; "auto" spreads its layers over every GPU
+    (then the CPU) with accelerate; anything else is a torch device that must exist here."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        require("accelerate", "calibration", 'Spreading a model over GPUs (device "auto")')
+        return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device name; refused below
+        parsed = torch.device("meta")
+    if parsed.type == "meta":
+        raise ValueError(f"Unknown device {device!r}; give cpu, cuda, cuda:N or auto (the model's layers spread over every GPU).")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise ValueError(f"Device {device!r} was asked for, but torch finds no CUDA GPU here ({build}); use cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"Device {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs here (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    return parsed
+
+
+def check_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """"auto" (the dtype the model's config names, e.g. bfloat16 for most Hub models), or one of `DTYPES` by name or as a torch dtype."""
+    if dtype == "auto" or dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"Unknown dtype {dtype!r}; choose auto (the model's own), {', '.join(DTYPES)}.")
+
+
 def load_model(
-    name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+    name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
     attn_implementation: str = "sdpa", revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` ready for compressed caches.
 
     `name_or_path` is a local directory or a Hub id; None (or "SmolLM2-135M-Instruct") loads the
-    embedded default model, whose config then names it so. The model's attention is routed through
-    kvcompress (`kvcompress.enable`), which is exactly `attn_implementation` when no compressed
-    cache is in use.
+    embedded default model, whose config then names it so. `dtype` "auto" keeps the model's own (float32
+    for the embedded model, bfloat16 for most Hub models); `device` None puts it on the GPU when there is
+    one, "auto" spreads its layers over every GPU with accelerate (`device_map="auto"`). The model's
+    attention is routed through kvcompress (`kvcompress.enable`), which is exactly `attn_implementation`
+    when no compressed cache is in use.
     """
+    dtype, device = check_dtype(dtype), check_device(device)
     embedded = name_or_path in (None, DEFAULT_MODEL)
     path = default_model_path() if embedded else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision)
-    if device is not None:
-        model = model.to(device)
+    # the weights go straight to their device (no second copy in host memory first)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision, device_map=device)
     model.eval()
     if embedded:
         model.config._name_or_path = DEFAULT_MODEL  # what artifacts fitted on it record as their base model

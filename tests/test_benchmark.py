@@ -17,7 +17,8 @@ import quality  # noqa: E402
 from doc_block import DOCS, add_update_docs, markers, update_block  # noqa: E402
 
 # each generated block, the docs page it lives in (where --update-docs alone writes it), and the script that writes it
-BLOCKS = {"quality": "benchmarks.md", "gpu": "benchmarks.md", "decode": "benchmarks.md", "pretrained": "pretrained.md"}
+BLOCKS = {"quality": "benchmarks.md", "gpu": "benchmarks.md", "decode": "benchmarks.md", "pretrained": "pretrained.md", "calibration-cost": "calibration.md"}
+CALIBRATION_RUNS = [DOCS / "benchmark" / f"calibration_{model}_cuda.json" for model in ("default", "llama-8b-shape")]
 
 
 def stale(page: Path, *blocks: str) -> None:
@@ -110,3 +111,20 @@ def test_quality_and_gpu_blocks_regenerate_byte_for_byte_from_the_saved_results(
         check=True, capture_output=True, timeout=300,
     )
     assert page.read_text() == (DOCS / "benchmarks.md").read_text()
+
+
+def test_calibration_cost_block_regenerates_from_the_saved_runs(tmp_path):
+    """The GPU calibration table of docs/calibration.md is what --render makes of the saved runs: every method, the
+    default model's held-out check beside its time and memory, and the 8B/70B projection of the 8B-shaped run."""
+    page = tmp_path / "calibration.md"
+    shutil.copy(DOCS / "calibration.md", page)
+    stale(page, "calibration-cost")
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "calibration_cost.py"), "--render", *map(str, CALIBRATION_RUNS), "--update-docs", str(page)],
+        check=True, capture_output=True, timeout=300,
+    )
+    assert page.read_text() == (DOCS / "calibration.md").read_text()
+    for path in CALIBRATION_RUNS:
+        runs = json.loads(path.read_text())["runs"]
+        assert [run["method"] for run in runs] == ["pca", "kvsplice", "gate", "sidecar"]
+        assert all(run["peak_gpu_memory_bytes"] > 0 and run["calibration_seconds"] > 0 for run in runs)

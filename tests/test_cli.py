@@ -151,7 +151,7 @@ class _FakeCompressor:
 def no_model(monkeypatch):
     """`kvcompress calibrate` without a model: loading and the corpus are stubbed, the gate calibrator is `fit` (set it)."""
     calls = []
-    monkeypatch.setattr("kvcompress.load_model", lambda name: calls.append("load") or (None, None))
+    monkeypatch.setattr("kvcompress.load_model", lambda name, device, dtype: calls.append("load") or (None, None))
     monkeypatch.setattr("kvcompress.calibration.calibrate.calibration_corpus", lambda tokenizer, data, eval_tokens: (None, None, "corpus"))
     return calls
 

@@ -159,6 +159,38 @@ def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monk
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernel
+def test_a_block_too_large_for_shared_memory_is_halved(parts, monkeypatch):
+    """Near-full ranks of 128-dim heads need more shared memory for a block of 128 slots than an H200 has (found
+    calibrating PCA on the Llama-3.1-8B shape): the block is halved until it fits, once per shape, with the same result."""
+    pca = parts[2]["pca"]
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, 2, 3, 32, generator=generator).to(DEVICE)
+    key_latents, value_latents = (torch.randn(1, 1, 300, 2 * rank, generator=generator).to(DEVICE) for rank in (6, 10))
+    token_ids = torch.arange(300, dtype=torch.int32).expand(1, 2, 300).contiguous().to(DEVICE)
+    attend = lambda: pca.attend_store(1, queries, key_latents, value_latents, token_ids, 0.2)  # noqa: E731
+    kernel, launched = latent_attention._store_partials_kernel, []
+
+    class SmallSharedMemory:  # a GPU on which only blocks of 32 slots fit
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK, **kwargs):
+                launched.append(BLOCK)
+                if BLOCK > 32:
+                    raise latent_attention.OutOfResources(BLOCK * 1000, 32 * 1000, "shared memory")
+                return kernel[grid](*args, BLOCK=BLOCK, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(latent_attention, "_store_partials_kernel", SmallSharedMemory())
+    monkeypatch.setattr(latent_attention, "_FITTING_BLOCK", {})
+    first, second = attend(), attend()
+    assert launched == [128, 64, 32, 32]  # halved twice, then straight to the block that fits
+    monkeypatch.setattr(latent_attention, "available", lambda *args: False)
+    for result in (first, second):
+        for got, expected in zip(result, attend()):
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what is counted: on a GPU")
 @pytest.mark.parametrize("name", ["pca, rank 16", "gates x pca-16 x int4"])
 def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
@@ -183,10 +215,10 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter():
     environment = os.environ | {"TRITON_INTERPRET": "1"}
     tests = Path(__file__).parent
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernel_equals or kernel_rotates"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernel_equals or kernel_rotates or too_large_for_shared"],
         cwd=tests.parent, env=environment, capture_output=True, text=True, timeout=1200,
     )
-    assert run.returncode == 0 and f"{len(CACHES) + 1} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and f"{len(CACHES) + 2} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", ["pca, mixed ranks", "gates x pca x int4"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
@@ -60,17 +61,35 @@ def _compressor(model, data, window=8, slots=2, network=None):
 
 def test_forces_are_the_attention_jacobian_applied_to_the_output_gradient(tiny):
     model, _, _, data = tiny
-    assert data.keys.shape == (3, 2, 2, LENGTH, 16) and data.queries.shape == (3, 2, 4, 32, 16)
-    assert bool((data.positions >= 16).all()) and data.forces.abs().sum() > 0
+    assert (data.sequences, data.num_layers, data.num_heads) == (3, 2, 2)
+    part = data.layer(2, 1)
+    assert part["keys"].shape == (2, LENGTH, 16) and part["queries"].shape == (4, 32, 16) and part["forces"].abs().sum() > 0
+    assert bool((part["positions"] >= 16).all())
     # dL/dq = J^T dL/dy: recompute J^T dL/dy from the stored keys, values and query, for a few queries.
     for sequence, layer, head, index in ((0, 0, 0, 3), (1, 1, 3, 20), (2, 1, 2, 31)):
-        position = int(data.positions[sequence, index])
-        keys, values = (t[sequence, layer, head // 2, : position + 1].float() for t in (data.keys, data.values))
+        part = data.layer(sequence, layer)
+        position = int(part["positions"][index])
+        keys, values = (part[name][head // 2, : position + 1].float() for name in ("keys", "values"))
         with torch.enable_grad():  # other tests may have turned gradients off globally (the CLI does)
-            query = data.queries[sequence, layer, head, index].float().requires_grad_(True)
+            query = part["queries"][head, index].float().requires_grad_(True)
             output = torch.softmax(query @ keys.T / 4, -1) @ values
-            (force,) = torch.autograd.grad((output * data.output_grads[sequence, layer, head, index]).sum(), query)
-        assert torch.allclose(force, data.forces[sequence, layer, head, index], rtol=2e-2, atol=1e-4 * float(force.abs().max()))
+            (force,) = torch.autograd.grad((output * part["output_grads"][head, index]).sum(), query)
+        assert torch.allclose(force, part["forces"][head, index], rtol=2e-2, atol=1e-4 * float(force.abs().max()))
+
+
+def test_reference_queries_read_one_sequence_at_a_time_pick_what_the_whole_collection_gives(tiny):
+    """The shards are read a sequence at a time; the references are those picked from all shards stacked in memory."""
+    model, _, directory, data = tiny
+    inv_freq = rope_inv_freq(model)
+    stacked = [load_file(str(shard)) for shard in data.shards]
+    queries, positions = torch.stack([shard["queries"] for shard in stacked]), torch.stack([shard["positions"] for shard in stacked])
+    sequences, layers, heads, count, dim = queries.shape
+    flat = queries.permute(1, 2, 0, 3, 4).reshape(layers, heads, sequences * count, dim).float()
+    grouped = rotate(flat, positions.reshape(-1)[None].expand(layers, -1), inv_freq, inverse=True).view(layers, data.num_heads, -1, dim)
+    pick = torch.randperm(grouped.shape[2], generator=torch.Generator().manual_seed(3))[:20]
+    references = reference_queries(data, inv_freq, count=20, seed=3)
+    assert references.queries.shape == (layers, data.num_heads, 20, dim)
+    assert torch.allclose(references.queries, grouped[:, :, pick], atol=1e-6)
 
 
 def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path):

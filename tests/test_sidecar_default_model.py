@@ -31,8 +31,9 @@ def calibrated(tmp_path_factory, default_model):
 def test_calibrate_command_collects_forces_trains_and_saves(calibrated, capsys):
     output, trajectories, plot = calibrated
     data = load_trajectories(trajectories)
-    assert data.keys.shape == (3, 30, 3, 1024, 64) and data.forces.shape == (3, 30, 9, 64, 64)
-    assert float(data.forces.norm(dim=-1).mean()) > 0 and float(data.output_grads.norm(dim=-1).mean()) > 0
+    part = data.layer(2, 29)
+    assert (data.sequences, data.num_layers) == (3, 30) and part["keys"].shape == (3, 1024, 64) and part["forces"].shape == (9, 64, 64)
+    assert float(part["forces"].norm(dim=-1).mean()) > 0 and float(part["output_grads"].norm(dim=-1).mean()) > 0
     history = json.loads((output / "training_history.json").read_text())
     assert [entry["step"] for entry in history] == [0, 20]
     for entry in history:  # the seed-001 diagnostics, logged at every evaluation, inside [0.5, 2]

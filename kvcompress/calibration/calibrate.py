@@ -19,6 +19,7 @@ and the wall-clock time of the calibration.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class CalibrationReport:
     eval_tokens: int
     seconds: float
     fit_metrics: dict = field(default_factory=dict)
+    peak_memory: dict = field(default_factory=dict)  # `peak_memory()` of the calibration, where it was taken
 
     @property
     def degradation(self) -> float:
@@ -65,7 +67,7 @@ class CalibrationReport:
             "measured_memory_savings": self.memory_savings,
             "eval_tokens": self.eval_tokens,
             "calibration_seconds": self.seconds,
-        } | self.fit_metrics
+        } | self.peak_memory | self.fit_metrics
 
     def summary(self) -> str:
         lines = [
@@ -76,9 +78,24 @@ class CalibrationReport:
             f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens (sink and recent window included)",
             f"Calibration time:       {self.seconds:.1f}s (load, collection, fit; the checks above not included)",
         ]
+        if self.peak_memory:
+            gpu = self.peak_memory.get("peak_gpu_memory_bytes")
+            lines.append(f"Peak memory:            {self.peak_memory['peak_host_memory_bytes'] / 2**30:.2f} GiB host (resident)"
+                         + (f", {gpu / 2**30:.2f} GiB GPU (torch allocator, all GPUs)" if gpu is not None else ""))
         for name, value in self.fit_metrics.items():
             lines.append(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
         return "\n".join(lines)
+
+
+def peak_memory() -> dict:
+    """The most memory this process has held so far: host (resident set) and, where there are GPUs, the torch allocator's on all of them."""
+    import resource  # Unix; ru_maxrss is in KiB on Linux, bytes on macOS
+
+    resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_host_memory_bytes": resident if sys.platform == "darwin" else resident * 1024}
+    if torch.cuda.is_available():
+        peak["peak_gpu_memory_bytes"] = sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count()))
+    return peak
 
 
 def calibration_corpus(tokenizer, data: str | None, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -164,7 +181,7 @@ class LowRankCalibration:
         key_ranks, value_ranks, exact = group_ranks(ranks)
         metrics = {}
         if method == "kvsplice":
-            key_heads, value_heads, metrics = fit_kvsplice(self.data, ranks, self.inv_freq, steps=kvsplice_steps)
+            key_heads, value_heads, metrics = fit_kvsplice(self.data, ranks, self.inv_freq, steps=kvsplice_steps, device=self.model.device)
         else:
             key_heads, value_heads = pca_heads(self.key_spectrum, key_ranks, exact), pca_heads(self.value_spectrum, value_ranks, exact)
         config = {"base_model": self.signature, "cache": cache_settings, "ranks": ranks.to_json(), "calibration": self.calibration}

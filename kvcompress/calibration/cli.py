@@ -27,7 +27,7 @@ from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, buil
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods
 from kvcompress.lowrank import LowRankCompressor
-from kvcompress.models import DEFAULT_MODEL
+from kvcompress.models import DEFAULT_MODEL, DTYPES
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
@@ -108,6 +108,19 @@ def _corpus(text: str) -> str:
     return text
 
 
+def _device(text: str) -> str:
+    from kvcompress.models import check_device
+
+    try:
+        check_device(text)
+    except (ValueError, ModuleNotFoundError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+_device.metavar = "DEVICE"
+
+
 def _existing_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"there is no file {text}")
@@ -136,7 +149,7 @@ def _generate(args) -> None:
 
     cache = _cache_from_arguments(args)  # first: a compressor that is not there fails before the model loads
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.prompt:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
         expected = None
@@ -181,7 +194,7 @@ def _evaluate(args) -> None:
     specs += [CacheSpec(method, ratio) for method in args.caches if method != "dense" for ratio in args.ratios]
     specs += [CacheSpec.fitted(path) for path in args.compressors]
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = evaluate(
         model, tokenizer, specs, heldout_text(args.data), ppl_tokens=args.ppl_tokens, ppl_chunk=args.ppl_chunk,
         passkey_tokens=args.passkey_tokens, depths=args.depths, trials=args.trials,
@@ -234,7 +247,7 @@ def _calibrate(args) -> None:
 
     started = time.perf_counter()
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     _phase(f"reading and tokenizing the corpus {args.data or '(the shipped WikiText-2)'}")
     corpus = calibration_corpus(tokenizer, args.data, args.eval_tokens)
     fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
@@ -244,6 +257,8 @@ def _calibrate(args) -> None:
 def _finish(args, fitted: _Fitted, seconds: float) -> None:
     """The tail every calibrator shares: save (before the minutes-long check, so a stop keeps the fit), measure on held-out
     text, save again with the metrics in the config and card, write the reports, summarise, plot and push."""
+    from .calibrate import peak_memory
+
     output, compressor = Path(args.output), fitted.compressor
     compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
     if args.overwrite and (output / CONFIG_FILE).is_file():
@@ -251,8 +266,11 @@ def _finish(args, fitted: _Fitted, seconds: float) -> None:
         shutil.rmtree(output)  # only now the new one is fitted; no stale files of the old one beside it
     _phase(f"saving the compressor to {output}/")
     compressor.save_pretrained(output)
+    peak = peak_memory()  # of the calibration, before the check
     _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense (the final check)")
     summary = fitted.measure(seconds)
+    summary.peak_memory = peak
+    compressor.config["metrics"] = summary.metrics()
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
     for name, report in fitted.reports.items():
@@ -321,7 +339,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     )
     _phase(f"training the gates ({args.gate_steps} steps at most)")
     with torch.enable_grad():
-        gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps)
+        gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps, device=model.device)
     if recall is not None:  # do the labels see the recall? statements should be positive far more often than prose
         report["recall"] = {
             "facts_per_sequence": args.recall_facts,
@@ -365,7 +383,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     train, heldout = trajectories.split(args.heldout_sequences)
     network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)
     weights = LossWeights.output_matching_only() if args.loss == "output" else LossWeights()
-    settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr)
+    settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr, device=str(model.device))
     references = reference_queries(train, inv_freq, recent_window=args.window)
     _phase(f"training the sidecar network ({args.sidecar_steps} steps; first attention matching on the held-out sequences, the starting point)")
     with torch.enable_grad():
@@ -499,6 +517,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=_corpus, default=None, metavar="FILE_OR_DATASET",
         help="text file or datasets name (name[:config][@split]); none: the WikiText-2 validation text shipped with kvcompress",
+    )
+    parser.add_argument(
+        "--device", type=_device, default=None,
+        help="where the model runs: cpu, cuda, cuda:N, or auto (its layers spread over every GPU with accelerate); none: cuda when there is a GPU, else cpu",
+    )
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto",
+        help="the model's weights and activations; auto: the model's own (float32 for the embedded model, bfloat16 for most Hub models). Statistics accumulate in float32",
     )
 
 

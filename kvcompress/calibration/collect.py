@@ -136,9 +136,10 @@ def collect_attention_samples(
             chunk = ids[start : start + sequence_length]
             model(input_ids=chunk[None].to(model.device), use_cache=False)
             layers = [recorded[index] for index in sorted(recorded)]
-            keys = torch.stack([key[0] for _, key, _ in layers])  # [layers, kv_heads, t, head_dim]
-            values = torch.stack([value[0] for _, _, value in layers])
-            queries = torch.stack([query[0] for query, _, _ in layers])  # [layers, heads, t, head_dim]
+            # kept on the device of the first layer (a model spread over GPUs records each layer on its own), in the model's dtype
+            keys = torch.stack([key[0].to(model.device) for _, key, _ in layers])  # [layers, kv_heads, t, head_dim]
+            values = torch.stack([value[0].to(model.device) for _, _, value in layers])
+            queries = torch.stack([query[0].to(model.device) for query, _, _ in layers])  # [layers, heads, t, head_dim]
             length, kv_heads = keys.shape[2], keys.shape[1]
             groups = queries.shape[1] // kv_heads
             position = torch.arange(start, start + length)

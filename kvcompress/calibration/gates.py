@@ -68,22 +68,21 @@ def collect_retention_labels(
     keys, future, sequences, token_index = [], [], [], []
     positions = torch.arange(sink, last)
     distance = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None]  # query i minus key j
-    causal, causal_future = distance >= 0, distance >= window
     with recording_attention(model) as recorded:
         for index, start in enumerate(tqdm(range(0, len(ids) - sequence_length + 1, sequence_length), desc="labels", unit="seq")):
             model(input_ids=ids[start : start + sequence_length][None].to(model.device), use_cache=False)
             layer_keys, layer_future = [], []
             for layer in sorted(recorded):
                 query, key, _ = recorded[layer]
-                query, key = query[0].float().cpu(), key[0].float().cpu()
-                heads, dim = key.shape[0], key.shape[-1]
+                query, key = query[0].float(), key[0].float()  # float32 attention, on the layer's own device
+                device, heads, dim = key.device, key.shape[0], key.shape[-1]
                 grouped = query.view(heads, -1, sequence_length, dim)
                 scores = torch.matmul(grouped, key[:, None].transpose(-1, -2)) * dim**-0.5
-                probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
-                share = probs.masked_fill(~causal_future, 0.0).amax(dim=1)  # [H, j]
-                layer_future.append(share[:, sink:last])
-                unrotated = rotate(key[:, sink:last][None], positions[None], inv_freq, inverse=True)[0]
-                layer_keys.append(unrotated)
+                probs = scores.masked_fill(~(distance >= 0).to(device), float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
+                share = probs.masked_fill(~(distance >= window).to(device), 0.0).amax(dim=1)  # [H, j]
+                layer_future.append(share[:, sink:last].cpu())
+                unrotated = rotate(key[:, sink:last][None], positions[None].to(device), inv_freq.to(device), inverse=True)[0]
+                layer_keys.append(unrotated.cpu())  # what is kept (the labelled tokens) waits on the CPU
             keys.append(torch.cat(layer_keys))
             future.append(torch.cat(layer_future))
             sequences.append(torch.full((last - sink,), index))
@@ -113,21 +112,22 @@ def auc_per_group(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_gates(
     data: RetentionLabels, hidden: int = 256, steps: int = 600, batch: int = 256, learning_rate: float = 1e-3,
-    validation_sequences: int = 2, evaluate_every: int = 50, patience: int = 4, seed: int = 0,
+    validation_sequences: int = 2, evaluate_every: int = 50, patience: int = 4, seed: int = 0, device: str | torch.device = "cpu",
 ) -> tuple[GateBank, torch.Tensor, dict]:
-    """Train every head's gate at once on balanced batches; each head keeps its best held-out state.
+    """Train every head's gate at once on balanced batches on `device`; each head keeps its best held-out state.
+    The batches are drawn on the CPU, so every device trains on the same tokens.
 
-    Returns the gates, their probabilities on the held-out tokens ``[G, n]`` and the report on them.
+    Returns the gates and their probabilities on the held-out tokens ``[G, n]`` (both on the CPU) and the report on them.
     """
     sequences = data.sequence.unique()
     if len(sequences) <= validation_sequences:
         raise ValueError(f"Gate training needs labels from more than {validation_sequences} sequences to hold some out; collect from more text.")
     held_out = torch.isin(data.sequence, sequences[-validation_sequences:])
     labels = data.labels
-    train_keys, train_labels = data.keys[:, ~held_out], labels[:, ~held_out]
-    valid_keys, valid_labels = data.keys[:, held_out], labels[:, held_out]
+    train_keys, train_labels = data.keys[:, ~held_out].to(device), labels[:, ~held_out]
+    valid_keys, valid_labels = data.keys[:, held_out].to(device), labels[:, held_out].to(device)
     torch.manual_seed(seed)
-    gates = GateBank(data.num_layers, data.num_heads, data.keys.shape[-1], hidden)
+    gates = GateBank(data.num_layers, data.num_heads, data.keys.shape[-1], hidden).to(device)
     scale = train_keys.std(dim=1, keepdim=True).clamp(min=1e-6)  # keys vary a lot in scale across heads; fold a per-dim scale into w1
     with torch.no_grad():
         gates.w1 /= scale.transpose(1, 2)
@@ -145,8 +145,8 @@ def train_gates(
     progress = tqdm(range(1, steps + 1), desc="gates", unit="step")
     for step in progress:
         index = torch.cat([torch.multinomial(weights[cls], half, replacement=True, generator=generator) for cls in (True, False)], dim=1)
-        keys = train_keys.gather(1, index[..., None].expand(-1, -1, train_keys.shape[-1]))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(gates(keys), train_labels.gather(1, index).float())
+        keys = train_keys.gather(1, index.to(device)[..., None].expand(-1, -1, train_keys.shape[-1]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(gates(keys), train_labels.gather(1, index).float().to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -157,8 +157,8 @@ def train_gates(
                 break
     best.restore(gates)
     with torch.no_grad():
-        probabilities = torch.sigmoid(gates(valid_keys))
-    return gates, probabilities, gate_report(probabilities, valid_labels, data)
+        probabilities = torch.sigmoid(gates(valid_keys)).cpu()
+    return gates.cpu(), probabilities, gate_report(probabilities, valid_labels.cpu(), data)
 
 
 def gate_report(probabilities: torch.Tensor, labels: torch.Tensor, data: RetentionLabels) -> dict:

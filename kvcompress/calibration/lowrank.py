@@ -17,6 +17,7 @@ Tokens in the attention sink are never compressed, so they are left out of every
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ class KVData:
     query_sequence: torch.Tensor  # [m]
     num_layers: int
     num_heads: int
+
+    def to(self, device) -> KVData:
+        """The same samples on `device` (KVSplice trains where the model runs)."""
+        return dataclasses.replace(self, **{field.name: getattr(self, field.name).to(device) for field in dataclasses.fields(self) if field.type == "torch.Tensor"})
 
     @classmethod
     def from_samples(cls, samples: AttentionSamples, inv_freq: torch.Tensor, sink: int) -> KVData:
@@ -110,19 +115,21 @@ def fit_kvsplice(
     validation_sequences: int = 2,
     evaluate_every: int = 25,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[list[dict], list[dict], dict]:
-    """Train per-head encoders/decoders from PCA; returns (key heads, value heads, metrics)."""
+    """Train per-head encoders/decoders from PCA on `device`; returns (key heads, value heads, metrics), on the CPU."""
+    data, inv_freq = data.to(device), inv_freq.to(device)
     key_ranks, value_ranks, exact = group_ranks(ranks)
     algos = [ranks.heads[layer, head].algo for layer in range(ranks.num_layers) for head in range(ranks.num_kv_heads)]
-    trained = torch.tensor([algo == "kvsplice" and not is_exact for algo, is_exact in zip(algos, exact)])
+    trained = torch.tensor([algo == "kvsplice" and not is_exact for algo, is_exact in zip(algos, exact)], device=device)
     sequences = data.key_sequence.unique()
     if len(sequences) <= validation_sequences:
         raise ValueError(f"KVSplice needs samples from more than {validation_sequences} sequences to hold some out; collect from more text.")
     validation = sequences[-validation_sequences:]
     training = sequences[:-validation_sequences]
     params = {
-        "key": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.keys), key_ranks, exact), key_ranks),
-        "value": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.values), value_ranks, exact), value_ranks),
+        "key": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.keys.cpu()), key_ranks, exact), key_ranks).to(device),
+        "value": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.values.cpu()), value_ranks, exact), value_ranks).to(device),
     }
     dim = data.keys.shape[-1]
     scaling = dim**-0.5
@@ -155,7 +162,7 @@ def fit_kvsplice(
     best = BestPerGroup(modules, initial[0])
     optimizer = torch.optim.Adam(modules.parameters(), lr=learning_rate)
     for step in tqdm(range(1, steps + 1), desc="kvsplice", unit="step"):
-        sequence = training[torch.randint(len(training), (1,), generator=generator)]
+        sequence = training[int(torch.randint(len(training), (1,), generator=generator))][None]
         loss = loss_per_group(sequence)[0]
         optimizer.zero_grad()
         (loss * trained).sum().backward()
@@ -213,10 +220,8 @@ class _Autoencoder(torch.nn.Module):
         with torch.no_grad():
             encoder = self.encoder * self.scale
             encoder_bias = (self.encoder_bias * self.scale + self.shift)[:, 0]
-            return [
-                {"encoder": encoder[g, :, :r].clone(), "encoder_bias": encoder_bias[g, :r].clone(), "decoder": self.decoder[g, :r].clone(), "decoder_bias": self.decoder_bias[g, 0].clone()}
-                for g, r in enumerate(ranks)
-            ]
+            heads = [{"encoder": encoder[g, :, :r], "encoder_bias": encoder_bias[g, :r], "decoder": self.decoder[g, :r], "decoder_bias": self.decoder_bias[g, 0]} for g, r in enumerate(ranks)]
+            return [{name: tensor.to("cpu", copy=True) for name, tensor in head.items()} for head in heads]
 
 
 # ------------------------------------------------------------------------------------------- Fisher
@@ -262,14 +267,15 @@ def fisher_information(model, token_ids: torch.Tensor, inv_freq: torch.Tensor, s
         )
     keys_fisher = values_fisher = None
     counted = 0
-    positions = torch.arange(sequence_length)
+    device = model.device  # the gradients of every layer are summed in float32 where the model starts
+    positions, inv_freq = torch.arange(sequence_length, device=device), inv_freq.to(device)
     with attention_tap(model, _key_value_probes, probing=True) as probes:
         for index in tqdm(range(sequences), desc="fisher", unit="seq"):
-            chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
+            chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(device)
             model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
             layers = [probes[layer] for layer in sorted(probes)]
-            key_grads = torch.stack([k.grad[0] for k, _ in layers]).float().cpu()  # [L, H, T, D], w.r.t. post-RoPE keys
-            value_grads = torch.stack([v.grad[0] for _, v in layers]).float().cpu()
+            key_grads = torch.stack([k.grad[0].to(device, torch.float32) for k, _ in layers])  # [L, H, T, D], w.r.t. post-RoPE keys
+            value_grads = torch.stack([v.grad[0].to(device, torch.float32) for _, v in layers])
             num_layers, heads, _, dim = key_grads.shape
             key_grads = rotate(key_grads.reshape(num_layers * heads, 1, -1, dim), positions.expand(num_layers * heads, -1), inv_freq, inverse=True)[:, 0]
             key_grads, value_grads = key_grads[:, sink:], value_grads.reshape(num_layers * heads, -1, dim)[:, sink:]
@@ -278,7 +284,7 @@ def fisher_information(model, token_ids: torch.Tensor, inv_freq: torch.Tensor, s
             values_fisher = update_v if values_fisher is None else values_fisher + update_v
             counted += key_grads.shape[1]
             probes.clear()
-    return FisherInformation(keys_fisher / counted, values_fisher / counted, counted)
+    return FisherInformation((keys_fisher / counted).cpu(), (values_fisher / counted).cpu(), counted)
 
 
 def fisher_ranks(fisher: FisherInformation, key_spectrum: Spectrum, value_spectrum: Spectrum, template: RankConfig, target_memory_reduction: float, min_rank: int = 1) -> RankConfig:

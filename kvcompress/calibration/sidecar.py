@@ -74,29 +74,31 @@ class Stretch:
 
 
 def sample_stretches(data: Trajectories, sequence: int, layer: int, regions: int, span: int, sink: int,
-                     augment: float, noise: float, generator: torch.Generator) -> Stretch:
+                     augment: float, noise: float, generator: torch.Generator, device: str | torch.device = "cpu") -> Stretch:
     """`regions` stretches of `span` tokens of one sequence's layer, with `augment` (a share of the real
-    queries) perturbed query copies: Gaussian noise of `noise` times each query's RMS."""
-    keys, values = data.keys[sequence, layer].float(), data.values[sequence, layer].float()
+    queries) perturbed query copies: Gaussian noise of `noise` times each query's RMS. The random draws
+    are made on the CPU (the same on every device); the stretch is moved to `device` in float32."""
+    part = data.layer(sequence, layer)
+    keys, values = (part[name].to(device, torch.float32) for name in ("keys", "values"))
     heads, _, dim = keys.shape
 
     def grouped(tensor):  # [heads, P, D] -> [kv_heads, G, P, D]
-        return tensor.float().view(heads, -1, tensor.shape[-2], dim)
+        return tensor.to(device, torch.float32).view(heads, -1, tensor.shape[-2], dim)
 
-    queries, forces, output_grads = (grouped(part[sequence, layer]) for part in (data.queries, data.forces, data.output_grads))
-    positions = data.positions[sequence]
+    queries, forces, output_grads = (grouped(part[name]) for name in ("queries", "forces", "output_grads"))
+    positions = part["positions"]
     latest = int(positions.max()) - span  # a stretch must end before the last query
     if latest < sink:
-        raise ValueError(f"Sequences of {data.keys.shape[3]} tokens are too short for stretches of {span} tokens; collect longer sequences.")
+        raise ValueError(f"Sequences of {data.settings['sequence_length']} tokens are too short for stretches of {span} tokens; collect longer sequences.")
     starts = torch.randint(sink, latest + 1, (regions,), generator=generator)
     extra = int(augment * len(positions))
     if extra:
         pick = torch.randperm(len(positions), generator=generator)[:extra]
-        chosen = queries[..., pick, :]
+        chosen = queries[..., pick.to(device), :]
         rms = chosen.square().mean(-1, keepdim=True).sqrt()
-        queries = torch.cat([queries, chosen + noise * rms * torch.randn(chosen.shape, generator=generator)], dim=-2)
+        queries = torch.cat([queries, chosen + noise * rms * torch.randn(chosen.shape, generator=generator).to(device)], dim=-2)
         positions = torch.cat([positions, positions[pick]])
-    return Stretch(keys, values, queries, positions, forces, output_grads, starts, layer)
+    return Stretch(keys, values, queries, positions.to(device), forces, output_grads, starts.to(device), layer)
 
 
 @dataclass
@@ -115,9 +117,10 @@ def merge_stretches(network: SidecarNetwork, batch: Stretch, windows: int, inv_f
     with `references` (the layer's reference queries in the window frame, ``[1, H, M, D]``), refined by one network call."""
     heads, _, dim = batch.keys.shape
     window, slots, regions = network.window, network.slots, len(batch.starts)
-    index = batch.starts[:, None] + torch.arange(windows * window)
+    device = batch.keys.device
+    index = batch.starts[:, None] + torch.arange(windows * window, device=device)
     keys, values = batch.keys[:, index].transpose(0, 1), batch.values[:, index].transpose(0, 1)  # [R, H, span, D]
-    window_starts = (batch.starts[:, None] + window * torch.arange(windows)).reshape(-1)
+    window_starts = (batch.starts[:, None] + window * torch.arange(windows, device=device)).reshape(-1)
 
     def per_window(t):  # [R, H, span, D] -> [R * windows, H, N, D]
         return t.view(regions, heads, windows, window, dim).transpose(1, 2).reshape(regions * windows, heads, window, dim)
@@ -129,7 +132,7 @@ def merge_stretches(network: SidecarNetwork, batch: Stretch, windows: int, inv_f
     framed, window_values = to_window_frame(per_window(keys), window_starts, inv_freq), per_window(values)
     with torch.no_grad():
         start = attention_matching_merge(framed, window_values, references, slots)
-    groups = (batch.layer * heads + torch.arange(heads)).repeat(regions * windows)
+    groups = (batch.layer * heads + torch.arange(heads, device=device)).repeat(regions * windows)
     flat = lambda t: t.reshape(regions * windows * heads, *t.shape[2:])  # noqa: E731
     merged_keys, merged_values, bias = network(flat(framed), flat(window_values), groups, MergedWindows(*(flat(t) for t in (start.keys, start.values, start.bias, start.selected))))
     merged_keys = to_window_frame(merged_keys.view(regions * windows, heads, slots, dim), window_starts, inv_freq, inverse=False)
@@ -148,7 +151,7 @@ class StretchAttention:
     def __init__(self, batch: Stretch, merged: Merged):
         self.batch, self.m = batch, merged
         self.scale = batch.keys.shape[-1] ** -0.5
-        tokens = torch.arange(batch.keys.shape[1])
+        tokens = torch.arange(batch.keys.shape[1], device=batch.keys.device)
         span = merged.dense_keys.shape[2]
         causal = tokens[None, :] <= batch.positions[:, None]  # [Q, T]
         inside = (tokens[None, :] >= batch.starts[:, None]) & (tokens[None, :] < batch.starts[:, None] + span)  # [R, T]
@@ -211,14 +214,14 @@ def step_losses(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq:
     attention = StretchAttention(batch, merged)
     regions, real = len(batch.starts), batch.real
     queries = batch.queries.expand(regions, *batch.queries.shape).clone().requires_grad_(True)
-    probe = torch.randn(batch.queries.shape, generator=generator)
+    probe = torch.randn(batch.queries.shape, generator=generator).to(queries.device)
     with torch.no_grad():
         dense, dense_jv = jvp(attention.dense, (batch.queries,), (probe,))
         local_dense_jv = jvp(attention.local_dense, (queries.detach(),), (probe.expand_as(queries),))[1]
     output, merged_jv = jvp(attention.merged, (queries,), (probe.expand_as(queries),))
     valid = attention.valid.float()
     force_size = batch.forces.norm(dim=-1)
-    force_weight = torch.cat([force_size / force_size.mean().clamp(min=1e-30), torch.ones(*force_size.shape[:2], queries.shape[-2] - real)], dim=-1)
+    force_weight = torch.cat([force_size / force_size.mean().clamp(min=1e-30), force_size.new_ones(*force_size.shape[:2], queries.shape[-2] - real)], dim=-1)
     terms = {"consistency": _relative(output - dense, dense, valid, force_weight), "jacobian": _relative(merged_jv - dense_jv, dense_jv, valid)}
     if weights.force:
         force = torch.autograd.grad((output[..., :real, :] * batch.output_grads).sum(), queries, create_graph=True)[0][..., :real, :]
@@ -286,26 +289,29 @@ class TrainingSettings:
     eval_every: int = 100
     eval_pairs: int = 20  # held-out (sequence, layer) pairs per evaluation
     seed: int = 0
+    device: str = "cpu"  # where the network trains (the random draws stay on the CPU, so any device sees the same stretches)
 
 
 def set_input_scales(network: SidecarNetwork, data: Trajectories) -> None:
     """Per (layer, head) RMS of keys and values over the data: the network's input and correction units."""
     with torch.no_grad():
-        for layer in range(data.keys.shape[1]):
-            for name, tensor in (("key_scale", data.keys), ("value_scale", data.values)):
-                rms = tensor[:, layer].float().square().mean(dim=(0, 2, 3)).sqrt()
+        for layer in range(data.num_layers):
+            parts = [data.layer(sequence, layer) for sequence in range(data.sequences)]
+            for name, kind in (("key_scale", "keys"), ("value_scale", "values")):
+                rms = torch.stack([part[kind].float().square().mean(dim=(1, 2)) for part in parts]).mean(0).sqrt()
                 heads = len(rms)
-                getattr(network, name)[layer * heads : (layer + 1) * heads] = rms.clamp(min=1e-6)
+                scale = getattr(network, name)
+                scale[layer * heads : (layer + 1) * heads] = rms.clamp(min=1e-6).to(scale.device)
 
 
 def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights, settings: TrainingSettings) -> dict:
     """Held-out losses and diagnostics, averaged over fixed (sequence, layer) pairs and stretches."""
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    layers = data.keys.shape[1]
+    layers = data.num_layers
     totals, objective = {}, 0.0
     span = settings.windows * network.window
     for pair in range(settings.eval_pairs):
-        batch = sample_stretches(data, pair % data.sequences, (pair * 7) % layers, settings.regions, span, settings.sink, 0.0, 0.0, generator)
+        batch = sample_stretches(data, pair % data.sequences, (pair * 7) % layers, settings.regions, span, settings.sink, 0.0, 0.0, generator, settings.device)
         loss, metrics = step_losses(network, batch, settings.windows, inv_freq, references, weights, generator, diagnose=True)
         objective += float(loss.detach())
         for name, value in metrics.items():
@@ -316,24 +322,27 @@ def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torc
 def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Trajectories, inv_freq: torch.Tensor, references: References,
                   weights: LossWeights | None = None, settings: TrainingSettings | None = None) -> dict:
     """Train `network` in place, refining attention matching with `references`; keep the state with the lowest
-    held-out objective. Returns the history (step 0: the untrained network, i.e. attention matching alone)."""
+    held-out objective. Returns the history (step 0: the untrained network, i.e. attention matching alone).
+    It trains on `settings.device` and is back on the CPU at the end."""
     weights, settings = weights or LossWeights(), settings or TrainingSettings()
-    if train.keys.shape[1] != network.shape["num_layers"] or train.keys.shape[2] != network.shape["num_heads"]:
-        raise ValueError(f"Trajectories of {train.keys.shape[1]} layers x {train.keys.shape[2]} KV heads do not fit a sidecar for {network.shape['num_layers']} x {network.shape['num_heads']}.")
+    if (train.num_layers, train.num_heads) != (network.shape["num_layers"], network.shape["num_heads"]):
+        raise ValueError(f"Trajectories of {train.num_layers} layers x {train.num_heads} KV heads do not fit a sidecar for {network.shape['num_layers']} x {network.shape['num_heads']}.")
+    network.to(settings.device)
+    inv_freq = inv_freq.to(settings.device)
     set_input_scales(network, train)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     warmup = max(1, settings.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
     span = settings.windows * network.window
-    framed = window_frame_references(references.queries, references.offsets, network.window, inv_freq)
+    framed = window_frame_references(references.queries.to(settings.device), references.offsets.to(settings.device), network.window, inv_freq)
     initial = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings)
     history, best = [{"step": 0} | initial], (initial["objective"], {k: v.clone() for k, v in network.state_dict().items()}, 0)
     progress = tqdm(range(1, settings.steps + 1), desc="sidecar", unit="step")
     for step in progress:
         network.train()
-        sequence, layer = int(torch.randint(train.sequences, (1,), generator=generator)), int(torch.randint(train.keys.shape[1], (1,), generator=generator))
-        batch = sample_stretches(train, sequence, layer, settings.regions, span, settings.sink, settings.augment, settings.noise, generator)
+        sequence, layer = int(torch.randint(train.sequences, (1,), generator=generator)), int(torch.randint(train.num_layers, (1,), generator=generator))
+        batch = sample_stretches(train, sequence, layer, settings.regions, span, settings.sink, settings.augment, settings.noise, generator, settings.device)
         loss, metrics = step_losses(network, batch, settings.windows, inv_freq, framed, weights, generator)
         optimizer.zero_grad()
         loss.backward()
@@ -354,7 +363,7 @@ def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Traject
                 f"entropy ratio {metrics['entropy_ratio']:.3f}" + (f"  WARNING: {', '.join(warning)}" if warning else "")
             )
     network.load_state_dict(best[1])
-    network.eval()
+    network.cpu().eval()
     return {"history": history, "initial": initial, "best_step": best[2], "best": next(h for h in history if h["step"] == best[2])}
 
 
@@ -368,13 +377,19 @@ class References:
 
 def reference_queries(data: Trajectories, inv_freq: torch.Tensor, count: int = 64, recent_window: int = 32, seed: int = 0) -> References:
     """`count` calibration queries per layer and KV head (from its group's heads, RoPE undone), placed log-uniformly
-    from `recent_window` tokens after a window's end to the sequence length (nearer queries attend a window more)."""
+    from `recent_window` tokens after a window's end to the sequence length (nearer queries attend a window more).
+    Each pick is a (member of the group, sequence, query position), read one sequence at a time."""
     generator = torch.Generator().manual_seed(seed)
-    sequences, layers, heads, positions, dim = data.queries.shape
-    flat = data.queries.permute(1, 2, 0, 3, 4).reshape(layers, heads, sequences * positions, dim).float()
-    unrotated = rotate(flat, data.positions.reshape(-1)[None].expand(layers, -1), inv_freq, inverse=True)
-    grouped = unrotated.view(layers, data.keys.shape[2], -1, dim)  # the group's query heads side by side
-    pick = torch.randperm(grouped.shape[2], generator=generator)[:count]
+    layers, kv_heads, positions = data.num_layers, data.num_heads, data.settings["query_positions"]
+    members = data.settings["heads"] // kv_heads
+    pick = torch.randperm(members * data.sequences * positions, generator=generator)[:count]
+    member, sequence, position = pick // (data.sequences * positions), pick // positions % data.sequences, pick % positions
+    picked = torch.empty(layers, kv_heads, len(pick), data.settings["head_dim"])
+    for index in sequence.unique().tolist():
+        queries, query_positions = data.queries(index)  # [L, heads, P, D], [P]
+        chosen = (sequence == index).nonzero()[:, 0]
+        grouped = queries.view(layers, kv_heads, members, positions, -1)[:, :, member[chosen], position[chosen]].float()  # [L, kv_heads, n, D]
+        picked[:, :, chosen] = rotate(grouped, query_positions[position[chosen]][None].expand(layers, -1), inv_freq, inverse=True)
     length = data.settings["sequence_length"]
     offsets = torch.exp(torch.empty(count).uniform_(math.log(recent_window), math.log(length), generator=generator)).round()
-    return References(grouped[:, :, pick].contiguous(), offsets)
+    return References(picked.contiguous(), offsets)

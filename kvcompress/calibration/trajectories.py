@@ -16,7 +16,8 @@ layer:
 Both gradients come from zero probes added to the queries and to the attention outputs inside a
 registered attention implementation, so nothing model-specific is redone. Collection is resumable
 (finished shards are kept; a directory collected with other settings is refused) and bounded by a
-disk budget checked before it starts.
+disk budget checked before it starts. Training reads the shards one (sequence, layer) at a time, so
+memory holds a layer of a sequence, not the collection (about 30 GB for a 70B model's 28 sequences).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -47,29 +48,39 @@ def _query_output_probes(layers: dict, layer: int, query, key, value, attend):
 
 @dataclass
 class Trajectories:
-    """Shards loaded into memory, stacked over sequences: keys/values ``[S, L, kv_heads, T, D]``,
-    queries/forces/output_grads ``[S, L, heads, P, D]``, positions ``[S, P]`` (each query's place in its sequence)."""
+    """Collected shards, read from disk one (sequence, layer) at a time: `layer(sequence, layer)` gives keys/values
+    ``[kv_heads, T, D]``, queries/forces/output_grads ``[heads, P, D]`` (as stored) and positions ``[P]`` (each query's
+    place in its sequence); `queries(sequence)` all layers' queries ``[L, heads, P, D]`` with their positions."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    queries: torch.Tensor
-    forces: torch.Tensor
-    output_grads: torch.Tensor
-    positions: torch.Tensor
+    shards: list[Path]
     settings: dict
 
     @property
     def sequences(self) -> int:
-        return self.keys.shape[0]
+        return len(self.shards)
+
+    @property
+    def num_layers(self) -> int:
+        return self.settings["num_layers"]
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads per layer."""
+        return self.settings["kv_heads"]
+
+    def layer(self, sequence: int, layer: int) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.shards[sequence]), framework="pt") as shard:
+            return {name: shard.get_slice(name)[layer] for name in STORED_DTYPES} | {"positions": shard.get_tensor("positions")}
+
+    def queries(self, sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(str(self.shards[sequence]), framework="pt") as shard:
+            return shard.get_tensor("queries"), shard.get_tensor("positions")
 
     def split(self, heldout: int) -> tuple[Trajectories, Trajectories]:
         """(first sequences, last `heldout` sequences)."""
         if not 0 < heldout < self.sequences:
             raise ValueError(f"Cannot hold out {heldout} of {self.sequences} trajectory sequences; collect more sequences.")
-        parts = []
-        for part in (slice(None, -heldout), slice(-heldout, None)):
-            parts.append(Trajectories(*(getattr(self, name)[part] for name in ("keys", "values", "queries", "forces", "output_grads", "positions")), self.settings))
-        return tuple(parts)
+        return Trajectories(self.shards[:-heldout], self.settings), Trajectories(self.shards[-heldout:], self.settings)
 
 
 def shard_bytes(num_layers: int, kv_heads: int, heads: int, head_dim: int, sequence_length: int, query_positions: int) -> int:
@@ -133,7 +144,7 @@ def collect_trajectories(
                 continue
             chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
             logits = model(input_ids=chunk, use_cache=False).logits[0]
-            torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").backward()
+            torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:].to(logits.device), reduction="sum").backward()
             _write_shard(shard, [probes[layer] for layer in sorted(probes)], positions[index])
             probes.clear()
     return load_trajectories(output_dir, sequences)
@@ -167,14 +178,15 @@ def _write_shard(shard: Path, layers: list, positions: torch.Tensor) -> None:
     def gather(tensor):  # [1, heads, T, D] -> [heads, P, D]
         return tensor[0][:, positions.to(tensor.device)]
 
-    tensors = {
-        "keys": torch.stack([key[0] for _, key, _, _, _ in layers]),
-        "values": torch.stack([value[0] for _, _, value, _, _ in layers]),
-        "queries": torch.stack([gather(query) for query, *_ in layers]),
-        "forces": torch.stack([gather(query_probe.grad) for *_, query_probe, _ in layers]),
-        "output_grads": torch.stack([gather(output_probe.grad.transpose(1, 2)) for *_, output_probe in layers]),
+    per_layer = {
+        "keys": [key[0] for _, key, _, _, _ in layers],
+        "values": [value[0] for _, _, value, _, _ in layers],
+        "queries": [gather(query) for query, *_ in layers],
+        "forces": [gather(query_probe.grad) for *_, query_probe, _ in layers],
+        "output_grads": [gather(output_probe.grad.transpose(1, 2)) for *_, output_probe in layers],
     }
-    tensors = {name: tensor.to("cpu", STORED_DTYPES[name]).contiguous() for name, tensor in tensors.items()}
+    # each layer to the CPU first: a model spread over GPUs leaves each layer's tensors on its own device
+    tensors = {name: torch.stack([tensor.to("cpu", STORED_DTYPES[name]) for tensor in tensors]) for name, tensors in per_layer.items()}
     tensors["positions"] = positions.to(torch.int64)
     partial = shard.with_suffix(".partial")
     save_file(tensors, str(partial))
@@ -182,7 +194,7 @@ def _write_shard(shard: Path, layers: list, positions: torch.Tensor) -> None:
 
 
 def load_trajectories(directory: str | Path, sequences: int | None = None) -> Trajectories:
-    """Load (the first `sequences`) shards of a trajectory directory."""
+    """The (first `sequences`) shards of a trajectory directory, checked (names, shapes, sizes) but left on disk."""
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
@@ -190,14 +202,21 @@ def load_trajectories(directory: str | Path, sequences: int | None = None) -> Tr
     shards = sorted(directory.glob("sequence-*.safetensors"))[:sequences]
     if not shards or (sequences is not None and len(shards) < sequences):
         raise FileNotFoundError(f"{directory} holds {len(shards)} trajectory shards, {sequences or 'at least 1'} needed; run the collection again to finish it.")
-    loaded = []
+    settings = json.loads(manifest.read_text())
+    expected = shard_shapes(settings)
     for shard in shards:
         try:
-            loaded.append(load_file(str(shard)))
+            with safe_open(str(shard), framework="pt") as opened:  # the header, checked against the file's size
+                shapes = {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Trajectory shard {shard} is corrupt ({error}); delete it and run the collection again.") from None
-    stacked = {name: torch.stack([shard[name] for shard in loaded]) for name in loaded[0]}
-    return Trajectories(
-        stacked["keys"], stacked["values"], stacked["queries"], stacked["forces"], stacked["output_grads"], stacked["positions"],
-        json.loads(manifest.read_text()),
-    )
+        if shapes != expected:
+            raise ValueError(f"Trajectory shard {shard} holds {shapes}, not the {expected} of {MANIFEST}; delete it and run the collection again.")
+    return Trajectories(shards, settings)
+
+
+def shard_shapes(settings: dict) -> dict[str, tuple]:
+    """The tensors of a shard collected with `settings` (a manifest) and their shapes."""
+    layers, kv_heads, heads, dim = settings["num_layers"], settings["kv_heads"], settings["heads"], settings["head_dim"]
+    tokens, queries = (layers, kv_heads, settings["sequence_length"], dim), (layers, heads, settings["query_positions"], dim)
+    return {"keys": tokens, "values": tokens, "queries": queries, "forces": queries, "output_grads": queries, "positions": (settings["query_positions"],)}

@@ -144,7 +144,7 @@ def streaming_perplexity(model, input_ids: torch.Tensor, cache, chunk_size: int 
         targets = input_ids[0, first : start + chunk.shape[1] + 1]
         if len(targets):
             predicted = logits[first - 1 - start : first - 1 - start + len(targets)]
-            nll += float(torch.nn.functional.cross_entropy(predicted.float(), targets, reduction="sum"))
+            nll += float(torch.nn.functional.cross_entropy(predicted.float(), targets.to(predicted.device), reduction="sum"))
             scored += len(targets)
     held, dense = cache_nbytes(cache)
     return PerplexityResult(math.exp(nll / scored), scored, held, dense)

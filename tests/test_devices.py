@@ -1,0 +1,121 @@
+"""Where and in what precision models load and calibrate: `load_model(device=, dtype=)` and the commands' --device and
+--dtype. Every method calibrates a small random Llama in bfloat16 on the CPU into a float32 artifact whose quality is that
+of the float32 calibration; a device that is not there, or a dtype that does not exist, is refused before any work.
+(On a GPU the same commands run with --device cuda; docs/calibration.md has the measured times.)"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import kvcompress
+from kvcompress.calibration.cli import main
+from kvcompress.models import check_device, check_dtype, default_model_path
+
+QUICK = {  # each method at a size that calibrates in seconds on two cores
+    "pca": ["--rank", "8", "--samples", "256", "--tokens", "2048"],
+    "kvsplice": ["--target-memory-reduction", "0.5", "--samples", "256", "--tokens", "4096", "--fisher-sequences", "2", "--kvsplice-steps", "10"],
+    "gate": ["--gate-tokens", "4096", "--gate-steps", "20", "--recall-facts", "2"],
+    "sidecar": ["--trajectory-sequences", "2", "--heldout-sequences", "1", "--query-positions", "32", "--sidecar-steps", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A random Llama (3 layers, 2 KV heads of 32 dims) saved in float32 with the default model's tokenizer: a model a user brings."""
+    directory = tmp_path_factory.mktemp("small-llama")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_models_load_in_the_dtype_and_on_the_device_asked_for(small_model_dir, tmp_path):
+    model, _ = kvcompress.load_model(small_model_dir, dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert kvcompress.load_model(small_model_dir)[0].dtype == torch.float32  # auto: the model's own
+    half, tokenizer = kvcompress.load_model(small_model_dir, dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert kvcompress.load_model(tmp_path)[0].dtype == torch.bfloat16  # auto follows what the config names
+    spread, _ = kvcompress.load_model(small_model_dir, device="auto")  # accelerate's device_map; without a GPU everything lands on the CPU
+    assert {parameter.device.type for parameter in spread.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_that_is_not_there_is_refused():
+    with pytest.raises(ValueError, match="torch finds no CUDA GPU here .*use cpu"):
+        check_device("cuda")
+    assert check_device(None) == "cpu"
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", 3])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(ValueError, match="give cpu, cuda, cuda:N or auto"):
+        check_device(device)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", torch.float64, "fp16"])
+def test_unknown_dtypes_are_refused(dtype):
+    with pytest.raises(ValueError, match="choose auto .*float32, bfloat16, float16"):
+        check_dtype(dtype)
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "calibrate"])
+def test_every_command_refuses_a_bad_device_or_dtype_before_any_work(command, capsys, tmp_path):
+    extra = ["--method", "pca", "--rank", "8", "--output", str(tmp_path / "out")] if command == "calibrate" else []
+    for flag, value, message in (("--device", "tpu", "Unknown device 'tpu'"), ("--dtype", "int8", "invalid choice: 'int8'")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *extra, flag, value])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _calibrate(model_dir, method: str, output, *options: str) -> dict:
+    main(["calibrate", "--model", str(model_dir), "--method", method, "--eval-tokens", "256", "--output", str(output), *QUICK[method], *options])
+    return json.loads((output / "calibration_results.json").read_text())
+
+
+def _subspace_overlap(directory_a, directory_b) -> float:
+    """Mean over heads of how much of one PCA artifact's key/value subspace the other's holds (1: the same subspaces)."""
+    a, b = (kvcompress.hub.CompressorArtifact.from_pretrained(directory).tensors for directory in (directory_a, directory_b))
+    overlaps = [float((a[name] @ b[name].T).square().sum() / a[name].shape[0]) for name in a if name.endswith(".decoder")]
+    return sum(overlaps) / len(overlaps)
+
+
+AGREE = {  # per method: its fit's own numbers, which bfloat16 must reproduce (beside the held-out check)
+    "pca": {},
+    "kvsplice": {"validation_attention_error_pca": 0.05, "validation_reconstruction_error_pca": 0.02},
+    "gate": {"mean_positive_rate": 0.01, "recall_statement_positive_rate": 0.02, "median_auc": 0.02},
+    "sidecar": {"heldout_output_error_attention_matching": 0.01, "heldout_output_error": 0.01, "heldout_key_norm_ratio": 0.02, "heldout_value_norm_ratio": 0.02},
+}
+
+
+@pytest.mark.parametrize("method", list(QUICK))
+def test_every_method_calibrates_in_bfloat16_to_the_numbers_of_float32(method, small_model_dir, tmp_path, capsys):
+    """bfloat16 collection with float32 statistics fits what float32 fits: the labels, spectra, attention errors and
+    held-out degradation agree within rounding, and the artifact is float32."""
+    extra = ["--trajectories", str(tmp_path / "trajectories-{}")] if method == "sidecar" else []
+    full = _calibrate(small_model_dir, method, tmp_path / "float32", "--device", "cpu", "--dtype", "float32", *[e.format("float32") for e in extra])
+    half = _calibrate(small_model_dir, method, tmp_path / "bfloat16", "--device", "cpu", "--dtype", "bfloat16", *[e.format("bfloat16") for e in extra])
+    assert "Peak memory:" in capsys.readouterr().out and half["peak_host_memory_bytes"] > 2**20
+    artifact = kvcompress.hub.CompressorArtifact.from_pretrained(tmp_path / "bfloat16")
+    assert all(tensor.dtype != torch.bfloat16 for tensor in artifact.tensors.values())  # fitted and stored in float32
+    for name, tolerance in AGREE[method].items():
+        assert half[name] == pytest.approx(full[name], abs=tolerance), name
+    if method == "pca":
+        assert _subspace_overlap(tmp_path / "float32", tmp_path / "bfloat16") > 0.95
+    # the held-out check runs the model in bfloat16 too: perplexities move, the cost of compressing does not
+    assert half["perplexity_degradation"] == pytest.approx(full["perplexity_degradation"], abs=0.01)
+    assert half["measured_memory_savings"] == pytest.approx(full["measured_memory_savings"], abs=0.02)
+
+
+def test_a_model_spread_with_accelerate_calibrates(small_model_dir, tmp_path):
+    results = _calibrate(small_model_dir, "pca", tmp_path / "auto", "--device", "auto")
+    assert results["measured_memory_savings"] > 0.3
