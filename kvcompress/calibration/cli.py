@@ -27,7 +27,7 @@ from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, buil
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods
 from kvcompress.lowrank import LowRankCompressor
-from kvcompress.models import DEFAULT_MODEL, DTYPES
+from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
@@ -109,8 +109,6 @@ def _corpus(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    from kvcompress.models import check_device
-
     try:
         check_device(text)
     except (ValueError, ModuleNotFoundError) as error:

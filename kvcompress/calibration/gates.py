@@ -68,6 +68,7 @@ def collect_retention_labels(
     keys, future, sequences, token_index = [], [], [], []
     positions = torch.arange(sink, last)
     distance = torch.arange(sequence_length)[:, None] - torch.arange(sequence_length)[None]  # query i minus key j
+    on_device = {}  # device -> (causal mask, beyond-the-window mask, positions, RoPE frequencies): each layer's device, once
     with recording_attention(model) as recorded:
         for index, start in enumerate(tqdm(range(0, len(ids) - sequence_length + 1, sequence_length), desc="labels", unit="seq")):
             model(input_ids=ids[start : start + sequence_length][None].to(model.device), use_cache=False)
@@ -75,13 +76,16 @@ def collect_retention_labels(
             for layer in sorted(recorded):
                 query, key, _ = recorded[layer]
                 query, key = query[0].float(), key[0].float()  # float32 attention, on the layer's own device
-                device, heads, dim = key.device, key.shape[0], key.shape[-1]
+                if key.device not in on_device:
+                    on_device[key.device] = tuple(t.to(key.device) for t in (distance >= 0, distance >= window, positions, inv_freq))
+                causal, causal_future, key_positions, frequencies = on_device[key.device]
+                heads, dim = key.shape[0], key.shape[-1]
                 grouped = query.view(heads, -1, sequence_length, dim)
                 scores = torch.matmul(grouped, key[:, None].transpose(-1, -2)) * dim**-0.5
-                probs = scores.masked_fill(~(distance >= 0).to(device), float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
-                share = probs.masked_fill(~(distance >= window).to(device), 0.0).amax(dim=1)  # [H, j]
+                probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=1)  # [H, i, j]
+                share = probs.masked_fill(~causal_future, 0.0).amax(dim=1)  # [H, j]
                 layer_future.append(share[:, sink:last].cpu())
-                unrotated = rotate(key[:, sink:last][None], positions[None].to(device), inv_freq.to(device), inverse=True)[0]
+                unrotated = rotate(key[:, sink:last][None], key_positions[None], frequencies, inverse=True)[0]
                 layer_keys.append(unrotated.cpu())  # what is kept (the labelled tokens) waits on the CPU
             keys.append(torch.cat(layer_keys))
             future.append(torch.cat(layer_future))

@@ -47,7 +47,8 @@ class KVData:
 
     def to(self, device) -> KVData:
         """The same samples on `device` (KVSplice trains where the model runs)."""
-        return dataclasses.replace(self, **{field.name: getattr(self, field.name).to(device) for field in dataclasses.fields(self) if field.type == "torch.Tensor"})
+        tensors = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: value.to(device) for name, value in tensors.items() if isinstance(value, torch.Tensor)})
 
     @classmethod
     def from_samples(cls, samples: AttentionSamples, inv_freq: torch.Tensor, sink: int) -> KVData:
@@ -118,8 +119,12 @@ def fit_kvsplice(
     device: str | torch.device = "cpu",
 ) -> tuple[list[dict], list[dict], dict]:
     """Train per-head encoders/decoders from PCA on `device`; returns (key heads, value heads, metrics), on the CPU."""
-    data, inv_freq = data.to(device), inv_freq.to(device)
     key_ranks, value_ranks, exact = group_ranks(ranks)
+    params = {  # PCA on the samples where they are (the CPU), then everything moves to `device`
+        "key": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.keys), key_ranks, exact), key_ranks).to(device),
+        "value": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.values), value_ranks, exact), value_ranks).to(device),
+    }
+    data, inv_freq = data.to(device), inv_freq.to(device)
     algos = [ranks.heads[layer, head].algo for layer in range(ranks.num_layers) for head in range(ranks.num_kv_heads)]
     trained = torch.tensor([algo == "kvsplice" and not is_exact for algo, is_exact in zip(algos, exact)], device=device)
     sequences = data.key_sequence.unique()
@@ -127,10 +132,6 @@ def fit_kvsplice(
         raise ValueError(f"KVSplice needs samples from more than {validation_sequences} sequences to hold some out; collect from more text.")
     validation = sequences[-validation_sequences:]
     training = sequences[:-validation_sequences]
-    params = {
-        "key": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.keys.cpu()), key_ranks, exact), key_ranks).to(device),
-        "value": _Autoencoder.from_pca(pca_heads(Spectrum.of(data.values.cpu()), value_ranks, exact), value_ranks).to(device),
-    }
     dim = data.keys.shape[-1]
     scaling = dim**-0.5
     train_mask = trained[:, None, None].float()

@@ -296,7 +296,7 @@ def set_input_scales(network: SidecarNetwork, data: Trajectories) -> None:
     """Per (layer, head) RMS of keys and values over the data: the network's input and correction units."""
     with torch.no_grad():
         for layer in range(data.num_layers):
-            parts = [data.layer(sequence, layer) for sequence in range(data.sequences)]
+            parts = [data.layer(sequence, layer, names=("keys", "values")) for sequence in range(data.sequences)]
             for name, kind in (("key_scale", "keys"), ("value_scale", "values")):
                 rms = torch.stack([part[kind].float().square().mean(dim=(1, 2)) for part in parts]).mean(0).sqrt()
                 heads = len(rms)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .collect import attention_tap
@@ -68,9 +68,10 @@ class Trajectories:
         """KV heads per layer."""
         return self.settings["kv_heads"]
 
-    def layer(self, sequence: int, layer: int) -> dict[str, torch.Tensor]:
+    def layer(self, sequence: int, layer: int, names: tuple[str, ...] = tuple(STORED_DTYPES)) -> dict[str, torch.Tensor]:
+        """The `names` tensors (default: all) of one layer of one sequence, and the query positions."""
         with safe_open(str(self.shards[sequence]), framework="pt") as shard:
-            return {name: shard.get_slice(name)[layer] for name in STORED_DTYPES} | {"positions": shard.get_tensor("positions")}
+            return {name: shard.get_slice(name)[layer] for name in names} | {"positions": shard.get_tensor("positions")}
 
     def queries(self, sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
         with safe_open(str(self.shards[sequence]), framework="pt") as shard:
@@ -164,11 +165,17 @@ def _check_manifest(output_dir: Path, settings: dict) -> None:
     manifest.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def _declared_shapes(shard: Path) -> dict[str, tuple]:
+    """The tensors a shard's header declares, with their shapes; safetensors refuses a header that does not match the file's size."""
+    with safe_open(str(shard), framework="pt") as opened:
+        return {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}
+
+
 def _shard_complete(shard: Path) -> bool:
     if not shard.is_file():
         return False
     try:
-        load_file(str(shard))
+        _declared_shapes(shard)
     except (SafetensorError, OSError):
         return False  # a damaged shard (e.g. an interrupted copy) is collected again
     return True
@@ -206,8 +213,7 @@ def load_trajectories(directory: str | Path, sequences: int | None = None) -> Tr
     expected = shard_shapes(settings)
     for shard in shards:
         try:
-            with safe_open(str(shard), framework="pt") as opened:  # the header, checked against the file's size
-                shapes = {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}
+            shapes = _declared_shapes(shard)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Trajectory shard {shard} is corrupt ({error}); delete it and run the collection again.") from None
         if shapes != expected:
