@@ -75,15 +75,24 @@ def _nonnegative_least_squares(design: torch.Tensor, target: torch.Tensor, itera
 
 def attention_matching_merge(
     keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, slots: int, ridge: float = 1e-3, iterations: int = 100,
+    excluded: torch.Tensor | None = None,
 ) -> MergedWindows:
     """Merge windows ``keys [..., N, D]``, ``values [..., N, Dv]`` into `slots` keys, values and biases
     that reproduce each window's attention mass and local output for ``queries [..., Q, D]``
-    (leading dimensions broadcast: e.g. windows ``[n, H]`` and one query set per head ``[1, H]``)."""
+    (leading dimensions broadcast: e.g. windows ``[n, H]`` and one query set per head ``[1, H]``).
+
+    `excluded` ``[..., N]`` marks tokens held elsewhere (kept exact): the slots reproduce the rest of the
+    window. A slot whose key would be an excluded token (fewer than `slots` tokens left) gets weight 0,
+    i.e. a bias of log(1e-12): callers drop such slots (`selected` says which token each came from)."""
     length = keys.shape[-2]
     if not 1 <= slots <= length:
         raise ValueError(f"slots must be between 1 and the window length {length}, got {slots}.")
     keys, values, queries = keys.float(), values.float(), queries.float()
-    attention = _logits(queries, keys).softmax(-1)  # [..., Q, N], within the window
+    logits = _logits(queries, keys)
+    if excluded is not None:  # a wholly excluded window keeps its logits (its slots are dropped): no softmax over nothing
+        excluded = excluded & ~excluded.all(-1, keepdim=True)
+        logits = logits.masked_fill(excluded[..., None, :], float("-inf"))
+    attention = logits.softmax(-1)  # [..., Q, N], within the window
     output = attention @ values
     selected = attention.square().mean(-2).sqrt().topk(slots, dim=-1).indices.sort(-1).values  # largest RMS attention
     chosen_keys = keys.gather(-2, selected[..., None].expand(*selected.shape, keys.shape[-1]))

@@ -110,6 +110,23 @@ def between_probabilities(probabilities: torch.Tensor, thresholds: torch.Tensor,
     return torch.where(below.isfinite() & above.isfinite(), (below + above) / 2, thresholds)
 
 
+def gate_tensor_shapes(config: dict) -> dict[str, tuple]:
+    """The tensors of fitted gates and their shapes, from an artifact config with a ``gates`` section."""
+    base = config["base_model"]
+    layers, heads, dim = base["num_layers"], base["num_kv_heads"], base["head_dim"]
+    hidden, groups = config["gates"]["hidden"], layers * heads
+    return {
+        "gates.w1": (groups, dim, hidden), "gates.b1": (groups, 1, hidden), "gates.w2": (groups, hidden, hidden),
+        "gates.b2": (groups, 1, hidden), "gates.w3": (groups, hidden, 1), "gates.b3": (groups, 1, 1),
+        "heldout_probabilities": (layers, heads, None),  # the gates' outputs on held-out tokens: thresholds are fitted on them
+    }
+
+
+def gate_sections(required: bool = True) -> dict:
+    """The config sections of fitted gates (`kvcompress.schema`), for the gates' own artifact or one that carries them."""
+    return {"gates": Field(dict, required=required, fields={"hidden": size()}), "label": Field(dict, required=False)}
+
+
 class GateCompressor(CompressorArtifact):
     """Fitted gates, the RoPE frequencies to undo the rotation of keys, and the gates' held-out probabilities.
 
@@ -119,16 +136,15 @@ class GateCompressor(CompressorArtifact):
 
     method = "gate"
     cache_class_name = "GatedCache"
-    config_schema = CompressorArtifact.config_schema | {"gates": Field(dict, fields={"hidden": size()}), "label": Field(dict, required=False)}
+    config_schema = CompressorArtifact.config_schema | gate_sections()
 
     def expected_tensors(self) -> dict[str, tuple]:
-        base = self.config["base_model"]
-        layers, heads, dim = base["num_layers"], base["num_kv_heads"], base["head_dim"]
-        hidden, groups = self.config["gates"]["hidden"], layers * heads
-        return super().expected_tensors() | {
-            "gates.w1": (groups, dim, hidden), "gates.b1": (groups, 1, hidden), "gates.w2": (groups, hidden, hidden),
-            "gates.b2": (groups, 1, hidden), "gates.w3": (groups, hidden, 1), "gates.b3": (groups, 1, 1),
-            "heldout_probabilities": (layers, heads, None),  # the gates' outputs on held-out tokens: thresholds are fitted on them
+        return super().expected_tensors() | gate_tensor_shapes(self.config)
+
+    def bundled(self) -> tuple[dict, dict]:
+        """This artifact's own config sections and tensors, for another artifact to carry (the sidecar's keep-and-merge)."""
+        return {name: self.config[name] for name in ("gates", "label") if name in self.config}, {
+            name: tensor for name, tensor in self.tensors.items() if name in gate_tensor_shapes(self.config)
         }
 
     @classmethod
@@ -201,23 +217,30 @@ class GateKeep(KeepPolicy):
 
 
 def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", allocation: str = "shared",
-                    token_cost: float | None = None) -> float:
+                    token_cost: float | None = None, merged_cost: float = 0.0) -> float:
     """The keep ratio at which gates hold 1/`ratio` of the dense bytes at `context` tokens, from the artifact's held-out
     probabilities: what each head keeps at the thresholds of a keep ratio, padded to the layer's fullest head (the store is
     rectangular), with the store's room to grow. `token_cost`: a kept token-head in dense tokens (default: key, value, token
-    id and gate score)."""
+    id and gate score); `merged_cost`: what every old token costs besides, in dense tokens (the sidecar's merged slots)."""
     probabilities = compressor.tensors["heldout_probabilities"].float()
     head_dim = compressor.config["base_model"]["head_dim"]
     token_cost = slot_cost(2 * head_dim, head_dim, extra_bytes=8) if token_cost is None else token_cost
+    ratio = Budget(ratio=ratio).ratio
+    exact = settings.sink + settings.window + 1.5 * settings.block_size  # the tail: on average half a block waiting, and room for one
+    if merged_cost and context / ratio - exact <= (context - exact) * merged_cost:
+        best = context / (exact + (context - exact) * merged_cost)
+        raise ValueError(
+            f"The merged slots alone hold more than 1/{ratio:g} of the cache at {context} tokens (at most {best:.2f}:1 with no token "
+            f"kept): ask for a lower ratio, or merge without keeping (mode='merge')."
+        )
 
     def held(keep_ratio: float) -> float:
         kept = probabilities >= compressor.thresholds(keep_ratio, policy, allocation)[..., None]
         if policy == "layer":
             kept = kept.any(1, keepdim=True)
-        return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM)
+        return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM) + merged_cost / token_cost
 
-    exact = settings.sink + settings.window + 1.5 * settings.block_size  # the tail: on average half a block waiting, and room for one
-    return kept_share(Budget(ratio=ratio).ratio, context, exact, token_cost, held)
+    return kept_share(ratio, context, exact, token_cost, held)
 
 
 class GatedCache(FittedCache):

@@ -309,6 +309,17 @@ def model_signature(model, name_or_path: str | None = None, revision: str | None
     }
 
 
+def same_base_model(first: dict, second: dict) -> bool:
+    """Whether two `model_signature`s describe the same model: its type and shapes, and fingerprints within `FINGERPRINT_TOLERANCE`."""
+    shape = ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+    if any(first[name] != second[name] for name in shape):
+        return False
+    return all(
+        math.isclose(a, b, rel_tol=FINGERPRINT_TOLERANCE)
+        for name in FINGERPRINT_NAMES for a, b in zip(first["fingerprint"][name], second["fingerprint"][name])
+    )
+
+
 def _weight_norm(projection) -> float:
     return float(projection.weight.detach().float().norm())
 

@@ -19,6 +19,11 @@ exactly as it would see a key of the window's start.
 **Merge options.** `merge="sidecar"` (default) runs the network on top of attention matching;
 `merge="attention_matching"` stops at the closed-form merge. Its reference queries are calibration
 queries before RoPE, rotated to positions after the window, so no inference-time query is needed.
+
+**Keep-and-merge.** An artifact that carries gates (`SidecarCompressor.with_gates`) keeps the tokens its
+gates mark exact, per head (`GateKeep`), and merges the rest of each window: attention matching and the
+network both mask the kept tokens out, and slots that would stand for no token are dropped. Measured on
+SmolLM2-135M, exact tokens are worth more per byte than merged ones (docs/methods.md#keep-and-merge).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from torch import nn
 
 from .attention_matching import MergedWindows, attention_matching_merge
 from .config import ConfigError
-from .hub import CompressorArtifact, FittedCache
-from .memory import DEFAULT_CONTEXT, slot_cost, window_for
+from .gate import GateCompressor, GateKeep, gate_keep_ratio, gate_sections, gate_tensor_shapes
+from .hub import CompressorArtifact, FittedCache, same_base_model
+from .memory import DEFAULT_CONTEXT, resolve_keep_ratio, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .rope import to_window_frame, window_frame_references
 from .schema import Field, size
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 MERGES = ("sidecar", "attention_matching")
+MODES = ("keep_and_merge", "merge")
 
 
 class _AttentionBlock(nn.Module):
@@ -54,9 +61,9 @@ class _AttentionBlock(nn.Module):
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
         self.feed_forward = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
         normed_y = self.norm_y(y)
-        x = x + self.attention(self.norm_x(x), normed_y, normed_y, need_weights=False)[0]
+        x = x + self.attention(self.norm_x(x), normed_y, normed_y, key_padding_mask=excluded, need_weights=False)[0]
         return x + self.feed_forward(self.norm_out(x))
 
 
@@ -96,18 +103,23 @@ class SidecarNetwork(nn.Module):
         self.register_buffer("key_scale", torch.ones(num_layers * num_heads))
         self.register_buffer("value_scale", torch.ones(num_layers * num_heads))
 
-    def forward(self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor, start: MergedWindows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Refine the slots `start` (keys/values ``[W, k, D]``, bias ``[W, k]``) of windows ``keys``/``values [W, N, D]``."""
+    def forward(
+        self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor, start: MergedWindows, excluded: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Refine the slots `start` (keys/values ``[W, k, D]``, bias ``[W, k]``) of windows ``keys``/``values [W, N, D]``;
+        the network does not see `excluded` ``[W, N]`` tokens (held exact elsewhere)."""
         count, length, dim = keys.shape
         if length != self.window:
             raise ValueError(f"This sidecar merges windows of {self.window} tokens, got {length}.")
         key_scale, value_scale = self.key_scale[groups][:, None, None], self.value_scale[groups][:, None, None]
         x = self.key_in(keys / key_scale) + self.value_in(values / value_scale) + self.identity(groups)[:, None] + self.position
-        x = self.encoder(x)
-        inducing = self.isab_in(self.inducing.expand(count, -1, -1), x)
+        if excluded is not None:
+            excluded = excluded & ~excluded.all(-1, keepdim=True)  # a wholly excluded window's slots are dropped by the caller
+        x = self.encoder(x, src_key_padding_mask=excluded)
+        inducing = self.isab_in(self.inducing.expand(count, -1, -1), x, excluded)
         x = self.isab_out(x, inducing)
         slots = torch.cat([start.keys / key_scale, start.values / value_scale, start.bias[..., None].clamp(min=-20) / 10], dim=-1)
-        pooled = self.pool(self.seeds + self.slot_in(slots), x)
+        pooled = self.pool(self.seeds + self.slot_in(slots), x, excluded)
         correction = self.out(self.out_norm(pooled))  # [W, k, 2D + 1]
         merged_keys = start.keys + key_scale * correction[..., :dim]
         merged_values = start.values + value_scale * correction[..., dim : 2 * dim]
@@ -125,7 +137,7 @@ class SidecarCompressor(CompressorArtifact):
     method = "sidecar"
     cache_class_name = "SidecarCache"
 
-    config_schema = CompressorArtifact.config_schema | {
+    config_schema = CompressorArtifact.config_schema | gate_sections(required=False) | {
         "sidecar": Field(dict, fields={name: size() for name in ("num_layers", "num_heads", "head_dim", "window", "slots", "width", "encoder_layers", "attention_heads", "inducing_points")}),
         "training": Field(dict, required=False),
     }
@@ -144,12 +156,30 @@ class SidecarCompressor(CompressorArtifact):
         super().validate()
         self.network.load_state_dict({name.removeprefix("network."): tensor.float() for name, tensor in self.tensors.items() if name.startswith("network.")}, assign=True)
         self.network.eval().requires_grad_(False)
+        self.gate = None  # the gates it carries for keep-and-merge, as their own artifact (sharing these tensors)
+        if "gates" in self.config:
+            sections = {name: self.config[name] for name in ("base_model", "cache", "gates", "label") if name in self.config}
+            self.gate = GateCompressor(sections, {name: self.tensors[name] for name in (*gate_tensor_shapes(self.config), "rope.inv_freq")})
 
     def expected_tensors(self) -> dict[str, tuple]:
         base = self.config["base_model"]
         network = {f"network.{name}": tuple(tensor.shape) for name, tensor in self.network.state_dict().items()}
         references = {"reference_queries": (base["num_layers"], base["num_kv_heads"], "references", base["head_dim"]), "reference_offsets": ("references",)}
-        return super().expected_tensors() | network | references
+        gates = gate_tensor_shapes(self.config) if "gates" in self.config else {}
+        return super().expected_tensors() | network | references | gates
+
+    def with_gates(self, gate: GateCompressor) -> SidecarCompressor:
+        """This sidecar carrying `gate` (fitted for the same model): its caches keep the tokens the gates mark exact and merge
+        the rest of each window (keep-and-merge), from one artifact."""
+        if not isinstance(gate, GateCompressor):
+            raise TypeError(f"with_gates needs a GateCompressor, got {type(gate).__name__}.")
+        if not same_base_model(self.config["base_model"], gate.config["base_model"]):
+            raise ValueError(
+                f"The gates were fitted for {gate.config['base_model']['name_or_path']}, this sidecar for {self.config['base_model']['name_or_path']}: "
+                "bundle gates fitted for the sidecar's model."
+            )
+        sections, tensors = gate.bundled()
+        return type(self)({name: value for name, value in self.config.items() if name not in ("gates", "label")} | sections, self.tensors | tensors)
 
     @classmethod
     def from_network(
@@ -203,38 +233,75 @@ class SidecarMerge(Encoding):
         starts = blocks.token_ids[:, 0, 0].long()  # blocks are whole, in order and aligned across heads
         keys = to_window_frame(blocks.keys.float(), starts, inv_freq)
         values = blocks.values.float()
-        merged = attention_matching_merge(keys, values, self.compressor.window_frame_queries(layer.layer_idx, keys.device), self.compressor.slots)
+        kept = blocks.keep  # keep-and-merge: the tokens the keep policy holds exact are merged without them
+        merged = attention_matching_merge(keys, values, self.compressor.window_frame_queries(layer.layer_idx, keys.device), self.compressor.slots, excluded=kept)
         merged_keys, merged_values, bias = merged.keys, merged.values, merged.bias
         if self.merging == "sidecar":
             groups = (layer.layer_idx * heads + torch.arange(heads, device=keys.device)).repeat(count)
-            flat = lambda t: t.reshape(count * heads, *t.shape[2:])  # noqa: E731
-            refined = self.compressor.device_network(keys.device)(flat(keys), flat(values), groups, MergedWindows(*(flat(t) for t in (merged_keys, merged_values, bias, merged.selected))))
+            flat = lambda t: None if t is None else t.reshape(count * heads, *t.shape[2:])  # noqa: E731
+            start = MergedWindows(*(flat(t) for t in (merged_keys, merged_values, bias, merged.selected)))
+            refined = self.compressor.device_network(keys.device)(flat(keys), flat(values), groups, start, flat(kept))
             merged_keys, merged_values, bias = (t.view(count, heads, *t.shape[1:]) for t in refined)
         merged_keys = to_window_frame(merged_keys, starts, inv_freq, inverse=False)
         token_ids = torch.full(bias.shape, SYNTHESIZED, dtype=blocks.token_ids.dtype, device=bias.device)
         dtype = blocks.keys.dtype
-        return Slots(blocks.rows, merged_keys.to(dtype), merged_values.to(dtype), token_ids, bias=bias.float())
+        slots = Slots(blocks.rows, merged_keys.to(dtype), merged_values.to(dtype), token_ids, bias=bias.float())
+        if kept is None:
+            return slots
+        # A window's slots stand for its tokens that are not kept: a slot whose key is a kept token stands for none.
+        stands_for_some = ~kept.gather(-1, merged.selected)
+        scores = None if blocks.scores is None else torch.cat([blocks.scores, torch.ones_like(slots.bias)], dim=-1)  # merged slots rank first
+        return Slots(
+            blocks.rows, torch.cat([blocks.keys, slots.keys], dim=2), torch.cat([blocks.values, slots.values], dim=2),
+            torch.cat([blocks.token_ids, token_ids], dim=-1), scores=scores, bias=torch.cat([torch.zeros_like(kept, dtype=torch.float32), slots.bias], dim=-1),
+            keep=torch.cat([kept, stands_for_some], dim=-1),
+        )
 
 
 class SidecarCache(FittedCache):
-    """Windows of N old tokens merged into k super-tokens each. ``SidecarCache.from_pretrained("dir-or-hub-id")``.
+    """Windows of N old tokens merged into k super-tokens each. ``SidecarCache.from_pretrained("dir-or-hub-id", ratio=8)``.
 
-    `merge`: "sidecar" (the trained network) or "attention_matching" (the closed-form rival, with the
-    artifact's reference queries). `window` is the exact recent window; blocks are the network's N.
-    `ratio`: the memory knob, dense bytes over held bytes at `context` tokens: the merge ratio N:k is the
-    network's; a lower ratio than it gives buys a longer exact window, a higher one is refused.
+    `mode`: "keep_and_merge" (the default for an artifact that carries gates) holds the tokens its gates mark
+    exact, per head, and merges the rest of each window into the k super-tokens: a stated fact survives a
+    merge fitted for prose. "merge" merges every token (the highest ratios). `merge`: "sidecar" (the
+    trained network) or "attention_matching" (the closed-form rival, with the artifact's reference queries).
+    `ratio`: the memory knob, dense bytes over held bytes at `context` tokens; in keep-and-merge it sets how
+    many tokens the gates keep (or give `keep_ratio`), in merge mode the exact window (a lower ratio than
+    the network's N:k buys a longer one; a higher one is refused). `window` is the exact recent window;
+    blocks are the network's N.
     """
 
     artifact_class = SidecarCompressor
 
     def __init__(
-        self, compressor: SidecarCompressor, *, merge: str = "sidecar", ratio: float | None = None, context: int = DEFAULT_CONTEXT,
-        sink: int | None = None, window: int | None = None, config: PretrainedConfig | None = None,
+        self, compressor: SidecarCompressor, *, mode: str | None = None, merge: str = "sidecar", keep_ratio: float | None = None,
+        ratio: float | None = None, context: int = DEFAULT_CONTEXT, sink: int | None = None, window: int | None = None,
+        config: PretrainedConfig | None = None,
     ) -> None:
         encoding = SidecarMerge(compressor, merge)
+        mode = mode or ("keep_and_merge" if compressor.gate is not None else "merge")
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(MODES)}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)
         dim = compressor.config["base_model"]["head_dim"]
-        cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8)  # keys, values, token id and bias
-        window = window_for(ratio, window, context, cost, settings, repr(compressor))
-        super().__init__(encoding=encoding, fitted=vars(settings), window=window, config=config)
-        self.compressor = compressor
+        merged_cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8 if mode == "merge" else 12)
+        keep = None
+        if mode == "merge":
+            if keep_ratio is not None:
+                raise ValueError("keep_ratio= says how many tokens keep-and-merge holds exact; mode='merge' keeps none.")
+            window = window_for(ratio, window, context, merged_cost, settings, repr(compressor))
+        elif compressor.gate is None:
+            raise ValueError(
+                f"{compressor!r} carries no gates, so it can only merge: use mode='merge', or bundle gates fitted for its model "
+                "(kvcompress calibrate --method sidecar --gates GATE_DIR, or compressor.with_gates(gate))."
+            )
+        else:
+            token_cost = slot_cost(2 * dim, dim, extra_bytes=12)  # key, value, token id, gate score and bias
+            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: gate_keep_ratio(compressor.gate, ratio, settings, context, token_cost=token_cost, merged_cost=merged_cost))
+            keep = GateKeep(compressor.gate, keep_ratio)
+        super().__init__(keep, encoding, fitted=vars(settings), window=window, config=config)
+        self.compressor, self.mode, self.keep_ratio = compressor, mode, keep_ratio
+
+    def __repr__(self):
+        kept = f", keep_ratio={self.keep_ratio:g}" if self.mode == "keep_and_merge" else ""
+        return f"SidecarCache({self.compressor!r}, mode={self.mode}{kept}, merge={self.encoding.merging})"

@@ -91,6 +91,8 @@ def test_bad_numbers_are_refused_when_parsed(argv, message, capsys, tmp_path):
     [
         (["calibrate", "--method", "gate", "--rank", "8"], "--rank is an option of --method kvsplice / pca, not of --method gate"),
         (["calibrate", "--method", "pca", "--rank", "8", "--slots", "8"], "--slots is an option of --method sidecar"),
+        (["calibrate", "--method", "pca", "--rank", "8", "--recall-facts", "2"], "--recall-facts is an option of --method gate / sidecar"),
+        (["calibrate", "--method", "gate", "--gates", "g"], "--gates is an option of --method sidecar"),
         (["calibrate", "--method", "pca", "--rank", "8", "--kvsplice-steps", "10"], "--kvsplice-steps is an option of --method kvsplice"),
         (["calibrate", "--method", "sidecar", "--block-size", "8"], "--block-size is an option of --method kvsplice / pca / gate"),
         (["calibrate", "--method", "pca", "--rank", "8", "--samples", "4096", "--tokens", "1024"], "--tokens (1024) must be at least --samples (4096)"),

@@ -44,7 +44,7 @@ from kvcompress.calibration.trajectories import collect_trajectories
 from kvcompress.gate import ALLOCATIONS, POLICIES
 from kvcompress.hub import model_signature
 from kvcompress.rope import rope_inv_freq
-from kvcompress.sidecar import MERGES, SidecarNetwork
+from kvcompress.sidecar import MERGES, MODES, SidecarNetwork
 
 EXAMPLES = os.environ.get("KVCOMPRESS_PROPERTY_EXAMPLES")
 PROFILE = settings(
@@ -119,8 +119,9 @@ def lowrank(spec: Model, method: str, rank_k: int, rank_v: int):
 
 
 @functools.lru_cache(maxsize=32)
-def sidecar(spec: Model, window: int, slots: int):
-    """An untrained `window`:`slots` sidecar with a random output layer and reference queries from the model's own trajectories."""
+def sidecar(spec: Model, window: int, slots: int, gated: bool = False):
+    """An untrained `window`:`slots` sidecar with a random output layer and reference queries from the model's own trajectories,
+    carrying the model's gates when `gated` (keep-and-merge)."""
     model, inv_freq = load(spec), rope_inv_freq(load(spec))
     with tempfile.TemporaryDirectory() as directory:
         data = collect_trajectories(model, prompt_ids(3 * 128, seed=7)[0].cpu(), directory, sequences=3, sequence_length=128, query_positions=32, first_query=16)
@@ -129,11 +130,12 @@ def sidecar(spec: Model, window: int, slots: int):
     network = SidecarNetwork(spec.layers, spec.kv_heads, spec.head_dim, window, slots, width=32, encoder_layers=1, attention_heads=2, inducing_points=4)
     torch.nn.init.normal_(network.out.weight, std=0.01)
     config = {"base_model": model_signature(model, "tiny"), "cache": {"sink": 4, "window": 8}}
-    return SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
+    compressor = SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
+    return compressor.with_gates(gates(spec)) if gated else compressor
 
 
 def artifact(spec: Model, kind: str, *shape):
-    """An artifact fitted on the float32 copy of the model: ("gate",), ("sidecar", window, slots) or (method, rank_k, rank_v)."""
+    """An artifact fitted on the float32 copy of the model: ("gate",), ("sidecar", window, slots, gated) or (method, rank_k, rank_v)."""
     fitted = replace(spec, dtype="float32")
     if kind == "gate":
         return gates(fitted)
@@ -249,9 +251,9 @@ def caches(draw, model: Model, budgeted: bool = False):
     if kind in ("pca", "kvsplice"):
         return Spec(kind, exact, {"compressor": _ranks(draw, model, (kind,))})
     if kind == "sidecar":
-        window = draw(st.sampled_from([2, 4, 8]))
-        merge = {"merge": draw(st.sampled_from(MERGES)), "sink": sink, "window": exact["window"]}
-        return Spec(kind, merge, {"compressor": ("sidecar", window, draw(st.integers(1, window)))})
+        window, gated = draw(st.sampled_from([2, 4, 8])), draw(st.booleans())
+        merge = {"merge": draw(st.sampled_from(MERGES)), "sink": sink, "window": exact["window"]} | ({"keep_ratio": draw(KEEP_RATIOS)} if gated else {})
+        return Spec(kind, merge, {"compressor": ("sidecar", window, draw(st.integers(1, window)), gated)})
     parts = {"gate": ("gate",)} if budgeted or draw(st.booleans()) else {}
     if draw(st.booleans()):
         parts["lowrank"] = _ranks(draw, model)
@@ -272,7 +274,7 @@ def lossless(draw, model: Model, total: int):
         budget = draw(st.sampled_from([{"budget": covering + block - 1}, {"ratio": 1}]))
         shares = {"recent_share": draw(SHARES)} if kind == "h2o" else {}
         return Spec(kind, budget | shares | {"sink": sink, "block_size": block})
-    keeps_all = kind in ("gated", "pca", "composed") and draw(st.booleans())  # else the window covers the sequence
+    keeps_all = kind in ("gated", "pca", "composed", "sidecar") and draw(st.booleans())  # else the window covers the sequence
     exact = {"sink": sink, "window": draw(WINDOWS) if keeps_all else covering, "block_size": block}
     full = ("pca", model.head_dim, model.head_dim)
     if kind == "gated":
@@ -280,10 +282,10 @@ def lossless(draw, model: Model, total: int):
         return Spec(kind, keep | _gating(draw) | exact, {"compressor": ("gate",)})
     if kind in ("pca", "kvsplice"):
         return Spec(kind, exact, {"compressor": full if keeps_all else _ranks(draw, model, (kind,))})
-    if kind == "sidecar":
+    if kind == "sidecar":  # keep-and-merge keeping every token, or a covering window
         window = draw(st.sampled_from([2, 4, 8]))
-        options = {"merge": draw(st.sampled_from(MERGES)), "sink": sink, "window": covering}
-        return Spec(kind, options, {"compressor": ("sidecar", window, draw(st.integers(1, window)))})
+        options = {"merge": draw(st.sampled_from(MERGES)), "sink": sink, "window": exact["window"]} | ({"keep_ratio": 1.0} if keeps_all else {})
+        return Spec(kind, options, {"compressor": ("sidecar", window, draw(st.integers(1, window)), keeps_all or draw(st.booleans()))})
     parts = draw(st.sampled_from([{"gate": ("gate",)}, {"lowrank": full}, {"gate": ("gate",), "lowrank": full}]))
     if keeps_all:
         options = {"bits": None}
@@ -403,6 +405,7 @@ VALID = {
     "policy": lambda v: v in POLICIES,
     "allocation": lambda v: v in ALLOCATIONS,
     "merge": lambda v: v in MERGES,
+    "mode": lambda v: v is None or v in MODES,
     "bits": lambda v: v is None or (_whole(v, 0) and v in (4, 8)),
     "group_size": lambda v: _whole(v, 2) and v % 2 == 0,
     "context": lambda v: _whole(v, 1),
@@ -419,6 +422,7 @@ INVALID = {
     "policy": ["heads", None],
     "allocation": ["fair", None],
     "merge": ["average", None],
+    "mode": ["keep", "gates"],
     "bits": [2, 3, 16, True, "8"],
     "group_size": [0, 1, 7, -2, 3.0, True],
     "context": [0, -5, 2.5, "4096", True],
@@ -456,11 +460,12 @@ def settings_of(draw, model: Model):
         parts["lowrank"] = _ranks(draw, model, (kind,) if kind != "composed" else ("pca", "kvsplice"))
     if kind == "sidecar":
         window = draw(st.sampled_from([2, 4, 8]))
-        parts["sidecar"] = ("sidecar", window, draw(st.integers(1, window)))
+        parts["sidecar"] = ("sidecar", window, draw(st.integers(1, window)), draw(st.booleans()))
         options["merge"] = arg("merge", st.sampled_from(MERGES))
+        options["mode"] = arg("mode", st.none() | st.sampled_from(MODES))
     if kind == "composed":
         options |= {"bits": arg("bits", st.sampled_from([None, 4, 8])), "group_size": arg("group_size", st.sampled_from([2, 4, 8, 16, 32, 64]))}
-    if "gate" in parts or (kind == "composed" and sometimes()):  # without a gate, keep_ratio is refused
+    if "gate" in parts or (kind == "sidecar" and (parts["sidecar"][-1] or sometimes())) or (kind == "composed" and sometimes()):  # without a gate, keep_ratio is refused
         options["keep_ratio"] = arg("keep_ratio", st.none() | KEEP_RATIOS)
     if "gate" in parts:
         options |= {"policy": arg("policy", st.sampled_from(POLICIES)), "allocation": arg("allocation", st.sampled_from(ALLOCATIONS)),
@@ -481,8 +486,19 @@ def refused(spec: Spec) -> set[str]:
                 bad |= {"budget", "sink", "block_size"}
     elif {"keep_ratio", "ratio"} <= passed and spec.kind in ("gated", "composed"):
         bad |= {"keep_ratio", "ratio"}
-    elif {"window", "ratio"} <= passed and spec.kind in ("pca", "kvsplice", "sidecar"):
+    elif {"window", "ratio"} <= passed and spec.kind in ("pca", "kvsplice"):
         bad |= {"window", "ratio"}
+    if spec.kind == "sidecar" and "mode" not in bad:
+        gated = spec.artifacts["compressor"][-1]
+        mode = options.get("mode") or ("keep_and_merge" if gated else "merge")
+        if mode == "keep_and_merge" and not gated:
+            bad |= {"mode"}
+        elif mode == "merge" and "keep_ratio" in passed:
+            bad |= {"mode", "keep_ratio"}
+        elif {"window", "ratio"} <= passed and mode == "merge":
+            bad |= {"window", "ratio"}
+        elif {"keep_ratio", "ratio"} <= passed and mode == "keep_and_merge":
+            bad |= {"keep_ratio", "ratio"}
     if spec.kind == "composed" and "gate" not in spec.artifacts:
         if passed & {"keep_ratio", "ratio"}:
             bad |= {"keep_ratio", "ratio"}

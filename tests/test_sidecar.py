@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
 from safetensors.torch import load_file
+from test_gates import tiny_gates
 from transformers import DynamicCache
 
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
@@ -239,3 +240,97 @@ def test_training_lowers_the_held_out_objective_and_the_artifact_round_trips(tin
         SidecarCompressor(compressor.config, {k: v for k, v in compressor.tensors.items() if k != "reference_queries"})
     with pytest.raises(ValueError, match="fitted for tiny"):
         greedy(tiny_model("llama", num_key_value_heads=4), SidecarCache(compressor), prompt_ids(30), new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------------ keep-and-merge
+def _bundled(model, data, window=8, slots=2):
+    return _compressor(model, data, window, slots).with_gates(tiny_gates(model))
+
+
+def test_attention_matching_merges_only_the_tokens_not_excluded():
+    keys, values, queries = torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16), torch.randn(1, 2, 12, 16)
+    excluded = torch.ones(3, 2, 8, dtype=torch.bool)
+    excluded[..., [1, 6]] = False  # two tokens left for two slots: the merge is those two tokens, exactly
+    merged = attention_matching_merge(keys, values, queries, 2, excluded=excluded)
+    assert torch.equal(merged.selected, torch.tensor([1, 6]).expand(3, 2, 2))
+    assert torch.equal(merged.keys, keys[..., [1, 6], :])
+    assert torch.allclose(merged.bias, torch.zeros(3, 2, 2), atol=1e-4) and torch.allclose(merged.values, values[..., [1, 6], :], atol=1e-3)
+    excluded[..., :4] = True  # more tokens than slots: the tokens excluded do not change the merge
+    changed = keys.clone()
+    changed[..., :4, :] = torch.randn(3, 2, 4, 16) * 5
+    one, two = attention_matching_merge(keys, values, queries, 2, excluded=excluded), attention_matching_merge(changed, values, queries, 2, excluded=excluded)
+    assert all(torch.allclose(a, b) for a, b in zip((one.keys, one.values, one.bias), (two.keys, two.values, two.bias)))
+
+
+def test_the_network_does_not_see_excluded_tokens():
+    network = _network()
+    torch.nn.init.normal_(network.out.weight, std=0.1)
+    keys, values, queries = torch.randn(5, 8, 16), torch.randn(5, 8, 16), torch.randn(1, 12, 16)
+    excluded = torch.rand(5, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    excluded[:, 0] = False
+    start = attention_matching_merge(keys, values, queries, 2, excluded=excluded)
+    changed = torch.where(excluded[..., None], torch.randn(5, 8, 16) * 3, keys)
+    first, second = network(keys, values, torch.arange(5) % 4, start, excluded), network(changed, values, torch.arange(5) % 4, start, excluded)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(first, second))
+    assert not torch.allclose(first[0], network(keys, values, torch.arange(5) % 4, start)[0])  # without the mask it sees them
+
+
+def test_keep_and_merge_keeps_gated_tokens_exact_and_merges_the_rest(tiny):
+    model, _, _, data = tiny
+    compressor = _bundled(model, data)
+    ids = prompt_ids(120)
+    everything = SidecarCache(compressor, keep_ratio=1.0)
+    assert everything.mode == "keep_and_merge"
+    assert torch.equal(greedy(model, everything, ids, new_tokens=16), greedy(model, DynamicCache(), ids, new_tokens=16))
+    cache = SidecarCache(compressor, keep_ratio=0.3)
+    greedy(model, cache, ids, new_tokens=16)
+    for layer in cache.layers:
+        token_ids, bias = layer.store["token_ids"], layer.store["bias"]
+        exact, merged = token_ids >= 0, token_ids == SYNTHESIZED
+        assert bool(exact.any()) and bool(merged.any())
+        assert bool((bias[exact] == 0).all()) and bool(torch.isfinite(bias[merged]).all())
+        handed = int(layer.handed[0])
+        assert bool((token_ids[exact] < 4 + handed).all())  # only handed tokens are kept
+        # per head, every window of 8 is its kept tokens plus at most 2 super-tokens: never more slots than tokens
+        assert bool((exact.sum(-1) + merged.sum(-1) <= handed).all()) and bool((merged.sum(-1) <= handed // 8 * 2).all())
+        assert not torch.equal(exact[:, 0], exact[:, 1])  # heads keep their own tokens
+    merging = SidecarCache(compressor, mode="merge")
+    greedy(model, merging, ids, new_tokens=16)
+    assert merging.nbytes() < cache.nbytes() < everything.nbytes()
+
+
+def test_keep_and_merge_matches_each_row_alone_and_its_artifact_round_trips(tiny, tmp_path):
+    model, _, _, data = tiny
+    compressor = _bundled(model, data)
+    assert_left_padded_batch_matches_rows(model, lambda: SidecarCache(compressor, keep_ratio=0.3), length=70, padding=9, new_tokens=12)
+    compressor.save_pretrained(tmp_path)
+    loaded = SidecarCache.from_pretrained(tmp_path, keep_ratio=0.3)
+    assert loaded.compressor.gate is not None and loaded.mode == "keep_and_merge"
+    ids = prompt_ids(90)
+    assert torch.equal(greedy(model, loaded, ids), greedy(model, SidecarCache(compressor, keep_ratio=0.3), ids))
+    with pytest.raises(ConfigError, match="lacks tensor gates.w2"):
+        SidecarCompressor(compressor.config, {k: v for k, v in compressor.tensors.items() if k != "gates.w2"})
+    with pytest.raises(ConfigError, match="holds tensor\\(s\\) its config does not declare \\(gates"):
+        SidecarCompressor({k: v for k, v in compressor.config.items() if k != "gates"}, compressor.tensors)
+
+
+def test_keep_and_merge_refuses_what_it_cannot_do(tiny):
+    model, _, _, data = tiny
+    plain, bundled = _compressor(model, data), _bundled(model, data)
+    assert SidecarCache(plain).mode == "merge"
+    with pytest.raises(ValueError, match="carries no gates, so it can only merge: use mode='merge', or bundle gates"):
+        SidecarCache(plain, mode="keep_and_merge")
+    with pytest.raises(ValueError, match="mode='merge' keeps none"):
+        SidecarCache(bundled, mode="merge", keep_ratio=0.2)
+    with pytest.raises(ValueError, match="Unknown mode 'keep'"):
+        SidecarCache(bundled, mode="keep")
+    with pytest.raises(ValueError, match="Give either ratio= .* or keep_ratio="):
+        SidecarCache(bundled, ratio=4, keep_ratio=0.2)
+    with pytest.raises(ValueError, match="The merged slots alone hold more than 1/6 of the cache at 4096 tokens \\(at most 3.60:1 with no token kept\\)"):
+        SidecarCache(bundled, ratio=6)
+    assert SidecarCache(bundled, ratio=3).keep_ratio < 1
+    other = tiny_model("llama", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="bundle gates fitted for the sidecar's model"):
+        plain.with_gates(tiny_gates(other))
+    with pytest.raises(TypeError, match="with_gates needs a GateCompressor"):
+        plain.with_gates(plain)

@@ -328,7 +328,8 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     from .gates import collect_retention_labels, train_gates
     from .recall import recall_sequences
 
-    recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=args.recall_facts) if args.recall_facts else None
+    facts = 4 if args.recall_facts is None else args.recall_facts
+    recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=facts) if facts else None
     inv_freq = rope_inv_freq(model)
     _phase(f"labelling the tokens of {args.gate_tokens} calibration tokens that queries beyond the window attend to")
     labels = collect_retention_labels(
@@ -340,7 +341,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
         gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps, device=model.device)
     if recall is not None:  # do the labels see the recall? statements should be positive far more often than prose
         report["recall"] = {
-            "facts_per_sequence": args.recall_facts,
+            "facts_per_sequence": facts,
             "statement_positive_rate": labels.positive_rate_among(recall.statements),
             "prose_positive_rate": labels.positive_rate_among(~recall.statements),
         }
@@ -348,7 +349,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
         "base_model": model_signature(model, args.model),
         "cache": _cache_settings(args),
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
-        "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": args.recall_facts},
+        "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": facts},
     }
     compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config)
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
@@ -362,21 +363,26 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
 
 
 def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
+    from kvcompress.gate import GateCompressor
     from kvcompress.hub import model_signature
     from kvcompress.models import cache_dir, kv_shape
     from kvcompress.rope import rope_inv_freq
     from kvcompress.sidecar import SidecarCache, SidecarCompressor, SidecarNetwork
 
     from .calibrate import measure
+    from .recall import recall_sequences
     from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
     from .trajectories import collect_trajectories
 
     inv_freq = rope_inv_freq(model)
+    gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id fails at once
     directory = Path(args.trajectories) if args.trajectories else cache_dir() / "trajectories" / Path(str(model.config._name_or_path)).name
+    facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
     _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept)")
     trajectories = collect_trajectories(
-        model, token_ids, directory, sequences=args.trajectory_sequences + args.heldout_sequences,
-        query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,
+        model, recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids, directory,
+        sequences=args.trajectory_sequences + args.heldout_sequences, query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,
+        source=f"recall sequences, {facts} facts each" if facts else None,
     )
     train, heldout = trajectories.split(args.heldout_sequences)
     network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)
@@ -391,13 +397,15 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
         "base_model": model_signature(model, args.model),
         "cache": {"sink": args.sink, "window": args.window},
         "calibration": {"data": data_name, "trajectory_sequences": train.sequences, "heldout_sequences": heldout.sequences,
-                        "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions},
+                        "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions,
+                        "recall_facts_per_sequence": facts},
         "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"]},
     }
     compressor = SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
+    compressor = compressor.with_gates(gates) if gates is not None else compressor
     fit_metrics = {f"heldout_{name}": best[name] for name in ("output_error", "output_cosine", "key_norm_ratio", "value_norm_ratio", "jacobian_norm_ratio", "entropy_ratio")}
     fit_metrics["heldout_output_error_attention_matching"] = training["initial"]["output_error"]
-    setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss"
+    setting = f"{args.merge_window}:{args.slots} windows, {args.loss} loss" + (", keep-and-merge with the gates' default keep ratio" if gates is not None else "")
     return _Fitted(
         compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, SidecarCache(compressor), setting, seconds, fit_metrics),
         {"training_history.json": training["history"]},
@@ -607,18 +615,25 @@ def _add_calibrate(commands) -> None:
     gate.add_argument("--keep-ratio", type=SHARE_OR_ALL, default=0.125, help="share of tokens leaving the window the check keeps")
     gate.add_argument("--label-threshold", type=SHARE, default=0.02, help="attention share from a later query that makes a token worth keeping")
     gate.add_argument("--gate-tokens", type=COUNT, default=20480, help="calibration tokens to label (in sequences of 1024)")
-    gate.add_argument(
-        "--recall-facts", type=COUNT_OR_ZERO, default=4,
-        help="short statements spliced into each calibration sequence and asked for at its end, so the labels see recall (0: prose only)",
-    )
     gate.add_argument("--gate-steps", type=COUNT, default=400, help="training steps of the gates")
     gate.add_argument("--gate-hidden", type=COUNT, default=256, help="width of each gate MLP")
+
+    recall = _method_options(calibrate, "gate", "sidecar")
+    recall.add_argument(
+        "--recall-facts", type=COUNT_OR_ZERO, default=None,
+        help="short statements spliced into each calibration sequence and asked for at its end, so the gates' labels (and the "
+        "sidecar's queries and forces) see recall; 0: prose only; none: 4 for gate, 0 for sidecar",
+    )
 
     sidecar = _method_options(calibrate, "sidecar")
     sidecar.add_argument("--merge-window", type=int, default=32, choices=[32, 64, 128], help="N: tokens merged per window")
     sidecar.add_argument(
         "--slots", type=COUNT, default=4,
         help="k: super-tokens each window of N tokens becomes, so N:k is the compression of the merged tokens (32:4 = 8:1, as the shipped sidecar-8x)",
+    )
+    sidecar.add_argument(
+        "--gates", default=None, metavar="DIR_OR_HUB_ID",
+        help="gates fitted for the same model (--method gate) to carry in the artifact: its caches keep what the gates mark exact and merge the rest (keep-and-merge)",
     )
     sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
     sidecar.add_argument("--sidecar-steps", type=COUNT, default=400, help="training steps of the sidecar network")

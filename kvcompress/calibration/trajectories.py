@@ -109,9 +109,11 @@ def collect_trajectories(
     first_query: int = 64,
     disk_budget_gb: float = 4.0,
     seed: int = 0,
+    source: str | None = None,
 ) -> Trajectories:
     """Run the frozen `model` over `sequences` sequences of the 1-D `token_ids` stream, writing one shard per
-    sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them."""
+    sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them.
+    `source` names what the stream is beyond its text (e.g. recall sequences), so that shards of another are not resumed."""
     from kvcompress.models import kv_shape
 
     output_dir = Path(output_dir)
@@ -134,7 +136,7 @@ def collect_trajectories(
         "model": str(model.config._name_or_path), "sequence_length": sequence_length, "query_positions": query_positions,
         "first_query": first_query, "seed": seed, "num_layers": num_layers, "kv_heads": kv_heads, "heads": heads, "head_dim": head_dim,
         "first_token": int(token_ids[0]), "loss": "sum of next-token cross-entropy over the sequence",
-    }
+    } | ({"source": source} if source else {})
     _check_manifest(output_dir, settings)
     generator = torch.Generator().manual_seed(seed)
     positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]

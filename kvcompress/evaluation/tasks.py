@@ -6,6 +6,10 @@ be asked for. A prompt is scored by the share of its expected answers that the g
 contains.
 
 * ``passkey``: one five-digit pass key (the evaluator's task, `calibration.evaluate.passkey_context`).
+* ``passkey_heldout``: one number in other wordings and formats (`PHRASINGS`): a door code, an account
+  number in a form, a JSON record, a quoted confirmation code. Neither the evaluator's wording nor the
+  recall statements that calibrate the gates (`kvcompress.calibration.recall`): a cache that only
+  learned one phrasing fails here.
 * ``multikey``: several "special magic numbers", each for its own word, spread over the context;
   the question asks for one of them, so the others are distractors (RULER's multi-key needle).
 * ``variables``: a chain of assignments ``VAR A = 12345``, ``VAR B = VAR A``, ... spread over the
@@ -19,7 +23,21 @@ import random
 import string
 from dataclasses import dataclass
 
-TASKS = ("passkey", "multikey", "variables")
+TASKS = ("passkey", "passkey_heldout", "multikey", "variables")
+PHRASINGS = (  # (intro, statement, question) with {value}: wordings and formats that calibration and tuning never saw
+    ("Below is a long text. A door code is mentioned somewhere in it.\n\n",
+     "\n\nTo open the back door of the museum, type {value} on the keypad.\n\n",
+     "\n\nWhich number opens the back door of the museum? The keypad code is"),
+    ("Here is a document. Read it carefully.\n\n",
+     "\n\nCustomer form -- Name: Ada Fischer; Account no.: {value}; Status: active.\n\n",
+     "\n\nQuestion: what is Ada Fischer's account number? Answer: Ada Fischer's account number is"),
+    ("The following text contains a data record.\n\n",
+     '\n\n{{"shipment": "north-17", "tracking": "{value}", "carrier": "rail"}}\n\n',
+     "\n\nLook up the record above. The tracking value of shipment north-17 is"),
+    ("Read the text below; someone reads out a confirmation number in it.\n\n",
+     '\n\nThe clerk said: "Your confirmation number is {value}, please keep it safe."\n\n',
+     "\n\nWhat confirmation number did the clerk read out? The clerk read out"),
+)
 WORDS = ("apple", "river", "candle", "forest", "violin", "harbor", "pepper", "saddle", "lantern", "meadow", "copper", "falcon")
 
 
@@ -50,6 +68,19 @@ def hide(tokenizer, haystack_ids: list[int], context_tokens: int, intro: str, st
         pieces += [tokenizer.decode(hay[start:cut]), text]
         start = cut
     return "".join(pieces + [tokenizer.decode(hay[start:])])
+
+
+def heldout_passkey_prompts(tokenizer, haystack_ids: list[int], context_tokens: int, depths: tuple[float, ...], seed: int = 0) -> list[Prompt]:
+    """One prompt per (phrasing of `PHRASINGS`, depth): a five- to seven-digit number stated once, asked for at the end."""
+    rng = random.Random(seed + 2)
+    prompts = []
+    for intro, statement, question in PHRASINGS:
+        for depth in depths:
+            value = str(rng.randint(10_000, 9_999_999))
+            offset = len(prompts) * context_tokens % max(1, len(haystack_ids) - context_tokens)
+            context = hide(tokenizer, haystack_ids, context_tokens, intro, [(depth, statement.format(value=value))], question, offset=offset)
+            prompts.append(Prompt("passkey_heldout", context, question, (value,), depth))
+    return prompts
 
 
 def multikey_prompts(tokenizer, haystack_ids: list[int], context_tokens: int, trials: int, keys: int = 4, seed: int = 0) -> list[Prompt]:
