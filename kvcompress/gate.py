@@ -230,8 +230,8 @@ def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSet
     if merged_cost and context / ratio - exact <= (context - exact) * merged_cost:
         best = context / (exact + (context - exact) * merged_cost)
         raise ValueError(
-            f"The merged slots alone hold more than 1/{ratio:g} of the cache at {context} tokens (at most {best:.2f}:1 with no token "
-            f"kept): ask for a lower ratio, or merge without keeping (mode='merge')."
+            f"The merged slots alone hold more than 1/{ratio:g} of the dense cache at {context} tokens (at most {best:.2f}:1 with no "
+            f"token kept): ask for a lower ratio, or give the context you expect (context=; longer contexts compress more)."
         )
 
     def held(keep_ratio: float) -> float:

@@ -179,7 +179,10 @@ class SidecarCompressor(CompressorArtifact):
                 "bundle gates fitted for the sidecar's model."
             )
         sections, tensors = gate.bundled()
-        return type(self)({name: value for name, value in self.config.items() if name not in ("gates", "label")} | sections, self.tensors | tensors)
+        # the metrics measured the sidecar merging alone: a bundle is measured anew (calibrate --gates records its own)
+        config = {name: value for name, value in self.config.items() if name not in ("gates", "label", "metrics")}
+        config["calibration"] = config.get("calibration", {}) | {"bundled_gates": gate.config.get("calibration", {})}
+        return type(self)(config | sections, self.tensors | tensors)
 
     @classmethod
     def from_network(
@@ -211,7 +214,8 @@ class SidecarCompressor(CompressorArtifact):
         ))[layer_idx][None]
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.config['base_model'].get('name_or_path')}, {self.window}:{self.slots} windows)"
+        gates = " with gates" if self.gate is not None else ""
+        return f"{type(self).__name__}({self.config['base_model'].get('name_or_path')}, {self.window}:{self.slots} windows{gates})"
 
 
 class SidecarMerge(Encoding):
@@ -279,7 +283,8 @@ class SidecarCache(FittedCache):
         config: PretrainedConfig | None = None,
     ) -> None:
         encoding = SidecarMerge(compressor, merge)
-        mode = mode or ("keep_and_merge" if compressor.gate is not None else "merge")
+        if mode is None:  # keep_ratio= asks for keep-and-merge too (refused below without gates, saying why)
+            mode = "keep_and_merge" if compressor.gate is not None or keep_ratio is not None else "merge"
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(MODES)}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)

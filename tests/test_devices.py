@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import kvcompress
 from kvcompress.calibration.cli import main
+from kvcompress.hub import PRETRAINED_DIR
 from kvcompress.models import check_device, check_dtype, default_model_path
 
 QUICK = {  # each method at a size that calibrates in seconds on two cores
@@ -119,3 +120,11 @@ def test_every_method_calibrates_in_bfloat16_to_the_numbers_of_float32(method, s
 def test_a_model_spread_with_accelerate_calibrates(small_model_dir, tmp_path):
     results = _calibrate(small_model_dir, "pca", tmp_path / "auto", "--device", "auto")
     assert results["measured_memory_savings"] > 0.3
+
+
+def test_gates_for_another_model_are_refused_before_the_sidecar_trains(small_model_dir, tmp_path):
+    """calibrate --method sidecar --gates checks the gates against the model before collecting or training anything."""
+    with pytest.raises(SystemExit, match="were fitted for SmolLM2-135M-Instruct, not for this model: give gates fitted for it"):
+        main(["calibrate", "--model", str(small_model_dir), "--method", "sidecar", "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"),
+              "--trajectories", str(tmp_path / "trajectories"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "trajectories").exists() and not (tmp_path / "out").exists()

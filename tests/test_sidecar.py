@@ -103,6 +103,9 @@ def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path
     assert load_trajectories(directory).sequences == 3
     with pytest.raises(ValueError, match="other settings \\(query_positions differ\\)"):
         collect_trajectories(model, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=16, first_query=16)
+    collect_trajectories(model, ids, tmp_path / "recall", sequences=1, sequence_length=LENGTH, query_positions=8, source="recall sequences")
+    with pytest.raises(ValueError, match="other settings \\(source differ\\)"):  # a key only the old manifest has is named too
+        collect_trajectories(model, ids, tmp_path / "recall", sequences=1, sequence_length=LENGTH, query_positions=8)
     with pytest.raises(ValueError, match="over the disk budget"):
         collect_trajectories(model, ids, tmp_path / "small", sequences=3, sequence_length=LENGTH, query_positions=32, disk_budget_gb=1e-4)
     with pytest.raises(ValueError, match="Too little calibration data"):
@@ -317,16 +320,19 @@ def test_keep_and_merge_matches_each_row_alone_and_its_artifact_round_trips(tiny
 def test_keep_and_merge_refuses_what_it_cannot_do(tiny):
     model, _, _, data = tiny
     plain, bundled = _compressor(model, data), _bundled(model, data)
-    assert SidecarCache(plain).mode == "merge"
-    with pytest.raises(ValueError, match="carries no gates, so it can only merge: use mode='merge', or bundle gates"):
-        SidecarCache(plain, mode="keep_and_merge")
+    assert SidecarCache(plain).mode == "merge" and "with gates" in repr(bundled) and "with gates" not in repr(plain)
+    assert "metrics" not in bundled.config and bundled.config["calibration"]["bundled_gates"] == bundled.gate.config.get("calibration", {})
+    for mode in ("keep_and_merge", None):  # keep_ratio= alone asks for keep-and-merge too
+        with pytest.raises(ValueError, match="carries no gates, so it can only merge: use mode='merge', or bundle gates"):
+            SidecarCache(plain, mode=mode, keep_ratio=0.2 if mode is None else None)
     with pytest.raises(ValueError, match="mode='merge' keeps none"):
         SidecarCache(bundled, mode="merge", keep_ratio=0.2)
-    with pytest.raises(ValueError, match="Unknown mode 'keep'"):
-        SidecarCache(bundled, mode="keep")
+    for mode in ("keep", ""):
+        with pytest.raises(ValueError, match=f"Unknown mode '{mode}'"):
+            SidecarCache(bundled, mode=mode)
     with pytest.raises(ValueError, match="Give either ratio= .* or keep_ratio="):
         SidecarCache(bundled, ratio=4, keep_ratio=0.2)
-    with pytest.raises(ValueError, match="The merged slots alone hold more than 1/6 of the cache at 4096 tokens \\(at most 3.60:1 with no token kept\\)"):
+    with pytest.raises(ValueError, match="The merged slots alone hold more than 1/6 of the dense cache at 4096 tokens \\(at most 3.60:1 with no token kept\\)"):
         SidecarCache(bundled, ratio=6)
     assert SidecarCache(bundled, ratio=3).keep_ratio < 1
     other = tiny_model("llama", num_hidden_layers=3)

@@ -10,6 +10,7 @@ from kvcompress import SidecarCache, StreamingLLMCache
 from kvcompress.calibration.trajectories import load_trajectories
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import streaming_perplexity
+from kvcompress.hub import PRETRAINED_DIR
 
 pytestmark = pytest.mark.model
 
@@ -23,7 +24,7 @@ def calibrated(tmp_path_factory, default_model):
     main([
         "calibrate", "--method", "sidecar", "--slots", "4", "--trajectories", str(trajectories), "--trajectory-sequences", "2",
         "--heldout-sequences", "1", "--query-positions", "64", "--sidecar-steps", "20", "--eval-tokens", "256", "--output", str(output),
-        "--plot", str(directory / "training.png"), "--gates", "kvcompress/smollm2-135m-instruct-gate", "--recall-facts", "2",
+        "--plot", str(directory / "training.png"), "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"), "--recall-facts", "2",
     ])
     return output, trajectories, directory / "training.png"
 
@@ -69,7 +70,7 @@ def test_keep_and_merge_keeps_the_pass_key_that_merging_alone_loses(default_mode
     from kvcompress.gate import GateCompressor
 
     model, tokenizer = default_model
-    bundled = SidecarCompressor.from_pretrained("kvcompress/smollm2-135m-instruct-sidecar-8x").with_gates(GateCompressor.from_pretrained("kvcompress/smollm2-135m-instruct-gate"))
+    bundled = SidecarCompressor.from_pretrained(PRETRAINED_DIR / "smollm2-135m-instruct-sidecar-8x").with_gates(GateCompressor.from_pretrained(PRETRAINED_DIR / "smollm2-135m-instruct-gate"))
     hay = tokenizer(heldout_text()).input_ids
     found = {"keep_and_merge": 0, "merge": 0}
     for index, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):

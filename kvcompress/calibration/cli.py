@@ -364,7 +364,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
 
 def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
     from kvcompress.gate import GateCompressor
-    from kvcompress.hub import model_signature
+    from kvcompress.hub import model_signature, same_base_model
     from kvcompress.models import cache_dir, kv_shape
     from kvcompress.rope import rope_inv_freq
     from kvcompress.sidecar import SidecarCache, SidecarCompressor, SidecarNetwork
@@ -375,7 +375,9 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     from .trajectories import collect_trajectories
 
     inv_freq = rope_inv_freq(model)
-    gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id fails at once
+    gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id or model fails at once
+    if gates is not None and not same_base_model(model_signature(model, args.model), gates.config["base_model"]):
+        raise ValueError(f"--gates {args.gates} were fitted for {gates.config['base_model']['name_or_path']}, not for this model: give gates fitted for it (--method gate).")
     directory = Path(args.trajectories) if args.trajectories else cache_dir() / "trajectories" / Path(str(model.config._name_or_path)).name
     facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
     _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept)")
@@ -622,7 +624,7 @@ def _add_calibrate(commands) -> None:
     recall.add_argument(
         "--recall-facts", type=COUNT_OR_ZERO, default=None,
         help="short statements spliced into each calibration sequence and asked for at its end, so the gates' labels (and the "
-        "sidecar's queries and forces) see recall; 0: prose only; none: 4 for gate, 0 for sidecar",
+        "sidecar's queries and forces) see recall; 0: prose only; unset: 4 for --method gate, 0 for --method sidecar",
     )
 
     sidecar = _method_options(calibrate, "sidecar")
@@ -633,7 +635,8 @@ def _add_calibrate(commands) -> None:
     )
     sidecar.add_argument(
         "--gates", default=None, metavar="DIR_OR_HUB_ID",
-        help="gates fitted for the same model (--method gate) to carry in the artifact: its caches keep what the gates mark exact and merge the rest (keep-and-merge)",
+        help="gates fitted for the same model (--method gate) to carry in the artifact: its caches keep what the gates mark exact and merge the rest "
+        "(keep-and-merge); the network itself trains on whole windows",
     )
     sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
     sidecar.add_argument("--sidecar-steps", type=COUNT, default=400, help="training steps of the sidecar network")

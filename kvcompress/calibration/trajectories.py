@@ -158,7 +158,7 @@ def _check_manifest(output_dir: Path, settings: dict) -> None:
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
         if existing != settings:
-            different = sorted(name for name in settings if existing.get(name) != settings[name])
+            different = sorted(name for name in settings.keys() | existing.keys() if existing.get(name) != settings.get(name))
             raise ValueError(
                 f"{output_dir} holds trajectories collected with other settings ({', '.join(different)} differ); "
                 "use another directory or delete it to collect afresh."
