@@ -49,6 +49,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax, softmax_part
+from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
 from .slots import FILLER, STORE_ROOM, Slots, capacity, joined, place, resized, slot_index, views
@@ -487,10 +488,21 @@ class CompressedCache(Cache):
         return self.layers[layer_idx]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not self.layers:
+            self._serve_heads(key_states.shape[1])
         layer = self.layer(layer_idx)
         keys, values = layer.update(key_states, value_states)
         expect_attention(layer, keys)
         return keys, values
+
+    def _serve_heads(self, heads: int) -> None:
+        """Before the first layer: a model that shows this process `heads` of the KV heads its artifacts were fitted for is
+        tensor parallel (`kvcompress.parallel`), and the policies serve this rank's heads. Otherwise the artifacts' shape
+        check refuses the model at the first update."""
+        fitted = {artifact.config["base_model"]["num_kv_heads"] for artifact in (*self.keep.artifacts, *self.encoding.artifacts)}
+        served = rank_heads(heads, fitted.pop()) if len(fitted) == 1 else None
+        if served is not None:
+            self.keep, self.encoding = self.keep.for_heads(served), self.encoding.for_heads(served)
 
     def nbytes(self) -> int:
         """Bytes this cache actually holds (keys, values and the per-slot bookkeeping)."""

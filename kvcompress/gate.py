@@ -162,14 +162,15 @@ class GateCompressor(CompressorArtifact):
 
         def build() -> GateBank:
             base = self.config["base_model"]
-            bank = GateBank(base["num_layers"], base["num_kv_heads"], base["head_dim"], self.config["gates"]["hidden"])
-            bank.load_state_dict({name.removeprefix("gates."): t for name, t in self.tensors.items() if name.startswith("gates.")})
+            bank = GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"])
+            bank.load_state_dict({name.removeprefix("gates."): self.own_heads(t, folded=True) for name, t in self.tensors.items() if name.startswith("gates.")})
             return bank.to(device).eval().requires_grad_(False)
 
         return self.on_device("gates", device, build)
 
     def thresholds(self, keep_ratio: float, policy: str = "head", allocation: str = "shared") -> torch.Tensor:
-        return fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy, allocation)
+        """The served heads' thresholds ``[layers, heads]``, fitted over all of the model's heads (a shared threshold is the layer's)."""
+        return self.own_heads(fitted_thresholds(self.tensors["heldout_probabilities"].float(), keep_ratio, policy, allocation))
 
     def __repr__(self):
         return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
@@ -193,6 +194,14 @@ class GateKeep(KeepPolicy):
         self.thresholds = compressor.thresholds(keep_ratio, policy, allocation)  # [layers, heads]
         self.per_head = policy == "head"
         self.artifacts = (compressor,)
+
+    def for_heads(self, heads: range) -> GateKeep:
+        if self.policy == "layer":
+            raise ValueError(
+                "policy='layer' keeps a token in every head of a layer when any of them keeps it, and tensor parallelism splits a "
+                "layer's heads over the ranks: use policy='head'."
+            )
+        return GateKeep(self.compressor.for_heads(heads), self.keep_ratio, self.policy, self.allocation, self.max_tokens)
 
     def choose(self, layer: LayerView, blocks: Slots) -> Slots:
         positions = blocks.token_ids[:, 0]

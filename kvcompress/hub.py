@@ -17,6 +17,7 @@ The pretrained compressors ship inside the package as complete Hub repositories
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from .cache import CompressedCache
 from .config import ConfigError
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, kv_shape
+from .parallel import full, module_kv_heads
 from .schema import ARTIFACT, FINGERPRINT_NAMES, check
 
 FORMAT_VERSION = 1
@@ -110,6 +112,25 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self._checked_layers: set[int] = set()
         self._on_device: dict[str, dict] = {}
         self.validate()
+        self.heads = range(self.config["base_model"]["num_kv_heads"])  # the KV heads its caches serve (`for_heads`)
+
+    def for_heads(self, heads: range) -> CompressorArtifact:
+        """This artifact serving only the KV heads `heads` of its model (one rank's, under tensor parallelism): what it builds
+        on a device (`on_device`) holds those heads only, and the model check expects a layer sharded to them. Its tensors
+        stay the loaded ones, shared."""
+        if not isinstance(heads, range) or heads.step != 1 or not 0 <= heads.start < heads.stop <= len(self.heads):
+            raise ValueError(f"heads must be a range of consecutive KV heads within the model's {len(self.heads)}, got {heads!r}.")
+        served = copy.copy(self)
+        served.heads, served._checked_layers, served._on_device = heads, set(), {}
+        return served
+
+    def own_heads(self, tensor: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        """The entries of the served heads of a ``[layers, kv_heads, ...]`` tensor, or with `folded` of a ``[layers * kv_heads, ...]`` one."""
+        if len(self.heads) == self.config["base_model"]["num_kv_heads"]:
+            return tensor
+        per_layer = tensor.unflatten(0, (self.config["base_model"]["num_layers"], -1)) if folded else tensor
+        served = per_layer[:, self.heads.start : self.heads.stop]
+        return served.flatten(0, 1) if folded else served
 
     def expected_tensors(self) -> dict[str, tuple]:
         """The tensors this artifact must hold and their shapes, from its config. In a shape, None is any size and a
@@ -265,7 +286,7 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
     def check_shapes(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Raise if a layer's key/value states do not have the shapes this artifact was fitted for."""
         base = self.config["base_model"]
-        expected = (base["num_kv_heads"], base["head_dim"])
+        expected = (len(self.heads), base["head_dim"])
         got = (key_states.shape[1], key_states.shape[-1])
         if layer_idx >= base["num_layers"] or got != expected or value_states.shape[-1] != base.get("head_dim_v", base["head_dim"]):
             raise ValueError(
@@ -289,6 +310,12 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
             got, expected = _weight_norm(getattr(module, name)), base["fingerprint"][name][layer_idx]
             if not math.isclose(got, expected, rel_tol=FINGERPRINT_TOLERANCE):
                 raise ValueError(f"{fitted_for}, not for this model: layer {layer_idx} {name} weight norm is {got:.4g}, the fitted model's was {expected:.4g}. {advice}")
+        computed = module_kv_heads(module, base["num_kv_heads"], base["head_dim"])
+        if computed != self.heads:
+            raise ValueError(
+                f"Layer {layer_idx} computes KV heads {computed.start}-{computed.stop - 1} but this cache serves heads {self.heads.start}-{self.heads.stop - 1}: "
+                "under tensor parallelism run one process per shard over every process (torchrun --nproc_per_node N with tp_plan='auto')."
+            )
         self._checked_layers.add(layer_idx)
 
 
@@ -321,7 +348,7 @@ def same_base_model(first: dict, second: dict) -> bool:
 
 
 def _weight_norm(projection) -> float:
-    return float(projection.weight.detach().float().norm())
+    return float(full(projection.weight.detach()).float().norm())  # the whole weight's, also when tensor parallelism shards it
 
 
 def _format(value) -> str:

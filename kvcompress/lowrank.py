@@ -144,10 +144,13 @@ class LowRankCompressor(CompressorArtifact):
 
     def projections(self, layer_idx: int, device, dtype) -> tuple[AffineProjection, AffineProjection]:
         """(keys, values) projections of a layer on `device` in `dtype`, built once and shared by every cache."""
-        heads = range(self.config["base_model"]["num_kv_heads"])
         return self.on_device(f"layers.{layer_idx}.{dtype}", device, lambda: tuple(
-            AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in heads], device, dtype) for kind in ("key", "value")
+            AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in self.heads], device, dtype) for kind in ("key", "value")
         ))
+
+    def layer_ranks(self, layer_idx: int) -> tuple[list[int], list[int]]:
+        """(key ranks, value ranks) of the layer's served heads."""
+        return tuple(ranks[self.heads.start : self.heads.stop] for ranks in self.ranks.layer_ranks(layer_idx))
 
     def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, per_head: bool = False) -> dict:
         """Latents of a layer's keys (un-rotated at their token ids first) and values; see `AffineProjection.encode`."""
@@ -228,8 +231,11 @@ class LowRankEncoding(Encoding):
             raise TypeError(f"A low-rank encoding needs a PCA or KVSplice compressor, got {type(compressor).__name__}.")
         self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
 
+    def for_heads(self, heads: range) -> LowRankEncoding:
+        return LowRankEncoding(self.compressor.for_heads(heads), self.per_head)
+
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
-        per_kind = self.compressor.ranks.layer_ranks(layer_idx)
+        per_kind = self.compressor.layer_ranks(layer_idx)
         if self.per_head:  # each head's latents padded to the layer's largest rank
             return [(max(kind), 1) for kind in per_kind]
         return [(sum(kind), len(kind)) for kind in per_kind]  # heads side by side in one row per token

@@ -61,6 +61,10 @@ class KeepPolicy:
         """Which store slots (``[B, H, S]``, old and new) to keep once new ones arrived; None keeps them all."""
         return None
 
+    def for_heads(self, heads: range) -> KeepPolicy:
+        """This policy serving only the KV heads `heads` (one rank's under tensor parallelism, `kvcompress.parallel`)."""
+        return _without_artifacts(self)
+
     def admit(self, layer: LayerView, leaving: dict) -> None:
         """For a budgeted policy with single-token blocks whose full store stays full: let the store take the token
         leaving the window (one slot ``[B, H, 1, ...]`` per tail tensor) in place of one of its own, by writing
@@ -79,6 +83,10 @@ class Encoding:
     attends_store = False  # attention over the store is `attend`'s, in the encoded form: it is never decoded
     uses_bias = False  # slots carry an additive attention-logit bias (``Slots.bias``)
     artifacts: tuple[CompressorArtifact, ...] = ()
+
+    def for_heads(self, heads: range) -> Encoding:
+        """This encoding serving only the KV heads `heads` (one rank's under tensor parallelism, `kvcompress.parallel`)."""
+        return _without_artifacts(self)
 
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
         """The numbers held per stored slot, for the byte model (`kvcompress.memory`): per tensor, its width and how many heads
@@ -107,3 +115,10 @@ class Encoding:
         every new token sees: ``(max logit [B, H, R], sum of weights [B, H, R], weighted values [B, H, R, D])`` in float32, the
         weights taken relative to the max, which must be finite (see `kvcompress.attention.merge_softmax`)."""
         raise NotImplementedError(f"{type(self).__name__} sets attends_store but does not implement attend().")
+
+
+def _without_artifacts(policy):
+    """A policy without per-head artifacts serves any heads as it is; one with them must slice them (`for_heads`)."""
+    if policy.artifacts:
+        raise NotImplementedError(f"{type(policy).__name__} holds per-head artifacts but does not say how to serve some of the heads (for_heads).")
+    return policy

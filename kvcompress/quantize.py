@@ -92,6 +92,9 @@ class QuantizedEncoding(Encoding):
         self.attends_store, self.uses_bias, self.artifacts = self.inner.attends_store, self.inner.uses_bias, self.inner.artifacts
         self.layer_widths: dict[int, dict[str, int]] = {}  # per layer: the width of each quantized tensor before padding
 
+    def for_heads(self, heads: range) -> QuantizedEncoding:
+        return QuantizedEncoding(self.bits, self.group_size, self.inner.for_heads(heads))
+
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
         return self.inner.widths(layer_idx, head_dim)
 

@@ -205,12 +205,22 @@ class SidecarCompressor(CompressorArtifact):
 
     def device_network(self, device) -> SidecarNetwork:
         """The network on `device`, moved once and shared by every cache made from this artifact."""
-        return self.on_device("network", device, lambda: self.network.to(device) if str(device) == "cpu" else copy.deepcopy(self.network).to(device))
+        def build() -> SidecarNetwork:
+            if len(self.heads) == self.config["base_model"]["num_kv_heads"]:
+                return self.network.to(device) if str(device) == "cpu" else copy.deepcopy(self.network).to(device)
+            with torch.device("meta"):
+                network = SidecarNetwork(**self.network.shape | {"num_heads": len(self.heads)})
+            state = self.network.state_dict()
+            state |= {name: self.own_heads(state[name], folded=True) for name in ("identity.weight", "key_scale", "value_scale")}  # per (layer, head)
+            network.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+            return network.eval().requires_grad_(False)
+
+        return self.on_device("network", device, build)
 
     def window_frame_queries(self, layer_idx: int, device) -> torch.Tensor:
         """The layer's reference queries ``[1, H, M, D]`` rotated to their offsets after a window, in the window's frame."""
         return self.on_device("reference_queries", device, lambda: window_frame_references(
-            self.tensors["reference_queries"].to(device), self.tensors["reference_offsets"].to(device), self.window, self.inv_freq(device),
+            self.own_heads(self.tensors["reference_queries"]).to(device), self.tensors["reference_offsets"].to(device), self.window, self.inv_freq(device),
         ))[layer_idx][None]
 
     def __repr__(self):
@@ -230,6 +240,9 @@ class SidecarMerge(Encoding):
         if merge not in MERGES:
             raise ValueError(f"Unknown merge {merge!r}; choose from {', '.join(MERGES)}.")
         self.compressor, self.merging, self.artifacts = compressor, merge, (compressor,)
+
+    def for_heads(self, heads: range) -> SidecarMerge:
+        return SidecarMerge(self.compressor.for_heads(heads), self.merging)
 
     def merge(self, layer: LayerView, blocks: Slots) -> Slots:
         count, heads, length, dim = blocks.keys.shape
