@@ -10,7 +10,8 @@ random post-RoPE keys/values through the cache API, chunk by chunk as a chunked 
 of them at batch 64: the same KV memory. "ideal 8:1" is a `DynamicCache` holding context/8 tokens at
 batch 64, the speed an 8:1 cache could reach at best. The learned caches run on artifacts of the
 right shape with random weights (`synthetic_artifacts`): their speed does not depend on what the
-weights learned, only on the shapes and the keep ratio, which is set for 8:1.
+weights learned, only on the shapes and the keep ratio, which is set for 8:1. The peer rows are transformers'
+own `QuantizedCache` at int4 and int2 (quanto, or HQQ, when installed), each at the batch that holds dense's KV memory.
 
 Per cache: tokens/s (median of `repeats` runs of `steps` greedy decode steps; fewer steps, at least 4, for caches so slow that a run would take over 5 s) and its ratio to dense, KV bytes held, and the
 peak GPU memory while decoding. `--longest` finds, at batch 1, the longest context each named cache
@@ -34,14 +35,16 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from doc_block import add_update_docs, update_block  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.attention import SDPA_BACKENDS  # noqa: E402
 from kvcompress.config import RankConfig  # noqa: E402
+from kvcompress.evaluation.harness import QUANTIZED_CACHE_PACKAGES, cache_nbytes, quantized_cache_backend_installed  # noqa: E402
 from kvcompress.gate import GateBank, GateCompressor  # noqa: E402
+from kvcompress.hub import model_signature  # noqa: E402
 from kvcompress.lowrank import KVSpliceCompressor, PCACompressor  # noqa: E402
 from kvcompress.memory import kept_share  # noqa: E402
 from kvcompress.rope import rope_inv_freq  # noqa: E402
@@ -92,7 +95,7 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
     dim = config.hidden_size // config.num_attention_heads
     inv_freq = rope_inv_freq(model).cpu()
-    base = {"name_or_path": "random Llama-3.1-8B shape", "num_layers": layers, "num_kv_heads": heads, "head_dim": dim, "num_attention_heads": config.num_attention_heads}
+    base = model_signature(model, "random Llama-3.1-8B shape")
     generator = torch.Generator().manual_seed(0)
 
     bank = GateBank(layers, heads, dim)
@@ -118,6 +121,19 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     offsets = torch.exp(torch.empty(64).uniform_(math.log(32), math.log(1024), generator=generator)).round()
     artifacts["sidecar"] = SidecarCompressor.from_network(network, references, offsets, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": 32}})
     return artifacts
+
+
+def quantized_peers(context: int, config) -> dict:
+    """transformers' own QuantizedCache (quanto or HQQ, whichever is installed) at int4 and int2, each at the batch that gives
+    it dense's KV memory: a group of 64 numbers shares a bf16 scale and zero point, and its last 128 tokens stay exact."""
+    backend = next(filter(quantized_cache_backend_installed, QUANTIZED_CACHE_PACKAGES), None)
+    if backend is None:
+        return {}
+    return {
+        f"QuantizedCache int{bits} ({backend}), batch {int(DENSE_BATCH * 16 / (bits + 0.5))}": (
+            int(DENSE_BATCH * 16 / (bits + 0.5)), context, lambda bits=bits: QuantizedCache(backend=backend, config=config, nbits=bits))
+        for bits in (4, 2)
+    }
 
 
 def caches(context: int, artifacts: dict, dim: int) -> dict:
@@ -170,9 +186,7 @@ def fill(cache, model, batch: int, tokens: int, chunk: int = 4096):
 
 
 def kv_bytes(cache) -> int:
-    if isinstance(cache, kvcompress.CompressedCache):
-        return cache.nbytes()
-    return sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
+    return cache_nbytes(cache)[0]
 
 
 @torch.no_grad()
@@ -235,13 +249,15 @@ def measure(model, name: str, batch: int, tokens: int, factory, steps: int, repe
 def fits(model, factory, tokens: int, chunk: int) -> bool:
     free_memory(model.device)
     model.set_attn_implementation("kvcompress_sdpa")
+    started = time.perf_counter()
     try:
         decode(model, fill(factory(), model, 1, tokens, chunk=chunk), 1, steps=2, warmup=0)
-        return True
+        fitted = True
     except torch.OutOfMemoryError:
-        return False
-    finally:
-        free_memory(model.device)
+        fitted = False
+    free_memory(model.device)
+    print(f"  {tokens:,} tokens: {'fits' if fitted else 'out of memory'} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return fitted
 
 
 def longest_context(model, factory, start: int = 65536, limit: int = 2**25) -> int:
@@ -314,7 +330,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "gpu_profile.txt").unlink(missing_ok=True)
-    cases = caches(args.context, artifacts, dim)
+    cases = caches(args.context, artifacts, dim) | quantized_peers(args.context, config)
     so_far = lambda: env | {"minutes": round((time.perf_counter() - started) / 60, 1)}  # noqa: E731
     runs = []
     for index, (name, (batch, tokens, factory)) in enumerate(cases.items()):

@@ -15,6 +15,11 @@ The measured ratio is dense bytes over held bytes at the end of a reference-leng
 `--export-prompts FILE` writes the prompts and settings for `benchmarks/kvpress_runner.py` (which
 runs NVIDIA's kvpress presses in a virtual environment of their own); `--kvpress FILE` merges its
 results into the same tables and plots.
+
+`--peers quanto hqq` adds transformers' own `QuantizedCache` (KIVI-style int4 and int2 groups, its last
+128 tokens exact) with those backends (`pip install optimum-quanto` / `hqq`); `--only-peers` runs just
+them and dense, and `--merge FILE` (also with `--render`) adds the rows of another run to the tables,
+its environment named beside them.
 """
 
 from __future__ import annotations
@@ -36,10 +41,19 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from doc_block import add_update_docs, update_block  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from transformers import QuantizedCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.corpus import heldout_text  # noqa: E402
-from kvcompress.evaluation.harness import CacheSpec, answer, cache_nbytes, passkey_context, streaming_perplexity  # noqa: E402
+from kvcompress.evaluation.harness import (  # noqa: E402
+    QUANTIZED_CACHE_PACKAGES,
+    CacheSpec,
+    answer,
+    cache_nbytes,
+    passkey_context,
+    quantized_cache_backend_installed,
+    streaming_perplexity,
+)
 from kvcompress.evaluation.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
 from kvcompress.memory import kept_share  # noqa: E402
 
@@ -97,9 +111,38 @@ def prompts(tokenizer, text: str, settings: Settings) -> tuple[torch.Tensor, dic
     return torch.tensor([ppl]), tasks
 
 
+@dataclass(frozen=True)
+class QuantizedPeer:
+    """transformers' own `QuantizedCache` with a quantization backend: the peer row (its ratio is its bit width's)."""
+
+    backend: str
+    nbits: int
+    config: object = field(compare=False, repr=False)
+
+    def build(self):
+        return QuantizedCache(backend=self.backend, config=self.config, nbits=self.nbits)
+
+    @property
+    def label(self) -> str:
+        return f"QuantizedCache int{self.nbits} ({self.backend})"
+
+
+def peer_grid(backends, config) -> tuple[list, list[str]]:
+    """The peer rows of the backends that are installed (int4 and int2), and why the others are left out."""
+    grid, skipped = [], []
+    for backend in backends:
+        if not quantized_cache_backend_installed(backend):
+            skipped.append(f"QuantizedCache ({backend}: pip install {QUANTIZED_CACHE_PACKAGES[backend][1]})")
+            continue
+        grid += [(f"QuantizedCache ({backend})", None, QuantizedPeer(backend, nbits, config)) for nbits in (4, 2)]
+    return grid, skipped
+
+
 def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float | None, CacheSpec]], list[str]]:
     """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible."""
     grid, skipped = [("dense", 1.0, CacheSpec("dense"))], []
+    if args.only_peers:
+        return grid, skipped
 
     def why(keep: float | None) -> str:
         return "the exact sink and window alone exceed the budget" if keep is None else "already past the target keeping every token"
@@ -212,6 +255,9 @@ def main(argv=None) -> None:
     parser.add_argument("--composed-lowrank", default=None, metavar="DIR", help="low-rank compressor for gates x low rank x int4")
     parser.add_argument("--sidecar", nargs="*", default=[], metavar="DIR")
     parser.add_argument("--kvpress", default=None, metavar="JSON", help="results of benchmarks/kvpress_runner.py to merge in")
+    parser.add_argument("--peers", nargs="*", default=[], choices=sorted(QUANTIZED_CACHE_PACKAGES), help="transformers' QuantizedCache with these backends")
+    parser.add_argument("--only-peers", action="store_true", help="run only dense and the --peers")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="quality.json files of other runs whose rows join the tables")
     parser.add_argument("--export-prompts", default=None, metavar="JSON", help="write the prompts for kvpress_runner.py and stop")
     parser.add_argument("--output", default="docs/benchmark")
     add_update_docs(parser, "benchmarks.md", "quality")
@@ -219,7 +265,7 @@ def main(argv=None) -> None:
     parser.add_argument("--render", default=None, metavar="JSON", help="only re-render tables, plot and docs section from a saved quality.json")
     args = parser.parse_args(argv)
     if args.render:
-        return render(args.render, args.output, args.update_docs)
+        return render(args.render, args.output, args.update_docs, args.merge)
     settings = Settings() if not args.quick else Settings(ppl_tokens=256, short=512, long=1024, short_depths=(0.5,), long_depths=(0.5,), trials=1, task_trials=1)
     ratios = args.ratios if not args.quick else args.ratios[:2]
 
@@ -231,14 +277,28 @@ def main(argv=None) -> None:
         print(f"wrote {args.export_prompts}")
         return
     grid, skipped = cache_grid(ratios, args, settings)
+    peers, left_out = peer_grid(args.peers, model.config)
     started = time.perf_counter()
-    rows = run(model, tokenizer, grid, ppl_ids, tasks)
+    rows = run(model, tokenizer, grid + peers, ppl_ids, tasks)
     env = environment(model) | {"minutes": round((time.perf_counter() - started) / 60, 1)}
     if args.kvpress:
         external = json.loads(Path(args.kvpress).read_text())
         rows += [Row(**row) for row in external["rows"]]
         env["kvpress"] = external["environment"]
-    write_outputs(rows, settings, env, skipped, Path(args.output), args.update_docs)
+    rows, env = merged(rows, env, args.merge, settings)
+    write_outputs(rows, settings, env, skipped + left_out, Path(args.output), args.update_docs)
+
+
+def merged(rows: list[Row], env: dict, paths, settings: Settings) -> tuple[list[Row], dict]:
+    """`rows` with those of the quality.json files at `paths` that are not dense (each run has its own), and their environments."""
+    for path in paths:
+        other = json.loads(Path(path).read_text())
+        if other["settings"] != json.loads(json.dumps(asdict(settings))):  # as saved (tuples become lists)
+            raise ValueError(f"{path} was measured with other settings ({other['settings']}); merge runs of the same prompts only.")
+        rows = rows + [Row(**row) for row in other["rows"] if row["method"] != "dense"]
+        methods = sorted({row["method"] for row in other["rows"] if row["method"] != "dense"})
+        env = env | {"merged": env.get("merged", []) + [other["environment"] | {"methods": methods}]}
+    return rows, env
 
 
 def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[str], output: Path, page: str | None) -> None:
@@ -248,8 +308,12 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
     plot(rows, settings, output / "quality_vs_compression.png")
     where = f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['model']} in {env['dtype'].removeprefix('torch.')}"
     kvpress_note = f"; kvpress rows: {env['kvpress']['device']}, kvpress {env['kvpress']['kvpress']}, transformers {env['kvpress']['transformers']}" if "kvpress" in env else ""
+    kvpress_note += "".join(
+        f"; {', '.join(other['methods'])} rows: another run ({other['device']}, torch {other['torch']}, transformers {other['transformers']}; {other['minutes']} min)"
+        for other in env.get("merged", [])
+    )
     lines = [
-        f"Generated by `python benchmarks/quality.py` ({where}{kvpress_note}; {env['minutes']} min).",
+        f"Generated by `python benchmarks/quality.py` ({where}; {env['minutes']} min{kvpress_note}).",
         f"Scores are shares of answers found ({len(settings.short_depths) * settings.trials} pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at "
         f"{settings.long}, {settings.task_trials} multi-key and {settings.task_trials} variable-tracking prompts at {settings.short}); PPL is streaming perplexity on "
         f"{settings.ppl_tokens} held-out tokens. The measured ratio is dense bytes over held bytes at the end of a {settings.short}-token pass-key run.",
@@ -267,10 +331,12 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
         update_block(Path(page), "quality", "\n".join([*lines, image(Path(page).parent)]))
 
 
-def render(path: str, output: str, page: str | None) -> None:
-    """Tables, plot and docs section again from a saved quality.json (no model runs)."""
+def render(path: str, output: str, page: str | None, merge=()) -> None:
+    """Tables, plot and docs section again from a saved quality.json, with the rows of the `merge` files (no model runs)."""
     data = json.loads(Path(path).read_text())
-    write_outputs([Row(**row) for row in data["rows"]], Settings(**data["settings"]), data["environment"], data["skipped"], Path(output), page)
+    rows, env = merged([Row(**row) for row in data["rows"]], data["environment"], merge, Settings(**data["settings"]))
+    skipped = data["skipped"] + [entry for other in merge for entry in json.loads(Path(other).read_text())["skipped"]]
+    write_outputs(rows, Settings(**data["settings"]), env, skipped, Path(output), page)
 
 
 if __name__ == "__main__":

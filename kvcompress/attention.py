@@ -23,6 +23,7 @@ A compressed cache used without it raises at its next update instead of silently
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Protocol
 
@@ -198,10 +199,10 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
                 logits[..., :old_len] += bias[:, :, None, None, :].to(query.dtype)
             logits.masked_fill_(~keep, torch.finfo(query.dtype).min)  # finite: a row with nothing to see (padding) stays finite
             logits = logits[:, :, 0] if size == 1 else logits.expand(batch, kv_heads, groups, size, kv_len).reshape(batch, kv_heads, groups * size, kv_len)
-        with sdpa_kernel(SDPA_BACKENDS):
+        with sdpa_kernel(SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():  # the backends differ on the GPU only
             output = F.scaled_dot_product_attention(rows, key, value, attn_mask=logits, scale=scaling)
         outputs.append(output.view(batch, kv_heads, groups, size, head_dim))
-    output = torch.cat(outputs, dim=3).view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+    output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
     return output, (received if layer.tracks_attention else None)
 
 
@@ -210,6 +211,8 @@ def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     `merge_softmax` takes it; the largest logit is kept finite when a query sees none of these keys."""
     top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)
     weights = (logits - top[..., None]).exp()
+    if values.dim() == 4 and values.shape[1] == 1 < weights.shape[1]:  # values shared by the heads: one product, heads as rows (no broadcast copy)
+        return top, weights.sum(-1), torch.matmul(weights.flatten(1, 2), values[:, 0].float()).view(*weights.shape[:-1], values.shape[-1])
     return top, weights.sum(-1), torch.matmul(weights, values.float())
 
 

@@ -23,7 +23,8 @@ kvcompress attention masks out. Attention is invariant to slot order, so layout 
 core uses that freedom to work in place: both parts live in buffers with room for the slots they
 reach, new tokens are written after the last slot, and when slots leave (handed to the policies,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
-never the whole cache. A buffer grows when a part outgrows it; after each compression the tail's
+never the whole cache. A buffer grows when a part outgrows it (the tail with room for 1/32 more, at least a block, so
+that a tail nothing leaves yet is not copied at every step); after each compression the tail's
 is cut back to its tokens and room for the next block, and the store keeps room to grow by 1/32
 (`STORE_ROOM`) so that it is reallocated once per ~3% of growth, not at every block. `nbytes()`
 counts that room.
@@ -130,10 +131,10 @@ class CompressedLayer(CacheLayerMixin):
                 f"{tuple(key_states.shape[i] for i in (0, 1, 3))}; use a fresh cache (or cache.reset()) for a new batch."
             )
         batch, heads, new, _ = key_states.shape
-        ids = (self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
+        ids = (self.seen[:, None] if new == 1 else self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
         length = self.tail_length
-        if length + new > capacity(self.tail_buffers):
-            self._arrange(tail_capacity=length + new)
+        if length + new > capacity(self.tail_buffers):  # room to grow by 1/STORE_ROOM too: a tail that nothing leaves is not copied every step
+            self._arrange(tail_capacity=length + new + max(self.block_size, (length + new) // STORE_ROOM))
         appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
         for name, buffer in self.tail_buffers.items():
             if buffer is not None:
@@ -322,11 +323,12 @@ class CompressedLayer(CacheLayerMixin):
         if self.keep.budget is not None and self._hand_one_in_place():
             return
         raw = self.seen - self.seen.clamp(max=self.sink) - self.handed  # handable tokens: not sink, not handed yet
-        over = (raw - self.keep.window(self, self.seen)).clamp(min=0)
-        blocks = over // self.block_size
+        past_window = raw - self.keep.window(self, self.seen)  # negative while the window is not full
+        blocks = past_window.clamp(min=0) // self.block_size
         hand = blocks * self.block_size
-        # No row can hand off a block before this many more tokens arrive: windows never shrink as tokens arrive.
-        self._tokens_until_check = int((self.block_size - over % self.block_size).min())
+        # No row can hand off a block before this many more tokens arrive (each adds at most one handable token, and
+        # windows never shrink as tokens arrive): a row left `past_window - hand` tokens past its window needs the rest of a block.
+        self._tokens_until_check = int((self.block_size - (past_window - hand)).min())
         if not bool((hand > 0).any()):
             return
         tail, length = self.tail, self.tail_length

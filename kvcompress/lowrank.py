@@ -33,7 +33,7 @@ from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .quantize import Quantized
-from .rope import rotate
+from .rope import rope_table, rotate, rotate_from_table
 from .schema import Field
 from .settings import CacheSettings
 from .slots import FILLER
@@ -54,6 +54,10 @@ class AffineProjection:
     head_columns: torch.Tensor  # [H, 2] int32: where each head's latents start in the shared layout [..., sum of ranks], and how many
     padded_columns: torch.Tensor  # [H, 2] int32: the same in the per-head layout [..., largest rank]: 0, and every column
     uniform: bool  # every head has the largest rank
+    head_slices: list[slice]  # each head's columns in the shared layout
+    head_decoders: list[tuple[torch.Tensor, torch.Tensor]]  # each head's (decoder bias [D], unpadded decoder [r, D])
+    stacked_decoder: torch.Tensor  # [sum of ranks, D]: the heads' decoders, unpadded, one under the other
+    own_columns: torch.Tensor  # [H, 1, sum of ranks]: 1 where a column of the shared layout is the head's
 
     @classmethod
     def from_heads(cls, heads: list[dict], device, dtype) -> AffineProjection:
@@ -72,11 +76,22 @@ class AffineProjection:
             columns.append(index * largest + torch.arange(rank))
         decoder_bias = torch.stack([head["decoder_bias"] for head in heads])[:, None]
         ranks = torch.tensor([len(head_columns) for head_columns in columns])
+        starts = (ranks.cumsum(0) - ranks).tolist()
+        head_slices = [slice(start, start + rank) for start, rank in zip(starts, ranks.tolist())]
+        own_columns = torch.zeros(len(heads), 1, int(ranks.sum()))
+        for index, part in enumerate(head_slices):
+            own_columns[index, :, part] = 1
         head_columns = torch.stack([ranks.cumsum(0) - ranks, ranks], dim=1).to(device=device, dtype=torch.int32)
         padded_columns = torch.tensor([[0, largest]] * len(heads), device=device, dtype=torch.int32)
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         uniform = bool((ranks == largest).all())
-        return cls(move(encoder), move(encoder_bias), move(decoder), move(decoder_bias), torch.cat(columns).to(device), head_columns, padded_columns, uniform)
+        stacked = move(torch.cat([head["decoder"] for head in heads]))
+        decoder_bias = move(decoder_bias)
+        head_decoders = [(decoder_bias[index, 0], stacked[part]) for index, part in enumerate(head_slices)]
+        return cls(
+            move(encoder), move(encoder_bias), move(decoder), decoder_bias, torch.cat(columns).to(device), head_columns, padded_columns, uniform,
+            head_slices, head_decoders, stacked, move(own_columns),
+        )
 
     def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``[B, H, n, D]`` -> latents ``[B, 1, n, sum of ranks]`` (slots aligned across heads), or with
@@ -84,19 +99,27 @@ class AffineProjection:
         latents = torch.matmul(x, self.encoder) + self.encoder_bias
         return latents if per_head else latents.transpose(1, 2).flatten(2)[..., self.columns][:, None]
 
-    def per_head(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents of either layout -> ``[B, H, n, largest rank]``."""
-        batch, layout_heads, length, _ = latents.shape
-        heads, largest = self.encoder.shape[0], self.encoder.shape[2]
-        if layout_heads == 1 and heads > 1:
-            padded = latents.new_zeros(batch, length, heads * largest)
-            padded[..., self.columns] = latents[:, 0]
-            latents = padded.view(batch, length, heads, largest).transpose(1, 2)
-        return latents
+    def shared(self, latents: torch.Tensor) -> bool:
+        """Whether `latents` are in the shared layout (heads side by side) rather than the per-head one."""
+        return latents.shape[1] == 1 and self.encoder.shape[0] > 1
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents of either layout -> ``[B, H, n, D]``."""
-        return torch.matmul(self.per_head(latents), self.decoder) + self.decoder_bias
+        """Latents of either layout -> ``[B, H, n, D]``: each head's columns times its decoder (no padded copy of the latents)."""
+        if not self.shared(latents):
+            return torch.matmul(latents, self.decoder) + self.decoder_bias
+        batch, _, length, _ = latents.shape
+        keys = latents.new_empty(batch, len(self.head_slices), length, self.decoder.shape[-1])
+        for row_keys, row_latents in zip(keys, latents[:, 0]):
+            for head_keys, part, (bias, decoder) in zip(row_keys, self.head_slices, self.head_decoders):
+                torch.addmm(bias, row_latents[:, part], decoder, out=head_keys)
+        return keys
+
+    def decode_mixed(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Weighted sums of latent rows ``[B, H, R, columns]``, each query row's over the whole layout -> ``[B, H, R, D]``
+        (without the bias): in the shared layout each head keeps its own columns."""
+        if mixed.shape[-1] == self.decoder.shape[1]:  # the per-head layout
+            return torch.matmul(mixed, self.decoder.to(mixed.dtype))
+        return torch.matmul(mixed * self.own_columns.to(mixed.dtype), self.stacked_decoder.to(mixed.dtype))
 
     def column_table(self, latents: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """Where each head's latents sit in the last dimension of `latents` (either layout): ``[H, 2]`` int32 (start, how
@@ -167,7 +190,12 @@ class LowRankCompressor(CompressorArtifact):
         """Keys ``[B, H, n, D]`` from latents of either layout, rotated back to their token ids."""
         key_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)[0]
         positions = token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]
-        return rotate(key_projection.decode(key_latents), positions, self.inv_freq(key_latents.device))
+        return rotate_from_table(key_projection.decode(key_latents), positions, self.rope_table(key_latents.device, int(token_ids.max()) + 1))
+
+    def rope_table(self, device, positions: int) -> torch.Tensor:
+        """cos and sin of the positions below `positions` at least (`kvcompress.rope.rope_table`), built once per doubling."""
+        length = max(4096, 1 << (positions - 1).bit_length())
+        return self.on_device(f"rope.table.{length}", device, lambda: rope_table(self.inv_freq(device), length))
 
     def attend_store(self, layer_idx: int, queries: torch.Tensor, key_latents, value_latents, token_ids: torch.Tensor, scaling: float):
         """Query rows' partial softmax over a store of latents (floats or `Quantized`), without decoding it to keys and values
@@ -194,9 +222,9 @@ class LowRankCompressor(CompressorArtifact):
                 keys = self.decode_keys(layer_idx, key_latents[:, :, start : start + chunk], ids)
                 logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * scaling
                 logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
-                parts.append(softmax_part(logits, value_projection.per_head(value_latents[:, :, start : start + chunk])))
-            top, total, latents = merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
-        values = torch.matmul(latents, value_projection.decoder.float()) + total[..., None] * value_projection.decoder_bias.float()
+                parts.append(softmax_part(logits, value_latents[:, :, start : start + chunk]))  # values mixed in either layout
+            top, total, latents = parts[0] if len(parts) == 1 else merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
+        values = value_projection.decode_mixed(latents) + total[..., None] * value_projection.decoder_bias.float()
         return top, total, values
 
     def _head(self, layer: int, head: int, kind: str) -> dict:

@@ -8,7 +8,6 @@ works in a window's own frame: its keys rotated back to the window's first posit
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from .models import kv_shape
 
@@ -32,11 +31,37 @@ def rope_inv_freq(model) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Apply (or undo) RoPE to `x` ``[B, H, n, D]`` at `positions` ``[B, n]`` (or per head, ``[B, H, n]``), as transformers' Llama does."""
-    freqs = positions[..., None].float() * inv_freq.float()
-    angles = torch.cat([freqs, freqs], dim=-1)
-    angles = angles[:, None] if positions.dim() == 2 else angles
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    return x * cos + rotate_half(x) * (-sin if inverse else sin)
+    angles = positions[..., None].float() * inv_freq.float()
+    return _rotated(x, angles.cos(), angles.sin(), positions.dim() == 2, inverse)
+
+
+def rope_table(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
+    """cos and sin of every position below `length` ``[length, D]`` (cos in the first half): `rotate_from_table` reads it."""
+    angles = torch.arange(length, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def rotate_from_table(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`rotate`, with cos and sin looked up in a `rope_table` rather than computed: for the many keys attention decodes every step.
+    Positions below 0 (filler slots) read position 0."""
+    cos, sin = torch.nn.functional.embedding(positions.clamp(min=0), table).chunk(2, dim=-1)
+    return _rotated(x, cos, sin, positions.dim() == 2, inverse=False)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared_by_heads: bool, inverse: bool) -> torch.Tensor:
+    """`x` rotated by the angles whose cos and sin are given per position ``[..., n, D / 2]``: transformers' ``x * cos +
+    rotate_half(x) * sin`` on the two halves, without building the full-width cos, sin and rotated copies."""
+    if shared_by_heads:
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), (-sin if inverse else sin).to(x.dtype)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    if torch.is_grad_enabled() and x.requires_grad:  # training (the fitted methods' losses): written out, for autograd
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    out = torch.empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])), dtype=x.dtype, device=x.device)
+    torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-1)
+    torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin)
+    return out
 
 
 def to_window_frame(keys: torch.Tensor, starts: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = True) -> torch.Tensor:

@@ -157,3 +157,31 @@ def test_keep_and_merge_block_regenerates_from_the_saved_run(tmp_path):
         assert all(0 <= row[task] <= 1 for task in ("passkey", "passkey_heldout", "multikey", "passkey_long", "passkey_heldout_long")) and row["ppl"] > 1
         if not row["cache"].startswith(("dense", "gates'")):  # the ablation rows hold more memory on purpose
             assert abs(row["measured_ratio"] / row["target"] - 1) < 0.1, row
+
+
+def test_the_gpu_benchmark_runs_its_pipeline_on_a_tiny_model(tmp_path):
+    """--tiny builds every synthetic artifact for the model's shape and times caches on the CPU (it measures nothing)."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--tiny", "--context", "1024", "--steps", "4", "--repeats", "1",
+         "--only", "dense, batch 8, packed", "gates", "pca", "sidecar", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    runs = {r["cache"].split(" ")[0]: r for r in saved["runs"]}
+    assert {"dense,", "gates", "pca", "sidecar"} <= set(runs)
+    assert all(r["tokens_per_second"] > 0 and r["kv_bytes"] > 0 and not r["error"] for r in saved["runs"])
+
+
+def test_runs_merge_into_one_table_only_when_they_share_the_prompts(tmp_path):
+    """--merge adds another run's rows (not its dense row) and names its environment; a run of other settings is refused."""
+    environment = {"device": "CPU (x86_64, 2 threads)", "torch": "2.13.0", "transformers": "5.24.0", "kvcompress": "0.1.0", "model": "SmolLM2-135M-Instruct", "dtype": "torch.float32", "minutes": 3.0}
+    peer = quality.Row("QuantizedCache (quanto)", "QuantizedCache int4 (quanto)", None, {"ppl": 18.0, "passkey": 1.0}, 20, 100)
+    dense = quality.Row("dense", "dense", 1.0, {"ppl": 17.7, "passkey": 1.0}, 100, 100)
+    other = tmp_path / "peers.json"
+    other.write_text(json.dumps({"environment": environment, "settings": quality.asdict(quality.Settings()), "skipped": [], "rows": [quality.asdict(dense), quality.asdict(peer)]}))
+    rows, env = quality.merged([dense], environment | {"device": "GPU"}, [other], quality.Settings())
+    assert [row.cache for row in rows] == ["dense", "QuantizedCache int4 (quanto)"]
+    assert env["merged"][0]["methods"] == ["QuantizedCache (quanto)"] and env["merged"][0]["device"].startswith("CPU")
+    with pytest.raises(ValueError, match="was measured with other settings"):
+        quality.merged([dense], environment, [other], quality.Settings(trials=1))

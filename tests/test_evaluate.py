@@ -91,3 +91,22 @@ def test_a_local_dataset_directory_loads_through_datasets(tmp_path):
     (corpus / "part.txt").write_text("first line of prose\nsecond line of prose\n")
     text = load_text(f"{corpus}@train")
     assert "first line of prose" in text and "second line of prose" in text
+
+
+@pytest.mark.parametrize("nbits", [4, 2])
+def test_transformers_quantized_cache_is_counted_by_what_it_stores(nbits):
+    """The peer rows' memory: HQQ's packed integers and their float32 scale and zero point per group of 64, against the
+    dense bytes of every token seen (the evaluator's DynamicCache count for the same prompt)."""
+    pytest.importorskip("hqq")
+    from transformers import QuantizedCache
+
+    from kvcompress import cache_kwargs
+    from kvcompress.evaluation.harness import cache_nbytes
+
+    model, ids = tiny_model(), prompt_ids(200)
+    quantized, dense = QuantizedCache(backend="hqq", config=model.config, nbits=nbits), DynamicCache()
+    for cache in (quantized, dense):
+        model(input_ids=ids, **cache_kwargs(cache))
+    held, dense_bytes = cache_nbytes(quantized)
+    assert dense_bytes == cache_nbytes(dense)[0]
+    assert held / dense_bytes == pytest.approx((nbits / 8 + 8 / 64) / 4, rel=0.01)  # the prompt quantized whole: no exact residual

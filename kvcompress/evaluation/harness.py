@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -115,11 +116,47 @@ def _parse_value(text: str):
 
 
 def cache_nbytes(cache) -> tuple[int, int]:
-    """(bytes held, bytes a dense cache would hold) for a compressed or a plain transformers cache."""
+    """(bytes held, bytes a dense cache would hold) for a compressed cache, a `DynamicCache`, or transformers' `QuantizedCache`
+    (its quantized states, quanto's or HQQ's, counted by what they store: packed integers, scales and shifts)."""
     if isinstance(cache, CompressedCache):
         return cache.nbytes(), cache.dense_nbytes()
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
-    return held, held
+    held = dense = 0
+    for layer in cache.layers:
+        exact = [t for t in (layer.keys, layer.values) if t is not None and t.dim() == 4]
+        quantized = [q for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)) if q is not None]
+        held += sum(_stored_bytes(t) for t in (*exact, *quantized))
+        if quantized:  # every token the layer saw, at the dtype it computes in (HQQ's states are (integers, metadata))
+            quantized_keys = quantized[0]
+            (batch, heads, _, dim), dtype = (quantized_keys[1]["shape"], quantized_keys[1]["compute_dtype"]) if isinstance(quantized_keys, tuple) else (quantized_keys.shape, quantized_keys.dtype)
+            dense += 2 * batch * heads * layer.get_seq_length() * dim * torch.finfo(dtype).bits // 8
+        else:
+            dense += sum(_stored_bytes(t) for t in exact)
+    return held, dense
+
+
+QUANTIZED_CACHE_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}  # backend -> (module, pip package)
+
+
+def quantized_cache_backend_installed(backend: str) -> bool:
+    """Whether transformers' `QuantizedCache` can run with `backend` here (its package is importable)."""
+    try:
+        return importlib.util.find_spec(QUANTIZED_CACHE_PACKAGES[backend][0]) is not None
+    except ModuleNotFoundError:  # "optimum" itself is not installed
+        return False
+
+
+def _stored_bytes(value) -> int:
+    """Bytes of the tensors in `value`: a tensor, a tensor subclass (its inner tensors), or a tuple / dict of them."""
+    if isinstance(value, (tuple, list)):
+        return sum(_stored_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_stored_bytes(item) for item in value.values())
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(value, name)) for name in names)
+    return value.numel() * value.element_size()
 
 
 @dataclass
