@@ -7,6 +7,7 @@ layer's heads are scored with three batched matmuls and no Python loop over head
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -162,9 +163,11 @@ class GateCompressor(CompressorArtifact):
 
         def build() -> GateBank:
             base = self.config["base_model"]
-            bank = GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"])
-            bank.load_state_dict({name.removeprefix("gates."): self.own_heads(t, folded=True) for name, t in self.tensors.items() if name.startswith("gates.")})
-            return bank.to(device).eval().requires_grad_(False)
+            with torch.device("meta"):  # shapes only: no random initialization that would move the user's random state
+                bank = GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"])
+            state = {name.removeprefix("gates."): self.own_heads(t, folded=True).to(device, torch.float32) for name, t in self.tensors.items() if name.startswith("gates.")}
+            bank.load_state_dict(state, assign=True)
+            return bank.eval().requires_grad_(False)
 
         return self.on_device("gates", device, build)
 
@@ -201,7 +204,10 @@ class GateKeep(KeepPolicy):
                 "policy='layer' keeps a token in every head of a layer when any of them keeps it, and tensor parallelism splits a "
                 "layer's heads over the ranks: use policy='head'."
             )
-        return GateKeep(self.compressor.for_heads(heads), self.keep_ratio, self.policy, self.allocation, self.max_tokens)
+        served = copy.copy(self)  # a subclass stays itself
+        served.compressor = self.compressor.for_heads(heads)
+        served.thresholds, served.artifacts = self.thresholds[:, heads.start : heads.stop], (served.compressor,)
+        return served
 
     def choose(self, layer: LayerView, blocks: Slots) -> Slots:
         positions = blocks.token_ids[:, 0]

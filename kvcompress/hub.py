@@ -111,6 +111,7 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self._hub_mixin_config = None  # the config lives in compressor_config.json, not the mixin's config.json
         self._checked_layers: set[int] = set()
         self._on_device: dict[str, dict] = {}
+        self._served: dict[range, CompressorArtifact] = {}  # `for_heads`' artifacts
         self.validate()
         self.heads = range(self.config["base_model"]["num_kv_heads"])  # the KV heads its caches serve (`for_heads`)
 
@@ -120,9 +121,11 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         stay the loaded ones, shared."""
         if not isinstance(heads, range) or heads.step != 1 or not 0 <= heads.start < heads.stop <= len(self.heads):
             raise ValueError(f"heads must be a range of consecutive KV heads within the model's {len(self.heads)}, got {heads!r}.")
-        served = copy.copy(self)
-        served.heads, served._checked_layers, served._on_device = heads, set(), {}
-        return served
+        if heads not in self._served:  # one per range: what it builds (and its model checks) is shared by every cache, as its whole's are
+            served = copy.copy(self)
+            served.heads, served._checked_layers, served._on_device, served._served = heads, set(), {}, {}
+            self._served[heads] = served
+        return self._served[heads]
 
     def own_heads(self, tensor: torch.Tensor, folded: bool = False) -> torch.Tensor:
         """The entries of the served heads of a ``[layers, kv_heads, ...]`` tensor, or with `folded` of a ``[layers * kv_heads, ...]`` one."""

@@ -21,6 +21,7 @@ which the tests check attention against). The attention sink and the recent wind
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -260,7 +261,10 @@ class LowRankEncoding(Encoding):
         self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
 
     def for_heads(self, heads: range) -> LowRankEncoding:
-        return LowRankEncoding(self.compressor.for_heads(heads), self.per_head)
+        served = copy.copy(self)  # a subclass stays itself
+        served.compressor = self.compressor.for_heads(heads)
+        served.artifacts = (served.compressor,)
+        return served
 
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
         per_kind = self.compressor.layer_ranks(layer_idx)

@@ -15,9 +15,17 @@ from torch.distributed.tensor import DTensor, Shard
 
 def rank_heads(local: int, total: int) -> range | None:
     """The KV heads this process holds when a layer of `total` KV heads shows it `local` of them: tensor parallelism over
-    every process splits them evenly in rank order. None when that is not what happened (not distributed, or uneven)."""
-    if not 0 < local < total or total % local or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != total // local:
+    every process splits them evenly in rank order. None when this is not tensor parallelism (not distributed, or uneven);
+    a split over some of the processes only (combined with other parallelism) is refused."""
+    if not 0 < local < total or total % local or not (dist.is_available() and dist.is_initialized()):
         return None
+    shards, processes = total // local, dist.get_world_size()
+    if processes != shards:
+        raise ValueError(
+            f"This process holds {local} of the model's {total} KV heads, a tensor-parallel split over {shards} processes, but "
+            f"{processes} processes run: kvcompress caches serve tensor parallelism over every process and nothing else "
+            f"(torchrun --nproc_per_node {shards} with tp_plan='auto')."
+        )
     rank = dist.get_rank()
     return range(rank * local, (rank + 1) * local)
 

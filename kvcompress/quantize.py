@@ -9,6 +9,7 @@ store tensor. The last dimension is zero-padded to whole groups; `dequantize` cu
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -93,7 +94,10 @@ class QuantizedEncoding(Encoding):
         self.layer_widths: dict[int, dict[str, int]] = {}  # per layer: the width of each quantized tensor before padding
 
     def for_heads(self, heads: range) -> QuantizedEncoding:
-        return QuantizedEncoding(self.bits, self.group_size, self.inner.for_heads(heads))
+        served = copy.copy(self)  # a subclass stays itself
+        served.inner, served.layer_widths = self.inner.for_heads(heads), {}
+        served.artifacts = served.inner.artifacts
+        return served
 
     def widths(self, layer_idx: int, head_dim: int) -> list[tuple[int, int]]:
         return self.inner.widths(layer_idx, head_dim)

@@ -242,7 +242,10 @@ class SidecarMerge(Encoding):
         self.compressor, self.merging, self.artifacts = compressor, merge, (compressor,)
 
     def for_heads(self, heads: range) -> SidecarMerge:
-        return SidecarMerge(self.compressor.for_heads(heads), self.merging)
+        served = copy.copy(self)  # a subclass stays itself
+        served.compressor = self.compressor.for_heads(heads)
+        served.artifacts = (served.compressor,)
+        return served
 
     def merge(self, layer: LayerView, blocks: Slots) -> Slots:
         count, heads, length, dim = blocks.keys.shape

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from tensor_parallel_worker import caches, generate, prompt, shipped
 from test_differential import Model, artifact, load
 from test_lowrank import SETTINGS, calibrate
 
 from kvcompress import GatedCache
 from kvcompress.config import HeadRanks, RankConfig
+from kvcompress.gate import GateCompressor, GateKeep
+from kvcompress.parallel import rank_heads
 from kvcompress.policies import KeepPolicy
 
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
@@ -110,3 +113,30 @@ def test_a_policy_with_artifacts_must_say_how_it_serves_some_heads():
     assert policy.for_heads(range(2)) is policy  # nothing per head: it serves any heads as it is
     with pytest.raises(NotImplementedError, match="Custom holds per-head artifacts but does not say how to serve some of the heads"):
         Custom().for_heads(range(2))
+
+
+def test_a_split_over_some_of_the_processes_is_refused_with_what_to_run(tmp_path):
+    """Tensor parallelism combined with other parallelism (here: one process showing half of the heads) is not served."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="holds 2 of the model's 4 KV heads, a tensor-parallel split over 2 processes, but 1 processes run: .*--nproc_per_node 2"):
+            rank_heads(2, 4)
+        assert rank_heads(4, 4) is None  # every head: not split
+    finally:
+        dist.destroy_process_group()
+
+
+def test_serving_some_heads_keeps_the_policy_its_class_and_shares_what_it_builds():
+    """A subclass of a shipped policy stays itself (its own choose runs on every rank); every cache of a rank shares one
+    slice of an artifact, built once; and building it draws no random numbers (sampling stays as seeded)."""
+
+    class MyGates(GateKeep):
+        pass
+
+    gate = artifact(SPEC, "gate")
+    assert type(MyGates(gate, 0.3).for_heads(range(2))) is MyGates
+    assert gate.for_heads(range(2, 4)) is gate.for_heads(range(2, 4))
+    fresh = GateCompressor(dict(gate.config), dict(gate.tensors)).for_heads(range(2))
+    state = torch.get_rng_state()
+    fresh.bank("cpu")
+    assert torch.equal(state, torch.get_rng_state())
