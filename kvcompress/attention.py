@@ -169,6 +169,11 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups, old_len = num_heads // kv_heads, kv_len - q_len
     grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
+    if layer.tracks_attention and q_len == 1:
+        from . import scored_attention  # it imports this module
+
+        if scored_attention.available(query) and groups <= scored_attention.MOST_ROWS:
+            return _attend_scoring_one_token(layer, grouped[:, :, :, 0], key, value, new_keep, query_valid, scaling)
     unmasked = q_len == 1 and not layer.needs_slot_mask()
     old_keep = None if unmasked else layer.slot_filled(old_len)[:, :, None, None, :]
     bias = layer.slot_bias(old_len)
@@ -201,9 +206,23 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
             logits = logits[:, :, 0] if size == 1 else logits.expand(batch, kv_heads, groups, size, kv_len).reshape(batch, kv_heads, groups * size, kv_len)
         with sdpa_kernel(SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():  # the backends differ on the GPU only
             output = F.scaled_dot_product_attention(rows, key, value, attn_mask=logits, scale=scaling)
-        outputs.append(output.view(batch, kv_heads, groups, size, head_dim))
-    output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).view(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+        outputs.append(output.reshape(batch, kv_heads, groups, size, head_dim))  # a GPU kernel may lay it out as the query rows are
+    output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)).reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
     return output, (received if layer.tracks_attention else None)
+
+
+def _attend_scoring_one_token(layer: AttentionLayer, rows, key, value, new_keep, query_valid, scaling):
+    """`_attend_over_slots` for one new token on a GPU, by `kvcompress.scored_attention`'s kernel: one read of the keys
+    gives the attention and the logits that the probabilities each slot received come from."""
+    from .scored_attention import scored_partials
+
+    batch, kv_heads, groups, head_dim = rows.shape
+    output, logits, top, total = scored_partials(rows, key, value, layer.table_token_ids(), layer.slot_bias(key.shape[2] - 1), new_keep.reshape(-1), scaling)
+    probs = logits.sub_(top[..., None]).exp_().div_(total.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+    if query_valid is not None:
+        probs.mul_(query_valid[:, None, None, :].to(probs.dtype))
+    output = output.to(rows.dtype).view(batch, kv_heads * groups, 1, head_dim).transpose(1, 2).contiguous()
+    return output, probs.sum(2)
 
 
 def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -169,11 +169,8 @@ if triton is not None:
         zv_row, zvs_row = tl.multiple_of(row * zv_sb + head * zv_sh, ZV_ALIGN), tl.multiple_of(row * zvs_sb + head * zvs_sh, ZVS_ALIGN)
         ids_row = tl.multiple_of(row * ids_sb + head * ids_sh, IDS_ALIGN)
 
-        top = tl.full([TILE], -1.0e30, tl.float32)  # finite: a span of fillers only must not give inf - inf
-        total = tl.zeros([TILE], tl.float32)
-        acc = tl.zeros([TILE, VALUE_WIDTH], tl.float32)
-        start = part * span
-        end = tl.minimum(start + span, slots)
+        top, total, acc = no_slots_yet(TILE, VALUE_WIDTH)
+        start, end = part * span, tl.minimum(part * span + span, slots)  # this program's span of slots
         for first in range(start, end, BLOCK):
             s = first + tl.arange(0, BLOCK)
             inside = s < end
@@ -188,18 +185,33 @@ if triton is not None:
             logits = tl.dot(q_first, tl.trans(rotated_first), input_precision=PRECISION)
             logits = (logits + tl.dot(q_second, tl.trans(rotated_second), input_precision=PRECISION)).to(tl.float32) * scaling
             logits = tl.where((position >= 0)[None, :], logits, float("-inf"))
-            new_top = tl.maximum(top, tl.max(logits, 1))
-            weights = tl.exp(logits - new_top[:, None])
-            shrink = tl.exp(top - new_top)
             zv = _load_latents(zv_ptr, zv_scale_ptr, zv_row + s * zv_ss, zvs_row + s * zvs_ss,
                                inside, value_start, value_rank, VALUE_WIDTH, VALUE_STEP >= 0, VALUE_BITS, VALUE_GROUP, q_first.dtype)
-            acc = acc * shrink[:, None] + tl.dot(weights.to(zv.dtype), zv, input_precision=PRECISION).to(tl.float32)
-            total = total * shrink + tl.sum(weights, 1)
-            top = new_top
-        out = (program * tl.num_programs(1) + part) * tl.num_programs(2) * TILE + r
+            top, total, acc = online_softmax(logits, zv, top, total, acc, PRECISION)
+        store_partial(max_ptr, sum_ptr, acc_ptr, (program * tl.num_programs(1) + part) * tl.num_programs(2) * TILE + r, rv, top, total, acc)
+
+    @triton.jit
+    def no_slots_yet(TILE: tl.constexpr, WIDTH: tl.constexpr):
+        """The running maximum, sum of weights and weighted values of `TILE` rows before any slot; the maximum is finite,
+        so that a span of fillers only does not give inf - inf."""
+        return tl.full([TILE], -1.0e30, tl.float32), tl.zeros([TILE], tl.float32), tl.zeros([TILE, WIDTH], tl.float32)
+
+    @triton.jit
+    def online_softmax(logits, values, top, total, acc, PRECISION: tl.constexpr):
+        """Fold a block of `logits` ``[rows, slots]`` (-inf: masked) and its `values` ``[slots, width]`` into the running
+        maximum, sum of weights and weighted values of the rows (flash attention's online softmax)."""
+        new_top = tl.maximum(top, tl.max(logits, 1))
+        weights = tl.exp(logits - new_top[:, None])
+        shrink = tl.exp(top - new_top)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values, input_precision=PRECISION).to(tl.float32)
+        return new_top, total * shrink + tl.sum(weights, 1), acc
+
+    @triton.jit
+    def store_partial(max_ptr, sum_ptr, acc_ptr, out, columns, top, total, acc):
+        """Write a span's partial softmax for the rows `out` (`merge_softmax` merges the spans)."""
         tl.store(max_ptr + out, top)
         tl.store(sum_ptr + out, total)
-        tl.store(acc_ptr + out[:, None] * VALUE_WIDTH + rv[None, :], acc)
+        tl.store(acc_ptr + out[:, None] * columns.shape[0] + columns[None, :], acc)
 
     @triton.jit
     def _columns(table_ptr, head, STEP: tl.constexpr, WIDTH: tl.constexpr):

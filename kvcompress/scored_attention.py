@@ -1,0 +1,111 @@
+"""A Triton kernel for a decode step that must also say how much attention each slot got (H2O).
+
+A policy that scores its tokens by the attention they receive (`KeepPolicy.needs_attention`) cannot
+use a fused attention kernel: those never hand the probabilities out. Computing them apart (logits
+by one batched product, a float32 softmax, values by a second product) reads the keys, then writes
+and reads the scores twice more, through batched products whose shapes (4 query rows against
+thousands of slots) cuBLAS serves badly: on an H200 they were 75% of H2O's decode time. This kernel
+reads the keys and values once, per (row, KV head) and span of slots, with the query heads of the
+KV head packed as rows: it writes the partial softmax of the span and the raw logits, 4 bytes per
+slot and query row against the 2 x head_dim x 2 bytes of the slot's key and value. The caller merges
+the spans (`kvcompress.attention.merge_softmax`) and turns the logits into probabilities with the
+final maximum and sum.
+
+Like `kvcompress.latent_attention` it needs CUDA and Triton, or Triton's interpreter on the CPU
+(``TRITON_INTERPRET=1``), which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import merge_softmax
+from .latent_attention import PROGRAMS_WANTED, _slot_strides, available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .latent_attention import no_slots_yet, online_softmax, store_partial
+
+BLOCK_SLOTS = 64  # slots per inner step
+MOST_ROWS = 64  # query rows per KV head the kernel takes (query heads per KV head times new tokens)
+
+__all__ = ["available", "scored_partials", "MOST_ROWS"]
+
+
+def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
+    """Attention of one new token's query rows over a table of slots, and the logits it took.
+
+    `queries` ``[B, H, R, D]`` (the query rows of each KV head); `keys`/`values` ``[B, H, S, D]``
+    (any strides with contiguous last dimension), the new token's in the last slot; `token_ids`
+    ``[B, H, S]`` (-1: filler, masked); `bias` ``[B, H, S_b]`` or None: an additive logit bias of
+    the first `S_b` slots; `new_seen` ``[B or 1]`` bool: whether the new token sees itself (not when
+    it is padding). Returns
+    ``(output [B, H, R, D] in float32, logits [B, H, R, S] in float32, -inf where masked, max
+    [B, H, R], sum [B, H, R])``: a slot's probability for a row is ``exp(logit - max) / sum``.
+    """
+    queries = queries.contiguous()
+    batch, heads, rows, dim = queries.shape
+    slots = keys.shape[2]
+    tile = max(16, 1 << (rows - 1).bit_length())
+    spans = max(1, min(math.ceil(slots / BLOCK_SLOTS), math.ceil(PROGRAMS_WANTED / (batch * heads))))
+    span = math.ceil(slots / spans / BLOCK_SLOTS) * BLOCK_SLOTS
+    spans = math.ceil(slots / span)
+    maxima = torch.empty(batch * heads, spans, tile, device=queries.device, dtype=torch.float32)
+    sums = torch.empty_like(maxima)
+    weighted = torch.empty(batch * heads, spans, tile, dim, device=queries.device, dtype=torch.float32)
+    logits = torch.empty(batch, heads, rows, slots, device=queries.device, dtype=torch.float32)
+    k_strides, v_strides, ids_strides = (_slot_strides(t) for t in (keys, values, token_ids))
+    bias_strides = _slot_strides(bias) if bias is not None else (0, 0, 0, 1)
+    _scored_partials_kernel[(batch * heads, spans)](
+        queries, keys, values, token_ids, token_ids if bias is None else bias, new_seen, new_seen.stride(0) if new_seen.shape[0] > 1 else 0, maxima, sums, weighted, logits,
+        rows, slots, span, scaling, 0 if bias is None else bias.shape[2],
+        *queries.stride()[:3], *k_strides[:3], *v_strides[:3], *ids_strides[:3], *bias_strides[:3],
+        K_ALIGN=k_strides[3], V_ALIGN=v_strides[3], IDS_ALIGN=ids_strides[3],
+        HEADS=heads, DIM=dim, TILE=tile, BLOCK=BLOCK_SLOTS, HAS_BIAS=bias is not None,
+        PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    top, total, weighted = merge_softmax(maxima[..., :rows], sums[..., :rows], weighted[:, :, :rows], dim=1)
+    shape = (batch, heads, rows)
+    output = weighted.view(*shape, dim) / total.clamp(min=torch.finfo(torch.float32).tiny).view(*shape, 1)
+    return output, logits, top.view(shape), total.view(shape)
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["rows", "slots", "k_sb", "k_sh", "v_sb", "v_sh", "ids_sb", "ids_sh", "b_sb", "b_sh", "bias_slots"])
+    def _scored_partials_kernel(
+        q_ptr, k_ptr, v_ptr, ids_ptr, bias_ptr, new_seen_ptr, new_seen_step, max_ptr, sum_ptr, acc_ptr, logit_ptr,
+        rows, slots, span, scaling, bias_slots,
+        q_sb, q_sh, q_sr, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, ids_sb, ids_sh, ids_ss, b_sb, b_sh, b_ss,
+        K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, IDS_ALIGN: tl.constexpr,
+        HEADS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        program, part = tl.program_id(0), tl.program_id(1)
+        row, head = program // HEADS, program % HEADS
+        r, d = tl.arange(0, TILE), tl.arange(0, DIM)
+        q = tl.load(q_ptr + row * q_sb + head * q_sh + r[:, None] * q_sr + d[None, :], mask=r[:, None] < rows, other=0.0)
+        k_row = tl.multiple_of(row * k_sb + head * k_sh, K_ALIGN)
+        v_row = tl.multiple_of(row * v_sb + head * v_sh, V_ALIGN)
+        ids_row = tl.multiple_of(row * ids_sb + head * ids_sh, IDS_ALIGN)
+        logit_rows = logit_ptr + (program * rows + r[:, None]) * slots
+        new_seen = tl.load(new_seen_ptr + row * new_seen_step)
+
+        top, total, acc = no_slots_yet(TILE, DIM)
+        start, end = part * span, tl.minimum(part * span + span, slots)  # this program's span of slots
+        for first in range(start, end, BLOCK):
+            s = first + tl.arange(0, BLOCK)
+            inside = s < end
+            k = tl.load(k_ptr + k_row + s[:, None] * k_ss + d[None, :], mask=inside[:, None], other=0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scaling
+            if HAS_BIAS:
+                logits += tl.load(bias_ptr + row * b_sb + head * b_sh + s * b_ss, mask=s < bias_slots, other=0.0).to(tl.float32)[None, :]
+            position = tl.load(ids_ptr + ids_row + s * ids_ss, mask=inside, other=-1)
+            seen = (position >= 0) & ((s < slots - 1) | new_seen)
+            logits = tl.where(seen[None, :], logits, float("-inf"))
+            tl.store(logit_rows + s[None, :], logits, mask=(r[:, None] < rows) & inside[None, :])
+            v = tl.load(v_ptr + v_row + s[:, None] * v_ss + d[None, :], mask=inside[:, None], other=0.0)
+            top, total, acc = online_softmax(logits, v, top, total, acc, PRECISION)
+        store_partial(max_ptr, sum_ptr, acc_ptr, (program * tl.num_programs(1) + part) * TILE + r, d, top, total, acc)
