@@ -23,8 +23,9 @@ kvcompress attention masks out. Attention is invariant to slot order, so layout 
 core uses that freedom to work in place: both parts live in buffers with room for the slots they
 reach, new tokens are written after the last slot, and when slots leave (handed to the policies,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
-never the whole cache. A buffer grows when a part outgrows it (the tail with room for 1/32 more, at least a block, so
-that a tail nothing leaves yet is not copied at every step); after each compression the tail's
+never the whole cache. A buffer grows when a part outgrows it (the tail with room for 1/32 more, at least a block, and
+at least `TAIL_ROOM` slots until tokens first leave it, so that a tail nothing leaves yet is not
+copied every few steps); after each compression the tail's
 is cut back to its tokens and room for the next block, and the store keeps room to grow by 1/32
 (`STORE_ROOM`) so that it is reallocated once per ~3% of growth, not at every block. `nbytes()`
 counts that room.
@@ -53,7 +54,7 @@ from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attentio
 from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
-from .slots import FILLER, STORE_ROOM, Slots, capacity, joined, place, resized, slot_index, views
+from .slots import FILLER, STORE_ROOM, TAIL_ROOM, Slots, capacity, joined, place, resized, slot_index, views
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -100,6 +101,7 @@ class CompressedLayer(CacheLayerMixin):
         self.has_fillers = False
         self.rows_aligned = True  # every row has seen the same real tokens (no padding): their tails hold the same token ids
         self._tokens_until_check = 0
+        self.has_handed = False  # tokens have left the tail: it holds a window (more room would be held for good)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -133,8 +135,9 @@ class CompressedLayer(CacheLayerMixin):
         batch, heads, new, _ = key_states.shape
         ids = (self.seen[:, None] if new == 1 else self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
         length = self.tail_length
-        if length + new > capacity(self.tail_buffers):  # room to grow by 1/STORE_ROOM too: a tail that nothing leaves is not copied every step
-            self._arrange(tail_capacity=length + new + max(self.block_size, (length + new) // STORE_ROOM))
+        if length + new > capacity(self.tail_buffers):  # room to grow: a tail that nothing leaves yet is not copied every step
+            room = max(self.block_size, (length + new) // STORE_ROOM, 0 if self.has_handed else TAIL_ROOM)
+            self._arrange(tail_capacity=length + new + room)
         appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
         for name, buffer in self.tail_buffers.items():
             if buffer is not None:
@@ -356,6 +359,7 @@ class CompressedLayer(CacheLayerMixin):
         # The tail back to its tokens and room for the next block (a prefill left it longer); the store with room to grow.
         self._arrange()
         self.handed += hand
+        self.has_handed = True
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
 
     def _hand_one_in_place(self) -> bool:
@@ -385,6 +389,7 @@ class CompressedLayer(CacheLayerMixin):
         self.tail = views(self.tail_buffers, last)
         self.keep.admit(self, leaving)
         self.handed += 1
+        self.has_handed = True
         self._tokens_until_check = 1
         return True
 

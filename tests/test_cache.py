@@ -196,6 +196,20 @@ def test_per_token_eviction_works_in_place():
     assert len(buffers) == 1  # the same buffer every step: nothing is reallocated or copied whole
 
 
+def test_a_tail_nothing_leaves_is_reallocated_once_per_32_tokens():
+    """A cache that has not compressed yet (the core's case at short context) appends into room, not into a fresh copy."""
+    from kvcompress.slots import TAIL_ROOM
+
+    model = tiny_model("llama")
+    cache = StreamingLLMCache(budget=1000)
+    token = model(input_ids=prompt_ids(20), **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+    buffers = []
+    for _ in range(3 * TAIL_ROOM):
+        token = model(input_ids=token, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        buffers.append(cache.layers[0].tail_buffers["keys"].data_ptr())
+    assert len(set(buffers)) <= 4  # at most one new buffer per TAIL_ROOM tokens (3 * 32 tokens after the prompt's)
+
+
 def test_place_keeps_slots_where_they_are_and_moves_only_the_rest():
     from kvcompress.slots import place as _place
 
