@@ -162,7 +162,8 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
 
     Fused sdpa with the mask and bias as an additive logit mask (none when a single query sees every
     slot), unless the layer tracks the attention its slots receive (H2O), which needs the probabilities
-    themselves. Queries go in chunks so that at most `SCORES_PER_CHUNK` scores (or mask entries) exist
+    themselves: for one new token on a GPU `kvcompress.scored_attention`'s kernel gives them, else
+    PyTorch does. Queries go in chunks so that at most `SCORES_PER_CHUNK` scores (or mask entries) exist
     at once (long prefills).
     """
     batch, num_heads, q_len, head_dim = query.shape

@@ -101,7 +101,7 @@ class CompressedLayer(CacheLayerMixin):
         self.has_fillers = False
         self.rows_aligned = True  # every row has seen the same real tokens (no padding): their tails hold the same token ids
         self._tokens_until_check = 0
-        self.has_handed = False  # tokens have left the tail: it holds a window (more room would be held for good)
+        self.has_handed = False  # tokens have left the tail: it holds a window, with room for a block (or 1/32) only
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -389,7 +389,9 @@ class CompressedLayer(CacheLayerMixin):
         self.tail = views(self.tail_buffers, last)
         self.keep.admit(self, leaving)
         self.handed += 1
-        self.has_handed = True
+        if not self.has_handed:  # the first token left: the room a growing tail got is not kept
+            self.has_handed = True
+            self._arrange()
         self._tokens_until_check = 1
         return True
 

@@ -30,7 +30,7 @@ if triton is not None:
     from .latent_attention import no_slots_yet, online_softmax, store_partial
 
 BLOCK_SLOTS = 64  # slots per inner step
-MOST_ROWS = 64  # query rows per KV head the kernel takes (query heads per KV head times new tokens)
+MOST_ROWS = 64  # query rows per KV head the kernel takes (the query heads of a KV head, for the one new token)
 
 __all__ = ["available", "scored_partials", "MOST_ROWS"]
 
@@ -40,9 +40,9 @@ def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
 
     `queries` ``[B, H, R, D]`` (the query rows of each KV head); `keys`/`values` ``[B, H, S, D]``
     (any strides with contiguous last dimension), the new token's in the last slot; `token_ids`
-    ``[B, H, S]`` (-1: filler, masked); `bias` ``[B, H, S_b]`` or None: an additive logit bias of
-    the first `S_b` slots; `new_seen` ``[B or 1]`` bool: whether the new token sees itself (not when
-    it is padding). Returns
+    ``[B, H, S]`` (-1: filler, masked; synthesized slots, -2, are seen like any other); `bias`
+    ``[B, H, S_b]`` or None: an additive logit bias of the first `S_b` slots; `new_seen`
+    ``[B or 1]`` bool: whether the new token sees itself (not when it is padding). Returns
     ``(output [B, H, R, D] in float32, logits [B, H, R, S] in float32, -inf where masked, max
     [B, H, R], sum [B, H, R])``: a slot's probability for a row is ``exp(logit - max) / sum``.
     """
@@ -75,7 +75,7 @@ def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["rows", "slots", "k_sb", "k_sh", "v_sb", "v_sh", "ids_sb", "ids_sh", "b_sb", "b_sh", "bias_slots"])
+    @triton.jit(do_not_specialize=["rows", "slots", "k_sb", "k_sh", "v_sb", "v_sh", "ids_sb", "ids_sh", "b_sb", "b_sh", "bias_slots", "new_seen_step"])
     def _scored_partials_kernel(
         q_ptr, k_ptr, v_ptr, ids_ptr, bias_ptr, new_seen_ptr, new_seen_step, max_ptr, sum_ptr, acc_ptr, logit_ptr,
         rows, slots, span, scaling, bias_slots,
@@ -83,7 +83,7 @@ if triton is not None:
         K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, IDS_ALIGN: tl.constexpr,
         HEADS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        program, part = tl.program_id(0), tl.program_id(1)
+        program, part = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets: a table or the logits may pass 2**31 numbers
         row, head = program // HEADS, program % HEADS
         r, d = tl.arange(0, TILE), tl.arange(0, DIM)
         q = tl.load(q_ptr + row * q_sb + head * q_sh + r[:, None] * q_sr + d[None, :], mask=r[:, None] < rows, other=0.0)
@@ -103,7 +103,7 @@ if triton is not None:
             if HAS_BIAS:
                 logits += tl.load(bias_ptr + row * b_sb + head * b_sh + s * b_ss, mask=s < bias_slots, other=0.0).to(tl.float32)[None, :]
             position = tl.load(ids_ptr + ids_row + s * ids_ss, mask=inside, other=-1)
-            seen = (position >= 0) & ((s < slots - 1) | new_seen)
+            seen = (position != -1) & ((s < slots - 1) | new_seen)  # -1: filler; synthesized slots (-2) are seen
             logits = tl.where(seen[None, :], logits, float("-inf"))
             tl.store(logit_rows + s[None, :], logits, mask=(r[:, None] < rows) & inside[None, :])
             v = tl.load(v_ptr + v_row + s[:, None] * v_ss + d[None, :], mask=inside[:, None], other=0.0)

@@ -58,6 +58,8 @@ def test_a_gpu_that_is_not_there_is_refused():
 
 @pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", 3])
 def test_unknown_devices_are_refused(device):
+    if device == 3 and torch.cuda.device_count() > 3:
+        pytest.skip("device 3 is GPU 3 on this machine")
     with pytest.raises(ValueError, match=r"give cpu, cuda, cuda:N or auto|there are \d+ CUDA GPUs"):  # 3: GPU 3, where there are GPUs
         check_device(device)
 

@@ -13,7 +13,7 @@ from conftest import DEVICE, tiny_model
 from test_latent_attention import decode_logits, padded_prompt
 
 from kvcompress import H2OCache, attention, scored_attention
-from kvcompress.slots import FILLER
+from kvcompress.slots import FILLER, SYNTHESIZED
 
 
 def kernel_runs() -> bool:
@@ -38,8 +38,8 @@ def reference(queries, keys, values, token_ids, bias, new_seen, scaling):
 @pytest.mark.parametrize("rows", [3, 20])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_scored_kernel_equals_pytorch(rows, with_bias, monkeypatch):
-    """Keys and values as views of a larger buffer (a store with room), fillers among the slots, a padding row whose
-    new token does not see itself, a bias on the store's slots, and spans of several blocks."""
+    """Keys and values as views of a larger buffer (a store with room), fillers and synthesized slots among the slots, a
+    padding row whose new token does not see itself, a bias on the store's slots, and spans of several blocks."""
     monkeypatch.setattr(scored_attention, "BLOCK_SLOTS", 16)
     monkeypatch.setattr(scored_attention, "PROGRAMS_WANTED", 16)
     generator = torch.Generator().manual_seed(0)
@@ -49,6 +49,7 @@ def test_scored_kernel_equals_pytorch(rows, with_bias, monkeypatch):
     queries = torch.randn(batch, heads, rows, dim, generator=generator).to(DEVICE)
     token_ids = torch.arange(slots, dtype=torch.int32).repeat(batch, heads, 1)
     token_ids[torch.rand(batch, heads, slots, generator=generator) < 0.3] = FILLER
+    token_ids[..., 1:200:7] = SYNTHESIZED  # merged slots (with their bias): seen like any other
     token_ids[..., -1] = slots
     bias = torch.randn(batch, heads, 200, generator=generator).to(DEVICE) if with_bias else None
     for new_seen in ([[True, True], [False, True]], [[True]]):  # per row (a column of a mask: strided), or one for every row
