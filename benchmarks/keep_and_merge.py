@@ -2,9 +2,13 @@
 
     python benchmarks/keep_and_merge.py [--gate DIR_OR_HUB_ID] [--sidecar DIR_OR_HUB_ID] [--ratios 8 16] [--device cuda] [--update-docs]
 
-At each target ratio every cache holds the same measured bytes (dense over held, at the end of the
-1,536-token pass-key prompt): StreamingLLM and H2O by their budget, the gates, keep-and-merge and pure
-merging by a keep ratio (or exact window) found by bisection on that measurement. Keep-and-merge runs
+At each target ratio every cache holds the same measured bytes (dense over held) at both pass-key
+lengths: at the end of a 1,536-token and of a 6,144-token prompt. StreamingLLM and H2O by their budget,
+pure merging by its window for that length, the gates and keep-and-merge by a keep ratio found for each
+length by bisection on that measurement (`MatchedSpec`): a keep ratio holds another share of a longer
+context, so one matched at 1.5k tokens would compare at other memory at 6k. Perplexity streams 1,024
+tokens with the 1.5k setting (at 1,024 tokens the exact sink, window and tail alone hold more than some
+targets allow); the table gives the ratio measured there too. Keep-and-merge runs
 with attention matching (N:1, the closed form) and, where its N:k fits the budget, with the trained
 network. The ablation rows ("gates' keep ratio + ...") keep what the gates keep and add the merged
 slots, at the memory that costs: what merging adds. Tasks: streaming perplexity, the evaluator's pass key at 1.5k and 6k tokens, the same
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 from doc_block import add_update_docs, update_block
-from quality import Settings, environment, prompts
+from quality import MatchedSpec, Settings, environment, prompts, reference_prompts, reference_runs
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -45,52 +49,45 @@ def closed_form(sidecar: SidecarCompressor, window: int, slots: int) -> SidecarC
     return bare.with_gates(sidecar.gate)
 
 
-def measured_ratio(model, tokenizer, build, prompt) -> float:
-    cache = build()
-    answer(model, tokenizer, cache, prompt.context, prompt.question, 1)
-    held, dense = cache_nbytes(cache)
-    return dense / held
+class FixedSpec:
+    """A cache whose memory follows the length by itself (a budget ratio, or a window set for the context), built for a
+    context as `MatchedSpec` builds one."""
+
+    def __init__(self, build):
+        self.build = build
 
 
-def matched(model, tokenizer, make, target: float, prompt, low: float = 1e-4, high: float = 1.0, steps: int = 7):
-    """`make(knob)` with the knob (a keep ratio) that holds `target`:1 on `prompt`, by bisection (a larger knob holds more)."""
-    for _ in range(steps):
-        middle = (low * high) ** 0.5  # geometric: keep ratios span orders of magnitude
-        try:
-            ratio = measured_ratio(model, tokenizer, lambda: make(middle), prompt)
-        except ValueError:
-            ratio = 0.0  # infeasible: treat as too much memory
-        low, high = (middle, high) if ratio >= target else (low, middle)
-    return lambda: make(low)
-
-
-def grid(args, model, tokenizer, reference) -> tuple[list[tuple[str, float, callable]], list[str]]:
-    """(cache, target ratio, build) for every cache that holds the target at the reference prompt, and those left out."""
+def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, float, object]], list[str]]:
+    """(cache, target ratio, spec) for every cache that holds the target at every length of `contexts`, and those left out;
+    `reference` is `reference_runs`'s measurement, on which keep ratios are matched."""
     gate = GateCompressor.from_pretrained(args.gate)
     sidecar = SidecarCompressor.from_pretrained(args.sidecar).with_gates(gate)
     single = closed_form(sidecar, sidecar.window, 1)
-    rows, skipped = [("dense", 1.0, DynamicCache)], []
+    rows, skipped = [("dense", 1.0, FixedSpec(lambda context: DynamicCache()))], []
     for target in args.ratios:
         window = 64 if target <= 8 else 32  # at 16:1 a 64-token window alone nearly fills the budget at 1.5k
-        rows += [("streamingllm", target, lambda t=target: StreamingLLMCache(ratio=t)), ("h2o", target, lambda t=target: H2OCache(ratio=t))]
+        rows += [("streamingllm", target, FixedSpec(lambda context, t=target: StreamingLLMCache(ratio=t))),
+                 ("h2o", target, FixedSpec(lambda context, t=target: H2OCache(ratio=t)))]
         candidates = {
             "gates": lambda keep, w=window: GatedCache(gate, keep_ratio=keep, window=w, block_size=sidecar.window),
             f"keep-and-merge {sidecar.window}:1 attention matching": lambda keep, w=window: SidecarCache(single, keep_ratio=keep, window=w, merge="attention_matching"),
             f"keep-and-merge {sidecar.window}:{sidecar.slots} sidecar": lambda keep, w=window: SidecarCache(sidecar, keep_ratio=keep, window=w),
         }
-        builds = {name: matched(model, tokenizer, make, target, reference) for name, make in candidates.items()}
-        builds[f"merge {sidecar.window}:{sidecar.slots} sidecar"] = lambda t=target: SidecarCache(sidecar, mode="merge", ratio=t, context=args.short)
-        keep = builds["gates"]().keep_ratio  # the ablation: what merging adds to the gates' own tokens, at more memory
-        builds[f"gates' keep ratio + {sidecar.window}:1 attention matching"] = lambda k=keep, w=window: SidecarCache(single, keep_ratio=k, window=w, merge="attention_matching")
-        builds[f"gates' keep ratio + {sidecar.window}:{sidecar.slots} sidecar"] = lambda k=keep, w=window: SidecarCache(sidecar, keep_ratio=k, window=w)
-        for name, build in builds.items():
+        specs = {name: MatchedSpec(name, make, target, reference) for name, make in candidates.items()}
+        specs[f"merge {sidecar.window}:{sidecar.slots} sidecar"] = FixedSpec(lambda context, t=target: SidecarCache(sidecar, mode="merge", ratio=t, context=context))
+        gates = specs["gates"]  # the ablation: what merging adds to the gates' own tokens, at more memory
+        specs[f"gates' keep ratio + {sidecar.window}:1 attention matching"] = FixedSpec(
+            lambda context, w=window, g=gates: SidecarCache(single, keep_ratio=g.knob(context), window=w, merge="attention_matching"))
+        specs[f"gates' keep ratio + {sidecar.window}:{sidecar.slots} sidecar"] = FixedSpec(
+            lambda context, w=window, g=gates: SidecarCache(sidecar, keep_ratio=g.knob(context), window=w))
+        for name, spec in tqdm(specs.items(), desc=f"matching {target:g}:1 at {', '.join(map(str, contexts))} tokens", leave=False):
             try:
-                if measured_ratio(model, tokenizer, build, reference) < 0.9 * target and not name.startswith("gates'"):
-                    raise ValueError("holds more")
-            except ValueError:
+                for context in contexts:
+                    spec.build(context)  # a matched spec's keep ratio is found here
+            except ValueError:  # it holds more than the target at some length even keeping nothing, or refuses the ratio
                 skipped.append(f"{name} at {target:g}:1")
                 continue
-            rows.append((name, target, build))
+            rows.append((name, target, spec))
     return rows, skipped
 
 
@@ -105,28 +102,32 @@ def run(args) -> dict:
         "passkey": tasks["passkey"], "passkey_heldout": heldout_passkey_prompts(tokenizer, hay, settings.short, (0.2, 0.5, 0.8)),
         "multikey": tasks["multikey"], "passkey_long": tasks["passkey_long"], "passkey_heldout_long": heldout_passkey_prompts(tokenizer, hay, settings.long, (0.5,)),
     }
-    reference = tasks["passkey"][len(tasks["passkey"]) // 2]
+    references = reference_prompts(tasks, settings)
+    measured = reference_runs(model, tokenizer, references, settings)
     started, results = time.perf_counter(), []
-    caches, skipped = grid(args, model, tokenizer, reference)
+    caches, skipped = grid(args, measured, (args.short, args.long))
 
     def saved() -> dict:
         env = environment(model) | {"minutes": round((time.perf_counter() - started) / 60, 1)}
-        data = {"environment": env, "settings": {"short": args.short, "long": args.long}, "skipped": skipped, "rows": results}
+        data = {"environment": env, "settings": {"ppl_tokens": settings.ppl_tokens, "short": args.short, "long": args.long}, "skipped": skipped, "rows": results}
         Path(args.output).write_text(json.dumps(data, indent=1) + "\n")
         return data
 
-    for name, target, build in caches:
-        row, clock = {"cache": name, "target": target, "repr": repr(build())}, time.perf_counter()
-        row["ppl"] = streaming_perplexity(model, ppl_ids.to(model.device), build()).perplexity
+    for name, target, spec in caches:
+        row, clock = {"cache": name, "target": target, "repr": repr(spec.build(args.short))}, time.perf_counter()
+        ppl = streaming_perplexity(model, ppl_ids.to(model.device), spec.build(settings.tokens("ppl")))
+        row["ppl"], row["measured_ratio_ppl"] = ppl.perplexity, ppl.dense_nbytes / ppl.nbytes
         for task, task_prompts in tasks.items():
-            scores = []
+            scores, context = [], settings.tokens(task)
             for prompt in tqdm(task_prompts, desc=f"{name} {target:g}:1 {task}", leave=False):
-                cache = build()
-                scores.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, 1024 if "long" in task else None)))
-                if prompt is reference:
+                cache = spec.build(context)
+                scores.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, settings.chunk(context))))
+                if prompt is references[context]:
                     held, dense = cache_nbytes(cache)
-                    row["measured_ratio"] = dense / held
+                    row["measured_ratio_long" if context == args.long else "measured_ratio"] = dense / held
             row[task] = statistics.mean(scores)
+        if isinstance(spec, MatchedSpec):
+            row["knobs"] = spec.knobs
         row["seconds"] = time.perf_counter() - clock
         results.append(row)
         saved()
@@ -136,17 +137,19 @@ def run(args) -> dict:
 
 def table(data: dict) -> str:
     short, long = data["settings"]["short"], data["settings"]["long"]
-    header = ["target", "cache", "measured ratio", "PPL", f"pass key @{short}", f"held-out wordings @{short}", f"multi-key @{short}", f"pass key @{long}", f"held-out wordings @{long}"]
+    ratios = f"measured ratio @{data['settings']['ppl_tokens']} / @{short} / @{long}"
+    header = ["target", "cache", ratios, "PPL", f"pass key @{short}", f"held-out wordings @{short}", f"multi-key @{short}", f"pass key @{long}", f"held-out wordings @{long}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in data["rows"]:
-        cells = [f"{row['target']:g}:1", row["cache"], f"{row['measured_ratio']:.2f}", f"{row['ppl']:.2f}"] + [f"{row[task]:.2f}" for task in TASKS[1:]]
+        ratios = " / ".join(f"{row[key]:.2f}" for key in ("measured_ratio_ppl", "measured_ratio", "measured_ratio_long"))
+        cells = [f"{row['target']:g}:1", row["cache"], ratios, f"{row['ppl']:.2f}"] + [f"{row[task]:.2f}" for task in TASKS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     env = data["environment"]
     return "\n".join([
         f"Generated by `python benchmarks/keep_and_merge.py` ({env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['model']} "
         f"in {env['dtype'].removeprefix('torch.')}; {env['minutes']} min). Scores are shares of answers found: 10 pass-key prompts at {short} tokens, "
         f"12 in held-out wordings (4 wordings x 3 depths), 4 multi-key, 3 pass keys and 4 held-out wordings at {long}; PPL on 1,024 held-out tokens.",
-        "", *lines, "", f"Left out (the merged slots alone exceed the budget at {short} tokens): {', '.join(data['skipped']) or 'none'}.",
+        "", *lines, "", f"Left out (the merged slots alone exceed the budget at one of the lengths): {', '.join(data['skipped']) or 'none'}.",
     ])
 
 

@@ -1,6 +1,6 @@
 """Measure the pretrained compressors that ship in kvcompress/pretrained/ and write their model cards.
 
-    python benchmarks/pretrained.py                                      # every shipped repository (~45 min on 2 CPU cores)
+    python benchmarks/pretrained.py                                      # every shipped repository (~50 min on 2 CPU cores)
     python benchmarks/pretrained.py --only smollm2-135m-instruct-gate    # one
     python benchmarks/pretrained.py --render --update-docs                      # only the table in docs/pretrained.md, from the evaluation.json files
 
@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 import transformers
 from doc_block import add_update_docs, update_block
-from quality import Row, Settings, gate_keep_ratio, prompts, run
+from quality import MatchedSpec, Row, Settings, prompts, reference_prompts, reference_runs, run
 from safetensors.torch import save_file
 
 import kvcompress
 from kvcompress.corpus import DEFAULT_CORPUS_NAME, heldout_text
 from kvcompress.evaluation.harness import CacheSpec, streaming_perplexity
-from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact
+from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact, load_cache
 
 HALF_PRECISION = ("gates.", "network.", "layers.")  # network weights; RoPE frequencies, probabilities and reference queries stay float32
-LOAD_OPTIONS = {"gate": {"keep_ratio": gate_keep_ratio(8, Settings().short)}}  # the gates' memory is chosen at load time: 8:1
+MATCHED = {"gate": 8}  # the gates' memory is chosen at load time: a keep ratio matched to 8:1 at each pass-key length (`MatchedSpec`)
 TASKS = ("ppl", "passkey", "passkey_long", "multikey")
 
 
@@ -77,7 +77,8 @@ def card_section(rows: list[dict], settings: Settings, env: dict, name: str) -> 
         f"Scores are shares of answers found: {len(settings.short_depths) * settings.trials} pass-key prompts at {settings.short} tokens (depths "
         f"{', '.join(map(str, settings.short_depths))}), {len(settings.long_depths)} at {settings.long}, {settings.task_trials} multi-key prompts at "
         f"{settings.short}; the context is compressed before the question arrives. PPL is streaming perplexity on {settings.ppl_tokens} tokens. "
-        f"Memory is the bytes the cache held at the end of a {settings.short}-token pass-key run; the baselines are given this compressor's measured ratio.",
+        f"Memory is the bytes the cache held at the end of a {settings.short}-token pass-key run; the baselines are given this compressor's measured ratio. "
+        f"A gate's keep ratio is matched to {MATCHED['gate']}:1 at each pass-key length (keep_ratio=value@tokens).",
         "",
         *lines,
         "",
@@ -101,7 +102,9 @@ def docs_table() -> str:
         f"transformers {env['transformers']}): every prompt comes from the held-out part of the shipped corpus; StreamingLLM and H2O "
         f"are given each compressor's measured ratio. Scores are shares of answers found ({len(settings.short_depths) * settings.trials} "
         f"pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at {settings.long}, {settings.task_trials} multi-key "
-        f"prompts); the context is compressed before the question arrives. Memory is what the cache held after a {settings.short}-token prompt.",
+        f"prompts); the context is compressed before the question arrives. Memory is what the cache held after a {settings.short}-token prompt; "
+        f"a gate's keep ratio is matched to {MATCHED['gate']}:1 at each pass-key length; the one given is the {settings.short}-token one, "
+        f"with which perplexity streams its {settings.ppl_tokens} tokens.",
         "", *lines,
     ])
 
@@ -130,24 +133,28 @@ def measure(args) -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "kvcompress": kvcompress.__version__,
            "model": model.config.name_or_path, "dtype": str(model.dtype)}
     directories = [d.parent for d in sorted(PRETRAINED_DIR.glob(f"*/{CONFIG_FILE}")) if args.only is None or d.parent.name in args.only]
-    dense = run(model, tokenizer, [("dense", 1.0, CacheSpec("dense"))], ppl_ids, tasks)[0]
+    measured = reference_runs(model, tokenizer, reference_prompts(tasks, settings), settings)
+    dense = run(model, tokenizer, [("dense", 1.0, CacheSpec("dense"))], ppl_ids, tasks, settings)[0]
     baselines: dict[float, list[Row]] = {}  # measured ratio (2 decimals) -> StreamingLLM and H2O rows
     for directory in directories:
         started = time.perf_counter()
         method = json.loads((directory / CONFIG_FILE).read_text())["method"]
-        options = ",".join(f"{key}={value}" for key, value in LOAD_OPTIONS.get(method, {}).items())
-        spec = CacheSpec.fitted(f"{directory}@{options}" if options else directory)
-        precision = store_float16_if_unchanged(directory, spec, model, ppl_ids)
+        precision = store_float16_if_unchanged(directory, CacheSpec.fitted(directory), model, ppl_ids)
         print(f"{directory.name}: weights stored as {precision}")
-        own = run(model, tokenizer, [(method, None, spec)], ppl_ids, tasks)[0]
+        spec, load_options, matched = CacheSpec.fitted(directory), {}, {}
+        if method in MATCHED:
+            spec = MatchedSpec(f"{method} keep_ratio", lambda keep, d=directory: load_cache(d, keep_ratio=keep), MATCHED[method], measured)
+            matched = {str(context): spec.knob(context) for context in (settings.short, settings.long)}
+            load_options = {"keep_ratio": matched[str(settings.short)]}  # the card's perplexity (checked by the tests) streams at this one
+        own = run(model, tokenizer, [(method, None, spec)], ppl_ids, tasks, settings)[0]
         ratio = round(own.measured_ratio, 2)
         if ratio not in baselines:
             grid = [(name, ratio, CacheSpec(name, ratio)) for name in ("streamingllm", "h2o")]
-            baselines[ratio] = run(model, tokenizer, grid, ppl_ids, tasks)
+            baselines[ratio] = run(model, tokenizer, grid, ppl_ids, tasks, settings)
         rows = [dense, own, *baselines[ratio]]
         repo_id = f"{PRETRAINED_NAMESPACE}/{directory.name}"
         evaluation = {
-            "environment": env, "settings": asdict(settings), "weights": precision, "load_options": LOAD_OPTIONS.get(method, {}),
+            "environment": env, "settings": asdict(settings), "weights": precision, "load_options": load_options, "matched_keep_ratios": matched,
             "dataset": f"{DEFAULT_CORPUS_NAME}, held-out part", "minutes": round((time.perf_counter() - started) / 60, 1),
             "row": {"compression_ratio": own.measured_ratio, "perplexity": own.scores["ppl"], "passkey_1536": own.scores["passkey"],
                     "passkey_6144": own.scores["passkey_long"], "multikey_1536": own.scores["multikey"], "held_bytes": own.nbytes},
@@ -155,7 +162,7 @@ def measure(args) -> None:
         }
         evaluation["markdown"] = card_section(evaluation["rows"], settings, env, directory.name)
         (directory / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=1) + "\n")
-        cache_arguments = "".join(f", {key}={value}" for key, value in LOAD_OPTIONS.get(method, {}).items())
+        cache_arguments = "".join(f", {key}={value}" for key, value in load_options.items())
         CompressorArtifact.from_pretrained(directory).save_pretrained(
             directory, model_card_kwargs={"repo_id": repo_id, "evaluation": evaluation, "cache_arguments": cache_arguments},
         )

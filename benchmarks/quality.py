@@ -4,13 +4,15 @@
         --composed-lowrank results/pca-uniform16 --sidecar results/sidecar-8 [--kvpress docs/benchmark/kvpress.json] \\
         [--ratios 2 4 8 16 32] [--device cuda] [--output docs/benchmark] [--update-docs [docs/benchmarks.md]]
 
-For every target ratio it evaluates StreamingLLM, H2O, the gates (keep ratio set for the target at
-the reference context) and the composition gates x low rank x int4; the fitted caches whose ratio
-is fixed by their artifact (PCA, KVSplice, sidecar, int8 alone, low rank x int8) are evaluated once.
-A cache whose exact sink and window alone exceed the target's budget at the reference context is
-left out (and listed). Tasks (`kvcompress/evaluation/tasks.py`), all on held-out prose the compressors never
+For every target ratio it evaluates StreamingLLM, H2O, the gates and the composition gates x low
+rank x int4, the last two at the same measured memory as the baselines at both pass-key lengths (their
+keep ratio found per length by bisection, `MatchedSpec`; perplexity streams at the short length's); the
+fitted caches whose ratio is fixed by their artifact (PCA, KVSplice, sidecar, int8 alone, low rank x int8)
+are evaluated once. A cache whose exact sink and window alone exceed the target's budget is left out
+(and listed). Tasks (`kvcompress/evaluation/tasks.py`), all on held-out prose the compressors never
 saw: streaming perplexity, pass key by depth at two lengths, multi-key needle, variable tracking.
-The measured ratio is dense bytes over held bytes at the end of a reference-length pass-key run.
+The measured ratio is dense bytes over held bytes at the end of the perplexity text, and of the middle
+pass-key prompt of each length (the gates' keep ratios are matched on those prompts).
 
 `--export-prompts FILE` writes the prompts and settings for `benchmarks/kvpress_runner.py` (which
 runs NVIDIA's kvpress presses in a virtual environment of their own); `--kvpress FILE` merges its
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import QuantizedCache  # noqa: E402
 
 import kvcompress  # noqa: E402
+from kvcompress import ComposedCache, GatedCache  # noqa: E402
 from kvcompress.corpus import heldout_text  # noqa: E402
 from kvcompress.evaluation.harness import (  # noqa: E402
     QUANTIZED_CACHE_PACKAGES,
@@ -55,18 +60,8 @@ from kvcompress.evaluation.harness import (  # noqa: E402
     streaming_perplexity,
 )
 from kvcompress.evaluation.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
-from kvcompress.memory import kept_share  # noqa: E402
-
-EXACT_TOKENS = 4 + 64 + 8  # sink, window and half a block of 16, held exact by the fitted caches
-GATE_COST = 1.1  # bytes of a kept token-head over dense (token id and gate score; ragged heads pad to the fullest)
-
-
-def gate_keep_ratio(ratio: float, reference: int, cost: float = GATE_COST) -> float | None:
-    """The gates' keep ratio that holds about `ratio`:1 at `reference` tokens (None: the exact sink and window alone exceed it)."""
-    try:
-        return kept_share(ratio, reference, EXACT_TOKENS, cost)
-    except ValueError:
-        return None
+from kvcompress.gate import GateCompressor  # noqa: E402
+from kvcompress.lowrank import LowRankCompressor  # noqa: E402
 
 
 @dataclass
@@ -79,6 +74,15 @@ class Settings:
     trials: int = 2
     task_trials: int = 4
 
+    def tokens(self, task: str) -> int:
+        """The length at which a matched cache's memory is set for a task: its prompts' (perplexity: the short prompts',
+        as at 1,024 tokens the exact sink, window and tail alone hold more than the higher targets allow)."""
+        return self.long if "long" in task else self.short
+
+    def chunk(self, context: int, size: int = 1024) -> int | None:
+        """Prefill chunk for prompts of `context` tokens: the long ones go in chunks (bounded prefill memory)."""
+        return size if context == self.long else None
+
 
 @dataclass
 class Row:
@@ -86,9 +90,10 @@ class Row:
     cache: str
     target: float | None  # target ratio, None for caches whose ratio their artifact fixes
     scores: dict = field(default_factory=dict)  # task -> mean score (perplexity for "ppl")
-    nbytes: int = 0
+    nbytes: int = 0  # held at the end of the reference (middle) pass-key prompt of the short length
     dense_nbytes: int = 0
     seconds: float = 0.0
+    ratios: dict = field(default_factory=dict)  # measured ratio at the end of the perplexity text ("ppl") and of the long reference prompt ("passkey_long")
 
     @property
     def measured_ratio(self) -> float:
@@ -119,12 +124,76 @@ class QuantizedPeer:
     nbits: int
     config: object = field(compare=False, repr=False)
 
-    def build(self):
+    def build(self, context: int | None = None):  # its memory follows the length by itself
         return QuantizedCache(backend=self.backend, config=self.config, nbits=self.nbits)
 
     @property
     def label(self) -> str:
         return f"QuantizedCache int{self.nbits} ({self.backend})"
+
+
+class MatchedSpec:
+    """A cache at `target`:1 of *measured* memory at each length a task uses: its knob (`make(knob)`, a keep ratio; more knob
+    holds more) is found per length by bisection on the bytes held after that length's reference run (`measured(context, cache)
+    -> ratio`), to 4 significant digits rounded down. What the gates keep depends on the text, and a keep ratio holds another
+    share of a longer context: one matched at 1.5k tokens holds about 16:1 at 6k where the baselines' budget holds 8:1."""
+
+    def __init__(self, name: str, make: Callable[[float], object], target: float, measured: Callable, low: float = 1e-3, high: float = 1.0, steps: int = 9):
+        self.name, self.make, self.target, self.measured = name, make, target, measured
+        self.low, self.high, self.steps = low, high, steps  # 9 halvings of 3 decades: within 1.4%
+        self.knobs: dict[int, float] = {}
+
+    def knob(self, context: int) -> float:
+        """The largest knob found that holds at least `target`:1 after the reference run of `context` tokens (ValueError: none does)."""
+        if context not in self.knobs:
+            if self._ratio(context, self.low) < self.target:
+                raise ValueError(f"{self.name} holds more than 1/{self.target:g} at {context} tokens even at {self.low:g}")
+            low, high = self.low, self.high
+            if self._ratio(context, high) >= self.target:
+                low = high  # the whole knob fits
+            for _ in range(self.steps if low < high else 0):
+                middle = (low * high) ** 0.5  # geometric: keep ratios span orders of magnitude
+                low, high = (middle, high) if self._ratio(context, middle) >= self.target else (low, middle)
+            self.knobs[context] = four_digits_down(low)
+        return self.knobs[context]
+
+    def _ratio(self, context: int, knob: float) -> float:
+        try:
+            cache = self.make(knob)
+        except ValueError:  # the knob is refused: treat it as too much memory
+            return 0.0
+        return self.measured(context, cache)
+
+    def build(self, context: int):
+        return self.make(self.knob(context))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}=" + ",".join(f"{knob:g}@{context}" for context, knob in sorted(self.knobs.items()))
+
+
+def four_digits_down(value: float) -> float:
+    """`value` to 4 significant digits, rounded down (a matched knob printed in full holds what was measured)."""
+    exponent = math.floor(math.log10(value)) - 3
+    return round(math.floor(round(value / 10**exponent, 6)) * 10**exponent, -exponent)
+
+
+def reference_prompts(tasks: dict[str, list[Prompt]], settings: Settings) -> dict[int, Prompt]:
+    """The prompt on which memory is measured at each pass-key length: the middle one of each."""
+    return {settings.tokens(task): tasks[task][len(tasks[task]) // 2] for task in ("passkey", "passkey_long")}
+
+
+def reference_runs(model, tokenizer, references: dict[int, Prompt], settings: Settings) -> Callable:
+    """`measured(context, cache)` for `MatchedSpec`: dense over held bytes of `cache` after the pass-key prompt of that length
+    in `references`, fed as the tasks feed it."""
+
+    def measured(context: int, cache) -> float:
+        prompt = references[context]
+        answer(model, tokenizer, cache, prompt.context, prompt.question, 1, settings.chunk(context))
+        held, dense = cache_nbytes(cache)
+        return dense / held
+
+    return measured
 
 
 def peer_grid(backends, config) -> tuple[list, list[str]]:
@@ -138,34 +207,37 @@ def peer_grid(backends, config) -> tuple[list, list[str]]:
     return grid, skipped
 
 
-def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float | None, CacheSpec]], list[str]]:
-    """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible."""
+def cache_grid(ratios, args, settings: Settings, measured: Callable) -> tuple[list[tuple[str, float | None, object]], list[str]]:
+    """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible; `measured`
+    is `reference_runs`'s, on which the gates' keep ratios are matched."""
     grid, skipped = [("dense", 1.0, CacheSpec("dense"))], []
     if args.only_peers:
         return grid, skipped
-
-    def why(keep: float | None) -> str:
-        return "the exact sink and window alone exceed the budget" if keep is None else "already past the target keeping every token"
-
+    matched = {}
+    if args.gate:
+        gate = GateCompressor.from_pretrained(args.gate)
+        matched["gates"] = (f"gate {Path(args.gate).name} keep_ratio", lambda keep: GatedCache(gate, keep_ratio=keep))
     if args.gate and args.composed_lowrank:
-        lowrank = kvcompress.lowrank.LowRankCompressor.from_pretrained(args.composed_lowrank)
-        head_dim = lowrank.config["base_model"]["head_dim"]
-        # int4 latents with a float16 scale per 32, plus a token id and gate score per token and head
-        composed_cost = GATE_COST * (lowrank.ranks.memory_fraction() * (2 * head_dim) * (0.5 + 2 / 32) + 8) / (2 * head_dim * 4)
+        lowrank = LowRankCompressor.from_pretrained(args.composed_lowrank)
+        name = f"compose gate={Path(args.gate).name} lowrank={Path(args.composed_lowrank).name} bits=4 keep_ratio"
+        matched["gates x low rank x int4"] = (name, lambda keep: ComposedCache(gate, lowrank, keep_ratio=keep, bits=4))
+    progress = tqdm(total=len(ratios) * len(matched), desc="matching keep ratios to the baselines' memory", unit="cache")
     for ratio in ratios:
         grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
-        if args.gate:
-            keep = gate_keep_ratio(ratio, settings.short)
-            if keep is None or keep == 1.0:
-                skipped.append(f"gates {ratio:g}:1 ({why(keep)})")
-            else:
-                grid.append(("gates", ratio, CacheSpec.fitted(f"{args.gate}@keep_ratio={keep}")))
-        if args.gate and args.composed_lowrank:
-            keep = gate_keep_ratio(ratio, settings.short, composed_cost)
-            if keep is None or keep == 1.0:
-                skipped.append(f"gates x low rank x int4 {ratio:g}:1 ({why(keep)})")
-            else:
-                grid.append(("gates x low rank x int4", ratio, CacheSpec.fitted(f"compose@gate={args.gate},lowrank={args.composed_lowrank},keep_ratio={keep},bits=4")))
+        for method, (name, make) in matched.items():
+            spec = MatchedSpec(name, make, ratio, measured, low=1e-3, steps=9)  # keep ratios within 1.4%
+            progress.set_postfix_str(f"{method} {ratio:g}:1")
+            progress.update()
+            try:
+                keeps = [spec.knob(context) for context in (settings.short, settings.long)]
+            except ValueError:
+                skipped.append(f"{method} {ratio:g}:1 (the exact sink and window alone exceed the budget)")
+                continue
+            if max(keeps) == spec.high:
+                skipped.append(f"{method} {ratio:g}:1 (already past the target keeping every token)")
+                continue
+            grid.append((method, ratio, spec))
+    progress.close()
     for path in args.lowrank:
         grid.append((json.loads((Path(path) / "compressor_config.json").read_text())["method"], None, CacheSpec.fitted(path)))
         grid.append(("low rank x int8", None, CacheSpec.fitted(f"compose@lowrank={path},bits=8")))
@@ -176,23 +248,26 @@ def cache_grid(ratios, args, settings: Settings) -> tuple[list[tuple[str, float 
 
 
 @torch.no_grad()
-def run(model, tokenizer, grid, ppl_ids, tasks: dict[str, list[Prompt]], long_chunk: int = 1024) -> list[Row]:
-    rows = []
+def run(model, tokenizer, grid, ppl_ids, tasks: dict[str, list[Prompt]], settings: Settings) -> list[Row]:
+    rows, references = [], reference_prompts(tasks, settings)
     progress = tqdm(total=len(grid) * (1 + sum(map(len, tasks.values()))), desc="benchmark", unit="run")
     for method, target, spec in grid:
         row, started = Row(method, spec.label, target), time.perf_counter()
         progress.set_postfix_str(f"{spec.label}: perplexity")
-        row.scores["ppl"] = streaming_perplexity(model, ppl_ids.to(model.device), spec.build()).perplexity
+        perplexity = streaming_perplexity(model, ppl_ids.to(model.device), spec.build(settings.tokens("ppl")))
+        row.scores["ppl"], row.ratios["ppl"] = perplexity.perplexity, perplexity.dense_nbytes / perplexity.nbytes
         progress.update()
         for task, task_prompts in tasks.items():
             results = []
             for prompt in task_prompts:
                 progress.set_postfix_str(f"{spec.label}: {task}")
-                cache = spec.build()
-                chunk = long_chunk if task == "passkey_long" else None  # bounded prefill memory for the long prompts
-                results.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, chunk)))
-                if task == "passkey":
+                cache = spec.build(settings.tokens(task))
+                results.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, settings.chunk(settings.tokens(task)))))
+                if prompt is references[settings.short]:
                     row.nbytes, row.dense_nbytes = cache_nbytes(cache)
+                elif prompt is references[settings.long]:
+                    held, dense = cache_nbytes(cache)
+                    row.ratios[task] = dense / held
                 if task == "passkey" and prompt.depth is not None:
                     row.scores.setdefault("passkey_by_depth", {}).setdefault(f"{prompt.depth:g}", []).append(results[-1])
                 progress.update()
@@ -209,10 +284,12 @@ TASK_COLUMNS = (("ppl", "PPL@{ppl}"), ("passkey", "passkey@{short}"), ("passkey_
 
 
 def table(rows: list[Row], settings: Settings) -> str:
-    header = ["method", "cache", "target", "measured ratio", "held KiB"] + [title.format(ppl=settings.ppl_tokens, short=settings.short, long=settings.long) for _, title in TASK_COLUMNS]
+    ratios = f"measured ratio @{settings.ppl_tokens} / @{settings.short} / @{settings.long}"
+    header = ["method", "cache", "target", ratios, "held KiB"] + [title.format(ppl=settings.ppl_tokens, short=settings.short, long=settings.long) for _, title in TASK_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=lambda r: (r.target or r.measured_ratio, r.method)):
-        cells = [row.method, row.cache, "-" if row.target is None else f"{row.target:g}:1", f"{row.measured_ratio:.2f}", f"{row.nbytes / 1024:.0f}" if row.nbytes else "-"]
+        ratios = " / ".join(f"{ratio:.2f}" if ratio is not None else "-" for ratio in (row.ratios.get("ppl"), row.measured_ratio, row.ratios.get("passkey_long")))
+        cells = [row.method, row.cache, "-" if row.target is None else f"{row.target:g}:1", ratios, f"{row.nbytes / 1024:.0f}" if row.nbytes else "-"]
         cells += ["-" if key not in row.scores else f"{row.scores[key]:.2f}" for key, _ in TASK_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -265,7 +342,7 @@ def main(argv=None) -> None:
     parser.add_argument("--render", default=None, metavar="JSON", help="only re-render tables, plot and docs section from a saved quality.json")
     args = parser.parse_args(argv)
     if args.render:
-        return render(args.render, args.output, args.update_docs, args.merge)
+        return render(args.render, args.output, args.update_docs, args.merge, args.kvpress)
     settings = Settings() if not args.quick else Settings(ppl_tokens=256, short=512, long=1024, short_depths=(0.5,), long_depths=(0.5,), trials=1, task_trials=1)
     ratios = args.ratios if not args.quick else args.ratios[:2]
 
@@ -276,17 +353,21 @@ def main(argv=None) -> None:
         Path(args.export_prompts).write_text(json.dumps(payload))
         print(f"wrote {args.export_prompts}")
         return
-    grid, skipped = cache_grid(ratios, args, settings)
+    grid, skipped = cache_grid(ratios, args, settings, reference_runs(model, tokenizer, reference_prompts(tasks, settings), settings))
     peers, left_out = peer_grid(args.peers, model.config)
     started = time.perf_counter()
-    rows = run(model, tokenizer, grid + peers, ppl_ids, tasks)
+    rows = run(model, tokenizer, grid + peers, ppl_ids, tasks, settings)
     env = environment(model) | {"minutes": round((time.perf_counter() - started) / 60, 1)}
-    if args.kvpress:
-        external = json.loads(Path(args.kvpress).read_text())
-        rows += [Row(**row) for row in external["rows"]]
-        env["kvpress"] = external["environment"]
-    rows, env = merged(rows, env, args.merge, settings)
+    rows, env = merged(*with_kvpress(rows, env, args.kvpress), args.merge, settings)
     write_outputs(rows, settings, env, skipped + left_out, Path(args.output), args.update_docs)
+
+
+def with_kvpress(rows: list[Row], env: dict, path: str | None) -> tuple[list[Row], dict]:
+    """`rows` with those of `benchmarks/kvpress_runner.py`'s results at `path` (when given), its environment named as the kvpress rows'."""
+    if path is None:
+        return rows, env
+    external = json.loads(Path(path).read_text())
+    return rows + [Row(**row) for row in external["rows"]], env | {"kvpress": external["environment"]}
 
 
 def merged(rows: list[Row], env: dict, paths, settings: Settings) -> tuple[list[Row], dict]:
@@ -316,9 +397,10 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
         f"Generated by `python benchmarks/quality.py` ({where}; {env['minutes']} min{kvpress_note}).",
         f"Scores are shares of answers found ({len(settings.short_depths) * settings.trials} pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at "
         f"{settings.long}, {settings.task_trials} multi-key and {settings.task_trials} variable-tracking prompts at {settings.short}); PPL is streaming perplexity on "
-        f"{settings.ppl_tokens} held-out tokens. The measured ratio is dense bytes over held bytes at the end of a {settings.short}-token pass-key run.",
+        f"{settings.ppl_tokens} held-out tokens. The measured ratio is dense bytes over held bytes at the end of the perplexity text, of a "
+        f"{settings.short}-token and of a {settings.long}-token pass-key prompt ('-': not measured by that run); perplexity streams at the {settings.short}-token setting.",
         "", table(rows, settings), "",
-        f"Left out at {settings.short} tokens: {', '.join(skipped) or 'none'}.", "",
+        f"Left out: {', '.join(skipped) or 'none'}.", "",
     ]
 
     def image(beside: Path) -> str:  # the plot's link, relative to the page that shows it
@@ -331,10 +413,11 @@ def write_outputs(rows: list[Row], settings: Settings, env: dict, skipped: list[
         update_block(Path(page), "quality", "\n".join([*lines, image(Path(page).parent)]))
 
 
-def render(path: str, output: str, page: str | None, merge=()) -> None:
-    """Tables, plot and docs section again from a saved quality.json, with the rows of the `merge` files (no model runs)."""
+def render(path: str, output: str, page: str | None, merge=(), kvpress: str | None = None) -> None:
+    """Tables, plot and docs section again from a saved quality.json, with the rows of the `merge` files and of kvpress's results
+    (no model runs)."""
     data = json.loads(Path(path).read_text())
-    rows, env = merged([Row(**row) for row in data["rows"]], data["environment"], merge, Settings(**data["settings"]))
+    rows, env = merged(*with_kvpress([Row(**row) for row in data["rows"]], data["environment"], kvpress), merge, Settings(**data["settings"]))
     skipped = data["skipped"] + [entry for other in merge for entry in json.loads(Path(other).read_text())["skipped"]]
     write_outputs(rows, Settings(**data["settings"]), env, skipped, Path(output), page)
 

@@ -35,6 +35,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from . import scored_attention
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BASE_IMPLEMENTATIONS = {"sdpa": "kvcompress_sdpa", "eager": "kvcompress_eager"}
 
@@ -171,8 +173,6 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
     groups, old_len = num_heads // kv_heads, kv_len - q_len
     grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
     if layer.tracks_attention and q_len == 1:
-        from . import scored_attention  # it imports this module
-
         if scored_attention.available(query) and groups <= scored_attention.MOST_ROWS:
             return _attend_scoring_one_token(layer, grouped[:, :, :, 0], key, value, new_keep, query_valid, scaling)
     unmasked = q_len == 1 and not layer.needs_slot_mask()
@@ -215,37 +215,13 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
 def _attend_scoring_one_token(layer: AttentionLayer, rows, key, value, new_keep, query_valid, scaling):
     """`_attend_over_slots` for one new token on a GPU, by `kvcompress.scored_attention`'s kernel: one read of the keys
     gives the attention and the logits that the probabilities each slot received come from."""
-    from .scored_attention import scored_partials
-
     batch, kv_heads, groups, head_dim = rows.shape
-    output, logits, top, total = scored_partials(rows, key, value, layer.table_token_ids(), layer.slot_bias(key.shape[2] - 1), new_keep.reshape(-1), scaling)
+    output, logits, top, total = scored_attention.scored_partials(rows, key, value, layer.table_token_ids(), layer.slot_bias(key.shape[2] - 1), new_keep.reshape(-1), scaling)
     probs = logits.sub_(top[..., None]).exp_().div_(total.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
     if query_valid is not None:
         probs.mul_(query_valid[:, None, None, :].to(probs.dtype))
     output = output.to(rows.dtype).view(batch, kv_heads * groups, 1, head_dim).transpose(1, 2).contiguous()
     return output, probs.sum(2)
-
-
-def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The partial softmax of float32 `logits` ``[..., R, S]`` (-inf: masked) over `values` ``[..., S, D]``, as
-    `merge_softmax` takes it; the largest logit is kept finite when a query sees none of these keys."""
-    top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)
-    weights = (logits - top[..., None]).exp()
-    if values.dim() == 4 and values.shape[1] == 1 < weights.shape[1]:  # values shared by the heads: one product, heads as rows (no broadcast copy)
-        return top, weights.sum(-1), torch.matmul(weights.flatten(1, 2), values[:, 0].float()).view(*weights.shape[:-1], values.shape[-1])
-    return top, weights.sum(-1), torch.matmul(weights, values.float())
-
-
-def merge_softmax(top: torch.Tensor, total: torch.Tensor, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge partial softmaxes over disjoint key sets, stacked along `dim`, into one.
-
-    Each part is (its largest logit, the sum of its weights taken relative to it, those weights
-    times the values) per query: the log-sum-exp bookkeeping that lets attention over a table be
-    computed piece by piece. Largest logits must be finite.
-    """
-    merged = top.amax(dim, keepdim=True)
-    weight = (top - merged).exp()
-    return merged.squeeze(dim), (total * weight).sum(dim), (values * weight.unsqueeze(-1)).sum(dim)
 
 
 def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -50,11 +50,12 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, merge_softmax, softmax_part
+from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention
 from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
 from .slots import FILLER, STORE_ROOM, TAIL_ROOM, Slots, capacity, joined, place, resized, slot_index, views
+from .softmax import merge_softmax, softmax_part
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .hub import CompressorArtifact, FittedCache
+from .hub import CompressorArtifact, FittedCache, frozen_module
 from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .rope import rotate
@@ -163,11 +163,8 @@ class GateCompressor(CompressorArtifact):
 
         def build() -> GateBank:
             base = self.config["base_model"]
-            with torch.device("meta"):  # shapes only: no random initialization that would move the user's random state
-                bank = GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"])
             state = {name.removeprefix("gates."): self.own_heads(t, folded=True).to(device, torch.float32) for name, t in self.tensors.items() if name.startswith("gates.")}
-            bank.load_state_dict(state, assign=True)
-            return bank.eval().requires_grad_(False)
+            return frozen_module(lambda: GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"]), state)
 
         return self.on_device("gates", device, build)
 

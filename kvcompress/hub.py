@@ -322,6 +322,15 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         self._checked_layers.add(layer_idx)
 
 
+def frozen_module(build, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The module `build()` makes, built on the meta device (shapes only: no random initialization, which would move the
+    user's random state) with `state`'s tensors as its parameters, for inference only."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 def model_signature(model, name_or_path: str | None = None, revision: str | None = None) -> dict:
     """The `base_model` section of a compressor config: identity, shapes and a K/V-projection fingerprint."""
     config = model.config

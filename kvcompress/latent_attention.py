@@ -9,7 +9,7 @@ at the slots' token ids (keys are stored before RoPE, so the decoder cannot be f
 query), scores the query rows against them with an online softmax, and sums the softmax weights
 times the *value latents*: values are mixed in latent space and decoded once per query afterwards
 (`LowRankCompressor.attend_store`). The caller merges the partial softmaxes of the spans and of
-the exact tail through their maxima (`kvcompress.attention.merge_softmax`).
+the exact tail through their maxima (`kvcompress.softmax.merge_softmax`).
 
 `store_partials` needs CUDA and Triton (a CUDA build of torch ships it). It also runs on CPU tensors
 under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests check it.
@@ -22,8 +22,8 @@ import os
 
 import torch
 
-from .attention import merge_softmax
 from .quantize import Quantized
+from .softmax import merge_softmax
 
 try:
     import triton
@@ -68,7 +68,15 @@ def _whole_step(columns: tuple, rank: int, bits: int, group: int) -> int:
     return step
 
 
-def _slot_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+def spans_of(slots: int, block: int, programs: int) -> tuple[int, int]:
+    """(span, spans): slots per program, a whole number of blocks, and how many programs, so that at least
+    `PROGRAMS_WANTED` run where there are enough slots (`programs`: the programs per span, from the other grid axes)."""
+    spans = max(1, min(math.ceil(slots / block), math.ceil(PROGRAMS_WANTED / programs)))
+    span = math.ceil(slots / spans / block) * block
+    return span, math.ceil(slots / span)
+
+
+def slot_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a store tensor ``[B, 1 or H, S, ...]`` (row, head, slot; the head's 0 when one layout serves every
     head), and the largest power of two up to 16 that divides all three.
 
@@ -100,13 +108,11 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     key_width, value_width = _width(key_decoder.shape[1]), _width(value_rank)
     key_step, value_step = _whole_step(key_columns, key_decoder.shape[1], key_bits, key_group), _whole_step(value_columns, value_rank, value_bits, value_group)
     tiles = math.ceil(rows / ROW_TILE)
-    spans = max(1, min(math.ceil(slots / BLOCK_SLOTS), math.ceil(PROGRAMS_WANTED / (batch * heads * tiles))))
-    span = math.ceil(slots / spans / BLOCK_SLOTS) * BLOCK_SLOTS
-    spans = math.ceil(slots / span)
+    span, spans = spans_of(slots, BLOCK_SLOTS, batch * heads * tiles)
     maxima = torch.empty(batch * heads, spans, tiles * ROW_TILE, device=queries.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     latents = torch.empty(batch * heads, spans, tiles * ROW_TILE, value_width, device=queries.device, dtype=torch.float32)
-    zk_strides, zks_strides, zv_strides, zvs_strides, ids_strides = (_slot_strides(t) for t in (zk, zk_scale, zv, zv_scale, token_ids))
+    zk_strides, zks_strides, zv_strides, zvs_strides, ids_strides = (slot_strides(t) for t in (zk, zk_scale, zv, zv_scale, token_ids))
     shape_key = (queries.device, queries.dtype, dim, key_width, value_width, key_bits, value_bits)
     block = _FITTING_BLOCK.get(shape_key, BLOCK_SLOTS)
     while True:
@@ -148,7 +154,7 @@ if triton is not None:
         KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr, KEY_STEP: tl.constexpr, VALUE_STEP: tl.constexpr,
         PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
     ):
-        program, part, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        program, part, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets: a store may pass 2**31 numbers
         row, head = program // HEADS, program % HEADS
         r, d = tile * TILE + tl.arange(0, TILE), tl.arange(0, HALF)
         rk, rv = tl.arange(0, KEY_WIDTH), tl.arange(0, VALUE_WIDTH)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import latent_attention
-from .attention import SCORES_PER_CHUNK, merge_softmax, softmax_part
+from .attention import SCORES_PER_CHUNK
 from .config import RankConfig
 from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
@@ -38,6 +38,7 @@ from .rope import rope_table, rotate, rotate_from_table
 from .schema import Field
 from .settings import CacheSettings
 from .slots import FILLER
+from .softmax import merge_softmax, softmax_part
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -113,7 +113,7 @@ class Encoding:
     def attend(self, layer: LayerView, store: dict, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For ``attends_store``: the partial softmax of query rows ``[B, H, R, D]`` over the `store`'s filled slots, all of which
         every new token sees: ``(max logit [B, H, R], sum of weights [B, H, R], weighted values [B, H, R, D])`` in float32, the
-        weights taken relative to the max, which must be finite (see `kvcompress.attention.merge_softmax`)."""
+        weights taken relative to the max, which must be finite (see `kvcompress.softmax.merge_softmax`)."""
         raise NotImplementedError(f"{type(self).__name__} sets attends_store but does not implement attend().")
 
 

@@ -8,7 +8,7 @@ thousands of slots) cuBLAS serves badly: on an H200 they were 75% of H2O's decod
 reads the keys and values once, per (row, KV head) and span of slots, with the query heads of the
 KV head packed as rows: it writes the partial softmax of the span and the raw logits, 4 bytes per
 slot and query row against the 2 x head_dim x 2 bytes of the slot's key and value. The caller merges
-the spans (`kvcompress.attention.merge_softmax`) and turns the logits into probabilities with the
+the spans (`kvcompress.softmax.merge_softmax`) and turns the logits into probabilities with the
 final maximum and sum.
 
 Like `kvcompress.latent_attention` it needs CUDA and Triton, or Triton's interpreter on the CPU
@@ -17,12 +17,10 @@ Like `kvcompress.latent_attention` it needs CUDA and Triton, or Triton's interpr
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .attention import merge_softmax
-from .latent_attention import PROGRAMS_WANTED, _slot_strides, available, triton
+from .latent_attention import available, slot_strides, spans_of, triton
+from .softmax import merge_softmax
 
 if triton is not None:
     import triton.language as tl
@@ -50,15 +48,13 @@ def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
     batch, heads, rows, dim = queries.shape
     slots = keys.shape[2]
     tile = max(16, 1 << (rows - 1).bit_length())
-    spans = max(1, min(math.ceil(slots / BLOCK_SLOTS), math.ceil(PROGRAMS_WANTED / (batch * heads))))
-    span = math.ceil(slots / spans / BLOCK_SLOTS) * BLOCK_SLOTS
-    spans = math.ceil(slots / span)
+    span, spans = spans_of(slots, BLOCK_SLOTS, batch * heads)
     maxima = torch.empty(batch * heads, spans, tile, device=queries.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     weighted = torch.empty(batch * heads, spans, tile, dim, device=queries.device, dtype=torch.float32)
     logits = torch.empty(batch, heads, rows, slots, device=queries.device, dtype=torch.float32)
-    k_strides, v_strides, ids_strides = (_slot_strides(t) for t in (keys, values, token_ids))
-    bias_strides = _slot_strides(bias) if bias is not None else (0, 0, 0, 1)
+    k_strides, v_strides, ids_strides = (slot_strides(t) for t in (keys, values, token_ids))
+    bias_strides = slot_strides(bias) if bias is not None else (0, 0, 0, 1)
     _scored_partials_kernel[(batch * heads, spans)](
         queries, keys, values, token_ids, token_ids if bias is None else bias, new_seen, new_seen.stride(0) if new_seen.shape[0] > 1 else 0, maxima, sums, weighted, logits,
         rows, slots, span, scaling, 0 if bias is None else bias.shape[2],

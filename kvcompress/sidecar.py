@@ -37,7 +37,7 @@ from torch import nn
 from .attention_matching import MergedWindows, attention_matching_merge
 from .config import ConfigError
 from .gate import GateCompressor, GateKeep, gate_keep_ratio, gate_sections, gate_tensor_shapes
-from .hub import CompressorArtifact, FittedCache, same_base_model
+from .hub import CompressorArtifact, FittedCache, frozen_module, same_base_model
 from .memory import DEFAULT_CONTEXT, resolve_keep_ratio, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .rope import to_window_frame, window_frame_references
@@ -208,12 +208,9 @@ class SidecarCompressor(CompressorArtifact):
         def build() -> SidecarNetwork:
             if len(self.heads) == self.config["base_model"]["num_kv_heads"]:
                 return self.network.to(device) if str(device) == "cpu" else copy.deepcopy(self.network).to(device)
-            with torch.device("meta"):
-                network = SidecarNetwork(**self.network.shape | {"num_heads": len(self.heads)})
             state = self.network.state_dict()
             state |= {name: self.own_heads(state[name], folded=True) for name in ("identity.weight", "key_scale", "value_scale")}  # per (layer, head)
-            network.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
-            return network.eval().requires_grad_(False)
+            return frozen_module(lambda: SidecarNetwork(**self.network.shape | {"num_heads": len(self.heads)}), {name: t.to(device) for name, t in state.items()})
 
         return self.on_device("network", device, build)
 

@@ -73,7 +73,7 @@ def test_scores_are_shares_of_expected_answers_found():
 def test_render_writes_tables_plot_and_replaces_only_the_docs_block(tmp_path):
     rows = [
         quality.Row("dense", "dense", 1.0, {"ppl": 17.7, "passkey": 1.0, "passkey_long": 1.0, "multikey": 0.5, "variables": 0.5}, 100, 100),
-        quality.Row("h2o", "h2o 8:1", 8.0, {"ppl": 29.2, "passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.1}, 13, 100),
+        quality.Row("h2o", "h2o 8:1", 8.0, {"ppl": 29.2, "passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.1}, 13, 100, ratios={"ppl": 7.5, "passkey_long": 7.7}),
         quality.Row("kvpress SnapKVPress", "kvpress SnapKVPress 8:1", 8.0, {"passkey": 0.0, "passkey_long": 0.0, "multikey": 0.0, "variables": 0.0}, 14, 100),
     ]
     environment = {"device": "CPU", "torch": "2", "transformers": "5", "model": "m", "dtype": "torch.float32", "minutes": 1.0}
@@ -85,8 +85,9 @@ def test_render_writes_tables_plot_and_replaces_only_the_docs_block(tmp_path):
     quality.render(saved, tmp_path / "out", page)
     text = page.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
-    assert "| h2o | h2o 8:1 | 8:1 | 7.69 |" in text and "| kvpress SnapKVPress | kvpress SnapKVPress 8:1 | 8:1 | 7.14 | 0 | - |" in text
-    assert "Left out at 1536 tokens: gates 32:1 (why)." in text
+    assert "| h2o | h2o 8:1 | 8:1 | 7.50 / 7.69 / 7.70 |" in text  # at the end of the perplexity text, of the short and of the long prompt
+    assert "| kvpress SnapKVPress | kvpress SnapKVPress 8:1 | 8:1 | - / 7.14 / - | 0 | - |" in text  # a run that measured only the short one
+    assert "Left out: gates 32:1 (why)." in text
     assert (tmp_path / "out" / "quality_vs_compression.png").stat().st_size > 10_000
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="has no <!-- benchmark:quality:start -->"):
@@ -185,3 +186,57 @@ def test_runs_merge_into_one_table_only_when_they_share_the_prompts(tmp_path):
     assert env["merged"][0]["methods"] == ["QuantizedCache (quanto)"] and env["merged"][0]["device"].startswith("CPU")
     with pytest.raises(ValueError, match="was measured with other settings"):
         quality.merged([dense], environment, [other], quality.Settings(trials=1))
+
+
+def test_a_matched_keep_ratio_holds_the_target_at_each_length_it_is_asked_for():
+    """Bisection per length on a measurement where a fixed 100-token part and the kept share make the memory: the knob found
+    (4 digits, rounded down) holds the target there and is within the bisection's 1.4% of the largest that does, a longer
+    context gets a larger share, and a length where the fixed part alone exceeds the budget is refused."""
+    calls = []
+
+    def measured(context, keep):
+        calls.append(context)
+        return context / (100 + keep * (context - 100))
+
+    spec = quality.MatchedSpec("gates", lambda keep: keep, 8, measured)
+    for context in (1536, 6144):
+        keep, largest = spec.knob(context), (context / 8 - 100) / (context - 100)
+        assert measured(context, keep) >= 8 and keep > largest / 1.014 and f"{keep:g}" == f"{keep:.4g}"
+    before = len(calls)
+    assert spec.knob(6144) > spec.knob(1536) and len(calls) == before  # each length matched once, then remembered
+    assert spec.build(6144) == spec.knobs[6144] and spec.label == f"gates={spec.knobs[1536]:g}@1536,{spec.knobs[6144]:g}@6144"
+    with pytest.raises(ValueError, match="holds more than 1/8 at 512 tokens"):
+        spec.knob(512)
+    assert quality.MatchedSpec("gates", lambda keep: keep, 1, measured).knob(6144) == 1.0  # keeping everything fits: no bisection
+
+
+def test_a_refused_knob_counts_as_too_much_memory_but_a_failing_measurement_is_raised():
+    def refuse_small(keep):
+        if keep < 0.01:
+            raise ValueError("refused")
+        return keep
+
+    spec = quality.MatchedSpec("gates", refuse_small, 8, lambda context, keep: context / (100 + keep * (context - 100)))
+    with pytest.raises(ValueError, match="holds more than 1/8"):
+        spec.knob(1536)  # the smallest knob is refused: nothing reaches the target
+    def broken(context, keep):
+        raise ValueError("the measurement broke")
+
+    with pytest.raises(ValueError, match="the measurement broke"):  # not taken for a knob that holds too much
+        quality.MatchedSpec("gates", lambda keep: keep, 8, broken).knob(1536)
+
+
+@pytest.mark.model
+def test_the_ratio_knob_benchmark_measures_what_ratio_asks_at_each_length(default_model, monkeypatch, capsys):
+    """Each row is the cache a user gets from ``ratio=`` at that context, fed the reference prompt of that length."""
+    import ratio_knob
+
+    from kvcompress import GatedCache
+
+    monkeypatch.setattr(ratio_knob.kvcompress, "load_model", lambda device=None: default_model)
+    ratio_knob.main(["--ratios", "8"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
+    assert [row[1] for row in rows] == ["1536", "6144"]
+    for _, context, keep, measured in rows:
+        assert float(keep) == pytest.approx(GatedCache.from_pretrained("kvcompress/smollm2-135m-instruct-gate", ratio=8, context=int(context)).keep_ratio, abs=1e-4)
+        assert float(measured.rstrip(" |")) > 7  # about the 8:1 asked (an estimate: the gates keep by the text)

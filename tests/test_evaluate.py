@@ -4,7 +4,7 @@ import pytest
 from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 
-from kvcompress import H2OCache
+from kvcompress import GatedCache, H2OCache
 from kvcompress.calibration.plots import _line_name, plot_quality_vs_compression
 from kvcompress.corpus import load_text, split_text
 from kvcompress.evaluation.harness import (
@@ -110,3 +110,18 @@ def test_transformers_quantized_cache_is_counted_by_what_it_stores(nbits):
     held, dense_bytes = cache_nbytes(quantized)
     assert dense_bytes == cache_nbytes(dense)[0]
     assert held / dense_bytes == pytest.approx((nbits / 8 + 8 / 64) / 4, rel=0.01)  # the prompt quantized whole: no exact residual
+
+
+def test_a_fitted_spec_with_a_ratio_meets_it_at_the_length_it_is_built_for():
+    """``DIR@ratio=8`` is met at the tokens the evaluator feeds (a keep ratio holds another share at another length), unless
+    the spec names its own context; a keep ratio is what it says at any length."""
+    from kvcompress.hub import PRETRAINED_DIR
+
+    gate = PRETRAINED_DIR / "smollm2-135m-instruct-gate"
+    spec = CacheSpec.fitted(f"{gate}@ratio=8")
+    short, long = spec.build(1536).keep_ratio, spec.build(6144).keep_ratio
+    assert short == GatedCache.from_pretrained(gate, ratio=8, context=1536).keep_ratio
+    assert long == GatedCache.from_pretrained(gate, ratio=8, context=6144).keep_ratio and long > short  # the exact window weighs less
+    assert CacheSpec.fitted(f"{gate}@ratio=8,context=6144").build(1536).keep_ratio == long
+    assert CacheSpec.fitted(f"{gate}@keep_ratio=0.05").build(6144).keep_ratio == 0.05
+    assert isinstance(CacheSpec("h2o", 8).build(6144), H2OCache)

@@ -12,7 +12,7 @@ import torch
 from conftest import DEVICE, tiny_model
 from test_latent_attention import decode_logits, padded_prompt
 
-from kvcompress import H2OCache, attention, scored_attention
+from kvcompress import H2OCache, attention, latent_attention, scored_attention
 from kvcompress.slots import FILLER, SYNTHESIZED
 
 
@@ -41,7 +41,7 @@ def test_scored_kernel_equals_pytorch(rows, with_bias, monkeypatch):
     """Keys and values as views of a larger buffer (a store with room), fillers and synthesized slots among the slots, a
     padding row whose new token does not see itself, a bias on the store's slots, and spans of several blocks."""
     monkeypatch.setattr(scored_attention, "BLOCK_SLOTS", 16)
-    monkeypatch.setattr(scored_attention, "PROGRAMS_WANTED", 16)
+    monkeypatch.setattr(latent_attention, "PROGRAMS_WANTED", 16)  # spans_of reads it there
     generator = torch.Generator().manual_seed(0)
     batch, heads, slots, dim = 2, 2, 300, 32
     buffer = torch.randn(batch, heads, slots + 40, 2, dim, generator=generator)

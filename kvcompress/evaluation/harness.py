@@ -79,11 +79,16 @@ class CacheSpec:
         method = CompressorArtifact.from_pretrained(path).method  # a directory or a Hub id (the shipped ones work offline)
         return cls(method, path=path, options=_parse_options(option_text, spec))
 
-    def build(self):
+    def build(self, context: int | None = None):
+        """A fresh cache. `context`: the tokens it will see, where ``ratio=`` is met by a fitted cache whose spec gives no
+        ``context=`` of its own (its keep ratio or window depends on the length; the baselines' budget follows it anyway)."""
+        options = dict(self.options)
+        if context is not None and "ratio" in options:
+            options.setdefault("context", context)
         if self.method == COMPOSE:
-            return ComposedCache.from_pretrained(**dict(self.options))
+            return ComposedCache.from_pretrained(**options)
         if self.path is not None:
-            return load_cache(self.path, **dict(self.options))
+            return load_cache(self.path, **options)
         return build_cache(self.method, self.ratio)
 
     @property
@@ -299,13 +304,13 @@ def evaluate(
         row, started = EvaluationRow(spec.label), time.perf_counter()
         if ppl_tokens:
             progress.set_postfix_str(f"{spec.label}: perplexity")
-            row.perplexity = streaming_perplexity(model, ppl_ids, spec.build(), ppl_chunk).perplexity
-            row.attention_cosine = attention_cosine(attention_outputs(model, ppl_ids, spec.build(), ppl_chunk), dense_outputs)
+            row.perplexity = streaming_perplexity(model, ppl_ids, spec.build(passkey_tokens), ppl_chunk).perplexity  # the pass-key setting: the table's
+            row.attention_cosine = attention_cosine(attention_outputs(model, ppl_ids, spec.build(passkey_tokens), ppl_chunk), dense_outputs)
             progress.update()
         hits = {depth: [] for depth in depths}
         for depth, key, context, question in prompts:
             progress.set_postfix_str(f"{spec.label}: passkey depth {depth}")
-            cache = spec.build()
+            cache = spec.build(passkey_tokens)
             hits[depth].append(passkey_trial(model, tokenizer, cache, context, question, key))
             row.nbytes, row.dense_nbytes = cache_nbytes(cache)
             progress.update()
