@@ -139,9 +139,9 @@ def measure(args) -> None:
     for directory in directories:
         started = time.perf_counter()
         method = json.loads((directory / CONFIG_FILE).read_text())["method"]
-        precision = store_float16_if_unchanged(directory, CacheSpec.fitted(directory), model, ppl_ids)
-        print(f"{directory.name}: weights stored as {precision}")
         spec, load_options, matched = CacheSpec.fitted(directory), {}, {}
+        precision = store_float16_if_unchanged(directory, spec, model, ppl_ids)
+        print(f"{directory.name}: weights stored as {precision}")
         if method in MATCHED:
             spec = MatchedSpec(f"{method} keep_ratio", lambda keep, d=directory: load_cache(d, keep_ratio=keep), MATCHED[method], measured)
             matched = {str(context): spec.knob(context) for context in (settings.short, settings.long)}

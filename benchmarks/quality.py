@@ -225,7 +225,7 @@ def cache_grid(ratios, args, settings: Settings, measured: Callable) -> tuple[li
     for ratio in ratios:
         grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
         for method, (name, make) in matched.items():
-            spec = MatchedSpec(name, make, ratio, measured, low=1e-3, steps=9)  # keep ratios within 1.4%
+            spec = MatchedSpec(name, make, ratio, measured)
             progress.set_postfix_str(f"{method} {ratio:g}:1")
             progress.update()
             try:
@@ -258,11 +258,11 @@ def run(model, tokenizer, grid, ppl_ids, tasks: dict[str, list[Prompt]], setting
         row.scores["ppl"], row.ratios["ppl"] = perplexity.perplexity, perplexity.dense_nbytes / perplexity.nbytes
         progress.update()
         for task, task_prompts in tasks.items():
-            results = []
+            results, context = [], settings.tokens(task)
             for prompt in task_prompts:
                 progress.set_postfix_str(f"{spec.label}: {task}")
-                cache = spec.build(settings.tokens(task))
-                results.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, settings.chunk(settings.tokens(task)))))
+                cache = spec.build(context)
+                results.append(score(prompt, answer(model, tokenizer, cache, prompt.context, prompt.question, 16, settings.chunk(context))))
                 if prompt is references[settings.short]:
                     row.nbytes, row.dense_nbytes = cache_nbytes(cache)
                 elif prompt is references[settings.long]:
