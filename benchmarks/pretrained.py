@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 import transformers
 from doc_block import add_update_docs, update_block
-from quality import MatchedSpec, Row, Settings, prompts, reference_prompts, reference_runs, run
+from quality import Row, Settings, prompts, run
 from safetensors.torch import save_file
 
 import kvcompress
 from kvcompress.corpus import DEFAULT_CORPUS_NAME, heldout_text
 from kvcompress.evaluation.harness import CacheSpec, streaming_perplexity
-from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact, load_cache
+from kvcompress.hub import CONFIG_FILE, EVALUATION_FILE, PRETRAINED_DIR, PRETRAINED_NAMESPACE, WEIGHTS_FILE, CompressorArtifact
 
 HALF_PRECISION = ("gates.", "network.", "layers.")  # network weights; RoPE frequencies, probabilities and reference queries stay float32
-MATCHED = {"gate": 8}  # the gates' memory is chosen at load time: a keep ratio matched to 8:1 at each pass-key length (`MatchedSpec`)
+RATIOS = {"gate": 8}  # the gates' memory is chosen at load time: ratio=8, a budget met from each prompt's length on (context=)
 TASKS = ("ppl", "passkey", "passkey_long", "multikey")
 
 
@@ -78,7 +78,7 @@ def card_section(rows: list[dict], settings: Settings, env: dict, name: str) -> 
         f"{', '.join(map(str, settings.short_depths))}), {len(settings.long_depths)} at {settings.long}, {settings.task_trials} multi-key prompts at "
         f"{settings.short}; the context is compressed before the question arrives. PPL is streaming perplexity on {settings.ppl_tokens} tokens. "
         f"Memory is the bytes the cache held at the end of a {settings.short}-token pass-key run; the baselines are given this compressor's measured ratio. "
-        f"A gate's keep ratio is matched to {MATCHED['gate']}:1 at each pass-key length (keep_ratio=value@tokens).",
+        f"A gate is loaded as a user would, with ratio={RATIOS['gate']} and context= each prompt's length.",
         "",
         *lines,
         "",
@@ -95,7 +95,7 @@ def docs_table() -> str:
     lines = table_header(["Hub id (`kvcompress/...`)", "cache"], settings) + [table_line(["-", "dense"], first["rows"][0])]
     for name, evaluation in evaluations.items():
         own, *baselines = evaluation["rows"][1:]
-        options = "".join(f" ({key}={value})" for key, value in evaluation["load_options"].items())
+        options = " (" + ", ".join(f"{key}={value}" for key, value in evaluation["load_options"].items()) + ")" if evaluation["load_options"] else ""
         lines += [table_line([f"**{name}**", own["cache"].split()[0] + options], own), *(table_line(["", row["cache"]], row) for row in baselines)]
     return "\n".join([
         f"Measured by `python benchmarks/pretrained.py` ({env['model']} in {env['dtype'].removeprefix('torch.')}, {env['device']}, "
@@ -103,8 +103,8 @@ def docs_table() -> str:
         f"are given each compressor's measured ratio. Scores are shares of answers found ({len(settings.short_depths) * settings.trials} "
         f"pass-key prompts at {settings.short} tokens, {len(settings.long_depths)} at {settings.long}, {settings.task_trials} multi-key "
         f"prompts); the context is compressed before the question arrives. Memory is what the cache held after a {settings.short}-token prompt; "
-        f"a gate's keep ratio is matched to {MATCHED['gate']}:1 at each pass-key length; the one given is the {settings.short}-token one, "
-        f"with which perplexity streams its {settings.ppl_tokens} tokens.",
+        f"a gate is loaded with ratio={RATIOS['gate']} and context= each prompt's length ({settings.short} tokens for perplexity, "
+        f"which streams {settings.ppl_tokens}).",
         "", *lines,
     ])
 
@@ -133,19 +133,17 @@ def measure(args) -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "kvcompress": kvcompress.__version__,
            "model": model.config.name_or_path, "dtype": str(model.dtype)}
     directories = [d.parent for d in sorted(PRETRAINED_DIR.glob(f"*/{CONFIG_FILE}")) if args.only is None or d.parent.name in args.only]
-    measured = reference_runs(model, tokenizer, reference_prompts(tasks, settings), settings)
     dense = run(model, tokenizer, [("dense", 1.0, CacheSpec("dense"))], ppl_ids, tasks, settings)[0]
     baselines: dict[float, list[Row]] = {}  # measured ratio (2 decimals) -> StreamingLLM and H2O rows
     for directory in directories:
         started = time.perf_counter()
         method = json.loads((directory / CONFIG_FILE).read_text())["method"]
-        spec, load_options, matched = CacheSpec.fitted(directory), {}, {}
+        spec, load_options = CacheSpec.fitted(directory), {}
         precision = store_float16_if_unchanged(directory, spec, model, ppl_ids)
         print(f"{directory.name}: weights stored as {precision}")
-        if method in MATCHED:
-            spec = MatchedSpec(f"{method} keep_ratio", lambda keep, d=directory: load_cache(d, keep_ratio=keep), MATCHED[method], measured)
-            matched = {str(context): spec.knob(context) for context in (settings.short, settings.long)}
-            load_options = {"keep_ratio": matched[str(settings.short)]}  # the card's perplexity (checked by the tests) streams at this one
+        if method in RATIOS:
+            spec = CacheSpec.fitted(f"{directory}@ratio={RATIOS[method]}")
+            load_options = {"ratio": RATIOS[method], "context": settings.short}  # the card's perplexity (checked by the tests) streams with these
         own = run(model, tokenizer, [(method, None, spec)], ppl_ids, tasks, settings)[0]
         ratio = round(own.measured_ratio, 2)
         if ratio not in baselines:
@@ -154,7 +152,7 @@ def measure(args) -> None:
         rows = [dense, own, *baselines[ratio]]
         repo_id = f"{PRETRAINED_NAMESPACE}/{directory.name}"
         evaluation = {
-            "environment": env, "settings": asdict(settings), "weights": precision, "load_options": load_options, "matched_keep_ratios": matched,
+            "environment": env, "settings": asdict(settings), "weights": precision, "load_options": load_options,
             "dataset": f"{DEFAULT_CORPUS_NAME}, held-out part", "minutes": round((time.perf_counter() - started) / 60, 1),
             "row": {"compression_ratio": own.measured_ratio, "perplexity": own.scores["ppl"], "passkey_1536": own.scores["passkey"],
                     "passkey_6144": own.scores["passkey_long"], "multikey_1536": own.scores["multikey"], "held_bytes": own.nbytes},

@@ -4,15 +4,16 @@
         --composed-lowrank results/pca-uniform16 --sidecar results/sidecar-8 [--kvpress docs/benchmark/kvpress.json] \\
         [--ratios 2 4 8 16 32] [--device cuda] [--output docs/benchmark] [--update-docs [docs/benchmarks.md]]
 
-For every target ratio it evaluates StreamingLLM, H2O, the gates and the composition gates x low
-rank x int4, the last two at the same measured memory as the baselines at both pass-key lengths (their
-keep ratio found per length by bisection, `MatchedSpec`; perplexity streams at the short length's); the
+For every target ratio it evaluates StreamingLLM, H2O, the gates (``ratio=``, a budget met from each task's
+length on, as a user asks for it) and the composition gates x low rank x int4, the last at the same measured
+memory as the baselines at both pass-key lengths (its keep ratio found per length by bisection,
+`MatchedSpec`; perplexity streams at the short length's, as do the gates' budgets); the
 fitted caches whose ratio is fixed by their artifact (PCA, KVSplice, sidecar, int8 alone, low rank x int8)
 are evaluated once. A cache whose exact sink and window alone exceed the target's budget is left out
 (and listed). Tasks (`kvcompress/evaluation/tasks.py`), all on held-out prose the compressors never
 saw: streaming perplexity, pass key by depth at two lengths, multi-key needle, variable tracking.
 The measured ratio is dense bytes over held bytes at the end of the perplexity text, and of the middle
-pass-key prompt of each length (the gates' keep ratios are matched on those prompts).
+pass-key prompt of each length (the composition's keep ratios are matched on those prompts).
 
 `--export-prompts FILE` writes the prompts and settings for `benchmarks/kvpress_runner.py` (which
 runs NVIDIA's kvpress presses in a virtual environment of their own); `--kvpress FILE` merges its
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import QuantizedCache  # noqa: E402
 
 import kvcompress  # noqa: E402
-from kvcompress import ComposedCache, GatedCache  # noqa: E402
+from kvcompress import ComposedCache  # noqa: E402
 from kvcompress.corpus import heldout_text  # noqa: E402
 from kvcompress.evaluation.harness import (  # noqa: E402
     QUANTIZED_CACHE_PACKAGES,
@@ -209,21 +210,27 @@ def peer_grid(backends, config) -> tuple[list, list[str]]:
 
 def cache_grid(ratios, args, settings: Settings, measured: Callable) -> tuple[list[tuple[str, float | None, object]], list[str]]:
     """(method, target ratio, spec) for every cache to run, and the (method, ratio) pairs left out as infeasible; `measured`
-    is `reference_runs`'s, on which the gates' keep ratios are matched."""
+    is `reference_runs`'s, on which the composition's keep ratios are matched."""
     grid, skipped = [("dense", 1.0, CacheSpec("dense"))], []
     if args.only_peers:
         return grid, skipped
     matched = {}
-    if args.gate:
-        gate = GateCompressor.from_pretrained(args.gate)
-        matched["gates"] = (f"gate {Path(args.gate).name} keep_ratio", lambda keep: GatedCache(gate, keep_ratio=keep))
     if args.gate and args.composed_lowrank:
+        gate = GateCompressor.from_pretrained(args.gate)
         lowrank = LowRankCompressor.from_pretrained(args.composed_lowrank)
         name = f"compose gate={Path(args.gate).name} lowrank={Path(args.composed_lowrank).name} bits=4 keep_ratio"
         matched["gates x low rank x int4"] = (name, lambda keep: ComposedCache(gate, lowrank, keep_ratio=keep, bits=4))
     progress = tqdm(total=len(ratios) * len(matched), desc="matching keep ratios to the baselines' memory", unit="cache")
     for ratio in ratios:
         grid += [("streamingllm", ratio, CacheSpec("streamingllm", ratio)), ("h2o", ratio, CacheSpec("h2o", ratio))]
+        if args.gate:  # as a user builds them: ratio= is a budget met from the length each task feeds on
+            gates = CacheSpec.fitted(f"{args.gate}@ratio={ratio:g}")
+            try:
+                for context in (settings.short, settings.long):
+                    gates.build(context)
+                grid.append(("gates", ratio, gates))
+            except ValueError:
+                skipped.append(f"gates {ratio:g}:1 (the exact sink and window alone exceed the budget)")
         for method, (name, make) in matched.items():
             spec = MatchedSpec(name, make, ratio, measured)
             progress.set_postfix_str(f"{method} {ratio:g}:1")

@@ -8,6 +8,7 @@ layer's heads are scored with three batched matmuls and no Python loop over head
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -176,21 +177,59 @@ class GateCompressor(CompressorArtifact):
         return f"GateCompressor({self.config['base_model'].get('name_or_path')})"
 
 
+@dataclass(frozen=True)
+class GateBudget:
+    """A memory target for gates (``GatedCache(ratio=...)``): each head of layer l holds up to ``share[l] * allowed(seen)``
+    old tokens, the highest gate probabilities first. ``allowed`` is what 1/`ratio` of the `seen` tokens leaves beside the
+    sink, the window and a block's slack (as the baselines' `Budget.room`), but never less than `floor` of the other tokens: a short prompt cannot reach the
+    ratio anyway, and a fact stated early is kept from the start. Thresholds instead keep what the gates mark, and the gates
+    mark fewer tokens of plain prose than of their calibration text, so a ratio met by a threshold drifts with the text; and
+    since a layer's store is as long as its fullest head, its other heads' room would hold fillers. Under the budget every
+    head fills that room with its best tokens, and `share` (the gates' per-layer keep rate on held-out tokens at the
+    thresholds of `floor`, over its mean) gives the layers whose gates keep more the room. Only the default thresholds
+    (policy "head", allocation "shared": one probability for every head) let layers differ; the others are fitted per
+    layer or head, so every share is about 1. Counted in tokens, as the baselines' budgets are."""
+
+    ratio: float
+    floor: float
+    share: torch.Tensor  # [layers]
+
+    def tokens(self, layer_idx: int, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
+        """Old tokens each head of layer `layer_idx` may hold, per row (``[B]``)."""
+        exact = budget_slack(settings)
+        allowed = torch.maximum(self.floor * (seen - exact), seen / self.ratio - exact)
+        return (allowed * float(self.share[layer_idx])).floor().long().clamp(min=0)
+
+
+def budget_slack(settings: CacheSettings) -> int:
+    """Tokens a budget leaves beside the old ones: the sink, the window and a block's slack (as the baselines' `Budget.room`)."""
+    return settings.sink + settings.window + settings.block_size - 1
+
+
+def layer_shares(probabilities: torch.Tensor, thresholds: torch.Tensor, policy: str) -> torch.Tensor:
+    """Each layer's keep rate ``[layers]`` on held-out tokens at `thresholds` (a union over heads for policy "layer"), over its mean."""
+    kept = probabilities >= thresholds[..., None]
+    rate = (kept.any(1) if policy == "layer" else kept).float().flatten(1).mean(1)
+    return rate / rate.mean()
+
+
 class GateKeep(KeepPolicy):
     """Keep a token leaving the window when its gate's probability reaches the head's threshold (fitted for
-    `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`);
-    `max_tokens` caps each head's kept tokens, lowest probabilities first."""
+    `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`); or, with a `budget`,
+    the tokens of highest probability that fit it. `max_tokens` caps each head's kept tokens, lowest probabilities first."""
 
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
 
     def __init__(
         self, compressor: GateCompressor, keep_ratio: float = 0.125, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
+        target: GateBudget | None = None,
     ):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"Gating needs a GateCompressor, got {type(compressor).__name__}.")
         if max_tokens is not None:
             max_tokens = whole_number("max_tokens", max_tokens, "a positive number of tokens per head", 1, MAX_TOKENS)
         self.compressor, self.keep_ratio, self.policy, self.allocation, self.max_tokens = compressor, keep_ratio, policy, allocation, max_tokens
+        self.target = target  # not `budget`: that names a baseline's `Budget`, whose in-place step the engine runs
         self.thresholds = compressor.thresholds(keep_ratio, policy, allocation)  # [layers, heads]
         self.per_head = policy == "head"
         self.artifacts = (compressor,)
@@ -211,21 +250,29 @@ class GateKeep(KeepPolicy):
         keys = rotate(blocks.keys.float(), positions, self.compressor.inv_freq(positions.device), inverse=True)
         probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(layer.layer_idx, keys))  # [n, H, k]
         probabilities = (probabilities * SCORE_GRID).round() / SCORE_GRID  # equal keys score equal, whatever the rounding of the model
+        if self.target is not None:  # every token is a candidate: `bound` keeps the most probable that fit
+            if self.policy == "layer":  # a token's score is its best head's, so that every head ranks the same
+                probabilities = probabilities.amax(dim=1, keepdim=True).expand_as(probabilities)
+            return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities)
         keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
 
     def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
-        if self.max_tokens is None:
+        caps = [torch.full_like(layer.seen, self.max_tokens)] if self.max_tokens is not None else []
+        if self.target is not None:
+            caps.append(self.target.tokens(layer.layer_idx, layer.seen, layer.settings))
+        if not caps:
             return None
         newest_first = token_ids.argsort(dim=-1, descending=True, stable=True)  # equal scores: the newest token stays
         ranked = scores.masked_fill(token_ids == FILLER, float("-inf")).gather(-1, newest_first)
         order = newest_first.gather(-1, ranked.argsort(dim=-1, descending=True, stable=True))
-        return order.argsort(dim=-1) < self.max_tokens
+        return order.argsort(dim=-1) < torch.stack(caps).amin(0)[:, None, None]
 
     def __repr__(self):
-        return f"GateKeep(keep_ratio={self.keep_ratio:g}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"
+        budget = "" if self.target is None else f", ratio={self.target.ratio:g}"
+        return f"GateKeep(keep_ratio={self.keep_ratio:g}{budget}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"
 
 
 def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", allocation: str = "shared",
@@ -258,13 +305,15 @@ def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSet
 class GatedCache(FittedCache):
     """Learned retention gates. ``GatedCache.from_pretrained("dir-or-hub-id", ratio=8)`` or ``(..., keep_ratio=0.125)``.
 
-    `ratio`: the memory knob, dense bytes over held bytes reached at `context` tokens (fewer tokens compress
-    less, as the exact sink and window weigh more); it sets the keep ratio. `keep_ratio`: the share of the
-    tokens leaving the window to keep (thresholds fitted on held-out calibration data; default 0.125).
-    `policy` "head" (each head keeps its own tokens) or "layer" (a token is kept by all heads of the layer
-    when any of them keeps it); `allocation` "shared" (one probability threshold: heads
-    keep what their gates expect to be needed) or "equal" (every head keeps the same share); `max_tokens`
-    optionally caps each head's kept tokens (lowest gate probabilities go first).
+    `ratio`: the memory knob, a budget of tokens that grows with the tokens seen (`GateBudget`): 1/`ratio` of
+    them from `context` tokens on, and below it the share of old tokens kept at `context` (fewer tokens compress
+    less, as the exact sink and window weigh more); each head holds its gate's most probable tokens. `keep_ratio`:
+    instead, keep the tokens leaving the window whose probability reaches a threshold fitted to keep that share
+    of held-out calibration tokens (default 0.125); what that holds depends on the text. `policy` "head" (each
+    head keeps its own tokens) or "layer" (a token is kept by all heads of the layer when any of them keeps it);
+    `allocation` "shared" (one probability threshold for every head: heads keep what their gates expect to be
+    needed) or "equal" (every head keeps the same share); under a budget they set the layers' shares only.
+    `max_tokens` optionally caps each head's kept tokens (lowest gate probabilities go first).
     """
 
     artifact_class = GateCompressor
@@ -277,8 +326,14 @@ class GatedCache(FittedCache):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: gate_keep_ratio(compressor, ratio, settings, context, policy, allocation))
-        super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens), fitted=vars(settings), config=config)
+        ratio = None if ratio is None else Budget(ratio=ratio).ratio  # checked
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: kept_share(ratio, context, budget_slack(settings)))
+        target = None
+        if ratio is not None and keep_ratio < 1:
+            probabilities = compressor.tensors["heldout_probabilities"].float()  # every head's, so that ranks share the layers' shares
+            shares = layer_shares(probabilities, fitted_thresholds(probabilities, keep_ratio, policy, allocation), policy)
+            target = GateBudget(ratio, keep_ratio, shares)
+        super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens, target), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
 
     def __repr__(self):

@@ -239,4 +239,4 @@ def test_the_ratio_knob_benchmark_measures_what_ratio_asks_at_each_length(defaul
     assert [row[1] for row in rows] == ["1536", "6144"]
     for _, context, keep, measured in rows:
         assert float(keep) == pytest.approx(GatedCache.from_pretrained("kvcompress/smollm2-135m-instruct-gate", ratio=8, context=int(context)).keep_ratio, abs=1e-4)
-        assert float(measured.rstrip(" |")) > 7  # about the 8:1 asked (an estimate: the gates keep by the text)
+        assert 7 < float(measured.rstrip(" |")) < 9  # about the 8:1 asked: a budget, whatever the text

@@ -247,7 +247,11 @@ def caches(draw, model: Model, budgeted: bool = False):
     exact = {"sink": sink, "window": draw(WINDOWS), "block_size": block}
     max_tokens = draw(st.integers(1, 32) if budgeted else st.none() | st.integers(1, 32))
     if kind == "gated":
-        return Spec(kind, {"keep_ratio": draw(KEEP_RATIOS), "max_tokens": max_tokens} | _gating(draw) | exact, {"compressor": ("gate",)})
+        memory = {"keep_ratio": draw(KEEP_RATIOS)}
+        if draw(st.booleans()):  # a budget, met from context= on (a context at which the exact tokens leave room)
+            ratio = draw(st.floats(1.5, 8.0))
+            memory = {"ratio": ratio, "context": math.ceil(ratio * (sink + exact["window"] + block)) + draw(st.integers(0, 64))}
+        return Spec(kind, memory | {"max_tokens": max_tokens} | _gating(draw) | exact, {"compressor": ("gate",)})
     if kind in ("pca", "kvsplice"):
         return Spec(kind, exact, {"compressor": _ranks(draw, model, (kind,))})
     if kind == "sidecar":
@@ -278,7 +282,8 @@ def lossless(draw, model: Model, total: int):
     exact = {"sink": sink, "window": draw(WINDOWS) if keeps_all else covering, "block_size": block}
     full = ("pca", model.head_dim, model.head_dim)
     if kind == "gated":
-        keep = {"keep_ratio": 1.0 if keeps_all else draw(KEEP_RATIOS), "max_tokens": draw(st.sampled_from([None, covering]))}
+        every = draw(st.sampled_from([{"keep_ratio": 1.0}, {"ratio": 1}]))
+        keep = (every if keeps_all else {"keep_ratio": draw(KEEP_RATIOS)}) | {"max_tokens": draw(st.sampled_from([None, covering]))}
         return Spec(kind, keep | _gating(draw) | exact, {"compressor": ("gate",)})
     if kind in ("pca", "kvsplice"):
         return Spec(kind, exact, {"compressor": full if keeps_all else _ranks(draw, model, (kind,))})
@@ -359,11 +364,14 @@ def test_nbytes_counts_every_storage_the_layers_hold(model, inputs, data):
 
 def budget(layer) -> torch.Tensor:
     """The tokens each row and KV head may hold (`kvcompress.baselines`, `Budget.at`): the budget, or ceil(seen / ratio) but
-    never fewer than the sink and one block's slack; with a gate's `max_tokens`, that many stored and at most
-    sink + window + block_size - 1 exact (`kvcompress.cache`)."""
+    never fewer than the sink and one block's slack; with a gate's `max_tokens` (and its `ratio=`, `GateBudget`), that many
+    stored and at most sink + window + block_size - 1 exact (`kvcompress.cache`)."""
     keep, exact = layer.keep, layer.settings
     if keep.budget is None:
-        return torch.full_like(layer.seen, exact.sink + exact.window + exact.block_size - 1 + keep.max_tokens)
+        stored = torch.full_like(layer.seen, keep.max_tokens)
+        if keep.target is not None:  # the store was filled at fewer tokens seen, and the gates' budget grows with them
+            stored = torch.minimum(stored, keep.target.tokens(layer.layer_idx, layer.seen, exact))
+        return exact.sink + exact.window + exact.block_size - 1 + stored
     if keep.budget.tokens is not None:
         return torch.full_like(layer.seen, keep.budget.tokens)
     return torch.ceil(layer.seen / keep.budget.ratio).long().clamp(min=exact.sink + exact.block_size - 1)

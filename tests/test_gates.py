@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvcompress import cache_kwargs
 from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
@@ -82,8 +84,10 @@ def test_the_gate_report_plots(tmp_path):
 from conftest import assert_left_padded_batch_matches_rows, greedy, prompt_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from kvcompress.gate import GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
+from kvcompress.gate import GateBudget, GateCompressor, GatedCache, fitted_thresholds  # noqa: E402
 from kvcompress.hub import model_signature  # noqa: E402
+from kvcompress.memory import kept_share  # noqa: E402
+from kvcompress.settings import CacheSettings  # noqa: E402
 from kvcompress.slots import FILLER  # noqa: E402
 
 SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
@@ -153,14 +157,7 @@ def test_per_head_policy_keeps_exactly_the_tokens_each_gate_lets_through(gated):
     layer = cache.layers[1]
     # The prompt's keys are computed in one exact prefill: recompute their gate probabilities from a dense run.
     handed = min(int(layer.handed[0]), 60 - 4)
-    dense = DynamicCache()
-    model(input_ids=prompt_ids(60), **cache_kwargs(dense))
-    keys = dense.layers[1].keys[:, :, 4 : 4 + handed]
-    from kvcompress.rope import rotate
-
-    positions = torch.arange(4, 4 + handed, device=keys.device)[None]
-    unrotated = rotate(keys, positions, compressor.inv_freq(keys.device), inverse=True)
-    probabilities = torch.sigmoid(compressor.bank(keys.device).layer_logits(1, unrotated))[0].cpu()
+    probabilities = _probabilities_of_prompt_keys(model, compressor, 1, prompt_ids(60), 4, handed)
     thresholds = compressor.thresholds(0.3)[1]
     held = _held(layer)[0]
     for head in range(2):
@@ -231,3 +228,72 @@ def test_a_batch_decides_like_its_rows_when_a_token_repeats_a_calibration_token(
     together = greedy(model, make(), ids, new_tokens=11)
     for row in range(2):
         assert torch.equal(together[row], greedy(model, make(), ids[row : row + 1], new_tokens=11)[0])
+
+
+def _probabilities_of_prompt_keys(model, compressor, layer_idx, ids, first, count):
+    """The gate probabilities (on the policy's 1/4096 grid) of prompt tokens first..first+count, from a dense run."""
+    from kvcompress.gate import SCORE_GRID
+    from kvcompress.rope import rotate
+
+    dense = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(dense))
+    keys = dense.layers[layer_idx].keys[:, :, first : first + count]
+    positions = torch.arange(first, first + count, device=keys.device)[None]
+    unrotated = rotate(keys, positions, compressor.inv_freq(keys.device), inverse=True)
+    probabilities = torch.sigmoid(compressor.bank(keys.device).layer_logits(layer_idx, unrotated))[0].cpu()
+    return (probabilities * SCORE_GRID).round() / SCORE_GRID
+
+
+def test_a_ratio_fills_each_heads_budget_with_its_most_probable_tokens(gated):
+    """``ratio=`` is a budget: each head of a layer holds as many old tokens as the budget gives the layer, the ones its gate
+    scores highest (newest first among equals), so no head's room is left to fillers."""
+    model, compressor = gated
+    cache = GatedCache(compressor, ratio=2, context=64)
+    ids = prompt_ids(64)
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(cache))
+    budget, rooms = cache.keep.target, []
+    for layer in cache.layers:
+        handed = int(layer.handed[0])
+        room = int(budget.tokens(layer.layer_idx, layer.seen, layer.settings)[0])
+        probabilities = _probabilities_of_prompt_keys(model, compressor, layer.layer_idx, ids, 4, handed)
+        for head, held in enumerate(_held(layer)[0]):
+            ranked = sorted(range(handed), key=lambda i: (-float(probabilities[head, i]), -i))
+            assert [t for t in held if 4 <= t < 4 + handed] == sorted(4 + i for i in ranked[:room])
+        assert 0 < room < handed
+        rooms.append(room)
+    assert len(set(rooms)) > 1  # layers get the room their gates want
+    shares = torch.tensor([float(budget.share[layer.layer_idx]) for layer in cache.layers])
+    assert shares.mean() == pytest.approx(1.0)
+
+
+def test_a_ratio_holds_its_budget_while_generating_and_one_keeps_everything(gated):
+    model, compressor = gated
+    cache = GatedCache(compressor, ratio=2, context=64, policy="layer")
+    greedy(model, cache, prompt_ids(50), new_tokens=60)
+    for layer in cache.layers:
+        held = _held(layer)[0]
+        assert held[0] == held[1]  # the layer policy ranks a token by its best head: every head keeps the same ones
+        stored, budget = int((layer.store["token_ids"] != FILLER).sum(-1).max()), cache.keep.target
+        block = layer.settings.block_size  # the store was last filled at most a block ago
+        assert int(budget.tokens(layer.layer_idx, layer.seen - block, layer.settings)[0]) <= stored <= int(budget.tokens(layer.layer_idx, layer.seen, layer.settings)[0])
+    ids = prompt_ids(40)
+    assert torch.equal(greedy(model, GatedCache(compressor, ratio=1), ids), greedy(model, DynamicCache(), ids))
+
+
+@given(ratio=st.floats(1.5, 32.0), context=st.integers(512, 1 << 15), seen=st.lists(st.integers(0, 1 << 16), min_size=2, max_size=8))
+def test_a_gate_budget_grows_with_the_tokens_seen_and_meets_its_ratio_from_its_context_on(ratio, context, seen):
+    settings = CacheSettings(sink=4, window=64, block_size=16)
+    exact = 4 + 64 + 15  # and a block's slack
+    if context / ratio <= exact:
+        return
+    budget = GateBudget(ratio, kept_share(ratio, context, exact), torch.tensor([0.5, 1.5]))
+    seen = torch.tensor(sorted(seen))
+    for layer in (0, 1):
+        tokens = budget.tokens(layer, seen, settings)
+        assert bool((tokens.diff() >= 0).all()) and bool((tokens >= 0).all())  # a token that left never has to come back
+    total = budget.tokens(0, seen, settings) + budget.tokens(1, seen, settings)  # two layers: on average one budget each
+    past = seen >= context
+    assert bool((total[past] <= 2 * (seen[past] / ratio - exact) + 2).all())
+    assert bool((total[past] >= 2 * (seen[past] / ratio - exact) - 2).all())

@@ -41,12 +41,20 @@ def test_the_window_meets_the_ratio_or_is_refused(ratio, context, cost, sink, bl
     assert window >= 0 and context / held >= ratio * (1 - 1e-6) - 1e-9 or window == 0
 
 
-def test_gates_take_a_ratio_and_work_out_their_keep_ratio():
+def test_gates_take_a_ratio_as_a_budget_that_keeps_a_floor_below_its_context():
     cache = GatedCache.from_pretrained(GATE, ratio=8, context=1536)
-    assert 0.02 < cache.keep_ratio < 0.0722  # below the benchmarks' 0.0722, which measured 7.42:1 at 1536 tokens: heads pad to the fullest
+    budget = cache.keep.target
+    exact = 4 + 64 + 15  # the sink, the window and a block's slack
+    for seen in (1536, 3072, 8192):  # from context= on, the layers hold 1/8 of the tokens seen between them (floors: a token each)
+        held = sum(int(budget.tokens(layer, torch.tensor([seen]), cache.settings)) for layer in range(30))
+        assert 30 * (seen / 8 - exact) - 30 <= held <= 30 * (seen / 8 - exact) + 1
+    below = sum(int(budget.tokens(layer, torch.tensor([768]), cache.settings)) for layer in range(30))
+    assert below == pytest.approx(30 * cache.keep_ratio * (768 - exact), abs=30) and below > 30 * (768 / 8 - exact)  # the floor
+    assert float(budget.share.std()) > 0.1  # layers get the room their gates want
     assert GatedCache.from_pretrained(GATE, ratio=4, context=1536).keep_ratio > cache.keep_ratio
     assert GatedCache.from_pretrained(GATE, ratio=8, context=8192).keep_ratio > cache.keep_ratio  # the exact window weighs less
-    assert GatedCache.from_pretrained(GATE).keep_ratio == 0.125
+    default = GatedCache.from_pretrained(GATE)
+    assert default.keep_ratio == 0.125 and default.keep.target is None  # keep_ratio: thresholds, no budget
     with pytest.raises(ValueError, match="either ratio= .* or keep_ratio="):
         GatedCache.from_pretrained(GATE, ratio=8, keep_ratio=0.1)
     with pytest.raises(ValueError, match="cannot be reached"):
@@ -100,3 +108,25 @@ def test_the_ratio_asked_is_the_ratio_measured_on_the_default_model(default_mode
             measured[name] = cache.compression_ratio
     for name, (_, asked) in caches.items():
         assert measured[name] == pytest.approx(asked, rel=0.1), measured
+
+
+@pytest.mark.model
+def test_the_gates_ratio_holds_from_its_context_on_while_thresholds_drift(default_model):
+    """A budget follows the length: streamed through 4,096 tokens of held-out prose, gates asked for 8:1 from 1,536 tokens
+    on hold it at both lengths, where the same share kept by threshold goes from about 6:1 to about 10:1."""
+    model, tokenizer = default_model
+    from kvcompress.corpus import heldout_text
+
+    ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :4096]
+    budgeted = GatedCache.from_pretrained(GATE, ratio=8, context=1536)
+    thresholds = GatedCache.from_pretrained(GATE, keep_ratio=budgeted.keep_ratio)
+    measured = {}
+    with torch.no_grad():
+        for start in range(0, 4096, 512):
+            for name, cache in (("budget", budgeted), ("thresholds", thresholds)):
+                model(input_ids=ids[:, start : start + 512], **cache_kwargs(cache))
+                if start + 512 in (1536, 4096):
+                    measured[name, start + 512] = cache.compression_ratio
+    assert measured["budget", 1536] == pytest.approx(8, rel=0.1) and measured["budget", 4096] == pytest.approx(8, rel=0.1), measured
+    assert measured["budget", 4096] / measured["budget", 1536] < 1.1, measured
+    assert measured["thresholds", 4096] / measured["thresholds", 1536] > 1.3, measured
