@@ -215,7 +215,7 @@ def layer_shares(probabilities: torch.Tensor, thresholds: torch.Tensor, policy: 
 
 class GateKeep(KeepPolicy):
     """Keep a token leaving the window when its gate's probability reaches the head's threshold (fitted for
-    `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`); or, with a `budget`,
+    `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`); or, with a `target` (`GateBudget`),
     the tokens of highest probability that fit it. `max_tokens` caps each head's kept tokens, lowest probabilities first."""
 
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
