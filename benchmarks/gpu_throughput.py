@@ -120,6 +120,9 @@ def synthetic_artifacts(model, key_rank: int, composed_rank: int) -> dict:
     references = torch.randn(layers, heads, 64, dim, generator=generator)
     offsets = torch.exp(torch.empty(64).uniform_(math.log(32), math.log(1024), generator=generator)).round()
     artifacts["sidecar"] = SidecarCompressor.from_network(network, references, offsets, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": 32}})
+    single = SidecarNetwork(layers, heads, dim, window=32, slots=1)  # keep-and-merge: one merged slot per window, the gates' tokens exact
+    artifacts["keep-and-merge"] = SidecarCompressor.from_network(
+        single, references, offsets, inv_freq, {"base_model": base, "cache": {"sink": SINK, "window": 32}}).with_gates(artifacts["gate"])
     return artifacts
 
 
@@ -159,6 +162,7 @@ def caches(context: int, artifacts: dict, dim: int) -> dict:
         f"kvsplice rank {artifacts['kvsplice'].ranks.heads[0, 0].key} (8:1)": (*big, lambda: kvcompress.KVSpliceCache(artifacts["kvsplice"])),
         "sidecar 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"])),
         "attention matching 32:4 (8:1)": (*big, lambda: kvcompress.SidecarCache(artifacts["sidecar"], merge="attention_matching")),
+        "keep-and-merge 32:1, ratio=8": (*big, lambda: kvcompress.SidecarCache(artifacts["keep-and-merge"], ratio=8, context=context)),
     } | {
         f"gates x pca rank {composed_rank} x int{bits}, keep {keep:.3f} (8:1)": (
             *big, lambda keep=keep, bits=bits: kvcompress.ComposedCache(artifacts["gate"], artifacts["pca-composed"], keep_ratio=keep, allocation="equal", bits=bits))

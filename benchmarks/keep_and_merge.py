@@ -1,10 +1,12 @@
 """Keep-and-merge against keeping and merging alone, at the same measured memory: the ablation of `SidecarCache(mode=...)`.
 
     python benchmarks/keep_and_merge.py [--gate DIR_OR_HUB_ID] [--sidecar DIR_OR_HUB_ID] [--ratios 8 16] [--device cuda] [--update-docs]
+    python benchmarks/keep_and_merge.py --only "CACHE" ... --into docs/benchmark/keep_and_merge.json   # some rows, into a saved run
 
 At each target ratio every cache holds the same measured bytes (dense over held) at both pass-key
-lengths: at the end of a 1,536-token and of a 6,144-token prompt. StreamingLLM and H2O by their budget,
-pure merging by its window for that length, the gates and keep-and-merge by a keep ratio found for each
+lengths: at the end of a 1,536-token and of a 6,144-token prompt. StreamingLLM, H2O and the ``ratio=`` rows
+(the gates' budget, and keep-and-merge's, where merged slots and exact tokens share one budget) by their
+budget, pure merging by its window for that length, the gates and keep-and-merge by a keep ratio found for each
 length by bisection on that measurement (`MatchedSpec`): a keep ratio holds another share of a longer
 context, so one matched at 1.5k tokens would compare at other memory at 6k. Perplexity streams 1,024
 tokens with the 1.5k setting (at 1,024 tokens the exact sink, window and tail alone hold more than some
@@ -62,7 +64,7 @@ def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, fl
     `reference` is `reference_runs`'s measurement, on which keep ratios are matched."""
     gate = GateCompressor.from_pretrained(args.gate)
     sidecar = SidecarCompressor.from_pretrained(args.sidecar).with_gates(gate)
-    single = closed_form(sidecar, sidecar.window, 1)
+    single, coarse = closed_form(sidecar, sidecar.window, 1), closed_form(sidecar, 2 * sidecar.window, 1)
     rows, skipped = [("dense", 1.0, FixedSpec(lambda context: DynamicCache()))], []
     for target in args.ratios:
         window = 64 if target <= 8 else 32  # at 16:1 a 64-token window alone nearly fills the budget at 1.5k
@@ -70,6 +72,15 @@ def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, fl
                  ("h2o", target, FixedSpec(lambda context, t=target: H2OCache(ratio=t))),
                  ("gates, ratio= (budget)", target, FixedSpec(
                      lambda context, t=target, w=window: GatedCache(gate, ratio=t, context=context, window=w, block_size=sidecar.window)))]
+        for merge, how in ((single, "attention_matching"), (coarse, "attention_matching"), (sidecar, "sidecar")):
+            name = f"keep-and-merge {merge.window}:{merge.slots} {how.replace('_', ' ')}, ratio= (budget)"
+            try:  # refused where the merged slots alone exceed the budget
+                spec = FixedSpec(lambda context, t=target, w=window, m=merge, h=how: SidecarCache(m, ratio=t, context=context, window=w, merge=h))
+                for context in contexts:
+                    spec.build(context)
+                rows.append((name, target, spec))
+            except ValueError:
+                skipped.append(f"{name} at {target:g}:1")
         candidates = {
             "gates": lambda keep, w=window: GatedCache(gate, keep_ratio=keep, window=w, block_size=sidecar.window),
             f"keep-and-merge {sidecar.window}:1 attention matching": lambda keep, w=window: SidecarCache(single, keep_ratio=keep, window=w, merge="attention_matching"),
@@ -83,6 +94,8 @@ def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, fl
         specs[f"gates' keep ratio + {sidecar.window}:{sidecar.slots} sidecar"] = FixedSpec(
             lambda context, w=window, g=gates: SidecarCache(sidecar, keep_ratio=g.knob(context), window=w))
         for name, spec in tqdm(specs.items(), desc=f"matching {target:g}:1 at {', '.join(map(str, contexts))} tokens", leave=False):
+            if args.only and name not in args.only:
+                continue
             try:
                 for context in contexts:
                     spec.build(context)  # a matched spec's keep ratio is found here
@@ -90,6 +103,8 @@ def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, fl
                 skipped.append(f"{name} at {target:g}:1")
                 continue
             rows.append((name, target, spec))
+    if args.only:
+        rows, skipped = [row for row in rows if row[0] in args.only], [name for name in skipped if name.rsplit(" at ", 1)[0] in args.only]
     return rows, skipped
 
 
@@ -112,6 +127,8 @@ def run(args) -> dict:
     def saved() -> dict:
         env = environment(model) | {"minutes": round((time.perf_counter() - started) / 60, 1)}
         data = {"environment": env, "settings": {"ppl_tokens": settings.ppl_tokens, "short": args.short, "long": args.long}, "skipped": skipped, "rows": results}
+        if args.into:
+            data = into(json.loads(Path(args.into).read_text()), data)
         Path(args.output).write_text(json.dumps(data, indent=1) + "\n")
         return data
 
@@ -135,6 +152,24 @@ def run(args) -> dict:
         saved()
         tqdm.write(f"{name} {target:g}:1 " + ", ".join(f"{task} {row[task]:.3f}" for task in TASKS) + f", measured {row['measured_ratio']:.2f}:1")
     return saved()
+
+
+def into(saved: dict, run: dict) -> dict:
+    """`run`'s rows put into a `saved` run of the same settings: each replaces the row of its cache and target, or follows
+    the last row of its target; the saved environment names the later run and its rows."""
+    if saved["settings"] != run["settings"]:
+        raise SystemExit(f"--into: the saved run's settings {saved['settings']} differ from this run's {run['settings']}.")
+    rows = list(saved["rows"])
+    for row in run["rows"]:
+        same = [i for i, old in enumerate(rows) if (old["cache"], old["target"]) == (row["cache"], row["target"])]
+        if same:
+            rows[same[0]] = row
+        else:
+            rows.insert(max((i + 1 for i, old in enumerate(rows) if old["target"] <= row["target"]), default=len(rows)), row)
+    later = run["environment"] | {"methods": [row["cache"] for row in run["rows"]]}
+    env = saved["environment"] | {"merged": saved["environment"].get("merged", []) + [later]}
+    skipped = saved["skipped"] + [name for name in run["skipped"] if name not in saved["skipped"]]
+    return saved | {"environment": env, "rows": rows, "skipped": skipped}
 
 
 def table(data: dict) -> str:
@@ -165,6 +200,8 @@ def main(argv=None) -> None:
     parser.add_argument("--long", type=int, default=6144)
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default="docs/benchmark/keep_and_merge.json")
+    parser.add_argument("--only", nargs="+", default=None, metavar="CACHE", help="run only these rows of the grid (the table's names)")
+    parser.add_argument("--into", default=None, metavar="JSON", help="put the rows run into this saved run (written to --output)")
     parser.add_argument("--render", default=None, metavar="JSON", help="only print (and with --update-docs, write) the table of a saved run")
     add_update_docs(parser, "methods.md", "keep-and-merge")
     args = parser.parse_args(argv)

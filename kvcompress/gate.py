@@ -19,7 +19,7 @@ from .policies import KeepPolicy, LayerView
 from .rope import rotate
 from .schema import Field, size
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
-from .slots import FILLER, STORE_ROOM, Slots
+from .slots import FILLER, STORE_ROOM, SYNTHESIZED, Slots
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -188,17 +188,46 @@ class GateBudget:
     head fills that room with its best tokens, and `share` (the gates' per-layer keep rate on held-out tokens at the
     thresholds of `floor`, over its mean) gives the layers whose gates keep more the room. Only the default thresholds
     (policy "head", allocation "shared": one probability for every head) let layers differ; the others are fitted per
-    layer or head, so every share is about 1. Counted in tokens, as the baselines' budgets are."""
+    layer or head, so every share is about 1. Counted in tokens, as the baselines' budgets are. `merged`: the share of old
+    tokens that merged slots take first in every layer (keep-and-merge, `SidecarCache`); the layers' shares split the rest."""
 
     ratio: float
     floor: float
     share: torch.Tensor  # [layers]
+    merged: float = 0.0
+
+    @property
+    def kept(self) -> float:
+        """The share of old tokens held exact at the context the budget was fitted for."""
+        return self.floor - self.merged
 
     def tokens(self, layer_idx: int, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
-        """Old tokens each head of layer `layer_idx` may hold, per row (``[B]``)."""
+        """Slots each head of layer `layer_idx` may hold, per row (``[B]``)."""
         exact = budget_slack(settings)
         allowed = torch.maximum(self.floor * (seen - exact), seen / self.ratio - exact)
-        return (allowed * float(self.share[layer_idx])).floor().long().clamp(min=0)
+        merged = self.merged * (seen - exact).clamp(min=0)
+        return (merged + (allowed - merged) * float(self.share[layer_idx])).floor().long().clamp(min=0)
+
+
+def ratio_budget(
+    compressor: GateCompressor, ratio: float | None, keep_ratio: float | None, context: int, settings: CacheSettings,
+    policy: str = "head", allocation: str = "shared", merged: float = 0.0,
+) -> GateBudget | None:
+    """The budget that ``ratio=`` asks of `compressor`'s gates at `context` tokens, with `merged` of the old tokens in merged
+    slots; None where there is none (no ratio, keep_ratio= instead, or 1:1). Its `kept` share is then the keep ratio."""
+    if ratio is None or keep_ratio is not None or Budget(ratio=ratio).ratio == 1:
+        return None
+    ratio, slack = Budget(ratio=ratio).ratio, budget_slack(settings)
+    floor = kept_share(ratio, context, slack)
+    if floor <= merged:
+        raise ValueError(
+            f"The merged slots alone hold more than 1/{ratio:g} of the dense cache at {context} tokens (at most "
+            f"{context / (slack + (context - slack) * merged):.2f}:1 with no token kept): ask for a lower ratio, or give the "
+            "context you expect (context=; longer contexts compress more)."
+        )
+    probabilities = compressor.tensors["heldout_probabilities"].float()  # every head's, so that ranks share the layers' shares
+    shares = layer_shares(probabilities, fitted_thresholds(probabilities, min(1.0, floor - merged), policy, allocation), policy)
+    return GateBudget(ratio, floor, shares, merged)
 
 
 def budget_slack(settings: CacheSettings) -> int:
@@ -216,7 +245,8 @@ def layer_shares(probabilities: torch.Tensor, thresholds: torch.Tensor, policy: 
 class GateKeep(KeepPolicy):
     """Keep a token leaving the window when its gate's probability reaches the head's threshold (fitted for
     `keep_ratio` on held-out tokens), per head or by union over the layer's heads (`policy`); or, with a `target` (`GateBudget`),
-    the tokens of highest probability that fit it. `max_tokens` caps each head's kept tokens, lowest probabilities first."""
+    the tokens of highest probability that fit it; where merged slots share the target, a token the target has no room
+    for when it leaves the window goes to the merge. `max_tokens` caps each head's kept tokens, lowest probabilities first."""
 
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
 
@@ -253,11 +283,31 @@ class GateKeep(KeepPolicy):
         if self.target is not None:  # every token is a candidate: `bound` keeps the most probable that fit
             if self.policy == "layer":  # a token's score is its best head's, so that every head ranks the same
                 probabilities = probabilities.amax(dim=1, keepdim=True).expand_as(probabilities)
-            return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities)
+            if not self.target.merged:
+                return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities)
+            keep = probabilities >= self.lowest_kept(layer, blocks.rows, probabilities)[blocks.rows][..., None]
+            return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
         keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
+
+    def lowest_kept(self, layer: LayerView, rows: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """Per row and head (``[B, H]``), the least probability that the target's room for exact tokens holds once the blocks
+        (of `rows`, scored `probabilities` ``[n, H, N]``) arrive: what the store holds exact and the blocks, ranked; the room is
+        the target's less the merged slots held and to come (the target's share of each block)."""
+        store_ids, store_scores = layer.store["token_ids"], layer.store["scores"]
+        count, heads, length = probabilities.shape
+        per_row = torch.bincount(rows, minlength=store_ids.shape[0])
+        merged = (store_ids == SYNTHESIZED).sum(-1) + (per_row * round(self.target.merged * length))[:, None]
+        room = self.target.tokens(layer.layer_idx, layer.seen, layer.settings)[:, None] - merged  # [B, H]
+        block_in_row = torch.arange(count, device=rows.device) - (per_row.cumsum(0) - per_row)[rows]  # blocks come row by row
+        arriving = store_scores.new_full((len(per_row), heads, int(per_row.max()) * length), -torch.inf)
+        where = (block_in_row[:, None] * length + torch.arange(length, device=rows.device))[:, None, :]
+        arriving[rows[:, None, None], torch.arange(heads, device=rows.device)[None, :, None], where] = probabilities.to(arriving.dtype)
+        ranked = torch.cat([store_scores.masked_fill(store_ids < 0, -torch.inf), arriving], dim=-1).sort(dim=-1, descending=True).values
+        lowest = ranked.gather(-1, (room - 1).clamp(0, ranked.shape[-1] - 1)[..., None])[..., 0]
+        return lowest.masked_fill(room <= 0, torch.inf)
 
     def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         caps = [torch.full_like(layer.seen, self.max_tokens)] if self.max_tokens is not None else []
@@ -276,28 +326,22 @@ class GateKeep(KeepPolicy):
 
 
 def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", allocation: str = "shared",
-                    token_cost: float | None = None, merged_cost: float = 0.0) -> float:
+                    token_cost: float | None = None) -> float:
     """The keep ratio at which gates hold 1/`ratio` of the dense bytes at `context` tokens, from the artifact's held-out
     probabilities: what each head keeps at the thresholds of a keep ratio, padded to the layer's fullest head (the store is
     rectangular), with the store's room to grow. `token_cost`: a kept token-head in dense tokens (default: key, value, token
-    id and gate score); `merged_cost`: what every old token costs besides, in dense tokens (the sidecar's merged slots)."""
+    id and gate score)."""
     probabilities = compressor.tensors["heldout_probabilities"].float()
     head_dim = compressor.config["base_model"]["head_dim"]
     token_cost = slot_cost(2 * head_dim, head_dim, extra_bytes=8) if token_cost is None else token_cost
     ratio = Budget(ratio=ratio).ratio
     exact = settings.sink + settings.window + 1.5 * settings.block_size  # the tail: on average half a block waiting, and room for one
-    if merged_cost and context / ratio - exact <= (context - exact) * merged_cost:
-        best = context / (exact + (context - exact) * merged_cost)
-        raise ValueError(
-            f"The merged slots alone hold more than 1/{ratio:g} of the dense cache at {context} tokens (at most {best:.2f}:1 with no "
-            f"token kept): ask for a lower ratio, or give the context you expect (context=; longer contexts compress more)."
-        )
 
     def held(keep_ratio: float) -> float:
         kept = probabilities >= compressor.thresholds(keep_ratio, policy, allocation)[..., None]
         if policy == "layer":
             kept = kept.any(1, keepdim=True)
-        return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM) + merged_cost / token_cost
+        return float(kept.float().mean(-1).amax(-1).mean()) * (1 + 1 / STORE_ROOM)
 
     return kept_share(ratio, context, exact, token_cost, held)
 
@@ -326,13 +370,9 @@ class GatedCache(FittedCache):
         if not isinstance(compressor, GateCompressor):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
-        ratio = None if ratio is None else Budget(ratio=ratio).ratio  # checked
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: kept_share(ratio, context, budget_slack(settings)))
-        target = None
-        if ratio is not None and keep_ratio < 1:
-            probabilities = compressor.tensors["heldout_probabilities"].float()  # every head's, so that ranks share the layers' shares
-            shares = layer_shares(probabilities, fitted_thresholds(probabilities, keep_ratio, policy, allocation), policy)
-            target = GateBudget(ratio, keep_ratio, shares)
+        target = ratio_budget(compressor, ratio, keep_ratio, context, settings, policy, allocation)
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept)
+        target = target if keep_ratio < 1 else None  # a ratio that every token meets: dense
         super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens, target), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio
 

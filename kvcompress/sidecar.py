@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention_matching import MergedWindows, attention_matching_merge
 from .config import ConfigError
-from .gate import GateCompressor, GateKeep, gate_keep_ratio, gate_sections, gate_tensor_shapes
+from .gate import GateCompressor, GateKeep, gate_sections, gate_tensor_shapes, ratio_budget
 from .hub import CompressorArtifact, FittedCache, frozen_module, same_base_model
 from .memory import DEFAULT_CONTEXT, resolve_keep_ratio, slot_cost, window_for
 from .policies import Encoding, LayerView
@@ -282,10 +282,12 @@ class SidecarCache(FittedCache):
     exact, per head, and merges the rest of each window into the k super-tokens: a stated fact survives a
     merge fitted for prose. "merge" merges every token (the highest ratios). `merge`: "sidecar" (the
     trained network) or "attention_matching" (the closed-form rival, with the artifact's reference queries).
-    `ratio`: the memory knob, dense bytes over held bytes at `context` tokens; in keep-and-merge it sets how
-    many tokens the gates keep (or give `keep_ratio`), in merge mode the exact window (a lower ratio than
-    the network's N:k buys a longer one; a higher one is refused). `window` is the exact recent window;
-    blocks are the network's N.
+    `ratio`: the memory knob. In keep-and-merge a budget of slots that grows with the tokens seen, as the
+    gates' (`kvcompress.gate.GateBudget`): 1/`ratio` of them from `context` tokens on, the merged slots first
+    and each head's most probable tokens in the rest, a token without room when its window leaves being merged
+    (or give `keep_ratio`: keep what the gates' thresholds mark, whatever it holds); in merge mode, dense bytes over held bytes at `context` tokens, met by the exact
+    window (a lower ratio than the network's N:k buys a longer one; a higher one is refused). `window` is the exact
+    recent window; blocks are the network's N.
     """
 
     artifact_class = SidecarCompressor
@@ -301,12 +303,12 @@ class SidecarCache(FittedCache):
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(MODES)}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=compressor.window)
-        dim = compressor.config["base_model"]["head_dim"]
-        merged_cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8 if mode == "merge" else 12)
         keep = None
         if mode == "merge":
             if keep_ratio is not None:
                 raise ValueError("keep_ratio= says how many tokens keep-and-merge holds exact; mode='merge' keeps none.")
+            dim = compressor.config["base_model"]["head_dim"]
+            merged_cost = compressor.slots / compressor.window * slot_cost(2 * dim, dim, extra_bytes=8)
             window = window_for(ratio, window, context, merged_cost, settings, repr(compressor))
         elif compressor.gate is None:
             raise ValueError(
@@ -314,9 +316,9 @@ class SidecarCache(FittedCache):
                 "(kvcompress calibrate --method sidecar --gates GATE_DIR, or compressor.with_gates(gate))."
             )
         else:
-            token_cost = slot_cost(2 * dim, dim, extra_bytes=12)  # key, value, token id, gate score and bias
-            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: gate_keep_ratio(compressor.gate, ratio, settings, context, token_cost=token_cost, merged_cost=merged_cost))
-            keep = GateKeep(compressor.gate, keep_ratio)
+            target = ratio_budget(compressor.gate, ratio, keep_ratio, context, settings, merged=compressor.slots / compressor.window)
+            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept)
+            keep = GateKeep(compressor.gate, keep_ratio, target=target)
         super().__init__(keep, encoding, fitted=vars(settings), window=window, config=config)
         self.compressor, self.mode, self.keep_ratio = compressor, mode, keep_ratio
 

@@ -164,13 +164,13 @@ def test_the_gpu_benchmark_runs_its_pipeline_on_a_tiny_model(tmp_path):
     """--tiny builds every synthetic artifact for the model's shape and times caches on the CPU (it measures nothing)."""
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--tiny", "--context", "1024", "--steps", "4", "--repeats", "1",
-         "--only", "dense, batch 8, packed", "gates", "pca", "sidecar", "--output", str(tmp_path)],
+         "--only", "dense, batch 8, packed", "gates", "pca", "sidecar", "keep-and-merge", "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     saved = json.loads((tmp_path / "gpu.json").read_text())
     runs = {r["cache"].split(" ")[0]: r for r in saved["runs"]}
-    assert {"dense,", "gates", "pca", "sidecar"} <= set(runs)
+    assert {"dense,", "gates", "pca", "sidecar", "keep-and-merge"} <= set(runs)
     assert all(r["tokens_per_second"] > 0 and r["kv_bytes"] > 0 and not r["error"] for r in saved["runs"])
 
 

@@ -282,17 +282,20 @@ def test_a_ratio_holds_its_budget_while_generating_and_one_keeps_everything(gate
     assert torch.equal(greedy(model, GatedCache(compressor, ratio=1), ids), greedy(model, DynamicCache(), ids))
 
 
-@given(ratio=st.floats(1.5, 32.0), context=st.integers(512, 1 << 15), seen=st.lists(st.integers(0, 1 << 16), min_size=2, max_size=8))
-def test_a_gate_budget_grows_with_the_tokens_seen_and_meets_its_ratio_from_its_context_on(ratio, context, seen):
+@given(ratio=st.floats(1.5, 32.0), context=st.integers(512, 1 << 15), seen=st.lists(st.integers(0, 1 << 16), min_size=2, max_size=8),
+       merged=st.sampled_from([0.0, 1 / 64, 1 / 32, 1 / 8]))
+def test_a_gate_budget_grows_with_the_tokens_seen_and_meets_its_ratio_from_its_context_on(ratio, context, seen, merged):
+    """Also with merged slots in it (keep-and-merge): every layer holds them in full, and the layers' shares split the rest."""
     settings = CacheSettings(sink=4, window=64, block_size=16)
     exact = 4 + 64 + 15  # and a block's slack
-    if context / ratio <= exact:
+    if context / ratio <= exact or kept_share(ratio, context, exact) <= merged:
         return
-    budget = GateBudget(ratio, kept_share(ratio, context, exact), torch.tensor([0.5, 1.5]))
+    budget = GateBudget(ratio, kept_share(ratio, context, exact), torch.tensor([0.5, 1.5]), merged)
     seen = torch.tensor(sorted(seen))
     for layer in (0, 1):
         tokens = budget.tokens(layer, seen, settings)
         assert bool((tokens.diff() >= 0).all()) and bool((tokens >= 0).all())  # a token that left never has to come back
+        assert bool((tokens >= (merged * (seen - exact).clamp(min=0)).floor()).all())  # the merged slots fit in every layer
     total = budget.tokens(0, seen, settings) + budget.tokens(1, seen, settings)  # two layers: on average one budget each
     past = seen >= context
     assert bool((total[past] <= 2 * (seen[past] / ratio - exact) + 2).all())

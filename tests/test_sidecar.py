@@ -24,7 +24,7 @@ from kvcompress.calibration.trajectories import collect_trajectories, load_traje
 from kvcompress.hub import model_signature
 from kvcompress.rope import rope_inv_freq, rotate, to_window_frame, window_frame_references
 from kvcompress.sidecar import SidecarNetwork
-from kvcompress.slots import SYNTHESIZED
+from kvcompress.slots import FILLER, SYNTHESIZED
 
 LENGTH = 128  # trajectory sequence length for the tiny model
 
@@ -317,6 +317,29 @@ def test_keep_and_merge_matches_each_row_alone_and_its_artifact_round_trips(tiny
         SidecarCompressor({k: v for k, v in compressor.config.items() if k != "gates"}, compressor.tensors)
 
 
+def test_keep_and_merge_ratio_is_one_budget_the_merged_slots_take_first(tiny):
+    """Under ratio= every head holds at most the budget's slots: every merged slot, then its most probable marked tokens;
+    the held memory follows the ratio, and a lower ratio holds more exact tokens."""
+    model, _, _, data = tiny
+    compressor = _bundled(model, data, window=8, slots=1)
+    ids, exact = prompt_ids(300), {}
+    for ratio in (2.5, 3.5):
+        cache = SidecarCache(compressor, ratio=ratio, context=300)
+        greedy(model, cache, ids, new_tokens=4)
+        target = cache.keep.target
+        assert target.merged == 1 / 8 and 0 < target.kept < 1 - 1 / 8
+        assert 0.8 * ratio < cache.dense_nbytes() / cache.nbytes() < 1.25 * ratio, cache.dense_nbytes() / cache.nbytes()
+        exact[ratio] = 0
+        for layer in cache.layers:
+            token_ids = layer.store["token_ids"]
+            allowed = target.tokens(layer.layer_idx, layer.seen, layer.settings)[:, None]
+            assert bool(((token_ids != FILLER).sum(-1) <= allowed).all())
+            merged = (token_ids == SYNTHESIZED).sum(-1)
+            assert bool((merged >= (int(layer.handed[0]) // 8) // 2).all())  # the merged slots stay (a slot on a kept token is dropped)
+            exact[ratio] += int((token_ids >= 0).sum())
+    assert exact[2.5] > exact[3.5] > 0
+
+
 def test_keep_and_merge_refuses_what_it_cannot_do(tiny):
     model, _, _, data = tiny
     plain, bundled = _compressor(model, data), _bundled(model, data)
@@ -332,7 +355,7 @@ def test_keep_and_merge_refuses_what_it_cannot_do(tiny):
             SidecarCache(bundled, mode=mode)
     with pytest.raises(ValueError, match="Give either ratio= .* or keep_ratio="):
         SidecarCache(bundled, ratio=4, keep_ratio=0.2)
-    with pytest.raises(ValueError, match="The merged slots alone hold more than 1/6 of the dense cache at 4096 tokens \\(at most 3.60:1 with no token kept\\)"):
+    with pytest.raises(ValueError, match="The merged slots alone hold more than 1/6 of the dense cache at 4096 tokens \\(at most 3.95:1 with no token kept\\)"):
         SidecarCache(bundled, ratio=6)
     assert SidecarCache(bundled, ratio=3).keep_ratio < 1
     other = tiny_model("llama", num_hidden_layers=3)
