@@ -180,16 +180,17 @@ class GateCompressor(CompressorArtifact):
 @dataclass(frozen=True)
 class GateBudget:
     """A memory target for gates (``GatedCache(ratio=...)``): each head of layer l holds up to ``share[l] * allowed(seen)``
-    old tokens, the highest gate probabilities first. ``allowed`` is what 1/`ratio` of the `seen` tokens leaves beside the
+    old tokens, the highest gate probabilities first (with merged slots, see `merged`). ``allowed`` is what 1/`ratio` of the `seen` tokens leaves beside the
     sink, the window and a block's slack (as the baselines' `Budget.room`), but never less than `floor` of the other tokens: a short prompt cannot reach the
     ratio anyway, and a fact stated early is kept from the start. Thresholds instead keep what the gates mark, and the gates
     mark fewer tokens of plain prose than of their calibration text, so a ratio met by a threshold drifts with the text; and
     since a layer's store is as long as its fullest head, its other heads' room would hold fillers. Under the budget every
     head fills that room with its best tokens, and `share` (the gates' per-layer keep rate on held-out tokens at the
-    thresholds of `floor`, over its mean) gives the layers whose gates keep more the room. Only the default thresholds
+    thresholds of `kept`, over its mean) gives the layers whose gates keep more the room. Only the default thresholds
     (policy "head", allocation "shared": one probability for every head) let layers differ; the others are fitted per
-    layer or head, so every share is about 1. Counted in tokens, as the baselines' budgets are. `merged`: the share of old
-    tokens that merged slots take first in every layer (keep-and-merge, `SidecarCache`); the layers' shares split the rest."""
+    layer or head, so every share is about 1. Counted in tokens, as the baselines' budgets are. `merged`: the slots per handed
+    token of a merge (k/N, keep-and-merge in `SidecarCache`): every layer holds its merged slots, and the layers' shares split
+    what the budget leaves beside them."""
 
     ratio: float
     floor: float
@@ -198,15 +199,15 @@ class GateBudget:
 
     @property
     def kept(self) -> float:
-        """The share of old tokens held exact at the context the budget was fitted for."""
+        """The share of old tokens held exact at the context the budget was fitted for (about: the merge counts the tokens handed)."""
         return self.floor - self.merged
 
     def tokens(self, layer_idx: int, seen: torch.Tensor, settings: CacheSettings) -> torch.Tensor:
-        """Slots each head of layer `layer_idx` may hold, per row (``[B]``)."""
+        """Slots each head of layer `layer_idx` may hold, per row (``[B]``): never fewer than its merged slots."""
         exact = budget_slack(settings)
         allowed = torch.maximum(self.floor * (seen - exact), seen / self.ratio - exact)
-        merged = self.merged * (seen - exact).clamp(min=0)
-        return (merged + (allowed - merged) * float(self.share[layer_idx])).floor().long().clamp(min=0)
+        merged = self.merged * (seen - settings.sink - settings.window).clamp(min=0)  # at least the merged slots held
+        return (merged + (allowed - merged).clamp(min=0) * float(self.share[layer_idx])).floor().long().clamp(min=0)
 
 
 def ratio_budget(
@@ -219,14 +220,15 @@ def ratio_budget(
         return None
     ratio, slack = Budget(ratio=ratio).ratio, budget_slack(settings)
     floor = kept_share(ratio, context, slack)
-    if floor <= merged:
+    handed = context - settings.sink - settings.window  # the most a merge can have taken
+    if floor * (context - slack) <= merged * handed:
         raise ValueError(
             f"The merged slots alone hold more than 1/{ratio:g} of the dense cache at {context} tokens (at most "
-            f"{context / (slack + (context - slack) * merged):.2f}:1 with no token kept): ask for a lower ratio, or give the "
+            f"{context / (context - handed + handed * merged):.2f}:1 with no token kept): ask for a lower ratio, or give the "
             "context you expect (context=; longer contexts compress more)."
         )
     probabilities = compressor.tensors["heldout_probabilities"].float()  # every head's, so that ranks share the layers' shares
-    shares = layer_shares(probabilities, fitted_thresholds(probabilities, min(1.0, floor - merged), policy, allocation), policy)
+    shares = layer_shares(probabilities, fitted_thresholds(probabilities, floor - merged, policy, allocation), policy)  # above 0: checked
     return GateBudget(ratio, floor, shares, merged)
 
 
@@ -240,6 +242,13 @@ def layer_shares(probabilities: torch.Tensor, thresholds: torch.Tensor, policy: 
     kept = probabilities >= thresholds[..., None]
     rate = (kept.any(1) if policy == "layer" else kept).float().flatten(1).mean(1)
     return rate / rate.mean()
+
+
+def ranking(token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Each slot's place ``[B, H, S]`` when a head's slots are ranked by score, the newest first among equals, fillers last."""
+    newest_first = token_ids.argsort(dim=-1, descending=True, stable=True)
+    ranked = scores.masked_fill(token_ids == FILLER, float("-inf")).gather(-1, newest_first)
+    return newest_first.gather(-1, ranked.argsort(dim=-1, descending=True, stable=True)).argsort(dim=-1)
 
 
 class GateKeep(KeepPolicy):
@@ -285,29 +294,31 @@ class GateKeep(KeepPolicy):
                 probabilities = probabilities.amax(dim=1, keepdim=True).expand_as(probabilities)
             if not self.target.merged:
                 return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities)
-            keep = probabilities >= self.lowest_kept(layer, blocks.rows, probabilities)[blocks.rows][..., None]
+            keep = self.fits(layer, blocks, probabilities)
             return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
         keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
 
-    def lowest_kept(self, layer: LayerView, rows: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-        """Per row and head (``[B, H]``), the least probability that the target's room for exact tokens holds once the blocks
-        (of `rows`, scored `probabilities` ``[n, H, N]``) arrive: what the store holds exact and the blocks, ranked; the room is
-        the target's less the merged slots held and to come (the target's share of each block)."""
+    def fits(self, layer: LayerView, blocks: Slots, probabilities: torch.Tensor) -> torch.Tensor:
+        """Which tokens of `blocks` (scored `probabilities` ``[n, H, N]``) rank, among them and the tokens the store holds
+        exact, as `bound` ranks them, within the target's room for exact tokens: its slots less the merged slots held and
+        to come (its share of each block). The merge takes the others."""
         store_ids, store_scores = layer.store["token_ids"], layer.store["scores"]
         count, heads, length = probabilities.shape
+        rows, device = blocks.rows, probabilities.device
         per_row = torch.bincount(rows, minlength=store_ids.shape[0])
         merged = (store_ids == SYNTHESIZED).sum(-1) + (per_row * round(self.target.merged * length))[:, None]
         room = self.target.tokens(layer.layer_idx, layer.seen, layer.settings)[:, None] - merged  # [B, H]
-        block_in_row = torch.arange(count, device=rows.device) - (per_row.cumsum(0) - per_row)[rows]  # blocks come row by row
-        arriving = store_scores.new_full((len(per_row), heads, int(per_row.max()) * length), -torch.inf)
-        where = (block_in_row[:, None] * length + torch.arange(length, device=rows.device))[:, None, :]
-        arriving[rows[:, None, None], torch.arange(heads, device=rows.device)[None, :, None], where] = probabilities.to(arriving.dtype)
-        ranked = torch.cat([store_scores.masked_fill(store_ids < 0, -torch.inf), arriving], dim=-1).sort(dim=-1, descending=True).values
-        lowest = ranked.gather(-1, (room - 1).clamp(0, ranked.shape[-1] - 1)[..., None])[..., 0]
-        return lowest.masked_fill(room <= 0, torch.inf)
+        block_in_row = torch.arange(count, device=device) - (per_row.cumsum(0) - per_row)[rows]  # blocks come row by row
+        where = (rows[:, None, None], torch.arange(heads, device=device)[None, :, None], (block_in_row[:, None] * length + torch.arange(length, device=device))[:, None, :])
+        ids = store_ids.new_full((len(per_row), heads, int(per_row.max()) * length), FILLER)
+        scores = store_scores.new_zeros(ids.shape)
+        ids[where], scores[where] = blocks.token_ids.to(ids.dtype), probabilities.to(scores.dtype)
+        exact = store_ids.masked_fill(store_ids < 0, FILLER)  # the merged slots are not ranked: they stay
+        place = ranking(torch.cat([exact, ids], dim=-1), torch.cat([store_scores, scores], dim=-1))[..., store_ids.shape[-1] :]
+        return place[where] < room[rows][..., None]
 
     def bound(self, layer: LayerView, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         caps = [torch.full_like(layer.seen, self.max_tokens)] if self.max_tokens is not None else []
@@ -315,10 +326,7 @@ class GateKeep(KeepPolicy):
             caps.append(self.target.tokens(layer.layer_idx, layer.seen, layer.settings))
         if not caps:
             return None
-        newest_first = token_ids.argsort(dim=-1, descending=True, stable=True)  # equal scores: the newest token stays
-        ranked = scores.masked_fill(token_ids == FILLER, float("-inf")).gather(-1, newest_first)
-        order = newest_first.gather(-1, ranked.argsort(dim=-1, descending=True, stable=True))
-        return order.argsort(dim=-1) < torch.stack(caps).amin(0)[:, None, None]
+        return ranking(token_ids, scores) < torch.stack(caps).amin(0)[:, None, None]
 
     def __repr__(self):
         budget = "" if self.target is None else f", ratio={self.target.ratio:g}"

@@ -21,7 +21,8 @@ exactly as it would see a key of the window's start.
 queries before RoPE, rotated to positions after the window, so no inference-time query is needed.
 
 **Keep-and-merge.** An artifact that carries gates (`SidecarCompressor.with_gates`) keeps the tokens its
-gates mark exact, per head (`GateKeep`), and merges the rest of each window: attention matching and the
+gates mark (`keep_ratio=`), or under `ratio=` the most probable ones the budget has room for, exact, per head
+(`GateKeep`), and merges the rest of each window: attention matching and the
 network both mask the kept tokens out, and slots that would stand for no token are dropped. Measured on
 SmolLM2-135M, exact tokens are worth more per byte than merged ones (docs/methods.md#keep-and-merge).
 """
@@ -267,7 +268,7 @@ class SidecarMerge(Encoding):
             return slots
         # A window's slots stand for its tokens that are not kept: a slot whose key is a kept token stands for none.
         stands_for_some = ~kept.gather(-1, merged.selected)
-        scores = None if blocks.scores is None else torch.cat([blocks.scores, torch.ones_like(slots.bias)], dim=-1)  # merged slots rank first
+        scores = None if blocks.scores is None else torch.cat([blocks.scores, torch.full_like(slots.bias, 2.0)], dim=-1)  # above any probability: merged slots rank first
         return Slots(
             blocks.rows, torch.cat([blocks.keys, slots.keys], dim=2), torch.cat([blocks.values, slots.values], dim=2),
             torch.cat([blocks.token_ids, token_ids], dim=-1), scores=scores, bias=torch.cat([torch.zeros_like(kept, dtype=torch.float32), slots.bias], dim=-1),
@@ -323,5 +324,7 @@ class SidecarCache(FittedCache):
         self.compressor, self.mode, self.keep_ratio = compressor, mode, keep_ratio
 
     def __repr__(self):
-        kept = f", keep_ratio={self.keep_ratio:g}" if self.mode == "keep_and_merge" else ""
-        return f"SidecarCache({self.compressor!r}, mode={self.mode}{kept}, merge={self.encoding.merging})"
+        knob = ""
+        if self.mode == "keep_and_merge":
+            knob = f", keep_ratio={self.keep_ratio:g}" if self.keep.target is None else f", ratio={self.keep.target.ratio:g}"
+        return f"SidecarCache({self.compressor!r}, mode={self.mode}{knob}, merge={self.encoding.merging})"

@@ -34,6 +34,10 @@ def caches(artifacts: Path) -> dict:
             lambda: SidecarCache.from_pretrained(artifacts / "sidecar-gated", keep_ratio=1.0, **small),
             lambda: SidecarCache.from_pretrained(artifacts / "sidecar-gated", keep_ratio=0.3, **small),
         ),
+        "sidecar keep-and-merge, ratio=": (
+            lambda: SidecarCache.from_pretrained(artifacts / "sidecar-gated", keep_ratio=1.0, **small),
+            lambda: SidecarCache.from_pretrained(artifacts / "sidecar-gated", ratio=1.5, context=200, **small),
+        ),
         "composed": (
             lambda: ComposedCache.from_pretrained(artifacts / "gate", artifacts / "pca", keep_ratio=1.0, bits=None, **exact),
             lambda: ComposedCache.from_pretrained(artifacts / "gate", artifacts / "pca", keep_ratio=0.5, bits=8, group_size=8, **small),
