@@ -84,4 +84,8 @@ def main(path: str, length: int, artifacts: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # join gloo's threads: a rank that exits while they run can abort ("terminate called")
