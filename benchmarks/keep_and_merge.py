@@ -72,21 +72,15 @@ def grid(args, reference, contexts: tuple[int, ...]) -> tuple[list[tuple[str, fl
                  ("h2o", target, FixedSpec(lambda context, t=target: H2OCache(ratio=t))),
                  ("gates, ratio= (budget)", target, FixedSpec(
                      lambda context, t=target, w=window: GatedCache(gate, ratio=t, context=context, window=w, block_size=sidecar.window)))]
-        for merge, how in ((single, "attention_matching"), (coarse, "attention_matching"), (sidecar, "sidecar")):
-            name = f"keep-and-merge {merge.window}:{merge.slots} {how.replace('_', ' ')}, ratio= (budget)"
-            try:  # refused where the merged slots alone exceed the budget
-                spec = FixedSpec(lambda context, t=target, w=window, m=merge, h=how: SidecarCache(m, ratio=t, context=context, window=w, merge=h))
-                for context in contexts:
-                    spec.build(context)
-                rows.append((name, target, spec))
-            except ValueError:
-                skipped.append(f"{name} at {target:g}:1")
         candidates = {
             "gates": lambda keep, w=window: GatedCache(gate, keep_ratio=keep, window=w, block_size=sidecar.window),
             f"keep-and-merge {sidecar.window}:1 attention matching": lambda keep, w=window: SidecarCache(single, keep_ratio=keep, window=w, merge="attention_matching"),
             f"keep-and-merge {sidecar.window}:{sidecar.slots} sidecar": lambda keep, w=window: SidecarCache(sidecar, keep_ratio=keep, window=w),
         }
         specs = {name: MatchedSpec(name, make, target, reference) for name, make in candidates.items()}
+        for merge, how in ((single, "attention_matching"), (coarse, "attention_matching"), (sidecar, "sidecar")):  # one budget, merged slots first
+            specs[f"keep-and-merge {merge.window}:{merge.slots} {how.replace('_', ' ')}, ratio= (budget)"] = FixedSpec(
+                lambda context, t=target, w=window, m=merge, h=how: SidecarCache(m, ratio=t, context=context, window=w, merge=h))
         specs[f"merge {sidecar.window}:{sidecar.slots} sidecar"] = FixedSpec(lambda context, t=target: SidecarCache(sidecar, mode="merge", ratio=t, context=context))
         gates = specs["gates"]  # the ablation: what merging adds to the gates' own tokens, at more memory
         specs[f"gates' keep ratio + {sidecar.window}:1 attention matching"] = FixedSpec(

@@ -216,9 +216,11 @@ def ratio_budget(
 ) -> GateBudget | None:
     """The budget that ``ratio=`` asks of `compressor`'s gates at `context` tokens, with `merged` of the old tokens in merged
     slots; None where there is none (no ratio, keep_ratio= instead, or 1:1). Its `kept` share is then the keep ratio."""
-    if ratio is None or keep_ratio is not None or Budget(ratio=ratio).ratio == 1:
+    if ratio is None or keep_ratio is not None:
         return None
-    ratio, slack = Budget(ratio=ratio).ratio, budget_slack(settings)
+    ratio, slack = Budget(ratio=ratio).ratio, budget_slack(settings)  # checked
+    if ratio == 1:
+        return None
     floor = kept_share(ratio, context, slack)
     handed = context - settings.sink - settings.window  # the most a merge can have taken
     if floor * (context - slack) <= merged * handed:
