@@ -24,6 +24,7 @@ A compressed cache used without it raises at its next update instead of silently
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Protocol
 
@@ -149,10 +150,16 @@ def _new_token_validity(attention_mask, q_len: int):
     return _new_token_keep(attention_mask, q_len).any(dim=-2)[:, 0]
 
 
+@functools.cache
+def _one_sees_itself(device) -> torch.Tensor:
+    """A decode step's `_new_token_keep` without a mask, made once per device (every layer of every step asks for it)."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+
+
 def _new_token_keep(attention_mask, q_len: int, device=None):
     """What each new query may see among the new tokens ([B or 1, 1, q, q] bool): causal and padding."""
     if attention_mask is None:
-        return torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
+        return _one_sees_itself(device) if q_len == 1 else torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     if attention_mask.shape[-1] < q_len:
         raise RuntimeError(f"Attention mask of length {attention_mask.shape[-1]} is shorter than the {q_len} new tokens.")
     new = attention_mask[..., -q_len:]

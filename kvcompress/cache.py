@@ -38,8 +38,8 @@ Everything is per row in the row's own real tokens (left padding is dropped), so
 batch compresses each row exactly as it would alone. Compression runs right after the layer's
 attention (see `kvcompress.attention`), so prefill attention is exact and, with
 `generate(prefill_chunk_size=...)`, prefill memory is bounded too. A budgeted keep policy's usual
-step (one token leaves, the store stays full) runs in place without a device sync
-(`_hand_one_in_place`).
+step (one token leaves; the store stays full, or takes the slot its budget gained) runs in place
+without a device sync, on a GPU in two kernels (`_hand_one_in_place`, `kvcompress.token_step`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import token_step
 from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention
 from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
@@ -178,10 +179,9 @@ class CompressedLayer(CacheLayerMixin):
     def _arrange(self, tail_capacity: int | None = None) -> None:
         """Give the store room to grow by 1/`STORE_ROOM` (kept while it lasts) and the tail `tail_capacity` slots (default: its
         tokens and the next block); a plain store and the tail go into one allocation whenever either is reallocated."""
-        store_length, room = self.store_length, self.store_length // STORE_ROOM
-        store_capacity = capacity(self.store_buffers)
-        if not store_length + min(room, 1) <= store_capacity <= store_length + 2 * room:  # full, or far too big: reallocate
-            store_capacity = store_length + room
+        store_length, store_capacity = self.store_length, capacity(self.store_buffers)
+        if not self._store_room_holds(store_length):  # full, or far too big: reallocate
+            store_capacity = store_length + store_length // STORE_ROOM
         tail_capacity = self.tail_length + self.block_size if tail_capacity is None else tail_capacity
         if not self.plain_store:
             self.store_buffers = resized(self.store_buffers, store_length, store_capacity)
@@ -191,6 +191,11 @@ class CompressedLayer(CacheLayerMixin):
         else:
             self.store_buffers["token_ids"][:, :, store_length:] = FILLER  # slots that just left the store
         self.store, self.tail = views(self.store_buffers, store_length), views(self.tail_buffers, self.tail_length)
+
+    def _store_room_holds(self, length: int) -> bool:
+        """Whether the store's buffers hold `length` slots and room to grow, and not far more room (`_arrange` keeps them then)."""
+        room = length // STORE_ROOM
+        return length + min(room, 1) <= capacity(self.store_buffers) <= length + 2 * room
 
     def _is_joint(self) -> bool:
         store, tail = self.store_buffers["keys"], self.tail_buffers["keys"]
@@ -364,30 +369,45 @@ class CompressedLayer(CacheLayerMixin):
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
 
     def _hand_one_in_place(self) -> bool:
-        """The usual per-token step in a few dozen small kernels without a device sync: the oldest token leaves the window,
-        its slot is filled by the tail's last one, and the keep policy's `admit` decides what the store keeps.
+        """The usual per-token step without a device sync, in two kernels on a GPU (`kvcompress.token_step`) and a few dozen
+        small operations elsewhere: the oldest token leaves the window, its slot is filled by the tail's last one, and
+        the keep policy's `admit` decides what the store keeps.
 
-        Only when rows are aligned (no padding), blocks are single tokens, one token is due and the store is full and
-        stays so; the result is then the general path's, slot for slot (the tests check it). Returns whether it ran.
+        Only when rows are aligned (no padding), blocks are single tokens, one token is due (or none: the window grew)
+        and the store is full and stays so, or grows by one slot within its room (a ratio's budget gains a token in
+        `ratio`; policies with `admits_when_growing`); the result is then the general path's, slot for slot (the
+        tests check it), except that the tail keeps the room a growing window gave it (at most 1/32 of it) where the
+        general path would copy it back to its length. Returns whether it ran.
         """
         if not (self.block_size == 1 and self.rows_aligned and not self.has_fillers and self._new_tokens == 1):
             return False
         seen = torch.tensor([self.cumulative_length])
         sink = min(self.cumulative_length, self.sink)
         window = int(self.keep.window(self, seen))
-        if self.tail_length - sink - window != 1 or int(self.keep.budget.room(seen, self.settings)) - window != self.store_length:
+        grows = int(self.keep.budget.room(seen, self.settings)) - window - self.store_length  # 1: the store takes one more slot
+        if self.tail_length - sink == window:  # the window grew: nothing leaves (the general path's count, with no sync)
+            self._tokens_until_check = 1
+            return True
+        if self.tail_length - sink - window != 1 or not (grows == 0 or (grows == 1 and self.keep.admits_when_growing and self._store_room_holds(self.store_length + 1))):
             return False
         tail, last = self.tail, self.tail_length - 1
         oldest = self.cumulative_length - self.tail_length + sink  # the first token id after the sink still in the tail
-        where = (tail["token_ids"][:, :1] == oldest).int().argmax(-1, keepdim=True)  # [B, 1, 1]: its slot (the same in every head)
-        leaving = {}
-        for name, slots in tail.items():  # keys, values, token ids (and scores)
-            if slots is not None:
-                index = slot_index(where, slots)
-                leaving[name] = slots.gather(2, index)
-                slots.scatter_(2, index, slots[:, :, last:].clone())  # the last slot fills its place (a copy: it may be that place)
+        if token_step.available(tail["keys"]):  # one kernel on a GPU, not some 25 small ones
+            leaving = token_step.hand_one(tail, last, oldest)
+        else:
+            where = (tail["token_ids"][:, :1] == oldest).int().argmax(-1, keepdim=True)  # [B, 1, 1]: its slot (the same in every head)
+            leaving = {}
+            for name, slots in tail.items():  # keys, values, token ids (and scores)
+                if slots is not None:
+                    index = slot_index(where, slots)
+                    leaving[name] = slots.gather(2, index)
+                    slots.scatter_(2, index, slots[:, :, last:].clone())  # the last slot fills its place (a copy: it may be that place)
         self.tail_length = last
         self.tail = views(self.tail_buffers, last)
+        if grows:  # a last slot for `admit` to fill: a filler that any score beats
+            self.store_length += 1
+            self.store = views(self.store_buffers, self.store_length)
+            self.store["scores"][:, :, -1] = float("-inf")
         self.keep.admit(self, leaving)
         self.handed += 1
         if not self.has_handed:  # the first token left: the room a growing tail got is not kept

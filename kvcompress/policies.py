@@ -46,6 +46,7 @@ class KeepPolicy:
     keeps_scores = False  # the store keeps the per-slot scores that `choose` returns (for `bound`)
     per_head = True  # heads may keep different tokens (False: every head of a layer keeps the same ones)
     budget: Budget | None = None  # a token budget per row and head, which sizes the window (`window`)
+    admits_when_growing = False  # `admit` fills a slot the store gains as a ratio's budget grows (else such steps take the general path)
     preferred: dict = {}  # settings this policy works best with (e.g. block_size=1), below the artifact's and the user's
     artifacts: tuple[CompressorArtifact, ...] = ()  # fitted artifacts, checked against the model at first use
 
@@ -68,7 +69,8 @@ class KeepPolicy:
     def admit(self, layer: LayerView, leaving: dict) -> None:
         """For a budgeted policy with single-token blocks whose full store stays full: let the store take the token
         leaving the window (one slot ``[B, H, 1, ...]`` per tail tensor) in place of one of its own, by writing
-        into ``layer.store``. By default it takes nothing."""
+        into ``layer.store``. With `admits_when_growing`, also when the budget grows by a slot: the store's last slot is
+        then a filler scored -inf, which the policy must fill. By default it takes nothing."""
 
 
 class Encoding:

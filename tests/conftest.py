@@ -5,6 +5,9 @@ KVCOMPRESS_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (default: cpu).
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +91,32 @@ def reseal(directory, config=None) -> None:
     config = json.loads((directory / CONFIG_FILE).read_text()) if config is None else config
     config = {key: value for key, value in config.items() if key != "sha256"}
     (directory / CONFIG_FILE).write_text(json.dumps({"sha256": checksum(config, directory / WEIGHTS_FILE)} | config))
+
+
+def watch_hand_one(monkeypatch) -> list:
+    """Record, for every per-token step the engine tries in place, (whether it ran, slots the store gained)."""
+    from kvcompress.cache import CompressedLayer
+
+    steps, hand_one = [], CompressedLayer._hand_one_in_place
+
+    def watched(layer):
+        stored = layer.store_length
+        steps.append((hand_one(layer), layer.store_length - stored))
+        return steps[-1][0]
+
+    monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", watched)
+    return steps
+
+
+def assert_pass_under_triton_interpreter(test_file: str, selection: str, passed: int) -> None:
+    """Run the Triton kernel tests of `test_file` selected by `selection` (pytest -k) on the CPU under Triton's interpreter."""
+    if sys.platform != "linux":
+        pytest.skip("Triton's wheels (in the test extra) are for Linux")
+    from kvcompress import latent_attention
+
+    assert latent_attention.triton is not None, "Triton is missing: install the test extra, pip install -e '.[test]'"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
+        cwd=Path(__file__).parent.parent, env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200,
+    )
+    assert run.returncode == 0 and f"{passed} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

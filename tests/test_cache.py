@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model
+from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model, watch_hand_one
 from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
@@ -239,14 +239,13 @@ def test_place_keeps_slots_where_they_are_and_moves_only_the_rest():
 def test_per_token_eviction_in_place_equals_the_general_path(monkeypatch, cache_class, budget):
     from kvcompress.cache import CompressedLayer
 
-    model = tiny_model("llama")
-    ids = prompt_ids(40, batch=2)
-    ran = []
-    in_place = CompressedLayer._hand_one_in_place
-    monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", lambda self: ran.append(in_place(self)) or ran[-1])
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids = prompt_ids(400, batch=2)  # at 3:1 H2O's store (over 64 slots) has room (1/32) to take a slot in place as the budget grows
+    ran = watch_hand_one(monkeypatch)
     quick = cache_class(**budget)
     quick_tokens = greedy(model, quick, ids, new_tokens=30)
-    assert sum(ran) > 20  # the usual per-token step took the in-place path
+    assert sum(took for took, _ in ran) > 20  # the usual per-token step took the in-place path
+    assert (cache_class is H2OCache and "ratio" in budget) == any(took and grew for took, grew in ran)
     monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", lambda self: False)
     general = cache_class(**budget)
     assert torch.equal(greedy(model, general, ids, new_tokens=30), quick_tokens)

@@ -2,15 +2,11 @@
 store, and the Triton kernel against the PyTorch path (on a GPU, or on the CPU under Triton's
 interpreter, which `test_the_kernel_tests_pass_under_the_triton_interpreter` runs)."""
 
-import os
-import subprocess
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, prompt_ids, tiny_model
+from conftest import DEVICE, assert_pass_under_triton_interpreter, prompt_ids, tiny_model
 from test_gates import tiny_gates
 from test_lowrank import SETTINGS, calibrate, uniform
 
@@ -209,16 +205,7 @@ def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
 def test_the_kernel_tests_pass_under_the_triton_interpreter():
-    if sys.platform != "linux":
-        pytest.skip("Triton's wheels (in the test extra) are for Linux")
-    assert latent_attention.triton is not None, "Triton is missing: install the test extra, pip install -e '.[test]'"
-    environment = os.environ | {"TRITON_INTERPRET": "1"}
-    tests = Path(__file__).parent
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernel_equals or kernel_rotates or too_large_for_shared"],
-        cwd=tests.parent, env=environment, capture_output=True, text=True, timeout=1200,
-    )
-    assert run.returncode == 0 and f"{len(CACHES) + 2} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared", len(CACHES) + 2)
 
 
 @pytest.mark.parametrize("name", ["pca, mixed ranks", "gates x pca x int4"])

@@ -2,14 +2,10 @@
 against the PyTorch path, on a GPU or on the CPU under Triton's interpreter
 (`test_the_scored_kernel_tests_pass_under_the_triton_interpreter` runs them there)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_model
+from conftest import DEVICE, assert_pass_under_triton_interpreter, tiny_model
 from test_latent_attention import decode_logits, padded_prompt
 
 from kvcompress import H2OCache, attention, latent_attention, scored_attention
@@ -87,11 +83,4 @@ def test_h2o_decode_steps_equal_the_pytorch_path(monkeypatch):
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
 def test_the_scored_kernel_tests_pass_under_the_triton_interpreter():
-    if sys.platform != "linux":
-        pytest.skip("Triton's wheels (in the test extra) are for Linux")
-    assert scored_attention.triton is not None, "Triton is missing: install the test extra, pip install -e '.[test]'"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "equal"],
-        cwd=Path(__file__).parent.parent, env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200,
-    )
-    assert run.returncode == 0 and "5 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_pass_under_triton_interpreter(__file__, "equal", 5)

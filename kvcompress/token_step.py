@@ -1,0 +1,142 @@
+"""Triton kernels for the per-token step of a budgeted cache on a GPU: the token that leaves the window, and H2O's admission.
+
+At single-token blocks a budgeted cache (StreamingLLM, H2O) moves one token per layer and decode step:
+the oldest token after the sink leaves the tail, the tail's last slot fills its place, and H2O's store
+takes the token in place of its lowest-scored heavy hitter if the token scores higher. In PyTorch that
+is some 60 small operations per layer for H2O, 25 for StreamingLLM (gathers, scatters and index
+arithmetic for each of keys, values, token ids and scores), and at batch 64 on an H200 launching
+them bound the step (H2O: 99 ms a step, the GPU busy for a third of it). Here each part is one kernel with one program per (row, KV
+head). Like the attention kernels they run on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the CPU tests check them against the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .latent_attention import triton
+
+if triton is not None:
+    import triton.language as tl
+
+BLOCK_SLOTS = 1024  # token ids or scores scanned per inner step
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can run on this tensor's device: Triton present, and a GPU or the interpreter."""
+    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
+
+
+def _rows_and_strides(slots: dict) -> tuple:
+    """(keys, values, token ids, scores or a stand-in) of a part, and whether it has scores; slots must be the last-but-one
+    dimension with the numbers of a slot contiguous, as the cache's buffers are."""
+    keys, values, token_ids, scores = slots["keys"], slots["values"], slots["token_ids"], slots.get("scores")
+    for tensor in (keys, values):
+        assert tensor.stride(-1) == 1, "a slot's numbers must be contiguous"
+    assert token_ids.stride(-1) == 1 and (scores is None or scores.stride(-1) == 1)
+    return keys, values, token_ids, token_ids if scores is None else scores, scores is not None
+
+
+def hand_one(tail: dict, last: int, oldest: int) -> dict:
+    """Take the slot holding token `oldest` out of each (row, head) of `tail`, and move the slot `last` into its place.
+
+    `tail`: keys/values ``[B, H, T, D]``, token_ids ``[B, H, T]`` and scores ``[B, H, T]`` or None. Returns the
+    slots taken out (``[B, H, 1, ...]`` per tensor), as `CompressedLayer._hand_one_in_place`'s PyTorch path does
+    (a (row, head) without the token gives up its slot 0, as an argmax over no match does).
+    """
+    keys, values, token_ids, scores, has_scores = _rows_and_strides(tail)
+    batch, heads = token_ids.shape[:2]
+    leaving = {
+        "keys": keys.new_empty(batch, heads, 1, keys.shape[-1]),
+        "values": values.new_empty(batch, heads, 1, values.shape[-1]),
+        "token_ids": token_ids.new_empty(batch, heads, 1),
+        "scores": scores.new_empty(batch, heads, 1) if has_scores else None,
+    }
+    _hand_one_kernel[(batch * heads,)](
+        keys, values, token_ids, scores, leaving["keys"], leaving["values"], leaving["token_ids"], leaving["scores"] if has_scores else scores,
+        last, oldest, *keys.stride()[:3], *values.stride()[:3], *token_ids.stride()[:2], *scores.stride()[:2],
+        HEADS=heads, KEY_DIM=keys.shape[-1], VALUE_DIM=values.shape[-1], KEY_WIDTH=triton.next_power_of_2(keys.shape[-1]),
+        VALUE_WIDTH=triton.next_power_of_2(values.shape[-1]), HAS_SCORES=has_scores, BLOCK=BLOCK_SLOTS,
+    )
+    return leaving
+
+
+def replace_lowest(store: dict, length: int, incoming: dict) -> None:
+    """In each (row, head) of `store` (its first `length` slots), put the `incoming` slot in place of the lowest-scored one
+    (the latest of them, on a tie) if the incoming slot scores higher: `HeavyHitters.admit` in one kernel."""
+    keys, values, token_ids, scores, _ = _rows_and_strides(store)
+    batch, heads = token_ids.shape[:2]
+    _replace_lowest_kernel[(batch * heads,)](
+        keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"],
+        length, *keys.stride()[:3], *values.stride()[:3], *token_ids.stride()[:2], *scores.stride()[:2],
+        HEADS=heads, KEY_DIM=keys.shape[-1], VALUE_DIM=values.shape[-1], KEY_WIDTH=triton.next_power_of_2(keys.shape[-1]),
+        VALUE_WIDTH=triton.next_power_of_2(values.shape[-1]), BLOCK=BLOCK_SLOTS,
+    )
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["last", "oldest", "k_sb", "k_sh", "v_sb", "v_sh", "i_sb", "i_sh", "s_sb", "s_sh"])
+    def _hand_one_kernel(
+        k_ptr, v_ptr, ids_ptr, scores_ptr, out_k_ptr, out_v_ptr, out_ids_ptr, out_scores_ptr, last, oldest,
+        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, i_sb, i_sh, s_sb, s_sh,
+        HEADS: tl.constexpr, KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr,
+        HAS_SCORES: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0).to(tl.int64)
+        row, head = program // HEADS, program % HEADS
+        ids = ids_ptr + row * i_sb + head * i_sh
+        where = last + 1  # past every slot: not found yet
+        for first in range(0, last + 1, BLOCK):
+            s = first + tl.arange(0, BLOCK)
+            found = tl.load(ids + s, mask=s <= last, other=-1) == oldest
+            where = tl.minimum(where, tl.min(tl.where(found, s, last + 1)))
+        where = tl.where(where > last, 0, where)
+        _move_slot(k_ptr + row * k_sb + head * k_sh, k_ss, where, last, out_k_ptr + program * KEY_DIM, KEY_DIM, KEY_WIDTH)
+        _move_slot(v_ptr + row * v_sb + head * v_sh, v_ss, where, last, out_v_ptr + program * VALUE_DIM, VALUE_DIM, VALUE_WIDTH)
+        _move_slot(ids, 1, where, last, out_ids_ptr + program, 1, 1)
+        if HAS_SCORES:
+            _move_slot(scores_ptr + row * s_sb + head * s_sh, 1, where, last, out_scores_ptr + program, 1, 1)
+
+    @triton.jit
+    def _move_slot(part, slot_stride, where, last, out, DIM: tl.constexpr, WIDTH: tl.constexpr):
+        """Copy slot `where` of a (row, head) to `out`, then slot `last` into slot `where` (a no-op when they are one)."""
+        d = tl.arange(0, WIDTH)
+        inside = d < DIM
+        leaving = tl.load(part + where * slot_stride + d, mask=inside)
+        moving = tl.load(part + last * slot_stride + d, mask=inside)
+        tl.store(out + d, leaving, mask=inside)
+        tl.store(part + where * slot_stride + d, moving, mask=inside)
+
+    @triton.jit(do_not_specialize=["length", "k_sb", "k_sh", "v_sb", "v_sh", "i_sb", "i_sh", "s_sb", "s_sh"])
+    def _replace_lowest_kernel(
+        k_ptr, v_ptr, ids_ptr, scores_ptr, in_k_ptr, in_v_ptr, in_ids_ptr, in_scores_ptr, length,
+        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, i_sb, i_sh, s_sb, s_sh,
+        HEADS: tl.constexpr, KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0).to(tl.int64)
+        row, head = program // HEADS, program % HEADS
+        scores = scores_ptr + row * s_sb + head * s_sh
+        lowest, at = float("inf"), -1
+        for first in range(0, length, BLOCK):
+            s = first + tl.arange(0, BLOCK)
+            inside = s < length
+            block = tl.load(scores + s, mask=inside, other=float("inf"))
+            block_lowest = tl.min(block)
+            block_at = tl.max(tl.where(inside & (block == block_lowest), s, -1))
+            at = tl.where(block_lowest < lowest, block_at, tl.where(block_lowest == lowest, tl.maximum(at, block_at), at))
+            lowest = tl.minimum(lowest, block_lowest)
+        incoming = tl.load(in_scores_ptr + program)
+        if (at >= 0) & (incoming > lowest):
+            _put_slot(k_ptr + row * k_sb + head * k_sh, k_ss, at, in_k_ptr + program * KEY_DIM, KEY_DIM, KEY_WIDTH)
+            _put_slot(v_ptr + row * v_sb + head * v_sh, v_ss, at, in_v_ptr + program * VALUE_DIM, VALUE_DIM, VALUE_WIDTH)
+            _put_slot(ids_ptr + row * i_sb + head * i_sh, 1, at, in_ids_ptr + program, 1, 1)
+            tl.store(scores + at, incoming)
+
+    @triton.jit
+    def _put_slot(part, slot_stride, at, source, DIM: tl.constexpr, WIDTH: tl.constexpr):
+        d = tl.arange(0, WIDTH)
+        tl.store(part + at * slot_stride + d, tl.load(source + d, mask=d < DIM), mask=d < DIM)
