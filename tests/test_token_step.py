@@ -76,7 +76,9 @@ def test_hand_one_equals_the_reference(batch, heads, length, dim, dtype, scored,
     tail = slots_with_room(batch, heads, length, dim, dtype, torch.Generator().manual_seed(seed), scored)
     oldest = int(tail["token_ids"][0, 0, oldest_at]) if oldest_at < length else 10_000  # else: no slot holds it
     expected_tail, expected_leaving = reference_hand_one(tail, length - 1, oldest)
-    leaving = token_step.hand_one(tail, length - 1, oldest)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(token_step, "BLOCK_SLOTS", 16)  # the scan for the token crosses blocks
+        leaving = token_step.hand_one(tail, length - 1, oldest)
     assert_parts_equal(tail, expected_tail)
     assert_parts_equal(leaving, expected_leaving)
 
@@ -88,12 +90,15 @@ def test_hand_one_equals_the_reference(batch, heads, length, dim, dtype, scored,
     dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
 )
 def test_replace_lowest_equals_the_reference(batch, heads, length, dim, dtype, seed):
-    """Ties among the lowest (the latest goes), an incoming score equal to the lowest (nothing changes), a store of one slot."""
+    """Ties among the lowest (the latest goes), also in different blocks of the scan, an incoming score equal to the lowest
+    (nothing changes), a store of one slot."""
     generator = torch.Generator().manual_seed(seed)
     store = slots_with_room(batch, heads, length, dim, dtype, generator)
     incoming = {name: t[:, :, :1].clone() for name, t in slots_with_room(batch, heads, 1, dim, dtype, generator).items()}
     expected = reference_replace_lowest(store, incoming)
-    token_step.replace_lowest(store, length, incoming)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(token_step, "BLOCK_SLOTS", 16)  # the lowest scores and their ties are found across blocks
+        token_step.replace_lowest(store, length, incoming)
     assert_parts_equal(store, expected)
 
 
