@@ -69,7 +69,7 @@ class HeavyHitters(RecentOnly):
         if store["scores"].shape[-1] == 0:
             return
         if token_step.available(store["scores"]):  # one kernel on a GPU, not some 35 small ones
-            return token_step.replace_lowest(store, store["scores"].shape[-1], leaving)
+            return token_step.replace_lowest(store, leaving)
         lowest = store["scores"].shape[-1] - 1 - store["scores"].flip(-1).argmin(-1, keepdim=True)  # [B, H, 1]
         replace = leaving["scores"] > store["scores"].gather(-1, lowest)
         for name in ("keys", "values", "token_ids", "scores"):

@@ -384,10 +384,10 @@ class CompressedLayer(CacheLayerMixin):
         seen = torch.tensor([self.cumulative_length])
         sink = min(self.cumulative_length, self.sink)
         window = int(self.keep.window(self, seen))
-        grows = int(self.keep.budget.room(seen, self.settings)) - window - self.store_length  # 1: the store takes one more slot
         if self.tail_length - sink == window:  # the window grew: nothing leaves (the general path's count, with no sync)
             self._tokens_until_check = 1
             return True
+        grows = int(self.keep.budget.room(seen, self.settings)) - window - self.store_length  # 1: the store takes one more slot
         if self.tail_length - sink - window != 1 or not (grows == 0 or (grows == 1 and self.keep.admits_when_growing and self._store_room_holds(self.store_length + 1))):
             return False
         tail, last = self.tail, self.tail_length - 1

@@ -42,9 +42,12 @@ _FITTING_BLOCK = {}  # (device, dtype, head_dim, key width, value width, bits) -
 def available(queries: torch.Tensor) -> bool:
     """Whether the kernel can run for these queries: Triton present, a GPU (or the interpreter), a power-of-two head_dim >= 32."""
     head_dim = queries.shape[-1]
-    if triton is None or head_dim < 32 or head_dim & (head_dim - 1):
-        return False
-    return queries.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+    return head_dim >= 32 and not head_dim & (head_dim - 1) and triton_runs_on(queries)
+
+
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on this tensor's device: Triton present, and a GPU or Triton's interpreter."""
+    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
 
 
 def _width(columns: int) -> int:

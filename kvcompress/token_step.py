@@ -12,31 +12,31 @@ head). Like the attention kernels they run on the CPU under Triton's interpreter
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-from .latent_attention import triton
+from .latent_attention import triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
 
 BLOCK_SLOTS = 1024  # token ids or scores scanned per inner step
 
-
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernels can run on this tensor's device: Triton present, and a GPU or the interpreter."""
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
+available = triton_runs_on  # whether the kernels can run on a tensor's device
 
 
-def _rows_and_strides(slots: dict) -> tuple:
-    """(keys, values, token ids, scores or a stand-in) of a part, and whether it has scores; slots must be the last-but-one
-    dimension with the numbers of a slot contiguous, as the cache's buffers are."""
+def _layout(slots: dict) -> tuple:
+    """(keys, values, token ids, scores or a stand-in) of a part, whether it has scores, and the kernels' shared arguments
+    (strides of rows, heads and slots) and sizes. Slots must be the last-but-one dimension with the numbers of a slot
+    contiguous, as the cache's buffers are."""
     keys, values, token_ids, scores = slots["keys"], slots["values"], slots["token_ids"], slots.get("scores")
     for tensor in (keys, values):
         assert tensor.stride(-1) == 1, "a slot's numbers must be contiguous"
     assert token_ids.stride(-1) == 1 and (scores is None or scores.stride(-1) == 1)
-    return keys, values, token_ids, token_ids if scores is None else scores, scores is not None
+    has_scores, scores = scores is not None, token_ids if scores is None else scores
+    strides = (*keys.stride()[:3], *values.stride()[:3], *token_ids.stride()[:2], *scores.stride()[:2])
+    sizes = dict(
+        HEADS=token_ids.shape[1], KEY_DIM=keys.shape[-1], VALUE_DIM=values.shape[-1], KEY_WIDTH=triton.next_power_of_2(keys.shape[-1]),
+        VALUE_WIDTH=triton.next_power_of_2(values.shape[-1]), BLOCK=BLOCK_SLOTS,
+    )
+    return keys, values, token_ids, scores, has_scores, strides, sizes
 
 
 def hand_one(tail: dict, last: int, oldest: int) -> dict:
@@ -46,7 +46,7 @@ def hand_one(tail: dict, last: int, oldest: int) -> dict:
     slots taken out (``[B, H, 1, ...]`` per tensor), as `CompressedLayer._hand_one_in_place`'s PyTorch path does
     (a (row, head) without the token gives up its slot 0, as an argmax over no match does).
     """
-    keys, values, token_ids, scores, has_scores = _rows_and_strides(tail)
+    keys, values, token_ids, scores, has_scores, strides, sizes = _layout(tail)
     batch, heads = token_ids.shape[:2]
     leaving = {
         "keys": keys.new_empty(batch, heads, 1, keys.shape[-1]),
@@ -56,23 +56,18 @@ def hand_one(tail: dict, last: int, oldest: int) -> dict:
     }
     _hand_one_kernel[(batch * heads,)](
         keys, values, token_ids, scores, leaving["keys"], leaving["values"], leaving["token_ids"], leaving["scores"] if has_scores else scores,
-        last, oldest, *keys.stride()[:3], *values.stride()[:3], *token_ids.stride()[:2], *scores.stride()[:2],
-        HEADS=heads, KEY_DIM=keys.shape[-1], VALUE_DIM=values.shape[-1], KEY_WIDTH=triton.next_power_of_2(keys.shape[-1]),
-        VALUE_WIDTH=triton.next_power_of_2(values.shape[-1]), HAS_SCORES=has_scores, BLOCK=BLOCK_SLOTS,
+        last, oldest, *strides, HAS_SCORES=has_scores, **sizes,
     )
     return leaving
 
 
-def replace_lowest(store: dict, length: int, incoming: dict) -> None:
-    """In each (row, head) of `store` (its first `length` slots), put the `incoming` slot in place of the lowest-scored one
-    (the latest of them, on a tie) if the incoming slot scores higher: `HeavyHitters.admit` in one kernel."""
-    keys, values, token_ids, scores, _ = _rows_and_strides(store)
-    batch, heads = token_ids.shape[:2]
+def replace_lowest(store: dict, incoming: dict) -> None:
+    """In each (row, head) of `store`, put the `incoming` slot in place of the lowest-scored one (the latest of them, on a
+    tie) if the incoming slot scores higher: `HeavyHitters.admit` in one kernel."""
+    keys, values, token_ids, scores, _, strides, sizes = _layout(store)
+    batch, heads, length = token_ids.shape
     _replace_lowest_kernel[(batch * heads,)](
-        keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"],
-        length, *keys.stride()[:3], *values.stride()[:3], *token_ids.stride()[:2], *scores.stride()[:2],
-        HEADS=heads, KEY_DIM=keys.shape[-1], VALUE_DIM=values.shape[-1], KEY_WIDTH=triton.next_power_of_2(keys.shape[-1]),
-        VALUE_WIDTH=triton.next_power_of_2(values.shape[-1]), BLOCK=BLOCK_SLOTS,
+        keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"], length, *strides, **sizes,
     )
 
 

@@ -2,7 +2,6 @@
 against the PyTorch path, on a GPU or on the CPU under Triton's interpreter
 (`test_the_scored_kernel_tests_pass_under_the_triton_interpreter` runs them there)."""
 
-
 import pytest
 import torch
 from conftest import DEVICE, assert_pass_under_triton_interpreter, tiny_model

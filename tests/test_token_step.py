@@ -98,7 +98,7 @@ def test_replace_lowest_equals_the_reference(batch, heads, length, dim, dtype, s
     expected = reference_replace_lowest(store, incoming)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(token_step, "BLOCK_SLOTS", 16)  # the lowest scores and their ties are found across blocks
-        token_step.replace_lowest(store, length, incoming)
+        token_step.replace_lowest(store, incoming)
     assert_parts_equal(store, expected)
 
 
