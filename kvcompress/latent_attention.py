@@ -164,6 +164,7 @@ if triton is not None:
         q_rows = q_ptr + row * q_sb + head * q_sh + r[:, None] * q_sr
         q_first = tl.load(q_rows + d[None, :], mask=r[:, None] < rows, other=0.0)
         q_second = tl.load(q_rows + HALF + d[None, :], mask=r[:, None] < rows, other=0.0)
+        q_first_t, q_second_t = tl.trans(q_first), tl.trans(q_second)
         key_start, key_rank = _columns(kcol_ptr, head, KEY_STEP, KEY_WIDTH)
         value_start, value_rank = _columns(vcol_ptr, head, VALUE_STEP, VALUE_WIDTH)
         decoder = dec_ptr + head * dec_sh + rk[:, None] * dec_sr + d[None, :]
@@ -191,8 +192,8 @@ if triton is not None:
             cos, sin = _cos_sin(position.to(tl.float32)[:, None] * freq[None, :], FAST_TRIG)
             rotated_first = (k_first * cos - k_second * sin).to(q_first.dtype)  # RoPE, as transformers' rotate_half does it
             rotated_second = (k_second * cos + k_first * sin).to(q_first.dtype)
-            logits = tl.dot(q_first, tl.trans(rotated_first), input_precision=PRECISION)
-            logits = (logits + tl.dot(q_second, tl.trans(rotated_second), input_precision=PRECISION)).to(tl.float32) * scaling
+            logits = tl.dot(rotated_first, q_first_t, input_precision=PRECISION)  # slots as the product's rows: the keys stay in registers
+            logits = tl.trans((logits + tl.dot(rotated_second, q_second_t, input_precision=PRECISION)).to(tl.float32) * scaling)
             logits = tl.where((position >= 0)[None, :], logits, float("-inf"))
             zv = _load_latents(zv_ptr, zv_scale_ptr, zv_row + s * zv_ss, zvs_row + s * zvs_ss,
                                inside, value_start, value_rank, VALUE_WIDTH, VALUE_STEP >= 0, VALUE_BITS, VALUE_GROUP, q_first.dtype)
