@@ -17,6 +17,7 @@ The pretrained compressors ship inside the package as complete Hub repositories
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -360,7 +361,24 @@ def same_base_model(first: dict, second: dict) -> bool:
 
 
 def _weight_norm(projection) -> float:
-    return float(full(projection.weight.detach()).float().norm())  # the whole weight's, also when tensor parallelism shards it
+    """The norm of a projection's whole weight: gathered where tensor parallelism shards it, brought in from where accelerate
+    offloaded it (to the CPU or disk: its parameters wait on the meta device while the module is not running)."""
+    with _onloaded(projection):
+        return float(full(projection.weight.detach()).float().norm())
+
+
+def _onloaded(module):
+    """A context in which `module`'s parameters are real tensors, also when accelerate offloaded them."""
+    if not module.weight.is_meta:
+        return contextlib.nullcontext()
+    try:
+        from accelerate.utils import align_module_device
+    except ImportError as error:
+        raise ImportError(
+            "This model's weights are offloaded (on the meta device until each module runs): checking a compressor against them "
+            "needs accelerate>=1.1 (pip install -U accelerate)."
+        ) from error
+    return align_module_device(module)
 
 
 def _format(value) -> str:
