@@ -362,9 +362,14 @@ def same_base_model(first: dict, second: dict) -> bool:
 
 def _weight_norm(projection) -> float:
     """The norm of a projection's whole weight: gathered where tensor parallelism shards it, brought in from where accelerate
-    offloaded it (to the CPU or disk: its parameters wait on the meta device while the module is not running)."""
+    offloaded it (to the CPU or disk: its parameters wait on the meta device while the module is not running), and
+    de-quantized where the model's weights are quantized (torchao's weight tensors: a quantized copy of the fitted model
+    is that model, within `FINGERPRINT_TOLERANCE`)."""
     with _onloaded(projection):
-        return float(full(projection.weight.detach()).float().norm())
+        weight = full(projection.weight.detach())
+        if type(weight).dequantize is not torch.Tensor.dequantize:  # a tensor subclass that stands for a float weight
+            weight = weight.dequantize()
+        return float(weight.float().norm())
 
 
 def _onloaded(module):

@@ -113,6 +113,21 @@ def test_shipped_compressor_refuses_another_model(repo_id, monkeypatch):
         greedy(tiny_model(), cache, prompt_ids(40), new_tokens=2)
 
 
+def test_shipped_compressors_take_the_default_model_with_quantized_weights():
+    """torchao's int8 weights (TorchAoConfig) are tensor subclasses: the compressors' model check de-quantizes them (it
+    failed inside torchao before). At settings that lose nothing each cache generates the quantized model's dense tokens."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    quantization = TorchAoConfig(Int8WeightOnlyConfig())
+    model = kvcompress.enable(AutoModelForCausalLM.from_pretrained(kvcompress.models.default_model_path(), quantization_config=quantization, dtype=torch.float32))
+    assert type(model.model.layers[0].self_attn.k_proj.weight).dequantize is not torch.Tensor.dequantize  # quantized, as torchao holds it
+    ids = torch.tensor([model.config.bos_token_id or 1] + list(range(200, 300)))[None]
+    dense = greedy(model, DynamicCache(), ids, new_tokens=8)
+    for repo_id, cache_class in SHIPPED.items():
+        assert torch.equal(greedy(model, cache_class.from_pretrained(repo_id, window=10000), ids, new_tokens=8), dense), repo_id
+
+
 @pytest.mark.skipif(kvcompress.models.CACHE_ARGUMENT != "cache", reason="transformers < 5.24 knows only past_key_values=")
 def test_generate_takes_the_cache_under_both_spellings():
     model, ids = tiny_model(), prompt_ids(60)
