@@ -51,7 +51,8 @@ def test_every_cache_runs_on_a_model_with_weights_offloaded_to_disk(tmp_path):
     placement = dict.fromkeys(("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.norm", "lm_head"), "cpu") | {"model.layers.1": "disk"}
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=placement, offload_folder=tmp_path / "offload", attn_implementation="sdpa")
     assert {p.device.type for p in offloaded.model.layers[1].parameters()} == {"meta"}
-    model, whole = (kvcompress.enable(m.eval()) for m in (offloaded, AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="sdpa")))
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="sdpa")
+    model, whole = (kvcompress.enable(m.eval()) for m in (offloaded, whole))
     ids, mask = prompt(whole, LENGTH)
     for name, (_, compressing) in caches(tmp_path).items():
         assert generate(model, compressing(), ids, mask) == generate(whole, compressing(), ids, mask), name

@@ -113,12 +113,13 @@ def test_shipped_compressor_refuses_another_model(repo_id, monkeypatch):
         greedy(tiny_model(), cache, prompt_ids(40), new_tokens=2)
 
 
-def test_shipped_compressors_take_the_default_model_with_quantized_weights():
+def test_shipped_compressors_take_the_default_model_with_quantized_weights(monkeypatch):
     """torchao's int8 weights (TorchAoConfig) are tensor subclasses: the compressors' model check de-quantizes them (it
     failed inside torchao before). At settings that lose nothing each cache generates the quantized model's dense tokens."""
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the shipped copies, without asking a Hub
     quantization = TorchAoConfig(Int8WeightOnlyConfig())
     model = kvcompress.enable(AutoModelForCausalLM.from_pretrained(kvcompress.models.default_model_path(), quantization_config=quantization, dtype=torch.float32))
     assert type(model.model.layers[0].self_attn.k_proj.weight).dequantize is not torch.Tensor.dequantize  # quantized, as torchao holds it
