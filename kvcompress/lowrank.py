@@ -60,6 +60,8 @@ class AffineProjection:
     head_decoders: list[tuple[torch.Tensor, torch.Tensor]]  # each head's (decoder bias [D], unpadded decoder [r, D])
     stacked_decoder: torch.Tensor  # [sum of ranks, D]: the heads' decoders, unpadded, one under the other
     own_columns: torch.Tensor  # [H, 1, sum of ranks]: 1 where a column of the shared layout is the head's
+    window_columns: torch.Tensor | None  # [H, 2] int32: each head's aligned window in the shared layout (`latent_attention.aligned_windows`), and its width
+    window_decoder: torch.Tensor | None  # [H, width, D]: each head's decoder rows at its columns' offset in its window, zeros elsewhere
 
     @classmethod
     def from_heads(cls, heads: list[dict], device, dtype) -> AffineProjection:
@@ -90,9 +92,17 @@ class AffineProjection:
         stacked = move(torch.cat([head["decoder"] for head in heads]))
         decoder_bias = move(decoder_bias)
         head_decoders = [(decoder_bias[index, 0], stacked[part]) for index, part in enumerate(head_slices)]
+        window_columns = window_decoder = None
+        if (windows := latent_attention.aligned_windows(ranks.tolist())) is not None:
+            window_starts, width = windows
+            window_columns = torch.tensor([[start, width] for start in window_starts], device=device, dtype=torch.int32)
+            window_decoder = torch.zeros(len(heads), width, dim)
+            for index, (start, part) in enumerate(zip(window_starts, head_slices)):
+                window_decoder[index, part.start - start : part.stop - start] = heads[index]["decoder"]
+            window_decoder = move(window_decoder)
         return cls(
             move(encoder), move(encoder_bias), move(decoder), decoder_bias, torch.cat(columns).to(device), head_columns, padded_columns, uniform,
-            head_slices, head_decoders, stacked, move(own_columns),
+            head_slices, head_decoders, stacked, move(own_columns), window_columns, window_decoder,
         )
 
     def encode(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
@@ -123,13 +133,19 @@ class AffineProjection:
             return torch.matmul(mixed, self.decoder.to(mixed.dtype))
         return torch.matmul(mixed * self.own_columns.to(mixed.dtype), self.stacked_decoder.to(mixed.dtype))
 
-    def column_table(self, latents: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        """Where each head's latents sit in the last dimension of `latents` (either layout): ``[H, 2]`` int32 (start, how
-        many), and, when every head has all of the largest rank's columns, the step from one head's start to the next's
-        (0 in the per-head layout), else None."""
+    def kernel_layout(self, latents) -> tuple[torch.Tensor, tuple[torch.Tensor, int | None], int]:
+        """How the Triton kernel reads `latents` (either layout; floats or `Quantized`): (the decoder ``[H, width, D]``
+        that goes with what it reads, (where each head's latents sit in the last dimension: ``[H, 2]`` int32 start and
+        count, and the step from one head's start to the next's when every head has all of the largest rank's columns
+        (0 in the per-head layout), `latent_attention.WINDOWS` when they are aligned windows, else None), width)."""
+        largest = self.decoder.shape[1]
         if latents.shape[1] > 1:
-            return self.padded_columns, 0
-        return self.head_columns, self.encoder.shape[2] if self.uniform else None
+            return self.decoder, (self.padded_columns, 0), largest
+        if self.uniform and latent_attention.whole_rows(largest):
+            return self.decoder, (self.head_columns, largest), largest
+        if self.window_columns is not None:
+            return self.window_decoder, (self.window_columns, latent_attention.WINDOWS), self.window_decoder.shape[1]
+        return self.decoder, (self.head_columns, None), largest
 
 
 class LowRankCompressor(CompressorArtifact):
@@ -210,10 +226,12 @@ class LowRankCompressor(CompressorArtifact):
         key_projection, value_projection = self.projections(layer_idx, queries.device, queries.dtype)
         inv_freq = self.inv_freq(queries.device)
         if latent_attention.available(queries):
+            key_decoder, key_columns, _ = key_projection.kernel_layout(key_latents)
+            value_decoder, value_columns, value_width = value_projection.kernel_layout(value_latents)
             top, total, latents = latent_attention.store_partials(
-                queries, key_latents, value_latents, token_ids, key_projection.decoder, key_projection.decoder_bias,
-                key_projection.column_table(key_latents), value_projection.column_table(value_latents), value_projection.decoder.shape[1], inv_freq, scaling,
+                queries, key_latents, value_latents, token_ids, key_decoder, key_projection.decoder_bias, key_columns, value_columns, value_width, inv_freq, scaling,
             )
+            values = torch.matmul(latents, value_decoder.to(latents.dtype))
         else:
             key_latents, value_latents = (x.dequantize(queries.dtype) if isinstance(x, Quantized) else x for x in (key_latents, value_latents))
             batch, heads, rows, _ = queries.shape
@@ -226,8 +244,8 @@ class LowRankCompressor(CompressorArtifact):
                 logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
                 parts.append(softmax_part(logits, value_latents[:, :, start : start + chunk]))  # values mixed in either layout
             top, total, latents = parts[0] if len(parts) == 1 else merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
-        values = value_projection.decode_mixed(latents) + total[..., None] * value_projection.decoder_bias.float()
-        return top, total, values
+            values = value_projection.decode_mixed(latents)
+        return top, total, values + total[..., None] * value_projection.decoder_bias.float()
 
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."

@@ -7,6 +7,8 @@ from collections import defaultdict
 import pytest
 import torch
 from conftest import DEVICE, assert_pass_under_triton_interpreter, prompt_ids, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
 from test_gates import tiny_gates
 from test_lowrank import SETTINGS, calibrate, uniform
 
@@ -19,14 +21,18 @@ from kvcompress.slots import FILLER
 
 @pytest.fixture(scope="module")
 def parts():
-    """A model the kernel runs on (head_dim 32; 3 query heads per KV head), its gates, and PCA at uniform, mixed and
-    uniform rank-16 ranks (the kernel reads rank-16 latents as whole rows, the others column by column)."""
+    """A model the kernel runs on (head_dim 32; 3 query heads per KV head), its gates, and PCA at uniform, mixed,
+    uniform rank-16 and rank-15 ranks (the kernel reads rank-16 latents as whole rows, rank 15's and the values of the
+    others through aligned windows, the rest column by column)."""
     model = tiny_model("llama", hidden_size=96, head_dim=32, num_attention_heads=6, num_key_value_heads=2)
     calibration = calibrate(model)
     mixed = uniform(model, 6, 10)
     mixed.heads[0, 0] = HeadRanks(3, 20)
     mixed.heads[1, 1] = HeadRanks(17, 2)
-    fitted = {name: calibration.fit("pca", ranks, SETTINGS)[0] for name, ranks in (("pca", uniform(model, 6, 10)), ("mixed", mixed), ("rank 16", uniform(model, 16, 16)))}
+    fitted = {
+        name: calibration.fit("pca", ranks, SETTINGS)[0]
+        for name, ranks in (("pca", uniform(model, 6, 10)), ("mixed", mixed), ("rank 16", uniform(model, 16, 16)), ("rank 15", uniform(model, 15, 15)))
+    }
     return model, tiny_gates(model), fitted
 
 
@@ -34,6 +40,7 @@ CACHES = {
     "pca": lambda gates, pca: PCACache(pca["pca"]),
     "pca, mixed ranks": lambda gates, pca: PCACache(pca["mixed"]),
     "pca, rank 16": lambda gates, pca: PCACache(pca["rank 16"]),  # whole rows, heads side by side
+    "pca, rank 15": lambda gates, pca: PCACache(pca["rank 15"]),  # the second head's latents start at an odd column: windows
     "gates x pca x int4": lambda gates, pca: ComposedCache(gates, pca["mixed"], keep_ratio=0.5, bits=4),  # per-head latents
     "gates x pca-16 x int4": lambda gates, pca: ComposedCache(gates, pca["rank 16"], keep_ratio=0.5, bits=4, group_size=8),  # whole rows, two groups
     "gates x pca-16 x int8": lambda gates, pca: ComposedCache(gates, pca["rank 16"], keep_ratio=0.5, bits=8, group_size=16),
@@ -201,6 +208,35 @@ def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
     monkeypatch.setattr(CompressedLayer, "attend_with_store", lambda layer, *args: capacities.add(layer.store_capacity()) or attend(layer, *args))
     decode_logits(model, cache, *padded_prompt())
     assert len(capacities) > 5 and sum(len(caches[0]) for caches in kernel.device_caches.values()) == 1
+
+
+@given(st.lists(st.integers(1, 70), min_size=2, max_size=12))
+def test_aligned_windows_hold_each_heads_columns_inside_the_row(ranks):
+    row, starts = sum(ranks), [sum(ranks[:head]) for head in range(len(ranks))]
+    windows = latent_attention.aligned_windows(ranks)
+    needed = max(rank + start % 2 for start, rank in zip(starts, ranks))  # an odd start needs one column more
+    width = max(16, 1 << (needed - 1).bit_length())
+    if row % 2 or row < width:  # odd rows are never aligned; a row narrower than a window has no room to shift it
+        assert windows is None
+        return
+    firsts, got = windows
+    assert got == width
+    for first, start, rank in zip(firsts, starts, ranks):
+        assert first % 2 == 0 and 0 <= first <= start and start + rank <= first + width <= row
+
+
+def test_kernel_layout_of_rank_15_heads_side_by_side_decodes_each_heads_columns(parts):
+    """The window decoder puts each head's decoder rows where its columns sit in its window: a window of latents times it
+    is the head's latents times its own decoder."""
+    pca = parts[2]["rank 15"]
+    keys, _ = pca.projections(0, torch.device("cpu"), torch.float32)
+    latents = torch.randn(2, 1, 5, 30)
+    decoder, (table, step), width = keys.kernel_layout(latents)
+    assert step == latent_attention.WINDOWS and width == 16 and table.tolist() == [[0, 16], [14, 16]]
+    for head, (first, _) in enumerate(table.tolist()):
+        own = latents[..., 15 * head : 15 * head + 15] @ keys.decoder[head, :15]
+        assert torch.allclose(latents[..., first : first + width] @ decoder[head], own, atol=1e-5)
+    assert keys.kernel_layout(torch.randn(2, 2, 5, 15))[1][1] == 0  # per-head latents: whole rows of their own
 
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
