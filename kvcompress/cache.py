@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import token_step
+from . import tail_attention, token_step
 from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention
 from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
@@ -282,6 +282,11 @@ class CompressedLayer(CacheLayerMixin):
         kv_heads, length = keys.shape[1], keys.shape[2]
         groups = heads // kv_heads
         grouped = query.view(batch, kv_heads, groups, q_len, dim)
+        if q_len == 1 and tail_attention.available(query):  # a decode step on a GPU: the tail and the merge in one kernel
+            rows = grouped[:, :, :, 0]
+            store = self.encoding.attend(self, self.store, rows, scaling)
+            output = tail_attention.attend_tail(rows, keys, values, self.tail["token_ids"], new_keep.reshape(-1), store, scaling)
+            return output.view(batch, heads, 1, dim).transpose(1, 2)
         filled = (self.tail["token_ids"] != FILLER)[:, :, None, None, : length - q_len]
         chunk = max(1, SCORES_PER_CHUNK // (batch * heads * length))
         outputs = []

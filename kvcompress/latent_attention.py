@@ -17,6 +17,7 @@ under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -48,6 +49,12 @@ def available(queries: torch.Tensor) -> bool:
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether Triton kernels can run on this tensor's device: Triton present, and a GPU or Triton's interpreter."""
     return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
+
+
+def on_device_of(tensor: torch.Tensor):
+    """The context in which to launch a Triton kernel on `tensor`: its GPU made the current one. Triton launches on the
+    current device, which under a model split across GPUs (accelerate's device_map) is not every layer's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _width(columns: int) -> int:
@@ -148,16 +155,17 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     block = _FITTING_BLOCK.get(shape_key, BLOCK_SLOTS)
     while True:
         try:
-            _store_partials_kernel[(batch * heads, spans, tiles)](
-                queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
-                rows, slots, span, scaling, key_decoder.shape[1],
-                *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
-                ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
-                HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_padded, VALUE_WIDTH=value_padded, BLOCK=block, TILE=ROW_TILE,
-                KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
-                PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
-                FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
-            )
+            with on_device_of(queries):
+                _store_partials_kernel[(batch * heads, spans, tiles)](
+                    queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
+                    rows, slots, span, scaling, key_decoder.shape[1],
+                    *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
+                    ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
+                    HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_padded, VALUE_WIDTH=value_padded, BLOCK=block, TILE=ROW_TILE,
+                    KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
+                    PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
+                    FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
+                )
             break
         except OutOfResources:  # near-full ranks of a 128-dim head: a block of 128 slots needs more shared memory than an H200 has
             if block == ROW_TILE:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .latent_attention import available, slot_strides, spans_of, triton
+from .latent_attention import available, on_device_of, slot_strides, spans_of, triton
 from .softmax import merge_softmax
 
 if triton is not None:
@@ -55,14 +55,15 @@ def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
     logits = torch.empty(batch, heads, rows, slots, device=queries.device, dtype=torch.float32)
     k_strides, v_strides, ids_strides = (slot_strides(t) for t in (keys, values, token_ids))
     bias_strides = slot_strides(bias) if bias is not None else (0, 0, 0, 1)
-    _scored_partials_kernel[(batch * heads, spans)](
-        queries, keys, values, token_ids, token_ids if bias is None else bias, new_seen, new_seen.stride(0) if new_seen.shape[0] > 1 else 0, maxima, sums, weighted, logits,
-        rows, slots, span, scaling, 0 if bias is None else bias.shape[2],
-        *queries.stride()[:3], *k_strides[:3], *v_strides[:3], *ids_strides[:3], *bias_strides[:3],
-        K_ALIGN=k_strides[3], V_ALIGN=v_strides[3], IDS_ALIGN=ids_strides[3],
-        HEADS=heads, DIM=dim, TILE=tile, BLOCK=BLOCK_SLOTS, HAS_BIAS=bias is not None,
-        PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
-    )
+    with on_device_of(queries):
+        _scored_partials_kernel[(batch * heads, spans)](
+            queries, keys, values, token_ids, token_ids if bias is None else bias, new_seen, new_seen.stride(0) if new_seen.shape[0] > 1 else 0, maxima, sums, weighted, logits,
+            rows, slots, span, scaling, 0 if bias is None else bias.shape[2],
+            *queries.stride()[:3], *k_strides[:3], *v_strides[:3], *ids_strides[:3], *bias_strides[:3],
+            K_ALIGN=k_strides[3], V_ALIGN=v_strides[3], IDS_ALIGN=ids_strides[3],
+            HEADS=heads, DIM=dim, TILE=tile, BLOCK=BLOCK_SLOTS, HAS_BIAS=bias is not None,
+            PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
+        )
     top, total, weighted = merge_softmax(maxima[..., :rows], sums[..., :rows], weighted[:, :, :rows], dim=1)
     shape = (batch, heads, rows)
     output = weighted.view(*shape, dim) / total.clamp(min=torch.finfo(torch.float32).tiny).view(*shape, 1)

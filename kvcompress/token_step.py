@@ -12,7 +12,7 @@ head). Like the attention kernels they run on the CPU under Triton's interpreter
 
 from __future__ import annotations
 
-from .latent_attention import triton, triton_runs_on
+from .latent_attention import on_device_of, triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
@@ -54,10 +54,11 @@ def hand_one(tail: dict, last: int, oldest: int) -> dict:
         "token_ids": token_ids.new_empty(batch, heads, 1),
         "scores": scores.new_empty(batch, heads, 1) if has_scores else None,
     }
-    _hand_one_kernel[(batch * heads,)](
-        keys, values, token_ids, scores, leaving["keys"], leaving["values"], leaving["token_ids"], leaving["scores"] if has_scores else scores,
-        last, oldest, *strides, HAS_SCORES=has_scores, **sizes,
-    )
+    with on_device_of(keys):
+        _hand_one_kernel[(batch * heads,)](
+            keys, values, token_ids, scores, leaving["keys"], leaving["values"], leaving["token_ids"], leaving["scores"] if has_scores else scores,
+            last, oldest, *strides, HAS_SCORES=has_scores, **sizes,
+        )
     return leaving
 
 
@@ -66,9 +67,10 @@ def replace_lowest(store: dict, incoming: dict) -> None:
     tie) if the incoming slot scores higher: `HeavyHitters.admit` in one kernel."""
     keys, values, token_ids, scores, _, strides, sizes = _layout(store)
     batch, heads, length = token_ids.shape
-    _replace_lowest_kernel[(batch * heads,)](
-        keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"], length, *strides, **sizes,
-    )
+    with on_device_of(keys):
+        _replace_lowest_kernel[(batch * heads,)](
+            keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"], length, *strides, **sizes,
+        )
 
 
 if triton is not None:

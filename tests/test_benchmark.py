@@ -174,6 +174,19 @@ def test_the_gpu_benchmark_runs_its_pipeline_on_a_tiny_model(tmp_path):
     assert all(r["tokens_per_second"] > 0 and r["kv_bytes"] > 0 and not r["error"] for r in saved["runs"])
 
 
+def test_the_kernel_ab_benchmark_runs_its_pipeline_on_a_tiny_model():
+    """--tiny fills the named caches and times them with the kernel patched off and on (on the CPU both are PyTorch's)."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "tail_attention", "--tiny", "--context", "1024", "--steps", "2", "--runs", "1", "--only", "pca"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if "tail_attention off" in line]
+    assert [line.split(": tail_attention")[0] for line in lines] == ["dense, batch 8, packed GQA", "pca rank 7 (8:1)"] and "1.00x)" in lines[0]
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "sidecar", "--only", "pca"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "invalid choice: 'sidecar'" in refused.stderr
+
+
 def test_runs_merge_into_one_table_only_when_they_share_the_prompts(tmp_path):
     """--merge adds another run's rows (not its dense row) and names its environment; a run of other settings is refused."""
     environment = {"device": "CPU (x86_64, 2 threads)", "torch": "2.13.0", "transformers": "5.24.0", "kvcompress": "0.1.0", "model": "SmolLM2-135M-Instruct", "dtype": "torch.float32", "minutes": 3.0}

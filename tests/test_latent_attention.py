@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from test_gates import tiny_gates
 from test_lowrank import SETTINGS, calibrate, uniform
 
-from kvcompress import ComposedCache, PCACache, cache_kwargs, latent_attention
+from kvcompress import ComposedCache, PCACache, cache_kwargs, latent_attention, tail_attention
 from kvcompress.attention import _attend_over_slots
 from kvcompress.cache import CompressedLayer
 from kvcompress.config import HeadRanks
 from kvcompress.slots import FILLER
+from kvcompress.softmax import merge_softmax, softmax_part
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,28 @@ def test_a_block_too_large_for_shared_memory_is_halved(parts, monkeypatch):
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernel
+def test_tail_kernel_merges_the_store_with_what_the_tail_lets_each_row_see():
+    """The decode step's tail kernel against PyTorch: fillers among a row's tail slots, a row whose new token does not see
+    itself (padding), a row that sees nothing of its tail (it keeps the store's output), strided query rows."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, rows, length, dim = 3, 2, 5, 70, 32
+    queries = torch.randn(batch, rows, heads, dim, generator=generator).transpose(1, 2)
+    keys, values = (torch.randn(batch, heads, length, dim, generator=generator) for _ in range(2))
+    token_ids = torch.arange(length, dtype=torch.int32).expand(batch, heads, length).clone()
+    token_ids[0, :, 3:9] = FILLER
+    token_ids[2, :, :-1] = FILLER
+    new_seen = torch.tensor([True, False, False])
+    store = (torch.randn(batch, heads, rows, generator=generator), torch.rand(batch, heads, rows, generator=generator) + 0.5, torch.randn(batch, heads, rows, dim, generator=generator))
+    seen = (token_ids != FILLER)[:, :, None, :].clone()
+    seen[..., -1] &= new_seen[:, None, None]
+    logits = (queries @ keys.transpose(-1, -2) * 0.3).masked_fill(~seen, float("-inf"))
+    top, total, weighted = merge_softmax(*(torch.stack(pair) for pair in zip(store, softmax_part(logits, values))), dim=0)
+    got = tail_attention.attend_tail(*(t.to(DEVICE) for t in (queries, keys, values, token_ids, new_seen)), tuple(t.to(DEVICE) for t in store), 0.3)
+    assert torch.allclose(got.cpu(), weighted / total[..., None], atol=1e-5)
+    assert torch.allclose(got[2].cpu(), store[2][2] / store[1][2][..., None], atol=1e-5)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what is counted: on a GPU")
 @pytest.mark.parametrize("name", ["pca, rank 16", "gates x pca-16 x int4"])
 def test_kernel_is_compiled_once_as_the_store_grows(parts, name, monkeypatch):
@@ -241,7 +264,7 @@ def test_kernel_layout_of_rank_15_heads_side_by_side_decodes_each_heads_columns(
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
 def test_the_kernel_tests_pass_under_the_triton_interpreter():
-    assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared", len(CACHES) + 2)
+    assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared or tail_kernel", len(CACHES) + 3)
 
 
 @pytest.mark.parametrize("name", ["pca, mixed ranks", "gates x pca x int4"])
