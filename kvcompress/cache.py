@@ -56,7 +56,7 @@ from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
 from .slots import FILLER, STORE_ROOM, TAIL_ROOM, Slots, capacity, joined, place, resized, slot_index, views
-from .softmax import merge_softmax, softmax_part
+from .softmax import attend_with_part
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -296,9 +296,7 @@ class CompressedLayer(CacheLayerMixin):
             keep = torch.cat([filled.expand(batch, kv_heads, 1, size, -1), new_keep[:, None, :, start : start + size].expand(batch, kv_heads, 1, size, q_len)], dim=-1)
             logits = (torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling).view(batch, kv_heads, groups, size, length)
             logits = logits.masked_fill(~keep, float("-inf")).view(batch, kv_heads, groups * size, length)
-            parts = [torch.stack(pair) for pair in zip(self.encoding.attend(self, self.store, rows, scaling), softmax_part(logits, values))]
-            top, total, weighted = merge_softmax(*parts, dim=0)
-            output = weighted / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+            output = attend_with_part(self.encoding.attend(self, self.store, rows, scaling), logits, values)
             outputs.append(output.view(batch, kv_heads, groups, size, dim))
         return torch.cat(outputs, dim=3).to(query.dtype).view(batch, heads, q_len, dim).transpose(1, 2)
 

@@ -34,7 +34,7 @@ from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .quantize import Quantized
-from .rope import rope_table, rotate, rotate_from_table
+from .rope import paired_order, rope_table, rotate, rotate_pairs
 from .schema import Field
 from .settings import CacheSettings
 from .slots import FILLER
@@ -127,11 +127,11 @@ class AffineProjection:
         return keys
 
     def decode_mixed(self, mixed: torch.Tensor) -> torch.Tensor:
-        """Weighted sums of latent rows ``[B, H, R, columns]``, each query row's over the whole layout -> ``[B, H, R, D]``
-        (without the bias): in the shared layout each head keeps its own columns."""
+        """Weighted sums of latent rows ``[B, H, R, columns]`` in the projection's dtype, each query row's over the whole
+        layout -> ``[B, H, R, D]`` (without the bias): in the shared layout each head keeps its own columns."""
         if mixed.shape[-1] == self.decoder.shape[1]:  # the per-head layout
-            return torch.matmul(mixed, self.decoder.to(mixed.dtype))
-        return torch.matmul(mixed * self.own_columns.to(mixed.dtype), self.stacked_decoder.to(mixed.dtype))
+            return torch.matmul(mixed, self.decoder)
+        return torch.matmul(mixed * self.own_columns, self.stacked_decoder)
 
     def kernel_layout(self, latents) -> tuple[torch.Tensor, tuple[torch.Tensor, int | None], int]:
         """How the Triton kernel reads `latents` (either layout; floats or `Quantized`): (the decoder ``[H, width, D]``
@@ -189,6 +189,15 @@ class LowRankCompressor(CompressorArtifact):
             AffineProjection.from_heads([self._head(layer_idx, head, kind) for head in self.heads], device, dtype) for kind in ("key", "value")
         ))
 
+    def paired_key_projection(self, layer_idx: int, device, dtype) -> AffineProjection:
+        """The layer's key projection with each head's decoded dimensions in RoPE pairs side by side (`kvcompress.rope.paired_order`),
+        for `decode_keys`, which turns them as complex numbers."""
+        def build():
+            order = paired_order(self.config["base_model"]["head_dim"])
+            heads = [self._head(layer_idx, head, "key") for head in self.heads]
+            return AffineProjection.from_heads([head | {"decoder": head["decoder"][:, order], "decoder_bias": head["decoder_bias"][order]} for head in heads], device, dtype)
+        return self.on_device(f"layers.{layer_idx}.paired_keys.{dtype}", device, build)
+
     def layer_ranks(self, layer_idx: int) -> tuple[list[int], list[int]]:
         """(key ranks, value ranks) of the layer's served heads."""
         return tuple(ranks[self.heads.start : self.heads.stop] for ranks in self.ranks.layer_ranks(layer_idx))
@@ -204,11 +213,14 @@ class LowRankCompressor(CompressorArtifact):
         """Keys (rotated back to their token ids) and values ``[B, H, n, D]`` from latents of either layout."""
         return self.decode_keys(layer_idx, key_latents, token_ids), self.projections(layer_idx, value_latents.device, value_latents.dtype)[1].decode(value_latents)
 
-    def decode_keys(self, layer_idx: int, key_latents: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Keys ``[B, H, n, D]`` from latents of either layout, rotated back to their token ids."""
-        key_projection = self.projections(layer_idx, key_latents.device, key_latents.dtype)[0]
-        positions = token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]
-        return rotate_from_table(key_projection.decode(key_latents), positions, self.rope_table(key_latents.device, int(token_ids.max()) + 1))
+    def decode_keys(self, layer_idx: int, key_latents: torch.Tensor, token_ids: torch.Tensor, paired: bool = False) -> torch.Tensor:
+        """Keys ``[B, H, n, D]`` from latents of either layout, rotated back to their token ids; with `paired`, their dimensions in
+        `kvcompress.rope.paired_order` (as RoPE turns them: attention permutes its queries alike instead of the many keys)."""
+        projection = self.paired_key_projection(layer_idx, key_latents.device, key_latents.dtype)
+        positions = (token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]).clamp(min=0)  # fillers read position 0
+        table = self.rope_table(key_latents.device, int(token_ids.max()) + 1)
+        keys = rotate_pairs(projection.decode(key_latents), torch.nn.functional.embedding(positions, table))
+        return keys if paired else keys.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
     def rope_table(self, device, positions: int) -> torch.Tensor:
         """cos and sin of the positions below `positions` at least (`kvcompress.rope.rope_table`), built once per doubling."""
@@ -219,11 +231,13 @@ class LowRankCompressor(CompressorArtifact):
         """Query rows' partial softmax over a store of latents (floats or `Quantized`), without decoding it to keys and values
         (see `Encoding.attend`).
 
-        Values are mixed in latent space and decoded once per query row. Keys are decoded on chip by
+        Values are mixed in latent space, in float32, and decoded once per query row (by the projection in float32, built once
+        like the others, rather than converted at each call). Keys are decoded on chip by
         the Triton kernel (`kvcompress.latent_attention`) where it runs, else here, in PyTorch, a
         chunk of slots at a time (at most `SCORES_PER_CHUNK` logits at once).
         """
-        key_projection, value_projection = self.projections(layer_idx, queries.device, queries.dtype)
+        key_projection = self.projections(layer_idx, queries.device, queries.dtype)[0]
+        value_projection = self.projections(layer_idx, queries.device, torch.float32)[1]
         inv_freq = self.inv_freq(queries.device)
         if latent_attention.available(queries):
             key_decoder, key_columns, _ = key_projection.kernel_layout(key_latents)
@@ -231,21 +245,22 @@ class LowRankCompressor(CompressorArtifact):
             top, total, latents = latent_attention.store_partials(
                 queries, key_latents, value_latents, token_ids, key_decoder, key_projection.decoder_bias, key_columns, value_columns, value_width, inv_freq, scaling,
             )
-            values = torch.matmul(latents, value_decoder.to(latents.dtype))
+            values = torch.matmul(latents, value_decoder)
         else:
             key_latents, value_latents = (x.dequantize(queries.dtype) if isinstance(x, Quantized) else x for x in (key_latents, value_latents))
-            batch, heads, rows, _ = queries.shape
+            batch, heads, rows, dim = queries.shape
+            paired_queries = queries[..., self.on_device("rope.paired_order", queries.device, lambda: paired_order(dim).to(queries.device))]
             chunk = max(1, SCORES_PER_CHUNK // (batch * heads * rows))
             parts = []
             for start in range(0, token_ids.shape[2], chunk):
                 ids = token_ids[:, :, start : start + chunk]
-                keys = self.decode_keys(layer_idx, key_latents[:, :, start : start + chunk], ids)
-                logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * scaling
+                keys = self.decode_keys(layer_idx, key_latents[:, :, start : start + chunk], ids, paired=True)
+                logits = torch.matmul(paired_queries, keys.transpose(-1, -2)).float() * scaling
                 logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
                 parts.append(softmax_part(logits, value_latents[:, :, start : start + chunk]))  # values mixed in either layout
             top, total, latents = parts[0] if len(parts) == 1 else merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
             values = value_projection.decode_mixed(latents)
-        return top, total, values + total[..., None] * value_projection.decoder_bias.float()
+        return top, total, torch.addcmul(values, total[..., None], value_projection.decoder_bias)
 
     def _head(self, layer: int, head: int, kind: str) -> dict:
         prefix = f"layers.{layer}.heads.{head}.{kind}."

@@ -36,16 +36,28 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inv
 
 
 def rope_table(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
-    """cos and sin of every position below `length` ``[length, D]`` (cos in the first half): `rotate_from_table` reads it."""
+    """cos and sin of every position below `length` and every frequency, side by side ``[length, D]``: read as complex
+    numbers, a row turns a key whose RoPE pairs sit side by side (`paired_order`) to its position (`rotate_pairs`)."""
     angles = torch.arange(length, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
 
 
-def rotate_from_table(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """`rotate`, with cos and sin looked up in a `rope_table` rather than computed: for the many keys attention decodes every step.
-    Positions below 0 (filler slots) read position 0."""
-    cos, sin = torch.nn.functional.embedding(positions.clamp(min=0), table).chunk(2, dim=-1)
-    return _rotated(x, cos, sin, positions.dim() == 2, inverse=False)
+def paired_order(dim: int) -> torch.Tensor:
+    """The order of a head's `dim` dimensions that puts each pair RoPE turns together, i and i + dim / 2, side by side."""
+    half = torch.arange(dim // 2)
+    return torch.stack([half, half + dim // 2], dim=-1).flatten()
+
+
+def rotate_pairs(x: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
+    """`x` ``[B, H, n, D]`` in `paired_order`, turned by `rope_table` rows ``[B, n, D]`` (or per head ``[B, H, n, D]``).
+
+    One complex product instead of transformers' ``x * cos + rotate_half(x) * sin``: for the many keys that
+    attention decodes every step on the CPU. Arithmetic in float32 for half-precision keys."""
+    if table_rows.dim() == 3:
+        table_rows = table_rows[:, None]
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    turned = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2))) * torch.view_as_complex(table_rows.to(dtype).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared_by_heads: bool, inverse: bool) -> torch.Tensor:

@@ -95,14 +95,21 @@ if triton is not None:
         for first in range(start, end, BLOCK):
             s = first + tl.arange(0, BLOCK)
             inside = s < end
-            k = tl.load(k_ptr + k_row + s[:, None] * k_ss + d[None, :], mask=inside[:, None], other=0.0)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scaling
-            if HAS_BIAS:
+            logits, v = exact_block(q, k_ptr + k_row, k_ss, v_ptr + v_row, v_ss, ids_ptr + ids_row, ids_ss, s, inside, slots, new_seen, scaling, d, PRECISION)
+            if HAS_BIAS:  # after the mask: a masked logit stays -inf
                 logits += tl.load(bias_ptr + row * b_sb + head * b_sh + s * b_ss, mask=s < bias_slots, other=0.0).to(tl.float32)[None, :]
-            position = tl.load(ids_ptr + ids_row + s * ids_ss, mask=inside, other=-1)
-            seen = (position != -1) & ((s < slots - 1) | new_seen)  # -1: filler; synthesized slots (-2) are seen
-            logits = tl.where(seen[None, :], logits, float("-inf"))
             tl.store(logit_rows + s[None, :], logits, mask=(r[:, None] < rows) & inside[None, :])
-            v = tl.load(v_ptr + v_row + s[:, None] * v_ss + d[None, :], mask=inside[:, None], other=0.0)
             top, total, acc = online_softmax(logits, v, top, total, acc, PRECISION)
         store_partial(max_ptr, sum_ptr, acc_ptr, (program * tl.num_programs(1) + part) * TILE + r, d, top, total, acc)
+
+    @triton.jit
+    def exact_block(q, k_ptr, k_ss, v_ptr, v_ss, ids_ptr, ids_ss, s, inside, slots, new_seen, scaling, d, PRECISION: tl.constexpr):
+        """The logits of query rows `q` over a block `s` of a (row, KV head)'s exact slots ``[rows, BLOCK]`` and the block's values
+        ``[BLOCK, D]``. Masked (-inf): fillers (-1) and, unless `new_seen`, the new token in the last slot; synthesized slots
+        (-2) are seen."""
+        k = tl.load(k_ptr + s[:, None] * k_ss + d[None, :], mask=inside[:, None], other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scaling
+        position = tl.load(ids_ptr + s * ids_ss, mask=inside, other=-1)
+        seen = (position != -1) & ((s < slots - 1) | new_seen)
+        v = tl.load(v_ptr + s[:, None] * v_ss + d[None, :], mask=inside[:, None], other=0.0)
+        return tl.where(seen[None, :], logits, float("-inf")), v

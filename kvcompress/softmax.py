@@ -29,3 +29,16 @@ def merge_softmax(top: torch.Tensor, total: torch.Tensor, values: torch.Tensor, 
     merged = top.amax(dim, keepdim=True)
     weight = (top - merged).exp()
     return merged.squeeze(dim), (total * weight).sum(dim), (values * weight.unsqueeze(-1)).sum(dim)
+
+
+def attend_with_part(part: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Normalized attention output ``[..., R, D]`` over float32 `logits` ``[..., R, S]`` (-inf: masked) and `values`
+    ``[..., S, D]`` together with keys already summed in `part` (`softmax_part`'s form): the merge of two partial softmaxes
+    without stacking them. A row that sees no key gets zeros."""
+    top, total, weighted = part
+    merged = torch.maximum(top, logits.amax(-1))
+    weights = (logits - merged[..., None]).exp()
+    rescale = (top - merged).exp()
+    total = torch.addcmul(weights.sum(-1), total, rescale)
+    output = torch.matmul(weights, values.float()).addcmul_(weighted, rescale[..., None])
+    return output / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]

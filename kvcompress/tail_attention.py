@@ -24,6 +24,7 @@ if triton is not None:
     import triton.language as tl
 
     from .latent_attention import online_softmax
+    from .scored_attention import exact_block
 
 BLOCK_SLOTS = 64  # tail slots per inner step (a tail is the sink, the window and up to a block: about a hundred)
 
@@ -84,12 +85,7 @@ if triton is not None:
         for first in range(0, slots, BLOCK):
             s = first + tl.arange(0, BLOCK)
             inside = s < slots
-            k = tl.load(k_ptr + k_row + s[:, None] * k_ss + d[None, :], mask=inside[:, None], other=0.0)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scaling
-            position = tl.load(ids_ptr + ids_row + s * ids_ss, mask=inside, other=-1)
-            seen = (position != -1) & ((s < slots - 1) | new_seen)  # -1: filler
-            logits = tl.where(seen[None, :], logits, float("-inf"))
-            v = tl.load(v_ptr + v_row + s[:, None] * v_ss + d[None, :], mask=inside[:, None], other=0.0)
+            logits, v = exact_block(q, k_ptr + k_row, k_ss, v_ptr + v_row, v_ss, ids_ptr + ids_row, ids_ss, s, inside, slots, new_seen, scaling, d, PRECISION)
             top, total, acc = online_softmax(logits, v, top, total, acc, PRECISION)
         output = acc / tl.maximum(total, 1.1754943508222875e-38)[:, None]  # float32's smallest normal: a row that sees nothing stays 0
         tl.store(out_ptr + part[:, None] * DIM + d[None, :], output.to(out_ptr.dtype.element_ty), mask=on[:, None])
