@@ -267,10 +267,12 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter():
     assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared or tail_kernel", len(CACHES) + 3)
 
 
-@pytest.mark.parametrize("name", ["pca, mixed ranks", "gates x pca x int4"])
-def test_chunked_attention_over_store_and_tail_equals_one_chunk(parts, name, monkeypatch):
+@pytest.mark.parametrize(("name", "tolerance"), [("pca, mixed ranks", 1e-5), ("gates x pca x int4", 1e-4)])
+def test_chunked_attention_over_store_and_tail_equals_one_chunk(parts, name, tolerance, monkeypatch):
     """With a tiny score budget, attention over the tail (`attend_with_store`) and over the latents (the PyTorch path of
-    `attend_store`) run in many chunks of queries and of slots; the result is the one-chunk result."""
+    `attend_store`) run in many chunks of queries and of slots; the result is the one-chunk result. Quantized latents
+    get one float16 step more: chunks sum in another order, and a group's float16 scale can round to the next value
+    (seen: one scale of layer 1's keys, with every int4 code equal, moved the logits by 2e-5)."""
     from kvcompress import cache as cache_module
     from kvcompress import lowrank as lowrank_module
 
@@ -283,5 +285,5 @@ def test_chunked_attention_over_store_and_tail_equals_one_chunk(parts, name, mon
     monkeypatch.setattr(cache_module.CompressedLayer, "attend_with_store", lambda layer, query, *args: chunks.append(query.shape[2]) or attend(layer, query, *args))
     for module in (cache_module, lowrank_module):
         monkeypatch.setattr(module, "SCORES_PER_CHUNK", 240)  # one query per chunk of the tail, about 20 slots per chunk of the store
-    assert torch.allclose(decode_logits(model, CACHES[name](gates, pca), ids, mask), whole, atol=1e-5)
+    assert torch.allclose(decode_logits(model, CACHES[name](gates, pca), ids, mask), whole, atol=tolerance)
     assert max(chunks) == 40  # prefill chunks of 40 queries went through in pieces
