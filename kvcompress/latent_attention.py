@@ -308,9 +308,9 @@ if triton is not None:
         `FAST` (CUDA): the angle is reduced to [-pi, pi] exactly enough (2 pi in two parts, fused
         multiply-adds), then the hardware's approximate sin and cos (error ~1e-6) take it; libdevice's
         accurate ones took twice as long as the whole kernel does with these. The whole turns are rounded by
-        adding and taking away 1.5 * 2**23 (exact below 2**22 turns, 26M radians; beyond, a turn off at most,
-        which the approximate sin and cos still take): `floor` is a conversion, on a slower pipe than the
-        multiply-adds, and cost the kernel 11-15% of its time (H200).
+        adding and taking away 1.5 * 2**23, exact below 2**22 turns (26M radians, past any context a cache
+        holds): `floor` is a conversion, on a slower pipe than the multiply-adds, and cost the kernel 11-15% of
+        its time at ranks 15 and 16 (H200).
         """
         if FAST:
             turns = tl.fma(angle, 0.15915494309189535, 12582912.0) - 12582912.0
