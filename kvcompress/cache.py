@@ -39,7 +39,9 @@ batch compresses each row exactly as it would alone. Compression runs right afte
 attention (see `kvcompress.attention`), so prefill attention is exact and, with
 `generate(prefill_chunk_size=...)`, prefill memory is bounded too. A budgeted keep policy's usual
 step (one token leaves; the store stays full, or takes the slot its budget gained) runs in place
-without a device sync, on a GPU in two kernels (`_hand_one_in_place`, `kvcompress.token_step`).
+without a device sync, on a GPU in two kernels (`_hand_one_in_place`, `kvcompress.token_step`). So do the
+blocks of a cache that stores every token as it is (low rank, quantized) in rows without padding
+(`_hand_blocks_in_place`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ class CompressedLayer(CacheLayerMixin):
         self.store_scores = self.keep.needs_attention or self.keep.keeps_scores  # store slots keep received attention or the policy's score
         self.uses_bias, self.attends_store = self.encoding.uses_bias, self.encoding.attends_store
         self.plain_store = self.encoding.plain  # keys and values as they are: the store shares the tail's allocation
+        # Every token leaving the window is stored as it is (`KeepPolicy`'s own window, choice and bound, `Encoding`'s own
+        # merge; a store apart from the tail): the low-rank caches and quantized ones without gates (`_hand_blocks_in_place`).
+        self.stores_every_token = (
+            self.keep.budget is None and not self.plain_store and not self.tracks_attention and type(self.encoding).merge is Encoding.merge
+            and all(getattr(type(self.keep), name) is getattr(KeepPolicy, name) for name in ("window", "choose", "bound"))
+        )
         self.sink, self.block_size = self.settings.sink, self.settings.block_size
         self._model_checked = False
         self.reset()
@@ -334,6 +342,8 @@ class CompressedLayer(CacheLayerMixin):
     def _compress(self) -> None:
         if self.keep.budget is not None and self._hand_one_in_place():
             return
+        if self.stores_every_token and self._hand_blocks_in_place():
+            return
         raw = self.seen - self.seen.clamp(max=self.sink) - self.handed  # handable tokens: not sink, not handed yet
         past_window = raw - self.keep.window(self, self.seen)  # negative while the window is not full
         blocks = past_window.clamp(min=0) // self.block_size
@@ -370,6 +380,45 @@ class CompressedLayer(CacheLayerMixin):
         self.handed += hand
         self.has_handed = True
         self.has_fillers = bool((self.store["token_ids"] == FILLER).any() or (self.tail["token_ids"] == FILLER).any())
+
+    def _hand_blocks_in_place(self) -> bool:
+        """The whole blocks due, stored without a device sync (the general path has some ten per block, `place`'s `nonzero` among
+        them): in aligned rows without fillers every count is the same in every row and known here, so the oldest tokens past
+        the window are found by a sort of the tail's token ids, encoded and written after the store's slots, and the tail's
+        newest slots move into the gaps they leave, as `place` moves them. The result is the general path's, slot for slot
+        (the tests check it). Returns whether it ran.
+        """
+        if not (self.rows_aligned and not self.has_fillers):
+            return False
+        length, sink = self.tail_length, min(self.cumulative_length, self.sink)
+        past_window = length - sink - self.settings.window
+        hand = max(past_window, 0) // self.block_size * self.block_size
+        self._tokens_until_check = self.block_size - (past_window - hand)
+        if hand == 0:
+            return True
+        order = self.tail["token_ids"][:, 0].argsort(dim=-1, stable=True)  # [B, length]; every head holds the same tokens
+        leaving = order[:, sink : sink + hand]
+        gaps = torch.zeros_like(order, dtype=torch.bool).scatter_(1, leaving, True)
+        staying, position = length - hand, torch.arange(length, device=self.device)
+        movers = (gaps | (position < staying)).int().argsort(dim=-1, stable=True)  # the slots past `staying` that stay, first
+        gap_rank = gaps[:, :staying].cumsum(-1) - 1
+        source = torch.where(gaps[:, :staying], movers.gather(1, gap_rank.clamp(min=0)), position[:staying])  # the k-th gap takes the k-th mover
+        gathered = lambda slots, index: slots.take_along_dim(index.view(index.shape[0], 1, -1, *(1,) * (slots.dim() - 3)), dim=2)  # noqa: E731
+        new = self.encoding.encode(self, {name: None if slots is None else gathered(slots, leaving) for name, slots in self.tail.items()} | {"bias": None})
+        stored = self.store_length
+        if stored + hand > capacity(self.store_buffers):
+            self.store_buffers = resized(self.store_buffers, stored, stored + hand)
+        for name, buffer in self.store_buffers.items():
+            if buffer is not None:
+                buffer[:, :, stored : stored + hand] = new[name]
+        for buffer in self.tail_buffers.values():
+            if buffer is not None:
+                buffer[:, :, :staying] = gathered(buffer[:, :, :length], source)
+        self.store_length, self.tail_length = stored + hand, staying
+        self._arrange()
+        self.handed += hand
+        self.has_handed = True
+        return True
 
     def _hand_one_in_place(self) -> bool:
         """The usual per-token step without a device sync, in two kernels on a GPU (`kvcompress.token_step`) and a few dozen

@@ -73,10 +73,16 @@ def local_hub(tmp_path_factory):
         server.wait(timeout=10)
 
 
+def load_through(endpoint: str, repo_id: str, root) -> subprocess.CompletedProcess:
+    """Run `LOADER` for `repo_id` in a fresh process whose `huggingface_hub` talks to the server at `endpoint` (online even
+    where the shell running the tests set HF_HUB_OFFLINE=1)."""
+    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([sys.executable, "-c", LOADER, repo_id, str(root / "download")], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_from_pretrained_downloads_a_compressor_from_a_hub_server(local_hub):
     endpoint, compressor, root = local_hub
-    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "-c", LOADER, REPO_ID, str(root / "download")], env=env, capture_output=True, text=True, timeout=300)
+    result = load_through(endpoint, REPO_ID, root)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["sum"] == pytest.approx(float(sum(t.double().sum() for t in compressor.tensors.values())), rel=1e-12)
@@ -86,8 +92,7 @@ def test_from_pretrained_downloads_a_compressor_from_a_hub_server(local_hub):
 
 def test_a_shipped_id_downloads_from_the_hub_when_the_hub_has_it(local_hub):
     endpoint, _, root = local_hub
-    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "-c", LOADER, SHIPPED_ID, str(root / "download")], env=env, capture_output=True, text=True, timeout=300)
+    result = load_through(endpoint, SHIPPED_ID, root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ships with kvcompress" not in result.stderr  # no fallback: the server answered
     downloaded = list((root / "download").glob("models--kvcompress--smollm2-135m-instruct-pca-2x/snapshots/*/model.safetensors"))

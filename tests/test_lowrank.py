@@ -1,20 +1,25 @@
 """PCACache and KVSpliceCache on tiny random models: exactness at full rank, real memory savings,
 heterogeneous ranks, padding, artifacts and their errors."""
 
+import functools
 import json
 
 import huggingface_hub
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, reseal, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from kvcompress import cache_kwargs
+from kvcompress import ComposedCache, CompressedCache, H2OCache, StreamingLLMCache, cache_kwargs
+from kvcompress.cache import CompressedLayer
 from kvcompress.calibration.calibrate import LowRankCalibration
 from kvcompress.config import ConfigError, HeadRanks, RankConfig
 from kvcompress.hub import CONFIG_FILE, WEIGHTS_FILE
 from kvcompress.lowrank import KVSpliceCache, PCACache
 from kvcompress.models import kv_shape
+from kvcompress.policies import KeepPolicy
 
 SETTINGS = {"sink": 4, "window": 8, "block_size": 4}
 
@@ -99,6 +104,83 @@ def test_left_padded_batch_matches_each_row_alone():
     model = tiny_model("mistral")
     compressor = fitted(model, 6, 10)
     assert_left_padded_batch_matches_rows(model, lambda: PCACache(compressor), length=40, padding=7, new_tokens=20)
+
+
+@functools.cache
+def pca_6_8():
+    """One fitted artifact for the tests below that only need some low-rank compressor (the tiny model is the same each time)."""
+    return fitted(tiny_model("llama"), 6, 8)
+
+
+def in_place_and_general(monkeypatch, make, ids, attention_mask=None, new_tokens=30):
+    """Generate with a cache from `make` as the engine runs, recording whether each block step ran in place, then with one
+    whose block steps all take the general path; returns both caches, their tokens and the record."""
+    ran, in_place = [], CompressedLayer._hand_blocks_in_place
+    monkeypatch.setattr(CompressedLayer, "_hand_blocks_in_place", lambda layer: ran.append(in_place(layer)) or ran[-1])
+    model = tiny_model("llama")
+    quick = make(model)
+    quick_tokens = greedy(model, quick, ids, attention_mask, new_tokens=new_tokens)
+    monkeypatch.setattr(CompressedLayer, "_hand_blocks_in_place", lambda layer: False)
+    general = make(model)
+    return quick, general, quick_tokens, greedy(model, general, ids, attention_mask, new_tokens=new_tokens), ran
+
+
+def assert_slot_for_slot(quick, general):
+    for a, b in zip(quick.layers, general.layers, strict=True):
+        assert (a.store_length, a.tail_length) == (b.store_length, b.tail_length)
+        assert torch.equal(a.handed, b.handed) and a.has_fillers == b.has_fillers
+        for part in ("store", "tail"):
+            for name, tensor in getattr(a, part).items():
+                other = getattr(b, part)[name]
+                assert (tensor is None and other is None) or torch.equal(tensor, other), (part, name)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model: PCACache(pca_6_8()),
+        lambda model: ComposedCache(lowrank=pca_6_8(), bits=4, group_size=4),
+        lambda model: ComposedCache(bits=8, group_size=8, **SETTINGS),
+    ],
+    ids=["pca", "pca int4", "int8"],
+)
+def test_blocks_handed_without_a_sync_equal_the_general_path(monkeypatch, make):
+    quick, general, quick_tokens, general_tokens, ran = in_place_and_general(monkeypatch, make, prompt_ids(60, batch=2))
+    assert ran.count(True) == len(ran) >= 2 * 8  # every block step of both layers (the prefill's and 7 of 4 tokens) took the path without syncs
+    assert quick.layers[0].store_length >= 72  # and stored blocks: 90 tokens, a sink of 4 and a window of 8 exact
+    assert torch.equal(quick_tokens, general_tokens)
+    assert_slot_for_slot(quick, general)
+
+
+@settings(max_examples=10, deadline=None)
+@given(window=st.integers(1, 20), block_size=st.integers(1, 9), sink=st.integers(0, 5), length=st.integers(2, 70), new_tokens=st.integers(1, 25), batch=st.integers(1, 3))
+def test_blocks_handed_without_a_sync_equal_the_general_path_at_any_settings(window, block_size, sink, length, new_tokens, batch):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        make = lambda model: PCACache(pca_6_8(), window=window, block_size=block_size, sink=sink)  # noqa: E731
+        quick, general, quick_tokens, general_tokens, ran = in_place_and_general(monkeypatch, make, prompt_ids(length, batch=batch), new_tokens=new_tokens)
+    assert all(ran) and torch.equal(quick_tokens, general_tokens)
+    assert_slot_for_slot(quick, general)
+
+
+def test_only_caches_that_store_every_token_as_it_is_and_aligned_rows_skip_the_general_path(monkeypatch):
+    class Choosy(KeepPolicy):
+        def choose(self, layer, blocks):
+            return blocks
+
+    pca = pca_6_8()
+    takes = {
+        "pca": PCACache(pca), "pca int8": ComposedCache(lowrank=pca, bits=8), "int8": ComposedCache(bits=8),
+        "plain store": CompressedCache(), "h2o": H2OCache(budget=24), "streamingllm": StreamingLLMCache(budget=24),
+        "a policy's own choice": CompressedCache(keep=Choosy(), encoding=ComposedCache(lowrank=pca).encoding),
+    }
+    assert {name: cache.layer(0).stores_every_token for name, cache in takes.items()} == {
+        "pca": True, "pca int8": True, "int8": True, "plain store": False, "h2o": False, "streamingllm": False, "a policy's own choice": False,
+    }
+    ids = prompt_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding: rows hold different tokens, and fillers
+    *_, ran = in_place_and_general(monkeypatch, lambda model: PCACache(pca_6_8()), ids, mask, new_tokens=12)
+    assert ran and not any(ran)
 
 
 def test_kvsplice_improves_the_attention_output_over_pca_and_runs_under_generate():
