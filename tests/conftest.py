@@ -93,6 +93,19 @@ def reseal(directory, config=None) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps({"sha256": checksum(config, directory / WEIGHTS_FILE)} | config))
 
 
+def assert_parts_equal(part: dict, expected: dict) -> None:
+    """A layer's part (its store or tail views) holds what `expected` holds, slot for slot."""
+    for name, tensor in part.items():
+        assert (tensor is None and expected[name] is None) or torch.equal(tensor, expected[name]), name
+
+
+def assert_layers_equal(cache, expected) -> None:
+    """Every layer of `cache` holds the store and tail of `expected`'s, slot for slot."""
+    for layer, other in zip(cache.layers, expected.layers, strict=True):
+        for part in ("store", "tail"):
+            assert_parts_equal(getattr(layer, part), getattr(other, part))
+
+
 def watch_hand_one(monkeypatch) -> list:
     """Record, for every per-token step the engine tries in place, (whether it ran, slots the store gained)."""
     from kvcompress.cache import CompressedLayer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, greedy, prompt_ids, tiny_model, watch_hand_one
+from conftest import ARCHITECTURES, assert_layers_equal, greedy, prompt_ids, tiny_model, watch_hand_one
 from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
@@ -249,11 +249,7 @@ def test_per_token_eviction_in_place_equals_the_general_path(monkeypatch, cache_
     monkeypatch.setattr(CompressedLayer, "_hand_one_in_place", lambda self: False)
     general = cache_class(**budget)
     assert torch.equal(greedy(model, general, ids, new_tokens=30), quick_tokens)
-    for a, b in zip(quick.layers, general.layers):
-        for part in ("store", "tail"):
-            for name, tensor in getattr(a, part).items():
-                other = getattr(b, part)[name]
-                assert (tensor is None and other is None) or torch.equal(tensor, other), (part, name)  # slot for slot
+    assert_layers_equal(quick, general)
 
 
 def test_attention_reads_a_plain_store_and_the_tail_without_a_copy():

@@ -5,7 +5,7 @@ reference and against the PyTorch path of whole decodes, on a GPU or on the CPU 
 
 import pytest
 import torch
-from conftest import DEVICE, assert_pass_under_triton_interpreter, greedy, prompt_ids, tiny_model, watch_hand_one
+from conftest import DEVICE, assert_layers_equal, assert_parts_equal, assert_pass_under_triton_interpreter, greedy, prompt_ids, tiny_model, watch_hand_one
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,11 +60,6 @@ def reference_replace_lowest(store, incoming):
     return store
 
 
-def assert_parts_equal(part, expected):
-    for name, tensor in part.items():
-        assert (tensor is None and expected[name] is None) or torch.equal(tensor, expected[name]), name
-
-
 @needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(
@@ -117,9 +112,7 @@ def test_decodes_with_the_kernels_equal_the_pytorch_path(monkeypatch, cache_clas
     monkeypatch.setattr(token_step, "available", lambda *_: False)
     pytorch = cache_class(**budget)
     assert torch.equal(greedy(model, pytorch, ids, new_tokens=30), tokens)
-    for a, b in zip(with_kernels.layers, pytorch.layers):
-        for part in ("store", "tail"):
-            assert_parts_equal(getattr(a, part), getattr(b, part))
+    assert_layers_equal(with_kernels, pytorch)
 
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
