@@ -34,7 +34,7 @@ except ImportError:  # a CPU-only torch: the low-rank caches use their PyTorch p
     triton = None
 
 BLOCK_SLOTS = 128  # store slots per inner step, at most: wide ranks take half (or less) where shared memory runs out
-PROGRAMS_WANTED = 1024  # spans per call at least, so that a small batch still fills the GPU
+PROGRAMS_WANTED = 512  # spans per call at least, so that a small batch still fills the GPU: about 2 waves of an H200 (4 waves, 1024, measured the same and launched a merge)
 NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128 slots beat 8 warps and 32 or 64 slots
 ROW_TILE = 16  # query rows per program: tl.dot's smallest
 _FITTING_BLOCK = {}  # (device, dtype, head_dim, key width, value width, bits) -> the block of slots that fitted in shared memory
@@ -172,9 +172,18 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
                 raise
             block //= 2  # spans are whole multiples of BLOCK_SLOTS, so of every half of it too
     _FITTING_BLOCK[shape_key] = block
-    top, total, latents = merge_softmax(maxima[..., :rows], sums[..., :rows], latents[:, :, :rows, :value_width], dim=1)
-    shape = (batch, heads, rows)
-    return top.view(shape), total.view(shape), latents.view(*shape, value_width)
+    return merge_spans(maxima, sums, latents, (batch, heads, rows), value_width)
+
+
+def merge_spans(maxima: torch.Tensor, sums: torch.Tensor, values: torch.Tensor, shape: tuple, width: int) -> tuple:
+    """A kernel's partial softmaxes per span (``[programs, spans, tile rows]``, values ``[..., padded width]``) merged into
+    one per query row: ``(max, sum) [*shape]`` and values ``[*shape, width]``. One span is only cut to its rows: the
+    merge's launches cost a CPU-bound decode step more than they do on the GPU."""
+    rows = shape[-1]
+    if maxima.shape[1] == 1:
+        return maxima[:, 0, :rows].reshape(shape), sums[:, 0, :rows].reshape(shape), values[:, 0, :rows, :width].reshape(*shape, width)
+    top, total, merged = merge_softmax(maxima[..., :rows], sums[..., :rows], values[:, :, :rows, :width], dim=1)
+    return top.view(shape), total.view(shape), merged.view(*shape, width)
 
 
 if triton is not None:

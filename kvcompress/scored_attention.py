@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .latent_attention import available, on_device_of, slot_strides, spans_of, triton
-from .softmax import merge_softmax
+from .latent_attention import available, merge_spans, on_device_of, slot_strides, spans_of, triton
 
 if triton is not None:
     import triton.language as tl
@@ -64,10 +63,8 @@ def scored_partials(queries, keys, values, token_ids, bias, new_seen, scaling):
             HEADS=heads, DIM=dim, TILE=tile, BLOCK=BLOCK_SLOTS, HAS_BIAS=bias is not None,
             PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
         )
-    top, total, weighted = merge_softmax(maxima[..., :rows], sums[..., :rows], weighted[:, :, :rows], dim=1)
-    shape = (batch, heads, rows)
-    output = weighted.view(*shape, dim) / total.clamp(min=torch.finfo(torch.float32).tiny).view(*shape, 1)
-    return output, logits, top.view(shape), total.view(shape)
+    top, total, weighted = merge_spans(maxima, sums, weighted, (batch, heads, rows), dim)
+    return weighted / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None], logits, top, total
 
 
 if triton is not None:

@@ -146,8 +146,13 @@ def test_kernel_equals_the_pytorch_path(parts, name, monkeypatch):
 
 
 @needs_kernel
-def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monkeypatch):
-    """Token ids up to 500k (RoPE angles of 500k radians), 1,000 slots split across several spans, fillers among them."""
+@pytest.mark.parametrize("programs_wanted", [1, 512])
+def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, programs_wanted, monkeypatch):
+    """Token ids up to 500k (RoPE angles of 500k radians), 1,000 slots in one span or split across several (merged only
+    then), fillers among them."""
+    monkeypatch.setattr(latent_attention, "PROGRAMS_WANTED", programs_wanted)
+    merges, merge_softmax = [], latent_attention.merge_softmax
+    monkeypatch.setattr(latent_attention, "merge_softmax", lambda *args, **kwargs: merges.append(args[0].shape[1]) or merge_softmax(*args, **kwargs))
     pca = parts[2]["pca"]
     generator = torch.Generator().manual_seed(0)
     batch, heads, slots, dim = 1, 2, 1000, 32
@@ -158,6 +163,7 @@ def test_kernel_rotates_keys_at_far_positions_and_splits_long_stores(parts, monk
     token_ids[..., ::7] = FILLER
     attend = lambda: pca.attend_store(1, queries, key_latents, value_latents, token_ids.to(DEVICE), 0.2)  # noqa: E731
     kernel = attend()
+    assert merges == ([] if programs_wanted == 1 else [8])  # 1,000 slots in blocks of 128, for 2 (row, head) programs
     monkeypatch.setattr(latent_attention, "available", lambda *args: False)
     for got, expected in zip(kernel, attend()):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -264,7 +270,7 @@ def test_kernel_layout_of_rank_15_heads_side_by_side_decodes_each_heads_columns(
 
 @pytest.mark.skipif(kernel_runs(), reason="the kernel tests above run in this process (on a GPU, or under the interpreter already)")
 def test_the_kernel_tests_pass_under_the_triton_interpreter():
-    assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared or tail_kernel", len(CACHES) + 3)
+    assert_pass_under_triton_interpreter(__file__, "kernel_equals or kernel_rotates or too_large_for_shared or tail_kernel", len(CACHES) + 4)
 
 
 @pytest.mark.parametrize(("name", "tolerance"), [("pca, mixed ranks", 1e-5), ("gates x pca x int4", 1e-4)])
