@@ -15,7 +15,8 @@ own `QuantizedCache` at int4 and int2 (quanto, or HQQ, when installed), each at 
 
 Per cache: tokens/s (median of `repeats` runs of `steps` greedy decode steps; fewer steps, at least 4, for caches so slow that a run would take over 5 s) and its ratio to dense, KV bytes held, and the
 peak GPU memory while decoding. `--longest` finds, at batch 1, the longest context each named cache
-can fill and decode in this GPU's memory (doubling, then bisection to within 1/16).
+can fill and decode in this GPU's memory (doubling, then bisection to within 1/16); `--longest-between`
+resumes one cache's search from the bracket an earlier command left.
 """
 
 from __future__ import annotations
@@ -264,15 +265,17 @@ def fits(model, factory, tokens: int, chunk: int) -> bool:
     return fitted
 
 
-def longest_context(model, factory, start: int = 65536, limit: int = 2**25) -> int:
-    """The longest context (tokens, batch 1) that can be filled and decoded: doubling, then bisection to 1/16."""
+def longest_context(model, factory, start: int = 65536, limit: int = 2**25, bracket: tuple[int, int] | None = None) -> int:
+    """The longest context (tokens, batch 1) that can be filled and decoded: doubling, then bisection to 1/16 (or a chunk).
+    `bracket` (tokens that fit, tokens that do not), from an earlier search, skips the doubling: at millions of tokens
+    a probe takes minutes, so a search may need several commands."""
     chunk = min(16384, start)
-    low, high = 0, start
-    while high <= limit and fits(model, factory, high, chunk):
+    low, high = bracket or (0, start)
+    while not bracket and high <= limit and fits(model, factory, high, chunk):
         low, high = high, 2 * high
     if low == 0:
         return 0
-    while high - low > low / 16:
+    while high - low > max(low / 16, chunk):  # contexts are whole chunks: a bracket of one chunk is as close as it gets
         middle = (low + high) // 2 // chunk * chunk
         low, high = (middle, high) if fits(model, factory, middle, chunk) else (low, middle)
     return low
@@ -297,6 +300,10 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="also write the top GPU operations of 2 decode steps per cache to OUTPUT/gpu_profile.txt")
     parser.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="run only the caches whose names start with these (dense always runs)")
     parser.add_argument("--longest", nargs="*", default=[], metavar="PREFIX", help="caches (name prefixes, 'dense' for DynamicCache) to find the longest context of")
+    parser.add_argument(
+        "--longest-between", nargs=2, type=int, default=None, metavar=("FITS", "DOES_NOT"),
+        help="resume --longest (one cache) from an earlier search's bracket: FITS tokens fit, DOES_NOT do not",
+    )
     parser.add_argument("--output", default="docs/benchmark")
     add_update_docs(parser, "benchmarks.md", "gpu")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (use --context 2048): checks the pipeline, measures nothing")
@@ -317,6 +324,8 @@ def main(argv=None) -> None:
         return write_outputs(runs, {name: tokens for data in saved for name, tokens in data["longest_context"].items()}, env, args, Path(args.output))
     if args.tiny and args.longest:
         parser.error("--longest searches up to running out of GPU memory; it cannot run with --tiny on the CPU.")
+    if args.longest_between and (len(args.longest) != 1 or not 0 < args.longest_between[0] < args.longest_between[1]):
+        parser.error("--longest-between FITS DOES_NOT resumes the search of one cache (--longest NAME), with 0 < FITS < DOES_NOT.")
     device = torch.device("cpu" if args.tiny else "cuda")
     config = LlamaConfig(**(TINY if args.tiny else LLAMA_8B), attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -352,7 +361,7 @@ def main(argv=None) -> None:
     factories = {"dense": DynamicCache} | {name: factory for name, (_, _, factory) in cases.items()}
     for prefix in args.longest:
         name = next(name for name in factories if name.startswith(prefix))
-        longest[name] = longest_context(model, factories[name], start=args.context * 2)
+        longest[name] = longest_context(model, factories[name], start=args.context * 2, bracket=args.longest_between)
         print(f"longest context at batch 1, {name}: {longest[name]} tokens", flush=True)
         write_outputs(runs, longest, so_far(), args, Path(args.output), quiet=True)
     write_outputs(runs, longest, so_far(), args, Path(args.output))

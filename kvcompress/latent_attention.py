@@ -34,7 +34,7 @@ except ImportError:  # a CPU-only torch: the low-rank caches use their PyTorch p
     triton = None
 
 BLOCK_SLOTS = 128  # store slots per inner step, at most: wide ranks take half (or less) where shared memory runs out
-PROGRAMS_WANTED = 512  # spans per call at least, so that a small batch still fills the GPU: about 2 waves of an H200 (4 waves, 1024, measured the same and launched a merge)
+PROGRAMS_WANTED = 512  # programs per call at least (row x head x tile x span), so a small batch still fills the GPU: about 2 waves of an H200 (1024 measured the same)
 NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128 slots beat 8 warps and 32 or 64 slots
 ROW_TILE = 16  # query rows per program: tl.dot's smallest
 _FITTING_BLOCK = {}  # (device, dtype, head_dim, key width, value width, bits) -> the block of slots that fitted in shared memory

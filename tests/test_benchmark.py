@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvcompress.calibration.recall import SUBJECTS
 from kvcompress.evaluation.tasks import PHRASINGS, Prompt, heldout_passkey_prompts, hide, multikey_prompts, score, variables_prompts
@@ -172,6 +174,38 @@ def test_the_gpu_benchmark_runs_its_pipeline_on_a_tiny_model(tmp_path):
     runs = {r["cache"].split(" ")[0]: r for r in saved["runs"]}
     assert {"dense,", "gates", "pca", "sidecar", "keep-and-merge"} <= set(runs)
     assert all(r["tokens_per_second"] > 0 and r["kv_bytes"] > 0 and not r["error"] for r in saved["runs"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2**25))
+def test_the_longest_context_search_brackets_the_limit_within_a_sixteenth_and_resumes_from_a_bracket(limit):
+    """Doubling, then bisection: what it returns fits and what fits beyond it is under 1/16 of it; resumed from the bracket
+    its doubling reached, it probes only the bisection's contexts and finds the same."""
+    import gpu_throughput
+
+    probes = []
+
+    def fits(model, factory, tokens, chunk):
+        probes.append(tokens)
+        return tokens <= limit
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_throughput, "fits", fits)
+        found = gpu_throughput.longest_context(None, None, start=65536)
+        if limit < 65536:
+            assert found == 0 and probes == [65536]
+            return
+        assert found <= limit and (limit >= 2**25 or limit - found < max(found / 16, 16384))  # contexts are whole chunks of 16384
+        doubled = [tokens for tokens in probes if tokens & (tokens - 1) == 0]
+        bracket = (max(t for t in doubled if t <= limit), min((t for t in doubled if t > limit), default=2 * max(doubled)))
+        bisected, probes[:] = probes[len(doubled):], []
+        assert gpu_throughput.longest_context(None, None, start=65536, bracket=bracket) == found and probes == bisected
+
+
+def test_resuming_the_longest_context_search_needs_one_cache_and_an_ordered_bracket():
+    for argv in (["--longest", "pca", "--longest-between", "8", "4"], ["--longest", "pca", "dense", "--longest-between", "4", "8"], ["--longest-between", "4", "8"]):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), *argv], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "resumes the search of one cache" in run.stderr, argv
 
 
 def test_the_kernel_ab_benchmark_runs_its_pipeline_on_a_tiny_model():
