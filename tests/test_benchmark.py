@@ -121,7 +121,7 @@ def test_quality_and_gpu_blocks_regenerate_byte_for_byte_from_the_saved_results(
 
     quality.main(["--render", str(DOCS / "benchmark" / "quality.json"), "--output", str(docs / "benchmark"), "--update-docs", str(page)])
     assert (docs / "benchmark" / "quality.md").read_text() == (DOCS / "benchmark" / "quality.md").read_text()  # its plot linked beside it
-    parts = [str(docs / "benchmark" / "gpu-parts" / f"{part}.json") for part in ("throughput",)]
+    parts = [str(docs / "benchmark" / "gpu-parts" / f"{part}.json") for part in ("throughput", "quantized-peers-h200", "longest-dense-h200", "longest-pca-h200")]
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--render", *parts, "--output", str(tmp_path / "gpu"), "--update-docs", str(page)],
         check=True, capture_output=True, timeout=300,
