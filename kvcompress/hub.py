@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import functools
 import hashlib
 import json
@@ -445,9 +446,14 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
 def _not_found(model_id: str, error: Exception) -> FileNotFoundError:
     if isinstance(error, RepositoryNotFoundError):
         return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    shipped = sorted(path.name for path in PRETRAINED_DIR.iterdir() if (path / CONFIG_FILE).is_file())
+    close = difflib.get_close_matches(model_id.partition("/")[2], shipped, n=1)
+    hint = f" Did you mean {PRETRAINED_NAMESPACE}/{close[0]}?" if close else ""
     return FileNotFoundError(
         f"{model_id} is not a local directory ({Path(model_id).resolve()} does not exist), and as a Hub repo id it could not be "
-        "downloaded: the Hub was not reachable and the repo is not in the local Hub cache."
+        f"downloaded: the Hub was not reachable{offline} and the repo is not in the local Hub cache.{hint} `kvcompress pretrained` lists "
+        "the compressors that ship with kvcompress and load without the Hub."
     )
 
 

@@ -203,3 +203,18 @@ def test_errors_are_one_line_unless_debug(tmp_path, capsys):
         with pytest.raises(Exception) as raised:
             main(argv)
         assert not isinstance(raised.value, SystemExit)
+
+
+def test_the_short_prompt_note_is_for_a_baselines_ratio_only(capsys):
+    """A ratio leaves ceil(tokens / ratio) of a prompt to StreamingLLM and H2O (window included): under 64 it says so;
+    a token budget, dense and a long prompt get no note."""
+    from transformers import DynamicCache
+
+    from kvcompress import H2OCache, StreamingLLMCache
+
+    for cache, tokens, noted in [
+        (H2OCache(ratio=8), 37, True), (StreamingLLMCache(ratio=4), 200, True), (H2OCache(ratio=8), 600, False),
+        (StreamingLLMCache(budget=256), 37, False), (DynamicCache(), 37, False),
+    ]:
+        cli._note_a_short_prompt(cache, tokens)
+        assert ("keeps about" in capsys.readouterr().out) == noted, (cache, tokens)

@@ -1,6 +1,7 @@
 """Behaviour on the real default model, SmolLM2-135M-Instruct: the evaluator is exact, the caches keep their promises."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,27 @@ def test_generate_cli_demo_finds_the_passkey_with_a_4x_smaller_cache(capsys):
     printed = capsys.readouterr().out
     assert "-> found" in printed
     assert float(re.search(r"compression (\d+\.\d+):1", printed).group(1)) > 3.5
+
+
+def test_generate_cli_meets_a_fitted_caches_ratio_at_the_prompts_length(capsys):
+    """README command 1: the shipped gates at ratio=8 are built for the demo prompt's length, so they hold about 1/8 of it."""
+    cli_main(["generate", "--compressor", "kvcompress/smollm2-135m-instruct-gate@ratio=8"])
+    printed = capsys.readouterr().out
+    assert "-> found" in printed and "Note:" not in printed
+    assert 7 < float(re.search(r"compression (\d+\.\d+):1", printed).group(1)) < 9
+
+
+def test_generate_cli_says_when_a_ratio_leaves_too_little_of_a_short_message(capsys):
+    cli_main(["generate", "What is the capital of France?", "--max-new-tokens", "4"])
+    assert re.search(r"Note: at 8:1 this cache keeps about \d of the prompt's \d\d tokens, too few to answer from", capsys.readouterr().out)
+    cli_main(["generate", "What is the capital of France?", "--max-new-tokens", "4", "--budget", "256"])
+    assert "Note:" not in capsys.readouterr().out
+
+
+def test_the_readmes_quick_start_runs_as_written(capsys):
+    """The README's first Python block, executed as a user would paste it: an answer, and about 1/8 of the dense bytes."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("```python\n", readme.index("## Quick start")) + len("```python\n")
+    exec(compile(readme[start : readme.index("```", start)], "README.md", "exec"), {})
+    *_, answer, ratio = capsys.readouterr().out.strip().splitlines()
+    assert answer.strip() and 6 < float(ratio) < 9

@@ -226,8 +226,11 @@ def test_artifact_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is not a compressor directory"):
         PCACache.from_pretrained(tmp_path / "nowhere")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a relative path that does not exist looks like a repo id
-    with pytest.raises(FileNotFoundError, match="is not a local directory .* the Hub was not reachable"):
+    with pytest.raises(FileNotFoundError, match=r"is not a local directory .* the Hub was not reachable \(HF_HUB_OFFLINE is set\)") as refused:
         PCACache.from_pretrained("results/no-such-run")
+    assert "Did you mean" not in str(refused.value) and "kvcompress pretrained` lists" in str(refused.value)
+    with pytest.raises(FileNotFoundError, match="Did you mean kvcompress/smollm2-135m-instruct-pca-2x?"):  # a shipped id, mistyped
+        PCACache.from_pretrained("kvcompress/smollm2-135m-instruct-pca-2")
     with pytest.raises(ConfigError, match="load it with PCACache"):
         KVSpliceCache.from_pretrained(tmp_path / "pca")
 

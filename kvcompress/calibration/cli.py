@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kvcompress.baselines import RecentOnly
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
 from kvcompress.extras import require
@@ -30,6 +31,7 @@ from kvcompress.lowrank import LowRankCompressor
 from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
+SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
 
@@ -158,6 +160,9 @@ def _generate(args) -> None:
         prompt = context + question
         print(f"Prompt: {args.context_tokens} tokens of WikiText with a pass key hidden at depth {args.depth}.")
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length
+        cache = CacheSpec.fitted(args.compressor).build(context=inputs.input_ids.shape[1])
+    _note_a_short_prompt(cache, inputs.input_ids.shape[1])
     started = time.perf_counter()
     output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
@@ -168,6 +173,18 @@ def _generate(args) -> None:
     if expected is not None:
         print(f"Expected pass key: {expected} -> {'found' if str(expected) in answer else 'NOT found'}")
     print(f"KV cache held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB, compression {dense / held:.2f}:1 ({seconds:.1f} s)")
+
+
+def _note_a_short_prompt(cache, tokens: int) -> None:
+    """Say so where a baseline's ratio leaves too little of the prompt to answer from: at 8:1 a short chat message keeps a few
+    tokens, and the answer is noise. Compression pays on long contexts; the learned caches keep their window exact."""
+    ratio = cache.keep.budget.ratio if isinstance(getattr(cache, "keep", None), RecentOnly) else None  # StreamingLLM's and H2O's policy
+    if ratio is not None and tokens / ratio < SHORT_PROMPT_KEPT:
+        print(
+            f"Note: at {ratio:g}:1 this cache keeps about {math.ceil(tokens / ratio)} of the prompt's {tokens} tokens, too few to answer from. "
+            "Compression pays on long contexts: for a short message use --cache dense or --budget 256, or the shipped gates "
+            "(--compressor kvcompress/smollm2-135m-instruct-gate@ratio=8), which keep the recent window exact."
+        )
 
 
 def _check_generate(parser: _Parser, args) -> None:
@@ -485,7 +502,7 @@ def _check_calibrate(parser: _Parser, args) -> None:
 def _pretrained(args) -> None:
     from kvcompress import list_pretrained
 
-    print("| Hub id | cache | method | base model | compression | perplexity (dense) | pass key @1.5k / @6k | multi-key | MiB |")
+    print("| Hub id | cache | method | base model | compression | perplexity (dense) | pass key @1.5k / @6k | multi-key | artifact MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for item in list_pretrained():
         results, metrics = item.evaluation, item.calibration_metrics
