@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache
@@ -86,9 +88,14 @@ def test_generate_cli_says_when_a_ratio_leaves_too_little_of_a_short_message(cap
 
 
 def test_the_readmes_quick_start_runs_as_written(capsys):
-    """The README's first Python block, executed as a user would paste it: an answer, and about 1/8 of the dense bytes."""
+    """The README's first Python block, executed as a user would paste it (before transformers 5.24 with the change its
+    comment says, past_key_values= for cache=): an answer, and about 1/8 of the dense bytes."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     start = readme.index("```python\n", readme.index("## Quick start")) + len("```python\n")
-    exec(compile(readme[start : readme.index("```", start)], "README.md", "exec"), {})
+    code = readme[start : readme.index("```", start)]
+    assert "cache=cache" in code and "transformers < 5.24: past_key_values=cache" in code
+    if Version(transformers.__version__) < Version("5.24"):
+        code = code.replace("cache=cache", "past_key_values=cache")
+    exec(compile(code, "README.md", "exec"), {})
     *_, answer, ratio = capsys.readouterr().out.strip().splitlines()
     assert answer.strip() and 6 < float(ratio) < 9
