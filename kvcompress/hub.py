@@ -447,8 +447,7 @@ def _not_found(model_id: str, error: Exception) -> FileNotFoundError:
     if isinstance(error, RepositoryNotFoundError):
         return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-    shipped = sorted(path.name for path in PRETRAINED_DIR.iterdir() if (path / CONFIG_FILE).is_file())
-    close = difflib.get_close_matches(model_id.partition("/")[2], shipped, n=1)
+    close = difflib.get_close_matches(model_id.partition("/")[2], shipped_names(), n=1)
     hint = f" Did you mean {PRETRAINED_NAMESPACE}/{close[0]}?" if close else ""
     return FileNotFoundError(
         f"{model_id} is not a local directory ({Path(model_id).resolve()} does not exist), and as a Hub repo id it could not be "
@@ -482,11 +481,16 @@ class PretrainedCompressor:
         return sum(file.stat().st_size for file in self.path.iterdir() if file.is_file())
 
 
+def shipped_names() -> list[str]:
+    """The names (Hub ids `kvcompress/<name>`) of the compressors that ship inside kvcompress, sorted."""
+    return sorted(path.parent.name for path in PRETRAINED_DIR.glob(f"*/{CONFIG_FILE}"))
+
+
 def list_pretrained() -> list[PretrainedCompressor]:
     """The compressors that ship with kvcompress (and are published as `kvcompress/<name>` on the Hub)."""
     found = []
-    for directory in sorted(PRETRAINED_DIR.glob(f"*/{CONFIG_FILE}")):
-        directory = directory.parent
+    for name in shipped_names():
+        directory = PRETRAINED_DIR / name
         config = json.loads((directory / CONFIG_FILE).read_text())
         card = ModelCard.load(directory / "README.md") if (directory / "README.md").is_file() else None
         results = (card.data.eval_results or []) if card else []
