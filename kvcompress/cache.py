@@ -23,9 +23,9 @@ kvcompress attention masks out. Attention is invariant to slot order, so layout 
 core uses that freedom to work in place: both parts live in buffers with room for the slots they
 reach, new tokens are written after the last slot, and when slots leave (handed to the policies,
 evicted) the last slots move into their gaps. Per step only the new and the moved slots are copied,
-never the whole cache. A buffer grows when a part outgrows it (the tail with room for 1/32 more, at least a block, and
-at least `TAIL_ROOM` slots until tokens first leave it, so that a tail nothing leaves yet is not
-copied every few steps); after each compression the tail's
+never the whole cache. A buffer grows when a part outgrows it (the tail with room for 1/32 more and at least a block;
+until tokens first leave it, a quarter more up to `TAIL_ROOM` slots, so that a tail nothing leaves yet is not
+copied every few steps, nor a short prompt held in a buffer much longer than dense's); after each compression the tail's
 is cut back to its tokens and room for the next block, and the store keeps room to grow by 1/32
 (`STORE_ROOM`) so that it is reallocated once per ~3% of growth, not at every block. `nbytes()`
 counts that room.
@@ -146,8 +146,9 @@ class CompressedLayer(CacheLayerMixin):
         ids = (self.seen[:, None] if new == 1 else self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
         length = self.tail_length
         if length + new > capacity(self.tail_buffers):  # room to grow: a tail that nothing leaves yet is not copied every step
-            room = max(self.block_size, (length + new) // STORE_ROOM, 0 if self.has_handed else TAIL_ROOM)
-            self._arrange(tail_capacity=length + new + room)
+            grown = length + new
+            room = max(self.block_size, grown // STORE_ROOM) if self.has_handed else max(grown // STORE_ROOM, min(TAIL_ROOM, grown // 4))
+            self._arrange(tail_capacity=grown + room)
         appended = {"keys": key_states, "values": value_states, "token_ids": ids[:, None], "scores": 0.0}
         for name, buffer in self.tail_buffers.items():
             if buffer is not None:

@@ -16,7 +16,7 @@ import torch
 FILLER = -1
 SYNTHESIZED = -2
 STORE_ROOM = 32  # the store keeps room for 1/STORE_ROOM more slots
-TAIL_ROOM = 32  # until tokens first leave it, a tail that outgrows its buffer gets room for this many more slots at least
+TAIL_ROOM = 32  # until tokens first leave it, a tail that outgrows its buffer gets room for a quarter more slots, up to this many
 JOINT = ("keys", "values", "token_ids")  # what a plain store and the tail share one allocation for: all attention reads
 
 

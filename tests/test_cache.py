@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import ARCHITECTURES, assert_layers_equal, greedy, prompt_ids, tiny_model, watch_hand_one
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
@@ -202,12 +204,31 @@ def test_a_tail_nothing_leaves_is_reallocated_once_per_32_tokens():
 
     model = tiny_model("llama")
     cache = StreamingLLMCache(budget=1000)
-    token = model(input_ids=prompt_ids(20), **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+    token = model(input_ids=prompt_ids(4 * TAIL_ROOM), **cache_kwargs(cache)).logits[:, -1:].argmax(-1)  # long enough for the whole room
     buffers = []
     for _ in range(3 * TAIL_ROOM):
         token = model(input_ids=token, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         buffers.append(cache.layers[0].tail_buffers["keys"].data_ptr())
     assert sum(a != b for a, b in zip(buffers, buffers[1:])) <= 3  # at most one new buffer per TAIL_ROOM tokens
+
+
+@settings(max_examples=20, deadline=None)
+@given(prompt=st.integers(1, 90), new=st.integers(0, 24))
+def test_a_short_prompt_is_held_in_at_most_a_quarter_more_slots_than_its_tokens(prompt, new):
+    """Until tokens leave it, the tail's room is a quarter of its length, up to `TAIL_ROOM` (1/32 past 1,024 tokens): a
+    short chat message is not held in a buffer twice its length, which `nbytes` would count against dense."""
+    from kvcompress.slots import STORE_ROOM, TAIL_ROOM
+
+    model = tiny_model("llama")
+    cache = StreamingLLMCache(budget=1000)
+    ids = prompt_ids(prompt + new)
+    model(input_ids=ids[:, :prompt], **cache_kwargs(cache))
+    for step in range(prompt, prompt + new):
+        model(input_ids=ids[:, step : step + 1], **cache_kwargs(cache))
+    layer, tokens = cache.layers[0], prompt + new
+    assert layer.tail_length == tokens and not layer.has_handed
+    assert tokens <= layer.tail_capacity() <= tokens + max(tokens // STORE_ROOM, min(TAIL_ROOM, tokens // 4))
+    assert cache.nbytes() <= 1.26 * cache.dense_nbytes() * (1 + 4 / (2 * model.config.head_dim * 4))  # + an int32 id a slot
 
 
 @pytest.mark.parametrize("cache_class", [StreamingLLMCache, H2OCache])

@@ -218,3 +218,21 @@ def test_the_short_prompt_note_is_for_a_baselines_ratio_only(capsys):
     ]:
         cli._note_a_short_prompt(cache, tokens)
         assert ("keeps about" in capsys.readouterr().out) == noted, (cache, tokens)
+
+
+@pytest.mark.parametrize(
+    "argv, cache, compressor",
+    [
+        ([], None, cli.EMBEDDED_MODEL_COMPRESSOR),  # the embedded model: its shipped gates at 8:1
+        (["hello"], None, cli.EMBEDDED_MODEL_COMPRESSOR),
+        (["--ratio", "4"], "h2o", None),  # a ratio or budget alone is a baseline's, as before
+        (["--budget", "256"], "h2o", None),
+        (["--model", "."], "h2o", None),  # another model: nothing shipped fits it
+        (["--cache", "streamingllm"], "streamingllm", None),
+        (["--compressor", "somewhere"], None, "somewhere"),
+    ],
+)
+def test_generates_default_cache_is_the_shipped_gates_on_the_embedded_model_only(argv, cache, compressor):
+    args = cli.build_parser().parse_args(["generate", *argv])
+    args.check(args)
+    assert (args.cache, args.compressor) == (cache, compressor)

@@ -28,10 +28,12 @@ from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, buil
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods
 from kvcompress.lowrank import LowRankCompressor
+from kvcompress.memory import DEFAULT_CONTEXT
 from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
 SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
+EMBEDDED_MODEL_COMPRESSOR = "kvcompress/smollm2-135m-instruct-gate@ratio=8"  # generate's cache on the embedded model when none is chosen
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
 
@@ -160,8 +162,14 @@ def _generate(args) -> None:
         prompt = context + question
         print(f"Prompt: {args.context_tokens} tokens of WikiText with a pass key hidden at depth {args.depth}.")
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length
-        cache = CacheSpec.fitted(args.compressor).build(context=inputs.input_ids.shape[1])
+    if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length where it can be
+        try:
+            cache = CacheSpec.fitted(args.compressor).build(context=inputs.input_ids.shape[1])
+        except ValueError:  # the same options built a cache above: only the length is new, too short for the ratio
+            print(
+                f"Note: the prompt's {inputs.input_ids.shape[1]} tokens are fewer than this cache's exact sink and window hold at its ratio, "
+                f"so it holds them exact; its ratio= is met from {DEFAULT_CONTEXT} tokens on."
+            )
     _note_a_short_prompt(cache, inputs.input_ids.shape[1])
     started = time.perf_counter()
     output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -182,12 +190,15 @@ def _note_a_short_prompt(cache, tokens: int) -> None:
     if ratio is not None and tokens / ratio < SHORT_PROMPT_KEPT:
         print(
             f"Note: at {ratio:g}:1 this cache keeps about {math.ceil(tokens / ratio)} of the prompt's {tokens} tokens, too few to answer from. "
-            "Compression pays on long contexts: for a short message use --cache dense or --budget 256, or the shipped gates "
-            "(--compressor kvcompress/smollm2-135m-instruct-gate@ratio=8), which keep the recent window exact."
+            "Compression pays on long contexts: for a short message use --cache dense or --budget 256, or a fitted compressor "
+            f"(--compressor; on the embedded model the default, {EMBEDDED_MODEL_COMPRESSOR}), which keeps the recent window exact."
         )
 
 
 def _check_generate(parser: _Parser, args) -> None:
+    if not args.compressor and args.cache is None:  # the default: the shipped gates where they fit the model, else H2O
+        chosen = args.model is not None or args.ratio is not None or args.budget is not None
+        args.cache, args.compressor = ("h2o", None) if chosen else (None, EMBEDDED_MODEL_COMPRESSOR)
     if args.compressor:
         given = parser.given(args, "--cache", "--ratio", "--budget")
         if given:
@@ -557,7 +568,10 @@ def _add_generate(commands) -> None:
     generate = commands.add_parser("generate", help="generate with a compressed cache and report the memory it held")
     generate.add_argument("prompt", nargs="?", help="a user message; none: the passkey-retrieval demo")
     _add_model_arguments(generate)
-    generate.add_argument("--cache", choices=sorted(CACHE_CLASSES), default="h2o", help="the cache to generate with (unless --compressor)")
+    generate.add_argument(
+        "--cache", choices=sorted(CACHE_CLASSES), default=None,
+        help=f"the cache to generate with (unless --compressor); none: {EMBEDDED_MODEL_COMPRESSOR} on the embedded model, h2o with --model, --ratio or --budget",
+    )
     generate.add_argument("--ratio", type=RATIO, default=None, help=f"compression ratio, e.g. 4 for 4:1; none and no --budget: {DEFAULT_RATIO:g}")
     generate.add_argument("--budget", type=COUNT, default=None, help="tokens kept per layer and KV head (instead of --ratio)")
     generate.add_argument(
