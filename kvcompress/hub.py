@@ -25,9 +25,11 @@ import hashlib
 import json
 import logging
 import math
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
@@ -423,15 +425,20 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
     shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
     if shipped is not None and model_id in _SHIPPED_IN_USE:
         return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE  # the Hub had no answer for it earlier in this process: do not wait again
+    unreachable = not constants.HF_HUB_OFFLINE and not download_kwargs.get("local_files_only") and not _hub_host_resolves()
+    if unreachable:  # no network: asking would retry for ~23 s before failing; the local Hub cache still counts
+        download_kwargs = download_kwargs | {"local_files_only": True}
     try:
         return tuple(Path(hf_hub_download(model_id, filename, **download_kwargs)) for filename in (CONFIG_FILE, WEIGHTS_FILE))
     except (LocalEntryNotFoundError, RepositoryNotFoundError) as error:
         if shipped is None:
-            raise _not_found(model_id, error) from None
+            raise _not_found(model_id, error, unreachable) from None
         if isinstance(error, RepositoryNotFoundError):
             reason = "the Hub has no such repository"
         elif constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE is set and the repository is not in the local Hub cache"
+        elif unreachable:
+            reason = f"the Hub's host {urlparse(constants.ENDPOINT).hostname} does not resolve (no network?) and the repository is not in the local Hub cache"
         else:
             reason = "the Hub did not answer and the repository is not in the local Hub cache (HF_HUB_OFFLINE=1 skips asking)"
         logger.warning("%s: %s; using the copy that ships with kvcompress (%s).", model_id, reason, shipped)
@@ -443,10 +450,20 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         raise FileNotFoundError(f"Hub repo {model_id!r} is not a kvcompress compressor: {error}") from None
 
 
-def _not_found(model_id: str, error: Exception) -> FileNotFoundError:
+def _hub_host_resolves() -> bool:
+    """Whether the Hub endpoint's host name resolves. Where it does not (no network), huggingface_hub retries each request
+    five times, for about 23 s, before it gives up."""
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
+
+
+def _not_found(model_id: str, error: Exception, unreachable: bool) -> FileNotFoundError:
     if isinstance(error, RepositoryNotFoundError):
         return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
-    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else f" (its host {urlparse(constants.ENDPOINT).hostname} does not resolve)" if unreachable else ""
     close = difflib.get_close_matches(model_id.partition("/")[2], shipped_names(), n=1)
     hint = f" Did you mean {PRETRAINED_NAMESPACE}/{close[0]}?" if close else ""
     return FileNotFoundError(

@@ -223,10 +223,10 @@ def test_the_short_prompt_note_is_for_a_baselines_ratio_only(capsys):
 @pytest.mark.parametrize(
     "argv, cache, compressor",
     [
-        ([], None, cli.EMBEDDED_MODEL_COMPRESSOR),  # the embedded model: its shipped gates at 8:1
-        (["hello"], None, cli.EMBEDDED_MODEL_COMPRESSOR),
-        (["--ratio", "4"], "h2o", None),  # a ratio or budget alone is a baseline's, as before
-        (["--budget", "256"], "h2o", None),
+        ([], None, f"{cli.EMBEDDED_MODEL_GATES}@ratio=8"),  # the embedded model: its shipped gates at 8:1
+        (["hello"], None, f"{cli.EMBEDDED_MODEL_GATES}@ratio=8"),
+        (["--ratio", "4"], None, f"{cli.EMBEDDED_MODEL_GATES}@ratio=4"),  # at the ratio asked for
+        (["--budget", "256"], "h2o", None),  # a token budget is a baseline's
         (["--model", "."], "h2o", None),  # another model: nothing shipped fits it
         (["--cache", "streamingllm"], "streamingllm", None),
         (["--compressor", "somewhere"], None, "somewhere"),
@@ -235,4 +235,4 @@ def test_the_short_prompt_note_is_for_a_baselines_ratio_only(capsys):
 def test_generates_default_cache_is_the_shipped_gates_on_the_embedded_model_only(argv, cache, compressor):
     args = cli.build_parser().parse_args(["generate", *argv])
     args.check(args)
-    assert (args.cache, args.compressor) == (cache, compressor)
+    assert (args.cache, args.compressor) == (cache, compressor) and (args.ratio is None or args.cache == "h2o")

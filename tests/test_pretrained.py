@@ -99,6 +99,17 @@ def test_a_hub_that_does_not_answer_falls_back_to_the_shipped_copy():
     assert result.stderr.count(f"{repo_id}: the Hub did not answer") == 1  # the second load did not ask the Hub again
 
 
+def test_without_network_the_shipped_copy_loads_without_the_hubs_retries():
+    """A Hub host that does not resolve (no network; `.invalid` never resolves) is not asked: huggingface_hub would retry
+    each request for about 23 s first."""
+    repo_id = "kvcompress/smollm2-135m-instruct-gate"
+    result = _run_loader([f"gate={repo_id}"], {"HF_ENDPOINT": "https://hub.invalid"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {repo_id} as GatedCache" in result.stdout
+    assert f"{repo_id}: the Hub's host hub.invalid does not resolve (no network?)" in result.stderr and "Retrying" not in result.stderr
+    assert "the Hub was not reachable (its host hub.invalid does not resolve)" in result.stdout  # another id fails at once, saying why
+
+
 def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="could not be downloaded"):

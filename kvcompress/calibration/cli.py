@@ -33,7 +33,7 @@ from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
 SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
-EMBEDDED_MODEL_COMPRESSOR = "kvcompress/smollm2-135m-instruct-gate@ratio=8"  # generate's cache on the embedded model when none is chosen
+EMBEDDED_MODEL_GATES = "kvcompress/smollm2-135m-instruct-gate"  # generate's cache on the embedded model when none is chosen, at --ratio (default 8)
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
 
@@ -180,36 +180,41 @@ def _generate(args) -> None:
     print(f"Answer: {answer.strip()}")
     if expected is not None:
         print(f"Expected pass key: {expected} -> {'found' if str(expected) in answer else 'NOT found'}")
-    print(f"KV cache held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB, compression {dense / held:.2f}:1 ({seconds:.1f} s)")
+    exact = isinstance(cache, CompressedCache) and not any(layer.has_handed for layer in cache.layers)
+    why = "; every token is still in the exact window, so nothing is compressed yet" if exact else ""
+    print(f"KV cache held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB, compression {dense / held:.2f}:1{why} ({seconds:.1f} s)")
 
 
 def _note_a_short_prompt(cache, tokens: int) -> None:
-    """Say so where a baseline's ratio leaves too little of the prompt to answer from: at 8:1 a short chat message keeps a few
-    tokens, and the answer is noise. Compression pays on long contexts; the learned caches keep their window exact."""
+    """Say so where a baseline's ratio leaves little of the prompt: at 8:1 a short chat message keeps a few tokens, and the
+    answer is mostly noise. Compression pays on long contexts; the learned caches keep their window exact."""
     ratio = cache.keep.budget.ratio if isinstance(getattr(cache, "keep", None), RecentOnly) else None  # StreamingLLM's and H2O's policy
     if ratio is not None and tokens / ratio < SHORT_PROMPT_KEPT:
         print(
-            f"Note: at {ratio:g}:1 this cache keeps about {math.ceil(tokens / ratio)} of the prompt's {tokens} tokens, too few to answer from. "
+            f"Note: at {ratio:g}:1 this cache keeps about {math.ceil(tokens / ratio)} of the prompt's {tokens} tokens: the answer sees only those. "
             "Compression pays on long contexts: for a short message use --cache dense or --budget 256, or a fitted compressor "
-            f"(--compressor; on the embedded model the default, {EMBEDDED_MODEL_COMPRESSOR}), which keeps the recent window exact."
+            f"(--compressor; the default on the embedded model, the gates {EMBEDDED_MODEL_GATES}), which keeps the recent window exact."
         )
 
 
 def _check_generate(parser: _Parser, args) -> None:
-    if not args.compressor and args.cache is None:  # the default: the shipped gates where they fit the model, else H2O
-        chosen = args.model is not None or args.ratio is not None or args.budget is not None
-        args.cache, args.compressor = ("h2o", None) if chosen else (None, EMBEDDED_MODEL_COMPRESSOR)
     if args.compressor:
         given = parser.given(args, "--cache", "--ratio", "--budget")
         if given:
             parser.error(f"--compressor brings its own cache: give its settings after @ (e.g. DIR@keep_ratio=0.07), not {given[0]}")
     elif args.ratio is not None and args.budget is not None:
-        parser.error(f"--cache {args.cache} takes one of --ratio or --budget, not both")
+        parser.error(f"--cache {args.cache or 'h2o'} takes one of --ratio or --budget, not both")
     elif args.cache == "dense" and (args.ratio is not None or args.budget is not None):
         parser.error("--cache dense keeps every token: it takes no --ratio or --budget")
     given = parser.given(args, "--data", "--context-tokens", "--depth", "--seed") if args.prompt else []
     if given:
         parser.error(f"{given[0]} sets up the passkey demo, which a prompt replaces")
+    if not args.compressor and args.cache is None:  # the default: the shipped gates (at --ratio) where they fit the model, else H2O
+        if args.model is None and args.budget is None:
+            args.compressor = f"{EMBEDDED_MODEL_GATES}@ratio={args.ratio or DEFAULT_RATIO:g}"
+            args.ratio = None
+        else:
+            args.cache = "h2o"
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -570,7 +575,8 @@ def _add_generate(commands) -> None:
     _add_model_arguments(generate)
     generate.add_argument(
         "--cache", choices=sorted(CACHE_CLASSES), default=None,
-        help=f"the cache to generate with (unless --compressor); none: {EMBEDDED_MODEL_COMPRESSOR} on the embedded model, h2o with --model, --ratio or --budget",
+        help=f"the cache to generate with (unless --compressor); none: on the embedded model its shipped gates ({EMBEDDED_MODEL_GATES}) at --ratio, "
+        "else h2o (and with --budget)",
     )
     generate.add_argument("--ratio", type=RATIO, default=None, help=f"compression ratio, e.g. 4 for 4:1; none and no --budget: {DEFAULT_RATIO:g}")
     generate.add_argument("--budget", type=COUNT, default=None, help="tokens kept per layer and KV head (instead of --ratio)")
