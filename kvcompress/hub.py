@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
@@ -451,8 +452,10 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
 
 
 def _hub_host_resolves() -> bool:
-    """Whether the Hub endpoint's host name resolves. Where it does not (no network), huggingface_hub retries each request
-    five times, for about 23 s, before it gives up."""
+    """Whether the Hub endpoint's host name resolves (or a proxy, which resolves it, is set). Where it does not (no network),
+    huggingface_hub retries each request five times, for about 23 s, before it gives up."""
+    if getproxies():
+        return True
     try:
         socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, None)
     except (socket.gaierror, UnicodeError):

@@ -46,8 +46,12 @@ except FileNotFoundError as error:
 """
 
 
-def _run_loader(specs: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_DISABLE_TELEMETRY": "1"} | env
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _run_loader(specs: list[str], env: dict, timeout: int = 300, proxies: bool = True) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and (proxies or k not in PROXY_VARIABLES)}
+    environment |= {"HF_HUB_DISABLE_TELEMETRY": "1"} | env
     return subprocess.run([sys.executable, "-c", OFFLINE_LOADER, *specs], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
@@ -103,11 +107,23 @@ def test_without_network_the_shipped_copy_loads_without_the_hubs_retries():
     """A Hub host that does not resolve (no network; `.invalid` never resolves) is not asked: huggingface_hub would retry
     each request for about 23 s first."""
     repo_id = "kvcompress/smollm2-135m-instruct-gate"
-    result = _run_loader([f"gate={repo_id}"], {"HF_ENDPOINT": "https://hub.invalid"})
+    result = _run_loader([f"gate={repo_id}"], {"HF_ENDPOINT": "https://hub.invalid"}, proxies=False)  # a proxy would resolve it
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {repo_id} as GatedCache" in result.stdout
     assert f"{repo_id}: the Hub's host hub.invalid does not resolve (no network?)" in result.stderr and "Retrying" not in result.stderr
     assert "the Hub was not reachable (its host hub.invalid does not resolve)" in result.stdout  # another id fails at once, saying why
+
+
+def test_behind_a_proxy_the_hub_is_asked_even_where_its_host_does_not_resolve_here(monkeypatch):
+    """A proxy resolves the Hub's host itself: a name that does not resolve here says nothing about the network then."""
+    from kvcompress import hub
+
+    monkeypatch.setattr(hub.constants, "ENDPOINT", "https://hub.invalid")
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not hub._hub_host_resolves()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub._hub_host_resolves()
 
 
 def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
