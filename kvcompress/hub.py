@@ -439,7 +439,7 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         elif constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE is set and the repository is not in the local Hub cache"
         elif unreachable:
-            reason = f"the Hub's host {urlparse(constants.ENDPOINT).hostname} does not resolve (no network?) and the repository is not in the local Hub cache"
+            reason = f"the Hub's host {_hub_host()} does not resolve (no network?) and the repository is not in the local Hub cache"
         else:
             reason = "the Hub did not answer and the repository is not in the local Hub cache (HF_HUB_OFFLINE=1 skips asking)"
         logger.warning("%s: %s; using the copy that ships with kvcompress (%s).", model_id, reason, shipped)
@@ -451,13 +451,18 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         raise FileNotFoundError(f"Hub repo {model_id!r} is not a kvcompress compressor: {error}") from None
 
 
+def _hub_host() -> str | None:
+    """The host name of the Hub endpoint huggingface_hub asks (HF_ENDPOINT)."""
+    return urlparse(constants.ENDPOINT).hostname
+
+
 def _hub_host_resolves() -> bool:
     """Whether the Hub endpoint's host name resolves (or a proxy, which resolves it, is set). Where it does not (no network),
     huggingface_hub retries each request five times, for about 23 s, before it gives up."""
     if getproxies():
         return True
     try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, None)
+        socket.getaddrinfo(_hub_host(), None)
     except (socket.gaierror, UnicodeError):
         return False
     return True
@@ -466,7 +471,7 @@ def _hub_host_resolves() -> bool:
 def _not_found(model_id: str, error: Exception, unreachable: bool) -> FileNotFoundError:
     if isinstance(error, RepositoryNotFoundError):
         return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
-    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else f" (its host {urlparse(constants.ENDPOINT).hostname} does not resolve)" if unreachable else ""
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else f" (its host {_hub_host()} does not resolve)" if unreachable else ""
     close = difflib.get_close_matches(model_id.partition("/")[2], shipped_names(), n=1)
     hint = f" Did you mean {PRETRAINED_NAMESPACE}/{close[0]}?" if close else ""
     return FileNotFoundError(

@@ -162,19 +162,20 @@ def _generate(args) -> None:
         prompt = context + question
         print(f"Prompt: {args.context_tokens} tokens of WikiText with a pass key hidden at depth {args.depth}.")
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    tokens = inputs.input_ids.shape[1]
     if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length where it can be
         try:
-            cache = CacheSpec.fitted(args.compressor).build(context=inputs.input_ids.shape[1])
+            cache = CacheSpec.fitted(args.compressor).build(context=tokens)
         except ValueError:  # the same options built a cache above: only the length is new, too short for the ratio
             print(
-                f"Note: the prompt's {inputs.input_ids.shape[1]} tokens are fewer than this cache's exact sink and window hold at its ratio, "
+                f"Note: the prompt's {tokens} tokens are fewer than this cache's exact sink and window hold at its ratio, "
                 f"so it holds them exact; its ratio= is met from {DEFAULT_CONTEXT} tokens on."
             )
-    _note_a_short_prompt(cache, inputs.input_ids.shape[1])
+    _note_a_short_prompt(cache, tokens)
     started = time.perf_counter()
     output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
-    answer = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, tokens:], skip_special_tokens=True)
     held, dense = cache_nbytes(cache)
     print(f"Cache: {cache!r}" if isinstance(cache, CompressedCache) else f"Cache: {type(cache).__name__}")
     print(f"Answer: {answer.strip()}")
