@@ -36,6 +36,9 @@ class RecentOnly(KeepPolicy):
     def choose(self, layer: LayerView, blocks: Slots) -> None:
         return None
 
+    def __repr__(self):
+        return f"{type(self).__name__}(budget={self.budget})"
+
 
 class HeavyHitters(RecentOnly):
     """H2O (Zhang et al. 2023): part of the budget is the recent window, the rest holds, per KV head, the tokens that
@@ -75,6 +78,9 @@ class HeavyHitters(RecentOnly):
         for name in ("keys", "values", "token_ids", "scores"):
             slots, index = store[name], slot_index(lowest, store[name])
             slots.scatter_(2, index, torch.where(slot_index(replace, slots[..., :1]), leaving[name], slots.gather(2, index)))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(budget={self.budget}, recent_share={self.recent_share:g})"
 
 
 class StreamingLLMCache(CompressedCache):

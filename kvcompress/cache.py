@@ -601,6 +601,7 @@ class CompressedCache(Cache):
         return self.dense_nbytes() / held if held else 1.0
 
     def __repr__(self):
-        settings = ", ".join(f"{name}={value}" for name, value in vars(self.settings).items())
-        return f"{type(self).__name__}({type(self.keep).__name__}, {type(self.encoding).__name__}, {settings})"
+        sized_by_budget = {"window"} if self.keep.budget is not None else set()  # the budget sets the window as tokens arrive
+        settings = ", ".join(f"{name}={value}" for name, value in vars(self.settings).items() if name not in sized_by_budget)
+        return f"{type(self).__name__}({self.keep!r}, {self.encoding!r}, {settings})"
 

@@ -331,8 +331,10 @@ class GateKeep(KeepPolicy):
         return ranking(token_ids, scores) < torch.stack(caps).amin(0)[:, None, None]
 
     def __repr__(self):
-        budget = "" if self.target is None else f", ratio={self.target.ratio:g}"
-        return f"GateKeep(keep_ratio={self.keep_ratio:g}{budget}, policy={self.policy}, allocation={self.allocation}, max_tokens={self.max_tokens})"
+        # Under a budget each head holds its most probable tokens that fit; the keep ratio then only set the layers' shares.
+        knob = f"keep_ratio={self.keep_ratio:g}" if self.target is None else f"ratio={self.target.ratio:g}"
+        others = {"policy": (self.policy, "head"), "allocation": (self.allocation, "shared"), "max_tokens": (self.max_tokens, None)}
+        return f"GateKeep({', '.join([knob] + [f'{name}={value}' for name, (value, default) in others.items() if value != default])})"
 
 
 def gate_keep_ratio(compressor: GateCompressor, ratio: float, settings: CacheSettings, context: int, policy: str = "head", allocation: str = "shared",

@@ -22,6 +22,7 @@ import copy
 import difflib
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -582,7 +583,11 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
         owner = artifact_class(method)
         if owner is None:
             raise ConfigError(f"{config_file} holds a {method!r} compressor: not a known kvcompress method (known: {', '.join(known_methods())}).")
-        raise ConfigError(f"{config_file} holds a {method!r} compressor, which {cls.__name__} does not load: load it with {owner.cache_class_name}.from_pretrained.")
+        loader = cls.cache_class_name or cls.__name__  # the cache the user called, where the artifact class has one
+        raise ConfigError(
+            f"{config_file} holds a {method!r} compressor, which {loader} does not load: load it with {owner.cache_class_name}.from_pretrained "
+            "(kvcompress.load_cache picks the class)."
+        )
     recorded = config.pop("sha256", None)
     if not isinstance(recorded, str):
         raise ConfigError(f"{config_file} has no 'sha256' (the checksum of the config and {WEIGHTS_FILE}); re-save the compressor with this kvcompress.")
@@ -610,7 +615,12 @@ class FittedCache(CompressedCache):
         go to the constructor, except the download keywords (`DOWNLOAD_ARGUMENTS`)."""
         download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
         artifact = cls.artifact_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download)
-        return (cls if cls.artifact_class.method else artifact.cache_class())(artifact, *args, **settings)
+        cache_class = cls if cls.artifact_class.method else artifact.cache_class()
+        options = [name for name in inspect.signature(cache_class).parameters if name != "compressor"]
+        unknown = [name for name in settings if name not in options]
+        if unknown:  # Python's own TypeError names one and not what would do
+            raise TypeError(f"{cache_class.__name__} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(options)}.")
+        return cache_class(artifact, *args, **settings)
 
 
 def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token: str | bool | None = None, **settings) -> FittedCache:

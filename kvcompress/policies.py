@@ -66,6 +66,9 @@ class KeepPolicy:
         """This policy serving only the KV heads `heads` (one rank's under tensor parallelism, `kvcompress.parallel`)."""
         return _without_artifacts(self)
 
+    def __repr__(self):
+        return type(self).__name__
+
     def admit(self, layer: LayerView, leaving: dict) -> None:
         """For a budgeted policy with single-token blocks whose full store stays full: let the store take the token
         leaving the window (one slot ``[B, H, 1, ...]`` per tail tensor) in place of one of its own, by writing
@@ -117,6 +120,9 @@ class Encoding:
         every new token sees: ``(max logit [B, H, R], sum of weights [B, H, R], weighted values [B, H, R, D])`` in float32, the
         weights taken relative to the max, which must be finite (see `kvcompress.softmax.merge_softmax`)."""
         raise NotImplementedError(f"{type(self).__name__} sets attends_store but does not implement attend().")
+
+    def __repr__(self):
+        return type(self).__name__
 
 
 def _without_artifacts(policy):

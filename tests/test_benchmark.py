@@ -287,3 +287,45 @@ def test_the_ratio_knob_benchmark_measures_what_ratio_asks_at_each_length(defaul
     for _, context, keep, measured in rows:
         assert float(keep) == pytest.approx(GatedCache.from_pretrained("kvcompress/smollm2-135m-instruct-gate", ratio=8, context=int(context)).keep_ratio, abs=1e-4)
         assert 7 < float(measured.rstrip(" |")) < 9  # about the 8:1 asked: a budget, whatever the text
+
+
+def test_merging_evicted_tokens_into_kept_slots_keeps_every_tokens_mass_and_off_changes_nothing():
+    """benchmarks/merge_into_kept.py: at threshold -1 every evicted token joins a kept slot, so each head's slots stand for
+    every token seen (exp(bias) counts them), the kept tokens being the gates' own; off, the cache is the gates' exactly."""
+    import merge_into_kept
+    import torch
+    from conftest import prompt_ids, tiny_model
+    from test_gates import tiny_gates
+
+    from kvcompress import GatedCache, cache_kwargs
+
+    model = tiny_model("llama")
+    gates, ids = tiny_gates(model), prompt_ids(100)
+
+    def filled(threshold, variant="values+mass"):
+        cache = GatedCache(gates, ratio=4, context=100)
+        cache.encoding = merge_into_kept.WithBias()
+        with merge_into_kept.merging(threshold, variant):
+            feed(cache)
+        return cache
+
+    @torch.no_grad()
+    def feed(cache):  # a prefill past the window, so that the first tokens that leave it find a kept slot, then chunks
+        for start, end in ((0, 30), *((start, start + 10) for start in range(30, 100, 10))):
+            model(input_ids=ids[:, start:end], **cache_kwargs(cache), use_cache=True)
+
+    plain, merged, averaged = filled(None), filled(-1.0), filled(-1.0, "values+keys")
+    first = plain.layers[0], merged.layers[0], averaged.layers[0]  # its keys come from the embeddings, which no merge changes
+    assert torch.equal(first[1].store["token_ids"], first[0].store["token_ids"]) and torch.equal(first[1].store["keys"], first[0].store["keys"])
+    assert not torch.equal(first[1].store["values"], first[0].store["values"]) and not torch.equal(first[2].store["keys"], first[0].store["keys"])
+    for layer, (mass, mean) in enumerate(zip(merged.layers, averaged.layers)):
+        exact, held = mass.store["token_ids"] >= 0, (mass.tail["token_ids"] >= 0).sum(-1)
+        counted = mass.store["bias"].exp().where(exact, 0).sum(-1) + held
+        if layer == 0:  # its budget kept a slot from the first hand-off on: every token seen, once
+            assert torch.allclose(counted, torch.full_like(counted, 100.0), atol=1e-3)
+        assert bool((counted <= 100.001).all() and (counted > exact.sum(-1) + held).all())  # elsewhere those before a first slot are lost
+        assert not bool(mean.store["bias"].any())  # without mass: no bias
+    assert merge_into_kept.CompressedLayer._compress is type(plain.layers[0])._compress  # the engine is restored
+    reference = GatedCache(gates, ratio=4, context=100)
+    feed(reference)
+    assert all(torch.equal(a.store["values"], b.store["values"]) for a, b in zip(plain.layers, reference.layers))

@@ -94,7 +94,10 @@ def test_generate_cli_chats_on_the_embedded_model_with_the_shipped_gates_by_defa
 
 def test_generate_cli_says_when_a_ratio_leaves_too_little_of_a_short_message(capsys):
     cli_main(["generate", "What is the capital of France?", "--max-new-tokens", "4", "--cache", "h2o"])
-    assert re.search(r"Note: at 8:1 this cache keeps about \d of the prompt's \d\d tokens: the answer sees only those", capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert re.search(r"Note: at 8:1 this cache keeps about \d of the prompt's \d\d tokens: the answer sees only those", printed)
+    assert "Cache: H2OCache(HeavyHitters(budget=8:1, recent_share=0.5)" in printed and "window=" not in printed
+    assert printed.count("[stopped at 4 new tokens: --max-new-tokens for more]") == 1  # an answer cut short says so
     cli_main(["generate", "What is the capital of France?", "--max-new-tokens", "4", "--budget", "256"])
     printed = capsys.readouterr().out
     assert "Note:" not in printed

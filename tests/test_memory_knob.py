@@ -5,7 +5,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from kvcompress import ComposedCache, GatedCache, H2OCache, KVSpliceCache, PCACache, SidecarCache, StreamingLLMCache, cache_kwargs
+from kvcompress import ComposedCache, CompressedCache, GatedCache, H2OCache, KVSpliceCache, PCACache, SidecarCache, StreamingLLMCache, cache_kwargs
 from kvcompress.memory import kept_share, slot_cost, window_for_ratio
 
 GATE, PCA, KVSPLICE, SIDECAR = (f"kvcompress/smollm2-135m-instruct-{name}" for name in ("gate", "pca-2x", "kvsplice-2x", "sidecar-8x"))
@@ -61,6 +61,17 @@ def test_gates_take_a_ratio_as_a_budget_that_keeps_a_floor_below_its_context():
         GatedCache.from_pretrained(GATE, ratio=64, context=512)
     with pytest.raises(ValueError, match="ratio must be a finite compression ratio"):
         GatedCache.from_pretrained(GATE, ratio=True)
+
+
+def test_a_budgeted_cache_shows_its_budget_not_settings_it_does_not_use():
+    """The repr that `kvcompress generate` prints: a budget sizes the window as tokens arrive, and under a ratio the gates
+    hold their most probable tokens that fit it, so neither a fixed window nor a keep ratio would say what the cache holds."""
+    assert repr(H2OCache(ratio=8)) == "H2OCache(HeavyHitters(budget=8:1, recent_share=0.5), Encoding, sink=4, block_size=1)"
+    assert repr(StreamingLLMCache(budget=256, sink=2)) == "StreamingLLMCache(RecentOnly(budget=256 tokens), Encoding, sink=2, block_size=1)"
+    budgeted, thresholds = GatedCache.from_pretrained(GATE, ratio=8), GatedCache.from_pretrained(GATE, keep_ratio=0.2, policy="layer")
+    assert repr(budgeted) == "GatedCache(GateKeep(ratio=8))"  # settings at their defaults are left out
+    assert repr(thresholds) == "GatedCache(GateKeep(keep_ratio=0.2, policy=layer))"
+    assert "window=64" in repr(CompressedCache(window=64))  # without a budget the window is the setting
 
 
 def test_fixed_encodings_turn_a_lower_ratio_into_a_longer_window_and_refuse_a_higher_one():

@@ -218,6 +218,21 @@ def test_load_cache_builds_the_cache_each_artifact_names(monkeypatch, tmp_path):
         kvcompress.load_cache(tmp_path / "no-such-dir")
 
 
+
+def test_a_mistyped_option_or_the_wrong_cache_class_says_what_would_do(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    gate, pca = "kvcompress/smollm2-135m-instruct-gate", "kvcompress/smollm2-135m-instruct-pca-2x"
+    for load in (GatedCache.from_pretrained, kvcompress.load_cache):
+        with pytest.raises(TypeError, match=r"GatedCache has no option 'ration'; its options: keep_ratio, ratio, context, policy"):
+            load(gate, ration=8)
+    with pytest.raises(TypeError, match=r"PCACache has no option 'keep_ratio'; its options: ratio, context, sink"):
+        PCACache.from_pretrained(pca, keep_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"'pca' compressor, which GatedCache does not load: load it with PCACache.from_pretrained \(kvcompress.load_cache"):
+        GatedCache.from_pretrained(pca)
+    with pytest.raises(SystemExit, match="error: GatedCache has no option 'ration'; its options: keep_ratio, ratio"):
+        cli(["generate", "--compressor", f"{gate}@ration=8"])  # before the model loads
+
+
 def test_docs_table_regenerates_byte_for_byte_from_the_evaluation_files(tmp_path):
     """`benchmarks/pretrained.py --render --update-docs PAGE` rebuilds the table in docs/pretrained.md from the shipped evaluation.json files."""
     root = Path(__file__).parents[1]
@@ -236,3 +251,14 @@ def test_docs_table_regenerates_byte_for_byte_from_the_evaluation_files(tmp_path
     for repo_id in SHIPPED:
         evaluation = json.loads((shipped_repository(repo_id) / EVALUATION_FILE).read_text())
         assert f"**{repo_id.split('/')[1]}**" in block and f"{evaluation['rows'][1]['measured_ratio']:.2f}:1" in block
+
+
+def test_the_example_loads_any_shipped_id_and_shows_what_compression_loses(default_model):
+    """examples/pretrained_compressor.py, as the README runs it: dense recalls the name, PCA at 1.84:1 does not."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "pretrained_compressor.py"
+    run = subprocess.run(
+        [sys.executable, str(example), "kvcompress/smollm2-135m-instruct-pca-2x"], capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "dense: The museum's new director is Ada Okafor." in run.stdout and "pca-2x: The museum's new director is **<unk>" in run.stdout
+    assert "(1.84:1)" in run.stdout

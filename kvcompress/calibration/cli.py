@@ -33,6 +33,7 @@ from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
 SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
+DEMO_NEW_TOKENS, CHAT_NEW_TOKENS = 16, 128  # generate's default --max-new-tokens: a pass key is a few tokens, an answer a few sentences
 EMBEDDED_MODEL_GATES = "kvcompress/smollm2-135m-instruct-gate"  # generate's cache on the embedded model when none is chosen, at --ratio (default 8)
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
@@ -173,16 +174,19 @@ def _generate(args) -> None:
             )
     _note_a_short_prompt(cache, tokens)
     started = time.perf_counter()
-    output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
+    most = args.max_new_tokens or (CHAT_NEW_TOKENS if args.prompt else DEMO_NEW_TOKENS)
+    output = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=most, do_sample=False)
     seconds = time.perf_counter() - started
     answer = tokenizer.decode(output[0, tokens:], skip_special_tokens=True)
     held, dense = cache_nbytes(cache)
     print(f"Cache: {cache!r}" if isinstance(cache, CompressedCache) else f"Cache: {type(cache).__name__}")
-    print(f"Answer: {answer.strip()}")
+    ended = int(output[0, -1]) in torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist()
+    cut = f" [stopped at {most} new tokens: --max-new-tokens for more]" if output.shape[1] - tokens == most and not ended else ""
+    print(f"Answer: {answer.strip()}{cut}")
     if expected is not None:
         print(f"Expected pass key: {expected} -> {'found' if str(expected) in answer else 'NOT found'}")
     exact = isinstance(cache, CompressedCache) and not any(layer.has_handed for layer in cache.layers)
-    why = "; every token is still in the exact window, so nothing is compressed yet" if exact else ""
+    why = "; every token is still in the exact window (with room for the next ones), so nothing is compressed yet" if exact else ""
     print(f"KV cache held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB, compression {dense / held:.2f}:1{why} ({seconds:.1f} s)")
 
 
@@ -586,7 +590,9 @@ def _add_generate(commands) -> None:
         help="use a fitted compressor instead of --cache: a directory (kvcompress calibrate --output) or a Hub id (kvcompress pretrained lists the shipped ones), "
         "with cache options after @, e.g. kvcompress/smollm2-135m-instruct-gate@keep_ratio=0.07",
     )
-    generate.add_argument("--max-new-tokens", type=COUNT, default=16, help="tokens to generate")
+    generate.add_argument(
+        "--max-new-tokens", type=COUNT, default=None, help=f"most tokens to generate; none: {DEMO_NEW_TOKENS} for the pass-key demo, {CHAT_NEW_TOKENS} for a prompt",
+    )
     generate.add_argument("--context-tokens", type=COUNT, default=1536, help="passkey demo: prompt length")
     generate.add_argument("--depth", type=DEPTH, default=0.5, help="passkey demo: where the key is hidden (0..1)")
     generate.add_argument("--seed", type=int, default=0, help="passkey demo: random seed of the key and its filler")
