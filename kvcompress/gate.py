@@ -331,7 +331,7 @@ class GateKeep(KeepPolicy):
         return ranking(token_ids, scores) < torch.stack(caps).amin(0)[:, None, None]
 
     def __repr__(self):
-        # Under a budget each head holds its most probable tokens that fit; the keep ratio then only set the layers' shares.
+        # Under a budget each head holds its most probable tokens that fit; the keep ratio then only sets the layers' shares.
         knob = f"keep_ratio={self.keep_ratio:g}" if self.target is None else f"ratio={self.target.ratio:g}"
         others = {"policy": (self.policy, "head"), "allocation": (self.allocation, "shared"), "max_tokens": (self.max_tokens, None)}
         return f"GateKeep({', '.join([knob] + [f'{name}={value}' for name, (value, default) in others.items() if value != default])})"
