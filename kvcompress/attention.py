@@ -67,7 +67,8 @@ def check_supported_config(config) -> None:
     if any(kind != "full_attention" for kind in layer_types):
         raise ValueError(
             f"kvcompress needs full attention in every layer; this {model_type} model has layer types "
-            f"{sorted(set(layer_types))}. Disable sliding-window attention in its config (sliding_window=None)."
+            f"{sorted(set(layer_types))}. Disable sliding-window attention in its config (sliding_window=None): the model then "
+            "attends to every earlier token, which changes its outputs beyond the window it was trained with."
         )
 
 
@@ -181,7 +182,7 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
     grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
     if layer.tracks_attention and q_len == 1:
         if scored_attention.available(query) and groups <= scored_attention.MOST_ROWS:
-            return _attend_scoring_one_token(layer, grouped[:, :, :, 0], key, value, new_keep, query_valid, scaling)
+            return _attend_scoring_one_token(layer, grouped[:, :, :, 0], key, value, new_keep, scaling)
     unmasked = q_len == 1 and not layer.needs_slot_mask()
     old_keep = None if unmasked else layer.slot_filled(old_len)[:, :, None, None, :]
     bias = layer.slot_bias(old_len)
@@ -219,16 +220,13 @@ def _attend_over_slots(layer: AttentionLayer, query, key, value, new_keep, query
     return output, (received if layer.tracks_attention else None)
 
 
-def _attend_scoring_one_token(layer: AttentionLayer, rows, key, value, new_keep, query_valid, scaling):
-    """`_attend_over_slots` for one new token on a GPU, by `kvcompress.scored_attention`'s kernel: one read of the keys
-    gives the attention and the logits that the probabilities each slot received come from."""
+def _attend_scoring_one_token(layer: AttentionLayer, rows, key, value, new_keep, scaling):
+    """`_attend_over_slots` for one new token on a GPU, by `kvcompress.scored_attention`'s kernels: one read of the keys
+    gives the attention and the logits that the probabilities each slot received come from. A padding token does not
+    see itself (`new_keep`), and its attention counts for no slot."""
     batch, kv_heads, groups, head_dim = rows.shape
-    output, logits, top, total = scored_attention.scored_partials(rows, key, value, layer.table_token_ids(), layer.slot_bias(key.shape[2] - 1), new_keep.reshape(-1), scaling)
-    probs = logits.sub_(top[..., None]).exp_().div_(total.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
-    if query_valid is not None:
-        probs.mul_(query_valid[:, None, None, :].to(probs.dtype))
-    output = output.to(rows.dtype).view(batch, kv_heads * groups, 1, head_dim).transpose(1, 2).contiguous()
-    return output, probs.sum(2)
+    output, received = scored_attention.attend_and_score(rows, key, value, layer.table_token_ids(), layer.slot_bias(key.shape[2] - 1), new_keep.reshape(-1), scaling)
+    return output.view(batch, 1, kv_heads * groups, head_dim), received
 
 
 def _compressed_attention(base, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import token_step
 from .cache import CompressedCache
 from .policies import KeepPolicy, LayerView
 from .settings import Budget
@@ -46,6 +45,7 @@ class HeavyHitters(RecentOnly):
 
     needs_attention = True
     admits_when_growing = True  # the opened slot scores -inf: the leaving token always takes it, as the general path keeps it
+    replaces_lowest_scored = True  # on a GPU the engine's per-token kernel admits as `admit` does (`kvcompress.token_step`)
 
     def __init__(self, budget: Budget, recent_share: float = 0.5):
         if isinstance(recent_share, bool) or not isinstance(recent_share, (int, float)) or not 0.0 <= recent_share <= 1.0:
@@ -71,8 +71,6 @@ class HeavyHitters(RecentOnly):
         store = layer.store
         if store["scores"].shape[-1] == 0:
             return
-        if token_step.available(store["scores"]):  # one kernel on a GPU, not some 35 small ones
-            return token_step.replace_lowest(store, leaving)
         lowest = store["scores"].shape[-1] - 1 - store["scores"].flip(-1).argmin(-1, keepdim=True)  # [B, H, 1]
         replace = leaving["scores"] > store["scores"].gather(-1, lowest)
         for name in ("keys", "values", "token_ids", "scores"):

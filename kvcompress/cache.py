@@ -39,7 +39,7 @@ batch compresses each row exactly as it would alone. Compression runs right afte
 attention (see `kvcompress.attention`), so prefill attention is exact and, with
 `generate(prefill_chunk_size=...)`, prefill memory is bounded too. A budgeted keep policy's usual
 step (one token leaves; the store stays full, or takes the slot its budget gained) runs in place
-without a device sync, on a GPU in two kernels (`_hand_one_in_place`, `kvcompress.token_step`). So do the
+without a device sync, on a GPU in one kernel (`_hand_one_in_place`, `kvcompress.token_step`). So do the
 blocks of a cache that stores every token as it is (low rank, quantized) in rows without padding
 (`_hand_blocks_in_place`).
 """
@@ -143,7 +143,7 @@ class CompressedLayer(CacheLayerMixin):
                 f"{tuple(key_states.shape[i] for i in (0, 1, 3))}; use a fresh cache (or cache.reset()) for a new batch."
             )
         batch, heads, new, _ = key_states.shape
-        ids = (self.seen[:, None] if new == 1 else self.seen[:, None] + torch.arange(new, device=self.device)).to(torch.int32)
+        ids = self.seen[:, None] if new == 1 else self.seen[:, None] + torch.arange(new, device=self.device)  # written as int32 by the copy
         length = self.tail_length
         if length + new > capacity(self.tail_buffers):  # room to grow: a tail that nothing leaves yet is not copied every step
             grown = length + new
@@ -422,7 +422,7 @@ class CompressedLayer(CacheLayerMixin):
         return True
 
     def _hand_one_in_place(self) -> bool:
-        """The usual per-token step without a device sync, in two kernels on a GPU (`kvcompress.token_step`) and a few dozen
+        """The usual per-token step without a device sync, in one kernel on a GPU (`kvcompress.token_step`) and a few dozen
         small operations elsewhere: the oldest token leaves the window, its slot is filled by the tail's last one, and
         the keep policy's `admit` decides what the store keeps.
 
@@ -445,9 +445,15 @@ class CompressedLayer(CacheLayerMixin):
             return False
         tail, last = self.tail, self.tail_length - 1
         oldest = self.cumulative_length - self.tail_length + sink  # the first token id after the sink still in the tail
-        if token_step.available(tail["keys"]):  # one kernel on a GPU, not some 25 small ones
-            leaving = token_step.hand_one(tail, last, oldest)
+        if grows:  # a last slot for `admit` to fill: a filler that any score beats
+            self.store_length += 1
+            self.store = views(self.store_buffers, self.store_length)
+            self.store["scores"][:, :, -1] = float("-inf")
+        if token_step.available(tail["keys"]):  # one kernel on a GPU, not some 25 small ones (60 with H2O's admission)
+            admit_in_kernel = self.keep.replaces_lowest_scored and self.store_length > 0
+            leaving = token_step.hand_one(tail, last, oldest, admit_into=self.store if admit_in_kernel else None)
         else:
+            admit_in_kernel = False
             where = (tail["token_ids"][:, :1] == oldest).int().argmax(-1, keepdim=True)  # [B, 1, 1]: its slot (the same in every head)
             leaving = {}
             for name, slots in tail.items():  # keys, values, token ids (and scores)
@@ -457,11 +463,8 @@ class CompressedLayer(CacheLayerMixin):
                     slots.scatter_(2, index, slots[:, :, last:].clone())  # the last slot fills its place (a copy: it may be that place)
         self.tail_length = last
         self.tail = views(self.tail_buffers, last)
-        if grows:  # a last slot for `admit` to fill: a filler that any score beats
-            self.store_length += 1
-            self.store = views(self.store_buffers, self.store_length)
-            self.store["scores"][:, :, -1] = float("-inf")
-        self.keep.admit(self, leaving)
+        if not admit_in_kernel:
+            self.keep.admit(self, leaving)
         self.handed += 1
         if not self.has_handed:  # the first token left: the room a growing tail got is not kept
             self.has_handed = True

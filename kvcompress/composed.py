@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .cache import CompressedCache
 from .gate import GateCompressor, GateKeep, gate_keep_ratio
+from .hub import check_options
 from .lowrank import LowRankCompressor, LowRankEncoding
 from .memory import DEFAULT_CONTEXT, resolve_keep_ratio
 from .policies import Encoding
@@ -85,6 +86,7 @@ class ComposedCache(CompressedCache):
     @classmethod
     def from_pretrained(cls, gate=None, lowrank=None, *, revision=None, token=None, **cache_kwargs):
         """A fresh cache from a gate and/or a low-rank compressor (directories or Hub ids); caches share loaded weights."""
+        check_options(cls, cache_kwargs)
         return cls(
             GateCompressor.from_pretrained(gate, revision=revision, token=token) if gate is not None else None,
             LowRankCompressor.from_pretrained(lowrank, revision=revision, token=token) if lowrank is not None else None,

@@ -36,6 +36,13 @@ def load_text(source: str | Path | None = None) -> str:
             "'wikitext:wikitext-2-raw-v1@validation'."
         )
     else:
+        from huggingface_hub import constants
+
+        from .hub import hub_unreachable, missing_locally
+
+        reason = None if constants.HF_HUB_OFFLINE else hub_unreachable()  # offline on purpose: datasets reads its cache
+        if reason is not None:  # a mistyped file name would otherwise wait out the Hub's retries, then blame the connection
+            raise missing_locally(str(source), "text file or dataset directory", f"{reason} (a cached Hub dataset loads with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1)")
         text = _load_dataset_text(str(source))
     if not text.strip():
         raise ValueError(f"Corpus {source} is empty.")

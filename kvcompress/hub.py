@@ -469,6 +469,27 @@ def _hub_host_resolves() -> bool:
     return True
 
 
+def hub_unreachable() -> str | None:
+    """Why nothing can be downloaded from the Hub now (HF_HUB_OFFLINE, or its host does not resolve), or None. Loaders of
+    models and corpora ask before they let a name that is not a local path go to the Hub: there, a mistyped directory
+    would wait out huggingface_hub's retries and then report a connection error instead of the missing directory."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if not _hub_host_resolves():
+        return f"the Hub's host {_hub_host()} does not resolve (no network?)"
+    return None
+
+
+def missing_locally(name: str, what: str, reason: str, cached: bool = False) -> FileNotFoundError:
+    """`name` is neither a local path nor reachable as a Hub/datasets name (`reason`); names a close local one if any."""
+    parent = Path(name).expanduser().parent
+    nearby = [entry.name for entry in parent.iterdir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(Path(name).name, nearby, n=1, cutoff=0.75)
+    hint = f" Did you mean {parent / close[0] if str(parent) != '.' else close[0]}?" if close else ""
+    cache = " and it is not in the local cache" if cached else ""
+    return FileNotFoundError(f"{name} is not a local {what} ({Path(name).expanduser().resolve()} does not exist), and as a Hub name it cannot be downloaded: {reason}{cache}.{hint}")
+
+
 def _not_found(model_id: str, error: Exception, unreachable: bool) -> FileNotFoundError:
     if isinstance(error, RepositoryNotFoundError):
         return FileNotFoundError(f"No Hub repo {model_id!r} (or no access to it: pass token=... for a private repo).")
@@ -616,11 +637,17 @@ class FittedCache(CompressedCache):
         download = {name: settings.pop(name) for name in DOWNLOAD_ARGUMENTS if name in settings}
         artifact = cls.artifact_class.from_pretrained(path_or_hub_id, revision=revision, token=token, **download)
         cache_class = cls if cls.artifact_class.method else artifact.cache_class()
-        options = [name for name in inspect.signature(cache_class).parameters if name != "compressor"]
-        unknown = [name for name in settings if name not in options]
-        if unknown:  # Python's own TypeError names one and not what would do
-            raise TypeError(f"{cache_class.__name__} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(options)}.")
+        check_options(cache_class, settings, exclude=("compressor",))
         return cache_class(artifact, *args, **settings)
+
+
+def check_options(cache_class: type, settings: dict, exclude: tuple = ()) -> None:
+    """Refuse `settings` that `cache_class`'s constructor does not take, naming the ones it does (Python's own TypeError
+    names one unknown keyword and not what would do)."""
+    options = [name for name in inspect.signature(cache_class).parameters if name not in exclude]
+    unknown = [name for name in settings if name not in options]
+    if unknown:
+        raise TypeError(f"{cache_class.__name__} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(options)}.")
 
 
 def load_cache(path_or_hub_id: str | Path, *, revision: str | None = None, token: str | bool | None = None, **settings) -> FittedCache:

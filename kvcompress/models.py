@@ -125,9 +125,12 @@ def load_model(
     dtype, device = check_dtype(dtype), check_device(device)
     embedded = name_or_path in (None, DEFAULT_MODEL)
     path = default_model_path() if embedded else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    local_only = not embedded and _hub_model_offline(str(path), revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
     # the weights go straight to their device (no second copy in host memory first)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, revision=revision, device_map=device, local_files_only=local_only,
+    )
     model.eval()
     if embedded:
         model.config._name_or_path = DEFAULT_MODEL  # what artifacts fitted on it record as their base model
@@ -135,6 +138,36 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return enable(model), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _hub_model_offline(name: str, revision: str | None) -> bool:
+    """Check `name` before transformers reads it; True when it is a Hub id to load from the local Hub cache only (no network).
+
+    A local directory must hold a tokenizer (transformers would blame a missing tokenizer library). A name that is no
+    local directory is a Hub id: where the Hub cannot be reached and the local Hub cache does not hold it, it fails here
+    and names the directory that does not exist (a typo), instead of after huggingface_hub's retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .hub import hub_unreachable, missing_locally
+
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        if not any((directory / file).is_file() for file in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer beside the model "
+                "(tokenizer.save_pretrained(directory)), or copy those files from where the model came from."
+            )
+        return False
+    reason = hub_unreachable()
+    if reason is None:
+        return False
+    looks_like_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1
+    if looks_like_id and isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return True
+    raise missing_locally(name, "model directory", reason, cached=looks_like_id)
 
 
 def kv_shape(config) -> tuple[int, int, int]:

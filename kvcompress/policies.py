@@ -47,6 +47,7 @@ class KeepPolicy:
     per_head = True  # heads may keep different tokens (False: every head of a layer keeps the same ones)
     budget: Budget | None = None  # a token budget per row and head, which sizes the window (`window`)
     admits_when_growing = False  # `admit` fills a slot the store gains as a ratio's budget grows (else such steps take the general path)
+    replaces_lowest_scored = False  # `admit` puts the token in place of the store's lowest-scored slot if it scores higher (H2O): on a GPU the step's kernel does it
     preferred: dict = {}  # settings this policy works best with (e.g. block_size=1), below the artifact's and the user's
     artifacts: tuple[CompressorArtifact, ...] = ()  # fitted artifacts, checked against the model at first use
 

@@ -5,8 +5,8 @@ the oldest token after the sink leaves the tail, the tail's last slot fills its 
 takes the token in place of its lowest-scored heavy hitter if the token scores higher. In PyTorch that
 is some 60 small operations per layer for H2O, 25 for StreamingLLM (gathers, scatters and index
 arithmetic for each of keys, values, token ids and scores), and at batch 64 on an H200 launching
-them bound the step (H2O: 99 ms a step, the GPU busy for a third of it). Here each part is one kernel with one program per (row, KV
-head). Like the attention kernels they run on the CPU under Triton's interpreter
+them bound the step (H2O: 99 ms a step, the GPU busy for a third of it). Here the step is one kernel with one program per (row, KV
+head), H2O's admission included (`KeepPolicy.replaces_lowest_scored`). Like the attention kernels they run on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the CPU tests check them against the PyTorch path.
 """
 
@@ -39,49 +39,46 @@ def _layout(slots: dict) -> tuple:
     return keys, values, token_ids, scores, has_scores, strides, sizes
 
 
-def hand_one(tail: dict, last: int, oldest: int) -> dict:
+def hand_one(tail: dict, last: int, oldest: int, admit_into: dict | None = None) -> dict | None:
     """Take the slot holding token `oldest` out of each (row, head) of `tail`, and move the slot `last` into its place.
 
     `tail`: keys/values ``[B, H, T, D]``, token_ids ``[B, H, T]`` and scores ``[B, H, T]`` or None. Returns the
     slots taken out (``[B, H, 1, ...]`` per tensor), as `CompressedLayer._hand_one_in_place`'s PyTorch path does
-    (a (row, head) without the token gives up its slot 0, as an argmax over no match does).
+    (a (row, head) without the token gives up its slot 0, as an argmax over no match does). With `admit_into` (a
+    store with scores, as `tail`), each slot taken out goes instead in place of that (row, head)'s lowest-scored store
+    slot (the latest of them, on a tie) if it scores higher, as `HeavyHitters.admit` does; nothing is returned then.
     """
     keys, values, token_ids, scores, has_scores, strides, sizes = _layout(tail)
     batch, heads = token_ids.shape[:2]
-    leaving = {
+    leaving = None if admit_into is not None else {
         "keys": keys.new_empty(batch, heads, 1, keys.shape[-1]),
         "values": values.new_empty(batch, heads, 1, values.shape[-1]),
         "token_ids": token_ids.new_empty(batch, heads, 1),
         "scores": scores.new_empty(batch, heads, 1) if has_scores else None,
     }
+    to_keys, to_values, to_ids, to_scores, _, to_strides, _ = _layout(admit_into if admit_into is not None else leaving)
     with on_device_of(keys):
         _hand_one_kernel[(batch * heads,)](
-            keys, values, token_ids, scores, leaving["keys"], leaving["values"], leaving["token_ids"], leaving["scores"] if has_scores else scores,
-            last, oldest, *strides, HAS_SCORES=has_scores, **sizes,
+            keys, values, token_ids, scores, to_keys, to_values, to_ids, to_scores, last, oldest, to_ids.shape[2], *strides, *to_strides,
+            HAS_SCORES=has_scores, ADMIT=admit_into is not None, **sizes,
         )
     return leaving
 
 
-def replace_lowest(store: dict, incoming: dict) -> None:
-    """In each (row, head) of `store`, put the `incoming` slot in place of the lowest-scored one (the latest of them, on a
-    tie) if the incoming slot scores higher: `HeavyHitters.admit` in one kernel."""
-    keys, values, token_ids, scores, _, strides, sizes = _layout(store)
-    batch, heads, length = token_ids.shape
-    with on_device_of(keys):
-        _replace_lowest_kernel[(batch * heads,)](
-            keys, values, token_ids, scores, incoming["keys"], incoming["values"], incoming["token_ids"], incoming["scores"], length, *strides, **sizes,
-        )
-
-
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["last", "oldest", "k_sb", "k_sh", "v_sb", "v_sh", "i_sb", "i_sh", "s_sb", "s_sh"])
+    @triton.jit(
+        do_not_specialize=["last", "oldest", "length", "k_sb", "k_sh", "v_sb", "v_sh", "i_sb", "i_sh", "s_sb", "s_sh", "tk_sb", "tk_sh", "tv_sb", "tv_sh", "ti_sb", "ti_sh", "ts_sb", "ts_sh"],
+    )
     def _hand_one_kernel(
-        k_ptr, v_ptr, ids_ptr, scores_ptr, out_k_ptr, out_v_ptr, out_ids_ptr, out_scores_ptr, last, oldest,
-        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, i_sb, i_sh, s_sb, s_sh,
+        k_ptr, v_ptr, ids_ptr, scores_ptr, to_k_ptr, to_v_ptr, to_ids_ptr, to_scores_ptr, last, oldest, length,
+        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, i_sb, i_sh, s_sb, s_sh, tk_sb, tk_sh, tk_ss, tv_sb, tv_sh, tv_ss, ti_sb, ti_sh, ts_sb, ts_sh,
         HEADS: tl.constexpr, KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr,
-        HAS_SCORES: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_SCORES: tl.constexpr, ADMIT: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        """Per (row, head): the slot holding `oldest` leaves the tail, whose slot `last` takes its place; the leaving slot goes
+        to the destination's slot 0 (a slot of its own), or with `ADMIT` in place of the destination store's lowest-scored
+        of its `length` slots, if it scores higher."""
         program = tl.program_id(0).to(tl.int64)
         row, head = program // HEADS, program % HEADS
         ids = ids_ptr + row * i_sb + head * i_sh
@@ -91,32 +88,30 @@ if triton is not None:
             found = tl.load(ids + s, mask=s <= last, other=-1) == oldest
             where = tl.minimum(where, tl.min(tl.where(found, s, last + 1)))
         where = tl.where(where > last, 0, where)
-        _move_slot(k_ptr + row * k_sb + head * k_sh, k_ss, where, last, out_k_ptr + program * KEY_DIM, KEY_DIM, KEY_WIDTH)
-        _move_slot(v_ptr + row * v_sb + head * v_sh, v_ss, where, last, out_v_ptr + program * VALUE_DIM, VALUE_DIM, VALUE_WIDTH)
-        _move_slot(ids, 1, where, last, out_ids_ptr + program, 1, 1)
+        to_scores = to_scores_ptr + row * ts_sb + head * ts_sh
+        at, taken = 0, True
+        if ADMIT:
+            at, lowest = _lowest_scored(to_scores, length, BLOCK)
+            taken = (at >= 0) & (tl.load(scores_ptr + row * s_sb + head * s_sh + where) > lowest)
+        _move_slot(k_ptr + row * k_sb + head * k_sh, k_ss, where, last, to_k_ptr + row * tk_sb + head * tk_sh + at * tk_ss, taken, KEY_DIM, KEY_WIDTH)
+        _move_slot(v_ptr + row * v_sb + head * v_sh, v_ss, where, last, to_v_ptr + row * tv_sb + head * tv_sh + at * tv_ss, taken, VALUE_DIM, VALUE_WIDTH)
+        _move_slot(ids, 1, where, last, to_ids_ptr + row * ti_sb + head * ti_sh + at, taken, 1, 1)
         if HAS_SCORES:
-            _move_slot(scores_ptr + row * s_sb + head * s_sh, 1, where, last, out_scores_ptr + program, 1, 1)
+            _move_slot(scores_ptr + row * s_sb + head * s_sh, 1, where, last, to_scores + at, taken, 1, 1)
 
     @triton.jit
-    def _move_slot(part, slot_stride, where, last, out, DIM: tl.constexpr, WIDTH: tl.constexpr):
-        """Copy slot `where` of a (row, head) to `out`, then slot `last` into slot `where` (a no-op when they are one)."""
+    def _move_slot(part, slot_stride, where, last, to, taken, DIM: tl.constexpr, WIDTH: tl.constexpr):
+        """Copy slot `where` of a (row, head) to `to` if `taken`, then slot `last` into slot `where` (a no-op when they are one)."""
         d = tl.arange(0, WIDTH)
         inside = d < DIM
         leaving = tl.load(part + where * slot_stride + d, mask=inside)
         moving = tl.load(part + last * slot_stride + d, mask=inside)
-        tl.store(out + d, leaving, mask=inside)
+        tl.store(to + d, leaving, mask=tl.where(taken, inside, False))
         tl.store(part + where * slot_stride + d, moving, mask=inside)
 
-    @triton.jit(do_not_specialize=["length", "k_sb", "k_sh", "v_sb", "v_sh", "i_sb", "i_sh", "s_sb", "s_sh"])
-    def _replace_lowest_kernel(
-        k_ptr, v_ptr, ids_ptr, scores_ptr, in_k_ptr, in_v_ptr, in_ids_ptr, in_scores_ptr, length,
-        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, i_sb, i_sh, s_sb, s_sh,
-        HEADS: tl.constexpr, KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, KEY_WIDTH: tl.constexpr, VALUE_WIDTH: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        program = tl.program_id(0).to(tl.int64)
-        row, head = program // HEADS, program % HEADS
-        scores = scores_ptr + row * s_sb + head * s_sh
+    @triton.jit
+    def _lowest_scored(scores, length, BLOCK: tl.constexpr):
+        """The latest of the lowest-scored of a (row, head)'s `length` slots (-1 when it has none) and its score."""
         lowest, at = float("inf"), -1
         for first in range(0, length, BLOCK):
             s = first + tl.arange(0, BLOCK)
@@ -126,14 +121,4 @@ if triton is not None:
             block_at = tl.max(tl.where(inside & (block == block_lowest), s, -1))
             at = tl.where(block_lowest < lowest, block_at, tl.where(block_lowest == lowest, tl.maximum(at, block_at), at))
             lowest = tl.minimum(lowest, block_lowest)
-        incoming = tl.load(in_scores_ptr + program)
-        if (at >= 0) & (incoming > lowest):
-            _put_slot(k_ptr + row * k_sb + head * k_sh, k_ss, at, in_k_ptr + program * KEY_DIM, KEY_DIM, KEY_WIDTH)
-            _put_slot(v_ptr + row * v_sb + head * v_sh, v_ss, at, in_v_ptr + program * VALUE_DIM, VALUE_DIM, VALUE_WIDTH)
-            _put_slot(ids_ptr + row * i_sb + head * i_sh, 1, at, in_ids_ptr + program, 1, 1)
-            tl.store(scores + at, incoming)
-
-    @triton.jit
-    def _put_slot(part, slot_stride, at, source, DIM: tl.constexpr, WIDTH: tl.constexpr):
-        d = tl.arange(0, WIDTH)
-        tl.store(part + at * slot_stride + d, tl.load(source + d, mask=d < DIM), mask=d < DIM)
+        return at, lowest

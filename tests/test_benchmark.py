@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,22 @@ def test_the_kernel_ab_benchmark_runs_its_pipeline_on_a_tiny_model():
     assert [line.split(": tail_attention")[0] for line in lines] == ["dense, batch 8, packed GQA", "pca rank 7 (8:1)"] and "1.00x)" in lines[0]
     refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "sidecar", "--only", "pca"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "invalid choice: 'sidecar'" in refused.stderr
+
+
+def test_the_version_ab_benchmark_runs_two_versions_in_one_process_on_a_tiny_model(tmp_path):
+    """--tiny imports a second copy of the package as the earlier version, fills a cache of each and times them alternating;
+    a directory without the package is refused."""
+    shutil.copytree(ROOT / "kvcompress", tmp_path / "before" / "kvcompress", ignore=shutil.ignore_patterns("pretrained", "__pycache__"))
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "version_ab.py"), str(tmp_path / "before"), "--tiny", "--context", "1024", "--steps", "2", "--runs", "2", "--only", "h2o 8:1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("h2o 8:1, ")]
+    assert [row.split(": ")[0] for row in rows] == ["h2o 8:1, before", "h2o 8:1, after"]
+    assert all(re.search(r": \d+ tokens/s \(\d+\.\d\dx packed dense\); runs \[\d+, \d+\]$", row) for row in rows), rows
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "version_ab.py"), str(tmp_path), "--tiny", "--only", "h2o 8:1"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "holds no kvcompress/ package" in refused.stderr
 
 
 def test_runs_merge_into_one_table_only_when_they_share_the_prompts(tmp_path):

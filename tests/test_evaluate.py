@@ -12,6 +12,7 @@ from kvcompress.evaluation.harness import (
     EvaluationRow,
     attention_cosine,
     attention_outputs,
+    evaluate,
     format_table,
     reference_perplexity,
     streaming_perplexity,
@@ -54,6 +55,21 @@ def test_streaming_perplexity_needs_more_than_one_chunk():
 def test_bad_cache_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         CacheSpec(*spec)
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("kvcompress/smollm2-135m-instruct-gate@keep_ration=0.1", TypeError, "GatedCache has no option 'keep_ration'; its options: keep_ratio, ratio"),
+        ("kvcompress/smollm2-135m-instruct-pca-2x@ratio=8", ValueError, "at most"),
+        ("compose@gate=kvcompress/smollm2-135m-instruct-gate,keep_ration=0.25", TypeError, "ComposedCache has no option 'keep_ration'; its options: gate, lowrank, keep_ratio"),
+    ],
+)
+def test_evaluation_refuses_a_bad_cache_before_it_runs_any(spec, error, message):
+    """Every cache is built before the first one runs: no model, tokenizer or text is touched when one of them cannot be."""
+    specs = [CacheSpec("dense"), CacheSpec("h2o", 4), CacheSpec.fitted(spec)]
+    with pytest.raises(error, match=message):
+        evaluate(None, None, specs, text=None)
 
 
 def _rows():

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvcompress import cache_kwargs
-from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, train_gates
+from kvcompress.calibration.cli import _gate_warnings
+from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, labelled_tokens, train_gates
 from kvcompress.gate import GateBank
 from kvcompress.rope import rope_inv_freq
 
@@ -300,3 +301,19 @@ def test_a_gate_budget_grows_with_the_tokens_seen_and_meets_its_ratio_from_its_c
     past = seen >= context
     assert bool((total[past] <= 2 * (seen[past] / ratio - exact) + 2).all())
     assert bool((total[past] >= 2 * (seen[past] / ratio - exact) - 2).all())
+
+
+@pytest.mark.parametrize("available, asked", [(700, 10_000), (1400, 10_000), (1400, 600), (3000, 2000)])
+def test_the_tokens_a_calibration_records_are_the_tokens_its_labels_read(available, asked):
+    """A corpus shorter than --gate-tokens, or not a whole number of sequences: the count recorded in the artifact is what was read."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (available,), generator=torch.Generator().manual_seed(0))
+    labels = collect_retention_labels(model, ids, rope_inv_freq(model), window=16, sink=4, sequence_length=256, min_future=16, max_tokens=asked)
+    assert (int(labels.sequence.max()) + 1) * 256 == labelled_tokens(available, asked, sequence_length=256)
+
+
+def test_gates_whose_labels_have_one_class_are_reported_as_learning_nothing():
+    assert _gate_warnings({"mean_positive_rate": 0.12, "median_auc": 0.91}, 0.02) == []
+    assert "no calibration token reached the label threshold (0.02" in _gate_warnings({"mean_positive_rate": 0.0, "median_auc": float("nan")}, 0.02)[0]
+    assert "raise --label-threshold" in _gate_warnings({"mean_positive_rate": 1.0, "median_auc": float("nan")}, 0.02)[0]
+    assert "nothing to tell apart" in _gate_warnings({"mean_positive_rate": 0.3, "median_auc": float("nan")}, 0.02)[0]

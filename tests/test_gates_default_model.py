@@ -61,7 +61,7 @@ def test_calibrate_command_fits_saves_and_reports_gates(tmp_path, capsys):
     assert report["recall"]["statement_positive_rate"] > report["recall"]["prose_positive_rate"]
     cache = GatedCache.from_pretrained(output, keep_ratio=0.2, policy="layer")
     assert cache.compressor.config["label"]["threshold"] == 0.02
-    assert cache.compressor.config["calibration"]["recall_facts_per_sequence"] == 4
+    assert cache.compressor.config["calibration"]["recall_facts_per_sequence"] == 4 and cache.compressor.config["calibration"]["tokens"] == 3072
 
 
 def test_recall_sequences_state_facts_well_before_the_questions_that_ask_for_them(default_model):

@@ -51,11 +51,12 @@ def test_scored_kernel_equals_pytorch(rows, with_bias, programs_wanted, monkeypa
     bias = torch.randn(batch, heads, 200, generator=generator).to(DEVICE) if with_bias else None
     for new_seen in ([[True, True], [False, True]], [[True]]):  # per row (a column of a mask: strided), or one for every row
         new_seen = torch.tensor(new_seen, device=DEVICE)[:, 0]
-        output, logits, top, total = scored_attention.scored_partials(queries, keys, values, token_ids.to(DEVICE), bias, new_seen, 0.3)
+        output, received = scored_attention.attend_and_score(queries, keys, values, token_ids.to(DEVICE), bias, new_seen, 0.3)
         expected_output, expected_probs = reference(queries, keys, values, token_ids.to(DEVICE), bias, new_seen, 0.3)
-        assert torch.allclose(output, expected_output, atol=1e-4)
-        assert torch.allclose((logits - top[..., None]).exp() / total[..., None], expected_probs, atol=1e-5)
-        assert bool((logits[..., :-1] == float("-inf")).eq(token_ids[:, :, None, :-1].to(DEVICE) == FILLER).all())
+        counted = new_seen.expand(batch).float()[:, None, None]  # a padding token's attention counts for no slot
+        assert output.dtype == queries.dtype and torch.allclose(output, expected_output, atol=1e-4)
+        assert torch.allclose(received, expected_probs.sum(2) * counted, atol=1e-5)
+        assert bool(received[token_ids.to(DEVICE) == FILLER].eq(0).all())
 
 
 @needs_kernel

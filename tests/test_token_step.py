@@ -1,4 +1,4 @@
-"""The per-token step's kernels (`kvcompress.token_step`: the token leaving the window, H2O's admission) against a plain
+"""The per-token step's kernel (`kvcompress.token_step`: the token leaving the window, H2O's admission) against a plain
 reference and against the PyTorch path of whole decodes, on a GPU or on the CPU under Triton's interpreter
 (`test_the_token_step_tests_pass_under_the_triton_interpreter` runs them there)."""
 
@@ -81,20 +81,23 @@ def test_hand_one_equals_the_reference(batch, heads, length, dim, dtype, scored,
 @needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(
-    batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(1, 40), dim=st.sampled_from([8, 48, 64]),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(1, 40), stored=st.integers(1, 40), dim=st.sampled_from([8, 48, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), oldest_at=st.integers(0, 60), seed=st.integers(0, 2**16),
 )
-def test_replace_lowest_equals_the_reference(batch, heads, length, dim, dtype, seed):
-    """Ties among the lowest (the latest goes), also in different blocks of the scan, an incoming score equal to the lowest
-    (nothing changes), a store of one slot."""
+def test_hand_one_admitting_into_the_store_equals_the_reference(batch, heads, length, stored, dim, dtype, oldest_at, seed):
+    """H2O's step in one kernel: the token leaving the tail replaces the store's lowest-scored slot if it scores higher. Ties
+    among the lowest (the latest goes), also in different blocks of the scan, a leaving score equal to the lowest (nothing
+    changes), a store of one slot."""
     generator = torch.Generator().manual_seed(seed)
-    store = slots_with_room(batch, heads, length, dim, dtype, generator)
-    incoming = {name: t[:, :, :1].clone() for name, t in slots_with_room(batch, heads, 1, dim, dtype, generator).items()}
-    expected = reference_replace_lowest(store, incoming)
+    tail, store = slots_with_room(batch, heads, length, dim, dtype, generator), slots_with_room(batch, heads, stored, dim, dtype, generator)
+    oldest = int(tail["token_ids"][0, 0, oldest_at]) if oldest_at < length else 10_000
+    expected_tail, leaving = reference_hand_one(tail, length - 1, oldest)
+    expected_store = reference_replace_lowest(store, leaving)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(token_step, "BLOCK_SLOTS", 16)  # the lowest scores and their ties are found across blocks
-        token_step.replace_lowest(store, incoming)
-    assert_parts_equal(store, expected)
+        patch.setattr(token_step, "BLOCK_SLOTS", 16)  # the token, the lowest scores and their ties are found across blocks
+        assert token_step.hand_one(tail, length - 1, oldest, admit_into=store) is None
+    assert_parts_equal(tail, expected_tail)
+    assert_parts_equal(store, expected_store)
 
 
 @needs_kernel

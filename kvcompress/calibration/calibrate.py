@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress.config import RankConfig
-from kvcompress.corpus import DEFAULT_CORPUS_NAME, load_text, split_text
+from kvcompress.corpus import DEFAULT_CORPUS_NAME, HOLDOUT_FRACTION, load_text, split_text
 from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.hub import artifact_class, known_methods, model_signature
 from kvcompress.lowrank import LowRankCompressor
@@ -104,7 +104,10 @@ def calibration_corpus(tokenizer, data: str | None, eval_tokens: int) -> tuple[t
     calibration_text, heldout = split_text(load_text(data))
     heldout_ids = torch.tensor([tokenizer(heldout).input_ids[:eval_tokens]])
     if heldout_ids.shape[1] < eval_tokens:
-        raise ValueError(f"The held-out part of the corpus has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. Give more text.")
+        raise ValueError(
+            f"The held-out part of the corpus (its last {HOLDOUT_FRACTION:.0%}) has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. "
+            f"Give more text (about {eval_tokens / HOLDOUT_FRACTION:,.0f} tokens in all), or evaluate on fewer tokens (--eval-tokens)."
+        )
     return torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data or f"{DEFAULT_CORPUS_NAME}, calibration part"
 
 

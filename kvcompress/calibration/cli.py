@@ -8,6 +8,7 @@ error during the work is one line too; `--debug` shows its traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import math
@@ -58,6 +59,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the command it was given to, with the nearest one it has."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((action.choices for action in self._actions if isinstance(action, argparse._SubParsersAction)), {})
+            parser = commands.get(getattr(parsed, "command", None), self)
+            flags = [flag for action in parser._actions for flag in action.option_strings]
+            close = [difflib.get_close_matches(extra.partition("=")[0], flags, n=1) if extra.startswith("-") else [] for extra in extras]
+            hints = "".join(f"; did you mean {match[0]} for {extra}?" for extra, match in zip(extras, close) if match)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
 
     def given(self, args, *flags: str) -> list[str]:
         """Those of `flags` that the command line set to something other than their default."""
@@ -334,6 +347,9 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
 
     layers, kv_heads, head_dim = kv_shape(model.config)
     shape = layers, kv_heads, head_dim, head_dim
+    for flag, rank in (("--rank", args.rank), ("--rank-v", args.rank_v)):
+        if rank is not None and rank > head_dim:
+            raise ValueError(f"{flag} {rank} is more than this model's head dim ({head_dim}), the numbers a key or value holds: give {flag} from 1 to {head_dim}.")
     if args.config:
         template = RankConfig.load(args.config, *shape)
     else:
@@ -363,17 +379,17 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     from kvcompress.rope import rope_inv_freq
 
     from .calibrate import measure
-    from .gates import collect_retention_labels, train_gates
+    from .gates import collect_retention_labels, labelled_tokens, train_gates
     from .recall import recall_sequences
 
     facts = 4 if args.recall_facts is None else args.recall_facts
     recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=facts) if facts else None
     inv_freq = rope_inv_freq(model)
-    _phase(f"labelling the tokens of {args.gate_tokens} calibration tokens that queries beyond the window attend to")
-    labels = collect_retention_labels(
-        model, token_ids if recall is None else recall.token_ids, inv_freq, window=args.window, sink=args.sink,
-        threshold=args.label_threshold, max_tokens=args.gate_tokens,
-    )
+    source = token_ids if recall is None else recall.token_ids
+    tokens = labelled_tokens(len(source), args.gate_tokens)
+    fewer = f" (the corpus holds {len(source)} of the {args.gate_tokens} of --gate-tokens)" if len(source) < args.gate_tokens else ""
+    _phase(f"labelling the tokens of {tokens} calibration tokens{fewer} that queries beyond the window attend to")
+    labels = collect_retention_labels(model, source, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens)
     _phase(f"training the gates ({args.gate_steps} steps at most)")
     with torch.enable_grad():
         gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps, device=model.device)
@@ -387,7 +403,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
         "base_model": model_signature(model, args.model),
         "cache": _cache_settings(args),
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
-        "calibration": {"data": data_name, "tokens": args.gate_tokens, "recall_facts_per_sequence": facts},
+        "calibration": {"data": data_name, "tokens": tokens, "recall_facts_per_sequence": facts},
     }
     compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config)
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
@@ -397,7 +413,20 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     return _Fitted(
         compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor, args.keep_ratio), setting, seconds, fit_metrics),
         {"gate_report.json": report}, plot=lambda _: _plot("plot_gate_report", report, args.plot, title="retention gates on held-out tokens"),
+        warning="".join(f"WARNING: {line}\n" for line in _gate_warnings(report, args.label_threshold)),
     )
+
+
+def _gate_warnings(report: dict, threshold: float) -> list[str]:
+    """What makes fitted gates meaningless: labels of one class only (no AUC), so the gates cannot tell tokens apart."""
+    rate = report["mean_positive_rate"]
+    if rate == 0:
+        return [f"no calibration token reached the label threshold ({threshold:g} of a later query's attention): the gates learned nothing. "
+                "Lower --label-threshold, or calibrate on longer, real text (a model with random weights attends too evenly)."]
+    if rate == 1 or math.isnan(report["median_auc"]):
+        return [f"the labels leave the gates nothing to tell apart (mean positive rate {rate:.3f}, median AUC {report['median_auc']}): "
+                "raise --label-threshold, or calibrate on more varied text."]
+    return []
 
 
 def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:

@@ -126,7 +126,7 @@ def collect_attention_samples(
     if len(ids) < samples:
         raise ValueError(
             f"Too little calibration data: the text has {len(ids)} tokens but {samples} samples per head were asked "
-            "for. Give more text (e.g. a larger corpus file) or ask for fewer samples."
+            "for. Give more text (e.g. a larger corpus file) or ask for fewer samples (samples=...; --samples)."
         )
     generator = torch.Generator().manual_seed(seed)
     kv_reservoir, query_reservoir = _Reservoir(samples), _Reservoir(query_samples)

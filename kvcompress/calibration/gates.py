@@ -26,6 +26,13 @@ from kvcompress.rope import rotate
 from .collect import recording_attention
 from .training import BestPerGroup
 
+LABEL_SEQUENCE = 1024  # tokens per calibration sequence: the text is read in whole sequences, a shorter rest is left out
+
+
+def labelled_tokens(available: int, max_tokens: int, sequence_length: int = LABEL_SEQUENCE) -> int:
+    """Calibration tokens `collect_retention_labels` reads of `available` ones when asked for at most `max_tokens`."""
+    return min(available, max_tokens) // sequence_length * sequence_length
+
 
 @dataclass
 class RetentionLabels:
@@ -55,7 +62,7 @@ class RetentionLabels:
 @torch.no_grad()
 def collect_retention_labels(
     model, token_ids: torch.Tensor, inv_freq: torch.Tensor, window: int = 64, sink: int = 4, threshold: float = 0.02,
-    sequence_length: int = 1024, min_future: int = 64, max_tokens: int | None = None,
+    sequence_length: int = LABEL_SEQUENCE, min_future: int = 64, max_tokens: int | None = None,
 ) -> RetentionLabels:
     """Run `model` over `token_ids` in sequences of `sequence_length` and label every token that can be judged."""
     ids = token_ids[:max_tokens] if max_tokens else token_ids

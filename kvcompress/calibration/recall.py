@@ -66,5 +66,8 @@ def recall_sequences(
         sequences.append(torch.tensor(pieces + prose[last:] + questions))
         flags.append(torch.tensor(marks + [False] * (len(prose) - last + len(questions))))
     if not sequences:
-        raise ValueError(f"Too little calibration text for recall sequences of {sequence_length} tokens; the text has {len(token_ids)} tokens.")
+        raise ValueError(
+            f"Too little calibration text for recall sequences of {sequence_length} tokens; the text has {len(token_ids)} tokens. Give more "
+            "text, or calibrate without recall statements (recall_facts=0; --recall-facts 0)."
+        )
     return RecallSequences(torch.cat(sequences), torch.cat(flags))

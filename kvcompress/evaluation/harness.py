@@ -285,6 +285,8 @@ def evaluate(
     seed: int = 0,
 ) -> list[EvaluationRow]:
     """Evaluate every cache on the same text and the same passkey prompts."""
+    for spec in specs:  # a mistyped option or an impossible ratio fails here, not after the caches before it have run
+        spec.build(passkey_tokens)
     ids = tokenizer(text).input_ids
     if len(ids) < ppl_tokens + passkey_tokens * trials:
         raise ValueError(f"The evaluation text has {len(ids)} tokens; need at least {ppl_tokens + passkey_tokens * trials}.")
