@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import ARCHITECTURES, assert_layers_equal, greedy, prompt_ids, tiny_model, watch_hand_one
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
@@ -214,6 +214,7 @@ def test_a_tail_nothing_leaves_is_reallocated_once_per_32_tokens():
 
 @settings(max_examples=20, deadline=None)
 @given(prompt=st.integers(1, 90), new=st.integers(0, 24))
+@example(prompt=1, new=3)  # 4 tokens in 5 slots: 1.25x exactly, where the per-row counters tip a bound that leaves them out
 def test_a_short_prompt_is_held_in_at_most_a_quarter_more_slots_than_its_tokens(prompt, new):
     """Until tokens leave it, the tail's room is a quarter of its length, up to `TAIL_ROOM` (1/32 past 1,024 tokens): a
     short chat message is not held in a buffer twice its length, which `nbytes` would count against dense."""
@@ -228,7 +229,8 @@ def test_a_short_prompt_is_held_in_at_most_a_quarter_more_slots_than_its_tokens(
     layer, tokens = cache.layers[0], prompt + new
     assert layer.tail_length == tokens and not layer.has_handed
     assert tokens <= layer.tail_capacity() <= tokens + max(tokens // STORE_ROOM, min(TAIL_ROOM, tokens // 4))
-    assert cache.nbytes() <= 1.26 * cache.dense_nbytes() * (1 + 4 / (2 * model.config.head_dim * 4))  # + an int32 id a slot
+    counters = sum(each.seen.untyped_storage().nbytes() + each.handed.untyped_storage().nbytes() for each in cache.layers)  # per row, not per slot
+    assert cache.nbytes() - counters <= 1.26 * cache.dense_nbytes() * (1 + 4 / (2 * model.config.head_dim * 4))  # + an int32 id a slot
 
 
 @pytest.mark.parametrize("cache_class", [StreamingLLMCache, H2OCache])
