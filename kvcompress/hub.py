@@ -422,7 +422,7 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
             if not file.is_file():
                 raise FileNotFoundError(f"{directory} has no {file.name}: it is not a complete kvcompress compressor directory (made by save_pretrained or kvcompress calibrate).")
         return files
-    if directory.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+    if directory.exists() or looks_like_local_path(model_id):
         raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
     shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
     if shipped is not None and model_id in _SHIPPED_IN_USE:
@@ -480,12 +480,19 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def missing_locally(name: str, what: str, reason: str, cached: bool = False) -> FileNotFoundError:
-    """`name` is neither a local path nor reachable as a Hub/datasets name (`reason`); names a close local one if any."""
-    parent = Path(name).expanduser().parent
-    nearby = [entry.name for entry in parent.iterdir()] if parent.is_dir() else []
-    close = difflib.get_close_matches(Path(name).name, nearby, n=1, cutoff=0.75)
-    hint = f" Did you mean {parent / close[0] if str(parent) != '.' else close[0]}?" if close else ""
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only be a local path, not a Hub id (``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def missing_locally(name: str, what: str, reason: str, cached: bool = False, hint: str | None = None) -> FileNotFoundError:
+    """`name` is neither a local path nor reachable as a Hub/datasets name (`reason`); `hint` says what to try instead
+    (by default, a close local name if any)."""
+    if hint is None:
+        parent = Path(name).expanduser().parent
+        nearby = [entry.name for entry in parent.iterdir()] if parent.is_dir() else []
+        close = difflib.get_close_matches(Path(name).name, nearby, n=1, cutoff=0.75)
+        hint = f" Did you mean {parent / close[0] if str(parent) != '.' else close[0]}?" if close else ""
     cache = " and it is not in the local cache" if cached else ""
     return FileNotFoundError(f"{name} is not a local {what} ({Path(name).expanduser().resolve()} does not exist), and as a Hub name it cannot be downloaded: {reason}{cache}.{hint}")
 
@@ -496,11 +503,8 @@ def _not_found(model_id: str, error: Exception, unreachable: bool) -> FileNotFou
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else f" (its host {_hub_host()} does not resolve)" if unreachable else ""
     close = difflib.get_close_matches(model_id.partition("/")[2], shipped_names(), n=1)
     hint = f" Did you mean {PRETRAINED_NAMESPACE}/{close[0]}?" if close else ""
-    return FileNotFoundError(
-        f"{model_id} is not a local directory ({Path(model_id).resolve()} does not exist), and as a Hub repo id it could not be "
-        f"downloaded: the Hub was not reachable{offline} and the repo is not in the local Hub cache.{hint} `kvcompress pretrained` lists "
-        "the compressors that ship with kvcompress and load without the Hub."
-    )
+    return missing_locally(model_id, "directory", f"the Hub was not reachable{offline}", cached=True,
+                           hint=f"{hint} `kvcompress pretrained` lists the compressors that ship with kvcompress and load without the Hub.")
 
 
 # ------------------------------------------------------------------------- shipped repositories

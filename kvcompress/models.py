@@ -151,7 +151,7 @@ def _hub_model_offline(name: str, revision: str | None) -> bool:
     and names the directory that does not exist (a typo), instead of after huggingface_hub's retries."""
     from huggingface_hub import try_to_load_from_cache
 
-    from .hub import hub_unreachable, missing_locally
+    from .hub import hub_unreachable, looks_like_local_path, missing_locally
 
     directory = Path(name).expanduser()
     if directory.is_dir():
@@ -164,10 +164,10 @@ def _hub_model_offline(name: str, revision: str | None) -> bool:
     reason = hub_unreachable()
     if reason is None:
         return False
-    looks_like_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1
-    if looks_like_id and isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+    hub_id = not looks_like_local_path(name)
+    if hub_id and isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return True
-    raise missing_locally(name, "model directory", reason, cached=looks_like_id)
+    raise missing_locally(name, "model directory", reason, cached=hub_id)
 
 
 def kv_shape(config) -> tuple[int, int, int]:

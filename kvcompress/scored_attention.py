@@ -129,10 +129,9 @@ if triton is not None:
         program = tl.program_id(0).to(tl.int64)
         r, d = tl.arange(0, TILE), tl.arange(0, DIM)
         parts = program * spans * TILE + r  # the first span's partial of each row
-        top = tl.full([TILE], -1.0e30, tl.float32)
+        top, total, acc = no_slots_yet(TILE, DIM)
         for part in range(spans):
             top = tl.maximum(top, tl.load(max_ptr + parts + part * TILE))
-        total, acc = tl.zeros([TILE], tl.float32), tl.zeros([TILE, DIM], tl.float32)
         for part in range(spans):
             at = parts + part * TILE
             weight = tl.exp(tl.load(max_ptr + at) - top)

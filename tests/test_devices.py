@@ -130,3 +130,32 @@ def test_gates_for_another_model_are_refused_before_the_sidecar_trains(small_mod
         main(["calibrate", "--model", str(small_model_dir), "--method", "sidecar", "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"),
               "--trajectories", str(tmp_path / "trajectories"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "trajectories").exists() and not (tmp_path / "out").exists()
+
+
+def test_gates_calibrated_on_a_corpus_shorter_than_gate_tokens_record_what_they_read(small_model_dir, tmp_path, capsys):
+    """--gate-tokens asks for 20480 tokens by default; from a corpus of about 4k the artifact records the tokens its labels read
+    (whole sequences of 1024 from the calibration part) and the phase line says the corpus held fewer."""
+    from kvcompress.corpus import heldout_text
+
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(heldout_text()[:20000])
+    main(["calibrate", "--model", str(small_model_dir), "--method", "gate", "--data", str(corpus), "--gate-steps", "20", "--recall-facts", "0",
+          "--eval-tokens", "256", "--output", str(tmp_path / "gates")])
+    printed = "".join(capsys.readouterr())  # phase lines go to stderr
+    recorded = json.loads((tmp_path / "gates" / "compressor_config.json").read_text())["calibration"]["tokens"]
+    assert 0 < recorded < 20480 and recorded % 1024 == 0
+    assert f"labelling the tokens of {recorded} calibration tokens (the corpus holds " in printed and "of the 20480 of --gate-tokens)" in printed
+
+
+def test_pca_calibrated_on_a_corpus_shorter_than_tokens_says_how_many_it_read(small_model_dir, tmp_path, capsys):
+    from kvcompress.corpus import heldout_text
+
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(heldout_text()[:20000])
+    results = _calibrate(small_model_dir, "pca", tmp_path / "pca", "--data", str(corpus))  # --tokens 2048 of QUICK, then the default 16384
+    assert "samples per head from 2048 calibration tokens" in "".join(capsys.readouterr())
+    main(["calibrate", "--model", str(small_model_dir), "--method", "pca", "--rank", "8", "--samples", "256", "--data", str(corpus),
+          "--eval-tokens", "256", "--output", str(tmp_path / "pca-all")])
+    read = json.loads((tmp_path / "pca-all" / "compressor_config.json").read_text())["calibration"]["tokens"]
+    assert results["measured_memory_savings"] > 0.3 and 2048 < read < 16384
+    assert f"samples per head from {read} calibration tokens (the corpus holds {read} of the 16384 of --tokens)" in "".join(capsys.readouterr())

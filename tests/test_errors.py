@@ -157,6 +157,20 @@ def test_a_mistyped_model_directory_without_network_names_the_directory_at_once(
         kvcompress.load_model(name)
 
 
+@pytest.mark.parametrize("name", ["owner/name/", "owner\\name", "a/b/c", "~/models/x"])
+def test_a_name_that_can_only_be_a_path_is_never_asked_of_the_hub(no_network, name):
+    """One rule (`hub.looks_like_local_path`) for models, compressors and the CLI: a trailing slash, a backslash, more than one
+    slash or a leading ., / or ~ make a name a path, which is reported as missing, never sent to the Hub as an id."""
+    from kvcompress.calibration.cli import main
+
+    with pytest.raises(FileNotFoundError, match="is not a local model directory .* does not exist"):
+        kvcompress.load_model(name)
+    with pytest.raises(FileNotFoundError, match="is not a compressor directory .none exists there"):
+        kvcompress.PCACache.from_pretrained(name)
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--method", "pca", "--model", name, "--output", str(no_network / "out")])
+
+
 def test_a_mistyped_corpus_file_without_network_names_the_file_at_once(no_network):
     from kvcompress.corpus import load_text
 

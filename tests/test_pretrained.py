@@ -128,7 +128,7 @@ def test_behind_a_proxy_the_hub_is_asked_even_where_its_host_does_not_resolve_he
 
 def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+    with pytest.raises(FileNotFoundError, match="cannot be downloaded"):
         PCACache.from_pretrained("kvcompress/smollm2-135m-instruct-pca-2x", revision="v0.0.1")
 
 

@@ -27,7 +27,7 @@ from kvcompress.baselines import RecentOnly
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
 from kvcompress.extras import require
-from kvcompress.hub import CONFIG_FILE, known_methods
+from kvcompress.hub import CONFIG_FILE, known_methods, looks_like_local_path
 from kvcompress.lowrank import LowRankCompressor
 from kvcompress.memory import DEFAULT_CONTEXT
 from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
@@ -106,22 +106,17 @@ DEPTH = _checked(float, lambda x: 0 <= x <= 1, "in [0, 1] (0: the start of the c
 POSITIVE = _checked(float, lambda x: 0 < x < math.inf, "a number > 0", "X")
 
 
-def _looks_like_path(text: str) -> bool:
-    """A local path rather than a Hub id (``name`` or ``owner/name``)."""
-    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
-
-
 def _model(text: str) -> str:
     if Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text} is a file; give the model's directory or a Hub id")
-    if not Path(text).exists() and _looks_like_path(text):
+    if not Path(text).exists() and looks_like_local_path(text):
         raise argparse.ArgumentTypeError(f"there is no directory {text}; give a local model directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
     return text
 
 
 def _corpus(text: str) -> str:
     local = Path(text.partition("@")[0])
-    if not Path(text).is_file() and not local.is_dir() and (Path(text).suffix in (".txt", ".md", ".text") or _looks_like_path(str(local))):
+    if not Path(text).is_file() and not local.is_dir() and (Path(text).suffix in (".txt", ".md", ".text") or looks_like_local_path(str(local))):
         raise argparse.ArgumentTypeError(f"there is no file {text}; give a text file or a datasets name such as wikitext:wikitext-2-raw-v1@validation")
     return text
 
@@ -272,6 +267,11 @@ def _check_evaluate(parser: _Parser, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ calibrate
+def _short_corpus(available: int, asked: int, flag: str) -> str:
+    """What a phase line adds where the corpus holds fewer tokens than `flag` asks for (the run reads what there is)."""
+    return f" (the corpus holds {available} of the {asked} of {flag})" if available < asked else ""
+
+
 def _phase(message: str) -> None:
     """Announce a long phase before it starts (some run for minutes without a progress bar)."""
     print(f"-> {message}", file=sys.stderr, flush=True)
@@ -357,7 +357,8 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
         template = RankConfig.uniform(*shape, full, args.rank_v if args.rank is not None else None, algo=args.method)
     needs_fisher = args.target_memory_reduction is not None or bool(args.plot)
     fisher = f", then Fisher information over {args.fisher_sequences} sequences" if needs_fisher else ""
-    _phase(f"collecting {args.samples} key/value samples per head from {args.tokens} calibration tokens{fisher}")
+    tokens = min(len(token_ids), args.tokens)
+    _phase(f"collecting {args.samples} key/value samples per head from {tokens} calibration tokens{_short_corpus(len(token_ids), args.tokens, '--tokens')}{fisher}")
     calibration = LowRankCalibration.from_token_ids(
         model, token_ids, heldout_ids, samples=args.samples, tokens=args.tokens, sink=args.sink,
         fisher_sequences=args.fisher_sequences if needs_fisher else 0, name_or_path=args.model, data_name=data_name,
@@ -387,8 +388,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     inv_freq = rope_inv_freq(model)
     source = token_ids if recall is None else recall.token_ids
     tokens = labelled_tokens(len(source), args.gate_tokens)
-    fewer = f" (the corpus holds {len(source)} of the {args.gate_tokens} of --gate-tokens)" if len(source) < args.gate_tokens else ""
-    _phase(f"labelling the tokens of {tokens} calibration tokens{fewer} that queries beyond the window attend to")
+    _phase(f"labelling the tokens of {tokens} calibration tokens{_short_corpus(len(source), args.gate_tokens, '--gate-tokens')} that queries beyond the window attend to")
     labels = collect_retention_labels(model, source, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens)
     _phase(f"training the gates ({args.gate_steps} steps at most)")
     with torch.enable_grad():
