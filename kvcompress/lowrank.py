@@ -34,11 +34,11 @@ from .hub import CompressorArtifact, FittedCache
 from .memory import DEFAULT_CONTEXT, slot_cost, window_for
 from .policies import Encoding, LayerView
 from .quantize import Quantized
-from .rope import paired_order, rope_table, rotate, rotate_pairs
+from .rope import paired_order, rope_table, rotate, rotate_pairs_
 from .schema import Field
 from .settings import CacheSettings
 from .slots import FILLER
-from .softmax import merge_softmax, softmax_part
+from .softmax import merge_softmax, softmax_part_
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -219,7 +219,7 @@ class LowRankCompressor(CompressorArtifact):
         projection = self.paired_key_projection(layer_idx, key_latents.device, key_latents.dtype)
         positions = (token_ids if key_latents.shape[1] > 1 else token_ids[:, 0]).clamp(min=0)  # fillers read position 0
         table = self.rope_table(key_latents.device, int(token_ids.max()) + 1)
-        keys = rotate_pairs(projection.decode(key_latents), torch.nn.functional.embedding(positions, table))
+        keys = rotate_pairs_(projection.decode(key_latents), torch.nn.functional.embedding(positions, table))
         return keys if paired else keys.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
     def rope_table(self, device, positions: int) -> torch.Tensor:
@@ -236,10 +236,10 @@ class LowRankCompressor(CompressorArtifact):
         the Triton kernel (`kvcompress.latent_attention`) where it runs, else here, in PyTorch, a
         chunk of slots at a time (at most `SCORES_PER_CHUNK` logits at once).
         """
-        key_projection = self.projections(layer_idx, queries.device, queries.dtype)[0]
         value_projection = self.projections(layer_idx, queries.device, torch.float32)[1]
-        inv_freq = self.inv_freq(queries.device)
         if latent_attention.available(queries):
+            key_projection = self.projections(layer_idx, queries.device, queries.dtype)[0]
+            inv_freq = self.inv_freq(queries.device)
             key_decoder, key_columns, _ = key_projection.kernel_layout(key_latents)
             value_decoder, value_columns, value_width = value_projection.kernel_layout(value_latents)
             top, total, latents = latent_attention.store_partials(
@@ -249,15 +249,17 @@ class LowRankCompressor(CompressorArtifact):
         else:
             key_latents, value_latents = (x.dequantize(queries.dtype) if isinstance(x, Quantized) else x for x in (key_latents, value_latents))
             batch, heads, rows, dim = queries.shape
-            paired_queries = queries[..., self.on_device("rope.paired_order", queries.device, lambda: paired_order(dim).to(queries.device))]
+            paired_queries = queries[..., self.on_device("rope.paired_order", queries.device, lambda: paired_order(dim).to(queries.device))] * scaling
+            fillers = bool((token_ids == FILLER).any())  # most stores have none: no mask to build then
             chunk = max(1, SCORES_PER_CHUNK // (batch * heads * rows))
             parts = []
             for start in range(0, token_ids.shape[2], chunk):
                 ids = token_ids[:, :, start : start + chunk]
                 keys = self.decode_keys(layer_idx, key_latents[:, :, start : start + chunk], ids, paired=True)
-                logits = torch.matmul(paired_queries, keys.transpose(-1, -2)).float() * scaling
-                logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
-                parts.append(softmax_part(logits, value_latents[:, :, start : start + chunk]))  # values mixed in either layout
+                logits = torch.matmul(paired_queries, keys.transpose(-1, -2)).float()
+                if fillers:
+                    logits.masked_fill_((ids == FILLER)[:, :, None], float("-inf"))
+                parts.append(softmax_part_(logits, value_latents[:, :, start : start + chunk]))  # values mixed in either layout
             top, total, latents = parts[0] if len(parts) == 1 else merge_softmax(*(torch.stack(part) for part in zip(*parts)), dim=0)
             values = value_projection.decode_mixed(latents)
         return top, total, torch.addcmul(values, total[..., None], value_projection.decoder_bias)
@@ -293,6 +295,9 @@ class LowRankEncoding(Encoding):
         if not isinstance(compressor, LowRankCompressor):
             raise TypeError(f"A low-rank encoding needs a PCA or KVSplice compressor, got {type(compressor).__name__}.")
         self.compressor, self.per_head, self.artifacts = compressor, per_head, (compressor,)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.compressor!r}{', per head' if self.per_head else ''})"
 
     def for_heads(self, heads: range) -> LowRankEncoding:
         served = copy.copy(self)  # a subclass stays itself

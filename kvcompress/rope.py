@@ -37,7 +37,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inv
 
 def rope_table(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
     """cos and sin of every position below `length` and every frequency, side by side ``[length, D]``: read as complex
-    numbers, a row turns a key whose RoPE pairs sit side by side (`paired_order`) to its position (`rotate_pairs`)."""
+    numbers, a row turns a key whose RoPE pairs sit side by side (`paired_order`) to its position (`rotate_pairs_`)."""
     angles = torch.arange(length, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()
     return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
 
@@ -48,16 +48,19 @@ def paired_order(dim: int) -> torch.Tensor:
     return torch.stack([half, half + dim // 2], dim=-1).flatten()
 
 
-def rotate_pairs(x: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
-    """`x` ``[B, H, n, D]`` in `paired_order`, turned by `rope_table` rows ``[B, n, D]`` (or per head ``[B, H, n, D]``).
+def rotate_pairs_(x: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
+    """`x` ``[B, H, n, D]`` in `paired_order`, turned in place by `rope_table` rows ``[B, n, D]`` (or per head ``[B, H, n, D]``).
 
-    One complex product instead of transformers' ``x * cos + rotate_half(x) * sin``: for the many keys that
-    attention decodes every step on the CPU. Arithmetic in float32 for half-precision keys."""
+    One complex product instead of transformers' ``x * cos + rotate_half(x) * sin``, and no new tensor: for the many keys
+    that attention decodes every step on the CPU. Arithmetic in float32 for half-precision keys."""
     if table_rows.dim() == 3:
         table_rows = table_rows[:, None]
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    turned = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2))) * torch.view_as_complex(table_rows.to(dtype).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+    turn = torch.view_as_complex(table_rows.to(dtype).unflatten(-1, (-1, 2)))
+    if x.dtype == dtype:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(turn)
+        return x
+    return x.copy_(torch.view_as_real(torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2))) * turn).flatten(-2))
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared_by_heads: bool, inverse: bool) -> torch.Tensor:

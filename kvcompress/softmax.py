@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 
-def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def softmax_part_(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The partial softmax of float32 `logits` ``[..., R, S]`` (-inf: masked) over `values` ``[..., S, D]``, as
-    `merge_softmax` takes it; the largest logit is kept finite when a query sees none of these keys."""
-    top = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)
-    weights = (logits - top[..., None]).exp()
+    `merge_softmax` takes it; the largest logit is kept finite when a query sees none of these keys. The weights
+    overwrite `logits` (no second tensor of their size)."""
+    top = logits.amax(-1).clamp_(min=torch.finfo(torch.float32).min)
+    weights = logits.sub_(top[..., None]).exp_()
     if values.dim() == 4 and values.shape[1] == 1 < weights.shape[1]:  # values shared by the heads: one product, heads as rows (no broadcast copy)
         return top, weights.sum(-1), torch.matmul(weights.flatten(1, 2), values[:, 0].float()).view(*weights.shape[:-1], values.shape[-1])
     return top, weights.sum(-1), torch.matmul(weights, values.float())
@@ -33,7 +34,7 @@ def merge_softmax(top: torch.Tensor, total: torch.Tensor, values: torch.Tensor, 
 
 def attend_with_part(part: tuple[torch.Tensor, torch.Tensor, torch.Tensor], logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Normalized attention output ``[..., R, D]`` over float32 `logits` ``[..., R, S]`` (-inf: masked) and `values`
-    ``[..., S, D]`` together with keys already summed in `part` (`softmax_part`'s form): the merge of two partial softmaxes
+    ``[..., S, D]`` together with keys already summed in `part` (`softmax_part_`'s form): the merge of two partial softmaxes
     without stacking them. A row that sees no key gets zeros."""
     top, total, weighted = part
     merged = torch.maximum(top, logits.amax(-1))

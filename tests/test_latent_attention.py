@@ -17,7 +17,7 @@ from kvcompress.attention import _attend_over_slots
 from kvcompress.cache import CompressedLayer
 from kvcompress.config import HeadRanks
 from kvcompress.slots import FILLER
-from kvcompress.softmax import merge_softmax, softmax_part
+from kvcompress.softmax import merge_softmax, softmax_part_
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_tail_kernel_merges_the_store_with_what_the_tail_lets_each_row_see():
     seen = (token_ids != FILLER)[:, :, None, :].clone()
     seen[..., -1] &= new_seen[:, None, None]
     logits = (queries @ keys.transpose(-1, -2) * 0.3).masked_fill(~seen, float("-inf"))
-    top, total, weighted = merge_softmax(*(torch.stack(pair) for pair in zip(store, softmax_part(logits, values))), dim=0)
+    top, total, weighted = merge_softmax(*(torch.stack(pair) for pair in zip(store, softmax_part_(logits, values))), dim=0)
     got = tail_attention.attend_tail(*(t.to(DEVICE) for t in (queries, keys, values, token_ids, new_seen)), tuple(t.to(DEVICE) for t in store), 0.3)
     assert torch.allclose(got.cpu(), weighted / total[..., None], atol=1e-5)
     assert torch.allclose(got[2].cpu(), store[2][2] / store[1][2][..., None], atol=1e-5)

@@ -72,6 +72,9 @@ def test_a_budgeted_cache_shows_its_budget_not_settings_it_does_not_use():
     assert repr(budgeted) == "GatedCache(GateKeep(ratio=8))"  # settings at their defaults are left out
     assert repr(thresholds) == "GatedCache(GateKeep(keep_ratio=0.2, policy=layer))"
     assert "window=64" in repr(CompressedCache(window=64))  # without a budget the window is the setting
+    assert repr(PCACache.from_pretrained(PCA)) == (  # which compressor and how much of dense it holds, not just the encoding's kind
+        "PCACache(KeepPolicy, LowRankEncoding(PCACompressor(SmolLM2-135M-Instruct, 50% of dense K/V)), sink=4, window=64, block_size=16)"
+    )
 
 
 def test_fixed_encodings_turn_a_lower_ratio_into_a_longer_window_and_refuse_a_higher_one():

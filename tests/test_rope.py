@@ -1,5 +1,5 @@
 """RoPE helpers against transformers' own rotation: `rotate` (and its inverse), and the complex-number form
-(`rope_table`, `paired_order`, `rotate_pairs`) that low-rank attention on the CPU turns its decoded keys with."""
+(`rope_table`, `paired_order`, `rotate_pairs_`) that low-rank attention on the CPU turns its decoded keys with."""
 
 import torch
 from conftest import tiny_model
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcompress.lowrank import PCACompressor
-from kvcompress.rope import paired_order, rope_table, rotate, rotate_pairs
+from kvcompress.rope import paired_order, rope_table, rotate, rotate_pairs_
 
 
 def transformers_rotation(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,9 @@ def test_rotating_pairs_as_complex_numbers_equals_transformers_rotation(half, he
     assert sorted(order.tolist()) == list(range(dim))
     assert order.view(half, 2).tolist() == [[i, i + half] for i in range(half)]  # each pair RoPE turns together, side by side
     table = rope_table(inv_freq, int(positions.max()) + 1).double()
-    turned = rotate_pairs(keys[..., order], torch.nn.functional.embedding(positions, table))
+    paired = keys[..., order]
+    turned = rotate_pairs_(paired, torch.nn.functional.embedding(positions, table))
+    assert turned is paired  # in place: the keys it turns are a fresh decode
     assert torch.allclose(turned, expected[..., order], atol=1e-5)
     assert torch.allclose(rotate(keys.float(), positions, inv_freq).double(), expected, atol=1e-5)
     assert torch.allclose(rotate(expected.float(), positions, inv_freq, inverse=True).double(), keys, atol=1e-5)
@@ -53,11 +55,11 @@ def test_rotating_pairs_takes_per_head_positions_and_half_precision():
     positions = torch.tensor([[[0, 3, 7, 9, 20]], [[5, 6, 100, 101, 4000]]]).view(1, 2, 5)
     table = rope_table(inv_freq, 4001)
     order = paired_order(dim)
-    turned = rotate_pairs(keys[..., order], torch.nn.functional.embedding(positions, table))
+    turned = rotate_pairs_(keys[..., order], torch.nn.functional.embedding(positions, table))
     for head in range(2):
         expected = transformers_rotation(keys[:, head : head + 1], positions[:, head], inv_freq).float()
         assert torch.allclose(turned[:, head : head + 1], expected[..., order], atol=1e-5)
-    half = rotate_pairs(keys[..., order].bfloat16(), torch.nn.functional.embedding(positions, table))
+    half = rotate_pairs_(keys[..., order].bfloat16(), torch.nn.functional.embedding(positions, table))
     assert half.dtype == torch.bfloat16
     assert torch.allclose(half.float(), turned, atol=0.05)
 
