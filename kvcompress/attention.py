@@ -38,7 +38,9 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from . import scored_attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# decoders whose attention is Llama's: keys rotated by RoPE over the whole head (rotate_half), softmax scaled by
+# head_dim ** -0.5, the cache updated before the attention interface is called (tests/conftest.py builds each)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "gemma")
 BASE_IMPLEMENTATIONS = {"sdpa": "kvcompress_sdpa", "eager": "kvcompress_eager"}
 
 SCORES_PER_CHUNK = 2**26  # attention scores held at once by `_attend_over_slots` (256 MB in float32)

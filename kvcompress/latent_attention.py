@@ -37,7 +37,7 @@ BLOCK_SLOTS = 128  # store slots per inner step, at most: wide ranks take half (
 PROGRAMS_WANTED = 512  # programs per call at least (row x head x tile x span), so a small batch still fills the GPU: about 2 waves of an H200 (1024 measured the same)
 NUM_WARPS = 4  # measured on an H100 for the Llama-3.1-8B shape: 4 warps and 128 slots beat 8 warps and 32 or 64 slots
 ROW_TILE = 16  # query rows per program: tl.dot's smallest
-_FITTING_BLOCK = {}  # (device, dtype, head_dim, key width, value width, bits) -> the block of slots that fitted in shared memory
+_FITTING_BLOCK = {}  # (kernel, device, dtype, widths...) -> the block of slots that fitted in shared memory (`launch_fitting`)
 
 
 def available(queries: torch.Tensor) -> bool:
@@ -151,28 +151,40 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     sums = torch.empty_like(maxima)
     latents = torch.empty(batch * heads, spans, tiles * ROW_TILE, value_padded, device=queries.device, dtype=torch.float32)
     zk_strides, zks_strides, zv_strides, zvs_strides, ids_strides = (slot_strides(t) for t in (zk, zk_scale, zv, zv_scale, token_ids))
-    shape_key = (queries.device, queries.dtype, dim, key_padded, value_padded, key_bits, value_bits)
-    block = _FITTING_BLOCK.get(shape_key, BLOCK_SLOTS)
+    shape_key = ("store", queries.device, queries.dtype, dim, key_padded, value_padded, key_bits, value_bits)
+
+    def launch(block: int) -> None:
+        _store_partials_kernel[(batch * heads, spans, tiles)](
+            queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
+            rows, slots, span, scaling, key_decoder.shape[1],
+            *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
+            ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
+            HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_padded, VALUE_WIDTH=value_padded, BLOCK=block, TILE=ROW_TILE,
+            KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
+            PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
+            FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
+        )
+
+    launch_fitting(queries, shape_key, BLOCK_SLOTS, launch)  # near-full ranks of a 128-dim head: 128 slots need more shared memory than an H200 has
+    return merge_spans(maxima, sums, latents, (batch, heads, rows), value_width)
+
+
+def launch_fitting(tensor: torch.Tensor, shape_key: tuple, block: int, launch) -> None:
+    """`launch(block)` on `tensor`'s GPU with the largest block of slots, `block` or a half of it down to `ROW_TILE`,
+    whose kernel fits in shared memory; the block that fitted is remembered per `shape_key`. Wide heads in float32 (head_dim
+    256: Gemma's) or near-full ranks need more than an H200 has at the kernels' usual blocks. Triton raises before the
+    kernel runs, so nothing is half-written; spans of slots are whole multiples of the usual block, so of every half too."""
+    block = _FITTING_BLOCK.get(shape_key, block)
     while True:
         try:
-            with on_device_of(queries):
-                _store_partials_kernel[(batch * heads, spans, tiles)](
-                    queries, zk, zk_scale, zv, zv_scale, token_ids, key_decoder, key_bias, inv_freq, key_columns[0], value_columns[0], maxima, sums, latents,
-                    rows, slots, span, scaling, key_decoder.shape[1],
-                    *queries.stride()[:3], *zk_strides[:3], *zks_strides[:3], *zv_strides[:3], *zvs_strides[:3], *ids_strides[:3], key_decoder.stride(0), key_decoder.stride(1),
-                    ZK_ALIGN=zk_strides[3], ZKS_ALIGN=zks_strides[3], ZV_ALIGN=zv_strides[3], ZVS_ALIGN=zvs_strides[3], IDS_ALIGN=ids_strides[3],
-                    HEADS=heads, HALF=dim // 2, KEY_WIDTH=key_padded, VALUE_WIDTH=value_padded, BLOCK=block, TILE=ROW_TILE,
-                    KEY_BITS=key_bits, KEY_GROUP=key_group, VALUE_BITS=value_bits, VALUE_GROUP=value_group, KEY_STEP=key_step, VALUE_STEP=value_step,
-                    PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",  # float32 models get float32 products, not TF32's
-                    FAST_TRIG=queries.is_cuda, num_warps=NUM_WARPS,
-                )
+            with on_device_of(tensor):
+                launch(block)
             break
-        except OutOfResources:  # near-full ranks of a 128-dim head: a block of 128 slots needs more shared memory than an H200 has
+        except OutOfResources:
             if block == ROW_TILE:
                 raise
-            block //= 2  # spans are whole multiples of BLOCK_SLOTS, so of every half of it too
+            block //= 2
     _FITTING_BLOCK[shape_key] = block
-    return merge_spans(maxima, sums, latents, (batch, heads, rows), value_width)
 
 
 def merge_spans(maxima: torch.Tensor, sums: torch.Tensor, values: torch.Tensor, shape: tuple, width: int) -> tuple:

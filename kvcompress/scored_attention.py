@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from .latent_attention import available, on_device_of, slot_strides, spans_of, triton
+from .latent_attention import available, launch_fitting, on_device_of, slot_strides, spans_of, triton
 
 if triton is not None:
     import triton.language as tl
 
     from .latent_attention import no_slots_yet, online_softmax, store_partial
 
-BLOCK_SLOTS = 64  # slots per inner step
+BLOCK_SLOTS = 64  # slots per inner step, at most (`launch_fitting`: wide heads in float32 take half)
 FINISH_BLOCK_SLOTS = 256  # slots per inner step of the merge (logits only: no keys or values)
 MOST_ROWS = 64  # query rows per KV head the kernel takes (the query heads of a KV head, for the one new token)
 
@@ -59,15 +59,18 @@ def attend_and_score(queries, keys, values, token_ids, bias, new_seen, scaling):
     k_strides, v_strides, ids_strides = (slot_strides(t) for t in (keys, values, token_ids))
     bias_strides = slot_strides(bias) if bias is not None else (0, 0, 0, 1)
     new_seen_step = new_seen.stride(0) if new_seen.shape[0] > 1 else 0
-    with on_device_of(queries):
+    def launch(block: int) -> None:
         _scored_partials_kernel[(batch * heads, spans)](
             queries, keys, values, token_ids, token_ids if bias is None else bias, new_seen, new_seen_step, maxima, sums, weighted, logits,
             rows, slots, span, scaling, 0 if bias is None else bias.shape[2],
             *queries.stride()[:3], *k_strides[:3], *v_strides[:3], *ids_strides[:3], *bias_strides[:3],
             K_ALIGN=k_strides[3], V_ALIGN=v_strides[3], IDS_ALIGN=ids_strides[3],
-            HEADS=heads, DIM=dim, TILE=tile, BLOCK=BLOCK_SLOTS, HAS_BIAS=bias is not None,
+            HEADS=heads, DIM=dim, TILE=tile, BLOCK=block, HAS_BIAS=bias is not None,
             PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
         )
+
+    launch_fitting(queries, ("scored", queries.device, queries.dtype, dim, tile), BLOCK_SLOTS, launch)
+    with on_device_of(queries):
         _finish_kernel[(batch * heads,)](
             maxima, sums, weighted, logits, new_seen, new_seen_step, output, received, rows, slots, spans,
             HEADS=heads, DIM=dim, TILE=tile, BLOCK=FINISH_BLOCK_SLOTS, num_warps=4,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import latent_attention
-from .latent_attention import on_device_of, slot_strides, triton
+from .latent_attention import slot_strides, triton
 
 if triton is not None:
     import triton.language as tl
@@ -26,7 +26,7 @@ if triton is not None:
     from .latent_attention import online_softmax
     from .scored_attention import exact_block
 
-BLOCK_SLOTS = 64  # tail slots per inner step (a tail is the sink, the window and up to a block: about a hundred)
+BLOCK_SLOTS = 64  # tail slots per inner step, at most (`launch_fitting`); a tail is the sink, the window and up to a block: about a hundred
 
 
 def available(query: torch.Tensor) -> bool:
@@ -47,15 +47,18 @@ def attend_tail(queries, keys, values, token_ids, new_seen, store_part, scaling)
     top, total, weighted = (part.float().contiguous() for part in store_part)
     output = torch.empty(batch, heads, rows, dim, device=queries.device, dtype=queries.dtype)
     k_strides, v_strides, ids_strides = (slot_strides(t) for t in (keys, values, token_ids))
-    with on_device_of(queries):
+    tile = max(16, 1 << (rows - 1).bit_length())
+
+    def launch(block: int) -> None:
         _tail_kernel[(batch * heads,)](
             queries, keys, values, token_ids, new_seen, new_seen.stride(0) if new_seen.shape[0] > 1 else 0, top, total, weighted, output,
             rows, keys.shape[2], scaling,
             *queries.stride()[:3], *k_strides[:3], *v_strides[:3], *ids_strides[:3],
             K_ALIGN=k_strides[3], V_ALIGN=v_strides[3], IDS_ALIGN=ids_strides[3],
-            HEADS=heads, DIM=dim, TILE=max(16, 1 << (rows - 1).bit_length()), BLOCK=BLOCK_SLOTS,
-            PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
+            HEADS=heads, DIM=dim, TILE=tile, BLOCK=block, PRECISION="ieee" if queries.dtype == torch.float32 else "tf32", num_warps=4,
         )
+
+    latent_attention.launch_fitting(queries, ("tail", queries.device, queries.dtype, dim, tile), BLOCK_SLOTS, launch)
     return output
 
 

@@ -70,8 +70,8 @@ def test_cache_without_kvcompress_attention_raises_instead_of_degrading():
 
 def test_cache_of_unsupported_model_type_raises_at_first_attention():
     model = tiny_model("llama")
-    model.config.model_type = "gemma"  # e.g. a soft-capped model forced onto kvcompress attention
-    with pytest.raises(ValueError, match="this model is 'gemma'"):
+    model.config.model_type = "gemma2"  # e.g. a soft-capped model forced onto kvcompress attention
+    with pytest.raises(ValueError, match="this model is 'gemma2'"):
         greedy(model, StreamingLLMCache(budget=8), prompt_ids(20))
 
 

@@ -293,3 +293,28 @@ def test_chunked_attention_over_store_and_tail_equals_one_chunk(parts, name, tol
         monkeypatch.setattr(module, "SCORES_PER_CHUNK", 240)  # one query per chunk of the tail, about 20 slots per chunk of the store
     assert torch.allclose(decode_logits(model, CACHES[name](gates, pca), ids, mask), whole, atol=tolerance)
     assert max(chunks) == 40  # prefill chunks of 40 queries went through in pieces
+
+
+@pytest.mark.skipif(latent_attention.triton is None, reason="Triton is not installed")
+def test_a_kernel_that_needs_more_shared_memory_than_the_gpu_has_runs_with_a_smaller_block_remembered():
+    """Gemma's head_dim 256 in float32 asked 283 KB of an H200's 227 KB at H2O's block of 64 slots (found on the device);
+    `launch_fitting` halves the block until the kernel fits, and starts the next call there."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    def launch(block):
+        tried.append(block)
+        if block > 16:
+            raise OutOfResources(block * 4432, 232448 // 4, "shared memory")
+
+    key = ("test kernel", "needs a block of 16")
+    latent_attention.launch_fitting(torch.zeros(1), key, 64, launch)
+    latent_attention.launch_fitting(torch.zeros(1), key, 64, launch)
+    assert tried == [64, 32, 16, 16]
+
+    def never_fits(block):
+        raise OutOfResources(10**9, 232448, "shared memory")
+
+    with pytest.raises(OutOfResources):  # not even the smallest block: the error reaches the caller
+        latent_attention.launch_fitting(torch.zeros(1), ("test kernel", "never fits"), 64, never_fits)

@@ -43,11 +43,12 @@ def _network(window=8, slots=2):
     return SidecarNetwork(2, 2, 16, window, slots, width=32, encoder_layers=1, attention_heads=2, inducing_points=4)
 
 
-def untrained_sidecar(model) -> SidecarCompressor:
-    """An 8:2 sidecar artifact for a tiny Llama without trajectories: an untrained network (attention matching) and random references."""
+def untrained_sidecar(model, window: int = 8, slots: int = 2) -> SidecarCompressor:
+    """A `window`:`slots` sidecar artifact for a tiny model (2 layers, 2 KV heads, head_dim 16) without trajectories: an untrained
+    network (attention matching) and random references."""
     config = {"base_model": model_signature(model, "tiny"), "cache": {"sink": 4, "window": 8}}
     references = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
-    return SidecarCompressor.from_network(_network(), references, torch.arange(1.0, 17.0), rope_inv_freq(model), config)
+    return SidecarCompressor.from_network(_network(window, slots), references, torch.arange(1.0, 17.0), rope_inv_freq(model), config)
 
 
 def _references(model, data):
