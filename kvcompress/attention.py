@@ -56,22 +56,29 @@ class AttentionNotEnabledError(RuntimeError):
 
 
 def check_supported_config(config) -> None:
-    """Raise if a model config is not a plain full-attention Llama-family decoder."""
+    """Raise if a model config is not a Llama-family decoder whose every layer attends to every earlier token."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"kvcompress supports Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)}); "
             f"this model is '{model_type}'. Use one of the supported architectures."
         )
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        layer_types = ["sliding_attention"]
-    if any(kind != "full_attention" for kind in layer_types):
+    window = getattr(config, "sliding_window", None)
+    # configs with layer_types say which layers slide (their sliding_window alone may be a leftover); the others slide everywhere when it is set
+    layer_types = getattr(config, "layer_types", None) or ["full_attention" if window is None else "sliding_attention"]
+    limited = sorted({kind for kind in layer_types if kind != "full_attention" and (kind != "sliding_attention" or window_hides_tokens(window, config))})
+    if limited:
+        window_note = f" (a window of {window} tokens, under its {config.max_position_embeddings} positions)" if "sliding_attention" in limited else ""
         raise ValueError(
-            f"kvcompress needs full attention in every layer; this {model_type} model has layer types "
-            f"{sorted(set(layer_types))}. Disable sliding-window attention in its config (sliding_window=None): the model then "
-            "attends to every earlier token, which changes its outputs beyond the window it was trained with."
+            f"kvcompress needs full attention in every layer; this {model_type} model has {', '.join(limited)} layers{window_note}. "
+            "Disable sliding-window attention in its config (sliding_window=None): the model then attends to every earlier token, "
+            "which changes its outputs beyond the window it was trained with."
         )
+
+
+def window_hides_tokens(sliding_window: int | None, config) -> bool:
+    """Whether a sliding window hides earlier tokens from a model: one that spans all its positions hides none."""
+    return bool(sliding_window) and sliding_window < config.max_position_embeddings
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:

@@ -53,7 +53,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import tail_attention, token_step
-from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention
+from .attention import SCORES_PER_CHUNK, check_supported_config, expect_attention, window_hides_tokens
 from .parallel import rank_heads
 from .policies import Encoding, KeepPolicy
 from .settings import CacheSettings
@@ -254,7 +254,9 @@ class CompressedLayer(CacheLayerMixin):
             for artifact in self.artifacts:
                 artifact.check_module(module)
             self._model_checked = True
-        for feature in ("sliding_window", "softcap", "s_aux"):
+        if window_hides_tokens(attention_kwargs.get("sliding_window"), module.config):
+            raise ValueError("Attention with sliding_window is not supported by kvcompress caches.")
+        for feature in ("softcap", "s_aux"):
             if attention_kwargs.get(feature) is not None:
                 raise ValueError(f"Attention with {feature} is not supported by kvcompress caches.")
 

@@ -57,13 +57,14 @@ def on_device_of(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _width(columns: int) -> int:
-    return max(16, 1 << (columns - 1).bit_length())  # tl.dot wants power-of-two dimensions of at least 16
+def dot_width(columns: int) -> int:
+    """The tile dimension that holds `columns`: tl.dot wants power-of-two dimensions of at least 16."""
+    return max(16, 1 << (columns - 1).bit_length())
 
 
 def whole_rows(rank: int) -> bool:
     """Whether `rank` columns per head are whole rows of the kernel's width (heads side by side then need no window)."""
-    return _width(rank) == rank
+    return dot_width(rank) == rank
 
 
 def _source(latents) -> tuple:
@@ -86,7 +87,7 @@ def aligned_windows(ranks: list[int]) -> tuple[list[int], int] | None:
     """
     starts = [sum(ranks[:head]) for head in range(len(ranks))]
     row = sum(ranks)
-    width = _width(max(rank + start % 2 for start, rank in zip(starts, ranks)))
+    width = dot_width(max(rank + start % 2 for start, rank in zip(starts, ranks)))
     if row % 2 or row < width:
         return None
     return [min(start - start % 2, row - width) for start in starts], width
@@ -143,7 +144,7 @@ def store_partials(queries, key_latents, value_latents, token_ids, key_decoder, 
     batch, heads, rows, dim = queries.shape
     slots = token_ids.shape[2]
     (zk, zk_scale, key_bits, key_group), (zv, zv_scale, value_bits, value_group) = _source(key_latents), _source(value_latents)
-    key_padded, value_padded = _width(key_decoder.shape[1]), _width(value_width)
+    key_padded, value_padded = dot_width(key_decoder.shape[1]), dot_width(value_width)
     key_step, value_step = _column_step(key_columns, key_decoder.shape[1], key_bits, key_group), _column_step(value_columns, value_width, value_bits, value_group)
     tiles = math.ceil(rows / ROW_TILE)
     span, spans = spans_of(slots, BLOCK_SLOTS, batch * heads * tiles)

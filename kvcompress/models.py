@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
-from .attention import enable
+from .attention import check_supported_config, enable
 from .extras import require
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -126,6 +126,8 @@ def load_model(
     embedded = name_or_path in (None, DEFAULT_MODEL)
     path = default_model_path() if embedded else name_or_path
     local_only = not embedded and _hub_model_offline(str(path), revision)
+    # before the weights load (minutes for a large model, and transformers' own refusals would name other fixes)
+    check_supported_config(AutoConfig.from_pretrained(path, revision=revision, local_files_only=local_only))
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
     # the weights go straight to their device (no second copy in host memory first)
     model = AutoModelForCausalLM.from_pretrained(

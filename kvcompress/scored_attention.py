@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .latent_attention import available, launch_fitting, on_device_of, slot_strides, spans_of, triton
+from .latent_attention import available, dot_width, launch_fitting, on_device_of, slot_strides, spans_of, triton
 
 if triton is not None:
     import triton.language as tl
@@ -48,7 +48,7 @@ def attend_and_score(queries, keys, values, token_ids, bias, new_seen, scaling):
     queries = queries.contiguous()
     batch, heads, rows, dim = queries.shape
     slots = keys.shape[2]
-    tile = max(16, 1 << (rows - 1).bit_length())
+    tile = dot_width(rows)
     span, spans = spans_of(slots, BLOCK_SLOTS, batch * heads)
     maxima = torch.empty(batch * heads, spans, tile, device=queries.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)

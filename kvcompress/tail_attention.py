@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import latent_attention
-from .latent_attention import slot_strides, triton
+from .latent_attention import dot_width, slot_strides, triton
 
 if triton is not None:
     import triton.language as tl
@@ -47,7 +47,7 @@ def attend_tail(queries, keys, values, token_ids, new_seen, store_part, scaling)
     top, total, weighted = (part.float().contiguous() for part in store_part)
     output = torch.empty(batch, heads, rows, dim, device=queries.device, dtype=queries.dtype)
     k_strides, v_strides, ids_strides = (slot_strides(t) for t in (keys, values, token_ids))
-    tile = max(16, 1 << (rows - 1).bit_length())
+    tile = dot_width(rows)
 
     def launch(block: int) -> None:
         _tail_kernel[(batch * heads,)](

@@ -159,3 +159,16 @@ def test_pca_calibrated_on_a_corpus_shorter_than_tokens_says_how_many_it_read(sm
     read = json.loads((tmp_path / "pca-all" / "compressor_config.json").read_text())["calibration"]["tokens"]
     assert results["measured_memory_savings"] > 0.3 and 2048 < read < 16384
     assert f"samples per head from {read} calibration tokens (the corpus holds {read} of the 16384 of --tokens)" in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "flag"),
+    [("gate", ["--gate-tokens", "2560"], "--gate-tokens"), ("kvsplice", ["--rank", "8", "--tokens", "2048", "--samples", "256"], "--tokens")],
+)
+def test_a_method_that_holds_out_sequences_refuses_too_little_text_before_collecting(small_model_dir, tmp_path, monkeypatch, method, options, flag):
+    """The gates and KVSplice stop on 2 held-out sequences of 1024 tokens: with 2 in all they are refused at once, naming the flag and
+    the tokens needed, not after the labels or samples are collected."""
+    for collector in ("kvcompress.calibration.gates.collect_retention_labels", "kvcompress.calibration.calibrate.collect_attention_samples"):
+        monkeypatch.setattr(collector, lambda *args, **kwargs: pytest.fail("collected from a corpus too short to train on"))
+    with pytest.raises(SystemExit, match=rf"--method {method} holds out 2 of its calibration sequences of 1024 tokens .* at least 3072 tokens, and reads 2048 \({flag} .*{flag} 3072 or more"):
+        main(["calibrate", "--model", str(small_model_dir), "--method", method, *options, "--output", str(tmp_path / "out")])

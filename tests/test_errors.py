@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import greedy, prompt_ids, tiny_model
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, Gemma2Config, GPT2Config, GPT2LMHeadModel
 
 import kvcompress
 from kvcompress import AttentionNotEnabledError, H2OCache, StreamingLLMCache, cache_kwargs
@@ -50,9 +50,28 @@ def test_unsupported_architecture_is_refused():
         StreamingLLMCache(budget=16, config=gpt2.config)
 
 
-def test_sliding_window_attention_is_refused():
-    with pytest.raises(ValueError, match="sliding_window=None"):
-        kvcompress.enable(tiny_model("mistral", enable=False, sliding_window=16))
+@pytest.mark.parametrize(
+    ("arch", "overrides", "slides"),
+    [
+        ("mistral", {"sliding_window": 16}, True),
+        ("mixtral", {"sliding_window": 255}, True),
+        ("mixtral", {"sliding_window": 256}, False),  # spans all 256 positions of the tiny models
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}, True),  # layer 1 slides
+        ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, False),  # its layer_types: all full
+        ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}, True),
+    ],
+)
+def test_a_sliding_window_is_refused_where_it_hides_tokens_and_only_there(arch, overrides, slides):
+    """The layers a config says slide, with a window shorter than the model's positions, are refused; a model whose window hides
+    nothing (or whose layer types are all full, whatever its sliding_window says) runs, and a cache that keeps all equals dense."""
+    model = tiny_model(arch, enable=False, **overrides)
+    if slides:
+        with pytest.raises(ValueError, match="sliding_attention layers \\(a window of .* tokens, under its 256 positions\\).*sliding_window=None"):
+            kvcompress.enable(model)
+        return
+    kvcompress.enable(model)
+    ids = prompt_ids(60)
+    assert torch.equal(greedy(model, H2OCache(budget=1000), ids, new_tokens=8), greedy(model, DynamicCache(), ids, new_tokens=8))
 
 
 def test_flash_attention_base_is_refused():
@@ -182,4 +201,13 @@ def test_a_mistyped_corpus_file_without_network_names_the_file_at_once(no_networ
 def test_a_model_directory_without_its_tokenizer_says_so(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer files \(tokenizer.json, .*tokenizer.save_pretrained"):
+        kvcompress.load_model(str(tmp_path))
+
+
+def test_a_model_of_an_unsupported_architecture_is_refused_before_its_weights_load(tmp_path):
+    """Only its config is read: the directory holds no weights and a placeholder tokenizer, and the refusal names the architecture
+    (not transformers' attention-implementation error that a Gemma 2 gives under sdpa)."""
+    Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="this model is 'gemma2'. Use one of the supported architectures"):
         kvcompress.load_model(str(tmp_path))

@@ -72,6 +72,14 @@ def test_evaluation_refuses_a_bad_cache_before_it_runs_any(spec, error, message)
         evaluate(None, None, specs, text=None)
 
 
+def test_a_ratio_the_pass_key_prompts_are_too_short_for_names_the_cache_and_what_to_change():
+    specs = [CacheSpec("dense"), CacheSpec.fitted("kvcompress/smollm2-135m-instruct-gate@ratio=8")]
+    with pytest.raises(ValueError, match=r"gate smollm2-135m-instruct-gate ratio=8 cannot be built for the 512-token pass-key prompts: At 512 tokens "
+                       r".*already hold .*DIR@ratio=8,window=16\) and --passkey-tokens"):
+        evaluate(None, None, specs, text=None, passkey_tokens=512)
+    CacheSpec.fitted("kvcompress/smollm2-135m-instruct-gate@ratio=8,window=16").build(512)  # what the message suggests builds
+
+
 def _rows():
     return [
         EvaluationRow("dense", 10.0, {0.1: 1.0, 0.9: 1.0}, 1000, 1000),

@@ -1,5 +1,7 @@
 """SidecarCache mechanics on tiny models: trajectories and their forces, the network, the losses, the cache and its artifacts."""
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
@@ -20,7 +22,7 @@ from kvcompress.calibration.sidecar import (
     training_warnings,
     unhealthy,
 )
-from kvcompress.calibration.trajectories import collect_trajectories, load_trajectories
+from kvcompress.calibration.trajectories import collect_trajectories, default_directory, load_trajectories
 from kvcompress.hub import model_signature
 from kvcompress.rope import rope_inv_freq, rotate, to_window_frame, window_frame_references
 from kvcompress.sidecar import SidecarNetwork
@@ -119,6 +121,22 @@ def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path
     (tmp_path / "broken" / shards[0].name).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="is corrupt"):
         load_trajectories(tmp_path / "broken")
+
+
+def test_trajectories_of_one_model_are_never_trained_on_for_another(tiny, tmp_path):
+    """Another model's weights in a directory of the same name collect their own trajectories, a copy of the same weights
+    under another name resumes them, and a directory named by hand that holds another model's is refused."""
+    model, ids, directory, _ = tiny
+    retrained, renamed = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.model.layers[1].self_attn.k_proj.weight.mul_(1.5)
+    renamed.config._name_or_path = "/elsewhere/copy-of-tiny"
+    assert default_directory(retrained, tmp_path) != default_directory(model, tmp_path) == default_directory(model, tmp_path)
+    assert default_directory(renamed, tmp_path).name.startswith("copy-of-tiny-")
+    assert default_directory(renamed, tmp_path).name.split("-")[-1] == default_directory(model, tmp_path).name.split("-")[-1]
+    assert collect_trajectories(renamed, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16).sequences == 3
+    with pytest.raises(ValueError, match="holds trajectories of another model .*weights differ"):
+        collect_trajectories(retrained, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
 
 
 def test_an_untrained_sidecar_is_attention_matching(tiny):

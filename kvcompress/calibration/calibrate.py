@@ -32,7 +32,7 @@ from kvcompress.hub import artifact_class, known_methods, model_signature
 from kvcompress.lowrank import LowRankCompressor
 from kvcompress.rope import rope_inv_freq
 
-from .collect import collect_attention_samples
+from .collect import SAMPLE_SEQUENCE, collect_attention_samples
 from .lowrank import KVData, Spectrum, fisher_information, fisher_ranks, fit_kvsplice, group_ranks, pca_heads
 
 
@@ -152,7 +152,7 @@ class LowRankCalibration:
     @classmethod
     def from_token_ids(
         cls, model, token_ids: torch.Tensor, heldout_ids: torch.Tensor, samples: int = 4096, tokens: int = 16384, sink: int = 4,
-        sequence_length: int = 1024, fisher_sequences: int = 0, fisher_sequence_length: int = 512,
+        sequence_length: int = SAMPLE_SEQUENCE, fisher_sequences: int = 0, fisher_sequence_length: int = 512,
         name_or_path: str | None = None, data_name: str | None = None,
     ) -> LowRankCalibration:
         """Collect samples (and Fisher information when `fisher_sequences`) from a 1-D token stream."""

@@ -25,7 +25,7 @@ import torch
 
 from kvcompress.baselines import RecentOnly
 from kvcompress.corpus import heldout_text
-from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, evaluate, format_table, passkey_context, rows_to_json
+from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, check_specs, evaluate, format_table, passkey_context, rows_to_json
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods, looks_like_local_path
 from kvcompress.lowrank import LowRankCompressor
@@ -169,9 +169,10 @@ def _generate(args) -> None:
         haystack = tokenizer(heldout_text(args.data)).input_ids
         context, question = passkey_context(tokenizer, haystack, args.context_tokens, args.depth, expected)
         prompt = context + question
-        print(f"Prompt: {args.context_tokens} tokens of WikiText with a pass key hidden at depth {args.depth}.")
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     tokens = inputs.input_ids.shape[1]
+    if expected is not None:
+        print(f"Prompt: {tokens} tokens, {args.context_tokens} of WikiText with a pass key hidden at depth {args.depth}, then the question.")
     if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length where it can be
         try:
             cache = CacheSpec.fitted(args.compressor).build(context=tokens)
@@ -237,6 +238,7 @@ def _evaluate(args) -> None:
     specs = [CacheSpec("dense")] if "dense" in args.caches else []
     specs += [CacheSpec(method, ratio) for method in args.caches if method != "dense" for ratio in args.ratios]
     specs += [CacheSpec.fitted(path) for path in args.compressors]
+    check_specs(specs, args.passkey_tokens)
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = evaluate(
@@ -270,6 +272,19 @@ def _check_evaluate(parser: _Parser, args) -> None:
 def _short_corpus(available: int, asked: int, flag: str) -> str:
     """What a phase line adds where the corpus holds fewer tokens than `flag` asks for (the run reads what there is)."""
     return f" (the corpus holds {available} of the {asked} of {flag})" if available < asked else ""
+
+
+def _check_validation_sequences(method: str, sequences: int, sequence_length: int, tokens: int, available: int, flag: str, asked: int) -> None:
+    """Refuse, before collecting, a corpus too short for a method that holds out some of its calibration sequences to stop on."""
+    from .training import VALIDATION_SEQUENCES
+
+    if sequences <= VALIDATION_SEQUENCES:
+        needed = (VALIDATION_SEQUENCES + 1) * sequence_length
+        raise ValueError(
+            f"--method {method} holds out {VALIDATION_SEQUENCES} of its calibration sequences of {sequence_length} tokens to validate on "
+            f"and trains on the rest: it needs more than {VALIDATION_SEQUENCES} sequences, at least {needed} tokens, and reads {tokens} "
+            f"({flag} {asked}, the corpus holds {available}). Give a longer corpus (--data) and {flag} {needed} or more."
+        )
 
 
 def _phase(message: str) -> None:
@@ -344,6 +359,7 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     from kvcompress.models import kv_shape
 
     from .calibrate import LowRankCalibration
+    from .collect import SAMPLE_SEQUENCE
 
     layers, kv_heads, head_dim = kv_shape(model.config)
     shape = layers, kv_heads, head_dim, head_dim
@@ -358,6 +374,8 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     needs_fisher = args.target_memory_reduction is not None or bool(args.plot)
     fisher = f", then Fisher information over {args.fisher_sequences} sequences" if needs_fisher else ""
     tokens = min(len(token_ids), args.tokens)
+    if args.method == "kvsplice":
+        _check_validation_sequences(args.method, -(-tokens // SAMPLE_SEQUENCE), SAMPLE_SEQUENCE, tokens, len(token_ids), "--tokens", args.tokens)
     _phase(f"collecting {args.samples} key/value samples per head from {tokens} calibration tokens{_short_corpus(len(token_ids), args.tokens, '--tokens')}{fisher}")
     calibration = LowRankCalibration.from_token_ids(
         model, token_ids, heldout_ids, samples=args.samples, tokens=args.tokens, sink=args.sink,
@@ -380,7 +398,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     from kvcompress.rope import rope_inv_freq
 
     from .calibrate import measure
-    from .gates import collect_retention_labels, labelled_tokens, train_gates
+    from .gates import LABEL_SEQUENCE, collect_retention_labels, labelled_tokens, train_gates
     from .recall import recall_sequences
 
     facts = 4 if args.recall_facts is None else args.recall_facts
@@ -388,6 +406,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     inv_freq = rope_inv_freq(model)
     source = token_ids if recall is None else recall.token_ids
     tokens = labelled_tokens(len(source), args.gate_tokens)
+    _check_validation_sequences(args.method, tokens // LABEL_SEQUENCE, LABEL_SEQUENCE, tokens, len(token_ids), "--gate-tokens", args.gate_tokens)
     _phase(f"labelling the tokens of {tokens} calibration tokens{_short_corpus(len(source), args.gate_tokens, '--gate-tokens')} that queries beyond the window attend to")
     labels = collect_retention_labels(model, source, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens)
     _phase(f"training the gates ({args.gate_steps} steps at most)")
@@ -439,15 +458,15 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     from .calibrate import measure
     from .recall import recall_sequences
     from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
-    from .trajectories import collect_trajectories
+    from .trajectories import collect_trajectories, default_directory
 
     inv_freq = rope_inv_freq(model)
     gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id or model fails at once
     if gates is not None and not same_base_model(model_signature(model, args.model), gates.config["base_model"]):
         raise ValueError(f"--gates {args.gates} were fitted for {gates.config['base_model']['name_or_path']}, not for this model: give gates fitted for it (--method gate).")
-    directory = Path(args.trajectories) if args.trajectories else cache_dir() / "trajectories" / Path(str(model.config._name_or_path)).name
+    directory = Path(args.trajectories) if args.trajectories else default_directory(model, cache_dir() / "trajectories")
     facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
-    _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept)")
+    _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept for a rerun; delete the folder when you are done)")
     trajectories = collect_trajectories(
         model, recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids, directory,
         sequences=args.trajectory_sequences + args.heldout_sequences, query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,

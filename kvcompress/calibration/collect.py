@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TAP_IMPLEMENTATION = "kvcompress_tap"
+SAMPLE_SEQUENCE = 1024  # tokens per sequence the samples are collected in (a shorter rest is a sequence too)
 _tap = threading.local()
 
 
@@ -111,7 +112,7 @@ def collect_attention_samples(
     token_ids: torch.Tensor,
     samples: int = 4096,
     query_samples: int | None = None,
-    sequence_length: int = 1024,
+    sequence_length: int = SAMPLE_SEQUENCE,
     max_tokens: int | None = None,
     seed: int = 0,
 ) -> AttentionSamples:

@@ -24,7 +24,7 @@ from kvcompress.models import kv_shape
 from kvcompress.rope import rotate
 
 from .collect import recording_attention
-from .training import BestPerGroup
+from .training import VALIDATION_SEQUENCES, BestPerGroup
 
 LABEL_SEQUENCE = 1024  # tokens per calibration sequence: the text is read in whole sequences, a shorter rest is left out
 
@@ -123,7 +123,7 @@ def auc_per_group(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_gates(
     data: RetentionLabels, hidden: int = 256, steps: int = 600, batch: int = 256, learning_rate: float = 1e-3,
-    validation_sequences: int = 2, evaluate_every: int = 50, patience: int = 4, seed: int = 0, device: str | torch.device = "cpu",
+    validation_sequences: int = VALIDATION_SEQUENCES, evaluate_every: int = 50, patience: int = 4, seed: int = 0, device: str | torch.device = "cpu",
 ) -> tuple[GateBank, torch.Tensor, dict]:
     """Train every head's gate at once on balanced batches on `device`; each head keeps its best held-out state.
     The batches are drawn on the CPU, so every device trains on the same tokens.

@@ -28,7 +28,7 @@ from kvcompress.config import HeadRanks, RankConfig
 from kvcompress.rope import rotate
 
 from .collect import AttentionSamples, attention_tap
-from .training import BestPerGroup
+from .training import VALIDATION_SEQUENCES, BestPerGroup
 
 
 @dataclass
@@ -113,7 +113,7 @@ def fit_kvsplice(
     steps: int = 300,
     learning_rate: float = 1e-3,
     reconstruction_weight: float = 0.1,
-    validation_sequences: int = 2,
+    validation_sequences: int = VALIDATION_SEQUENCES,
     evaluate_every: int = 25,
     seed: int = 0,
     device: str | torch.device = "cpu",

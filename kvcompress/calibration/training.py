@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+VALIDATION_SEQUENCES = 2  # calibration sequences that gate and KVSplice training hold out to stop early on
+
 
 class BestPerGroup:
     """Per-group early stopping for parameters stacked along dimension 0 (one group per layer and head).

@@ -15,13 +15,14 @@ layer:
 
 Both gradients come from zero probes added to the queries and to the attention outputs inside a
 registered attention implementation, so nothing model-specific is redone. Collection is resumable
-(finished shards are kept; a directory collected with other settings is refused) and bounded by a
-disk budget checked before it starts. Training reads the shards one (sequence, layer) at a time, so
+(finished shards are kept; a directory collected with other settings, or from another model's weights, is
+refused) and bounded by a disk budget checked before it starts. Training reads the shards one (sequence, layer) at a time, so
 memory holds a layer of a sequence, not the collection (about 30 GB for a 70B model's 28 sequences).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from kvcompress.hub import model_signature, same_base_model
+from kvcompress.models import kv_shape
 
 from .collect import attention_tap
 
@@ -114,8 +118,6 @@ def collect_trajectories(
     """Run the frozen `model` over `sequences` sequences of the 1-D `token_ids` stream, writing one shard per
     sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them.
     `source` names what the stream is beyond its text (e.g. recall sequences), so that shards of another are not resumed."""
-    from kvcompress.models import kv_shape
-
     output_dir = Path(output_dir)
     num_layers, kv_heads, head_dim = kv_shape(model.config)
     heads = model.config.num_attention_heads
@@ -133,7 +135,7 @@ def collect_trajectories(
             f"({fits} fit). Raise the budget, or collect fewer sequences or query positions."
         )
     settings = {
-        "model": str(model.config._name_or_path), "sequence_length": sequence_length, "query_positions": query_positions,
+        "base_model": model_signature(model), "sequence_length": sequence_length, "query_positions": query_positions,
         "first_query": first_query, "seed": seed, "num_layers": num_layers, "kv_heads": kv_heads, "heads": heads, "head_dim": head_dim,
         "first_token": int(token_ids[0]), "loss": "sum of next-token cross-entropy over the sequence",
     } | ({"source": source} if source else {})
@@ -153,15 +155,33 @@ def collect_trajectories(
     return load_trajectories(output_dir, sequences)
 
 
+def default_directory(model, root: Path) -> Path:
+    """Where `model`'s trajectories go under `root` unless asked otherwise: named by the model's directory or id and a digest
+    of its weights' fingerprint, so that another model of the same name collects its own and a copy of the same model
+    resumes them."""
+    signature = model_signature(model)
+    identity = {name: value for name, value in signature.items() if name not in ("name_or_path", "revision")}
+    identity["fingerprint"] = {name: [f"{norm:.3g}" for norm in norms] for name, norms in identity["fingerprint"].items()}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"{Path(str(signature['name_or_path'])).name or 'model'}-{digest}"
+
+
 def _check_manifest(output_dir: Path, settings: dict) -> None:
     manifest = output_dir / MANIFEST
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
-        if existing != settings:
-            different = sorted(name for name in settings.keys() | existing.keys() if existing.get(name) != settings.get(name))
+        different = sorted(
+            name for name in settings.keys() | existing.keys() if name != "base_model" and existing.get(name) != settings.get(name)
+        )
+        if different or "base_model" not in existing:
             raise ValueError(
-                f"{output_dir} holds trajectories collected with other settings ({', '.join(different)} differ); "
+                f"{output_dir} holds trajectories collected with other settings ({', '.join(different or ['base_model'])} differ); "
                 "use another directory or delete it to collect afresh."
+            )
+        if not same_base_model(existing["base_model"], settings["base_model"]):
+            raise ValueError(
+                f"{output_dir} holds trajectories of another model ({existing['base_model']['name_or_path']}: its type, shapes or "
+                f"weights differ from {settings['base_model']['name_or_path']}'s); use another directory or delete it to collect afresh."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(settings, indent=2) + "\n")

@@ -272,6 +272,18 @@ class EvaluationRow:
         return self.dense_nbytes / self.nbytes if self.nbytes else float("nan")
 
 
+def check_specs(specs: list[CacheSpec], passkey_tokens: int) -> None:
+    """Build every cache once: a mistyped option or an impossible ratio fails before any cache runs (or the model loads)."""
+    for spec in specs:
+        try:
+            spec.build(passkey_tokens)
+        except ValueError as error:
+            raise ValueError(
+                f"{spec.label} cannot be built for the {passkey_tokens}-token pass-key prompts: {error} On the command line its options "
+                "follow the compressor (e.g. DIR@ratio=8,window=16) and --passkey-tokens sets the prompts' length."
+            ) from error
+
+
 def evaluate(
     model,
     tokenizer,
@@ -285,8 +297,7 @@ def evaluate(
     seed: int = 0,
 ) -> list[EvaluationRow]:
     """Evaluate every cache on the same text and the same passkey prompts."""
-    for spec in specs:  # a mistyped option or an impossible ratio fails here, not after the caches before it have run
-        spec.build(passkey_tokens)
+    check_specs(specs, passkey_tokens)
     ids = tokenizer(text).input_ids
     if len(ids) < ppl_tokens + passkey_tokens * trials:
         raise ValueError(f"The evaluation text has {len(ids)} tokens; need at least {ppl_tokens + passkey_tokens * trials}.")
