@@ -52,6 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"  # shipped repositories: the measured comparison their model card shows
 FINGERPRINT_TOLERANCE = 1e-2  # relative; loose enough for bf16/fp16 copies of the same weights
 PRETRAINED_NAMESPACE = "kvcompress"
+DAMAGED_ADVICE = ("From the Hub: download it again (from_pretrained(..., force_download=True)). A directory of your own: copy it again, "
+                  "or calibrate it anew (kvcompress calibrate ... --overwrite).")
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # one folder per Hub repo kvcompress/<folder>
 
 logger = logging.getLogger("kvcompress")
@@ -313,8 +315,10 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         base = self.config["base_model"]
         fitted_for = f"This {self.method} compressor was fitted for {base['name_or_path']} ({base['model_type']})"
         advice = "Use a compressor fitted for this model (kvcompress calibrate --model ...)."
-        if module.config.model_type != base["model_type"] or module.config.num_attention_heads != base["num_attention_heads"]:
-            raise ValueError(f"{fitted_for}, not for this {module.config.model_type} model with {module.config.num_attention_heads} attention heads. {advice}")
+        fitted = {"model_type": base["model_type"], "num_attention_heads": base["num_attention_heads"]}
+        different = [f"{name} {getattr(module.config, name)!r} (fitted: {value!r})" for name, value in fitted.items() if getattr(module.config, name) != value]
+        if different:
+            raise ValueError(f"{fitted_for}, not for this model: its {', '.join(different)}. {advice}")
         for name in FINGERPRINT_NAMES:
             got, expected = _weight_norm(getattr(module, name)), base["fingerprint"][name][layer_idx]
             if not math.isclose(got, expected, rel_tol=FINGERPRINT_TOLERANCE):
@@ -619,12 +623,12 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
     if checksum(config, Path(weights_file)) != recorded:
         raise ConfigError(
             f"{Path(config_file).parent} does not match the checksum in its {CONFIG_FILE} (it covers the config and {WEIGHTS_FILE}): a file is "
-            "corrupt, truncated, edited or from another compressor. Re-download it (force_download=True) or re-save the compressor."
+            f"corrupt, truncated, edited or from another compressor. {DAMAGED_ADVICE}"
         )
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as error:
-        raise ConfigError(f"{weights_file} is corrupt or not a safetensors file ({error}). Re-download it (force_download=True) or re-save the compressor.") from None
+        raise ConfigError(f"{weights_file} is corrupt or not a safetensors file ({error}). {DAMAGED_ADVICE}") from None
     config = {key: value for key, value in config.items() if key not in ("format_version", "kvcompress_version")}
     return cls(config, tensors)
 

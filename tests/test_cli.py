@@ -248,3 +248,10 @@ def test_a_rank_above_the_head_dim_is_refused_naming_the_option(ranks, flag):
     args = argparse.Namespace(rank=ranks[0], rank_v=ranks[1], config=None)
     with pytest.raises(ValueError, match=rf"{flag} is more than this model's head dim \(32\), the numbers a key or value holds: give {flag.split()[0]} from 1 to 32"):
         cli._fit_lowrank(args, model, None, None, None, None)
+
+
+@pytest.mark.parametrize(("held", "explained"), [(105, True), (100, True), (50, False)])
+def test_a_summary_that_measured_no_savings_says_why_it_may_be(held, explained):
+    summary = CalibrationReport("sidecar", "32:4 windows", 10.0, 10.0, held, 100, 128, 1.0).summary()
+    assert f"Memory savings:         {100 - held:.1f}% measured at 128 tokens" in summary
+    assert ("may still hold them all (measure with more --eval-tokens), or the setting compresses nothing" in summary) == explained

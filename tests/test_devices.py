@@ -162,13 +162,23 @@ def test_pca_calibrated_on_a_corpus_shorter_than_tokens_says_how_many_it_read(sm
 
 
 @pytest.mark.parametrize(
-    ("method", "options", "flag"),
-    [("gate", ["--gate-tokens", "2560"], "--gate-tokens"), ("kvsplice", ["--rank", "8", "--tokens", "2048", "--samples", "256"], "--tokens")],
+    ("method", "options", "advice"),
+    [
+        ("gate", ["--gate-tokens", "2560"], "--gate-tokens 2560 of a corpus of .* tokens gives 2. To fit it, raise --gate-tokens to 3072 or more."),
+        ("kvsplice", ["--rank", "8", "--tokens", "2048", "--samples", "256"], "--tokens 2048 of a corpus of .* tokens gives 2. To fit it, raise --tokens to 3072"),
+        ("gate", ["--data", "SHORT", "--eval-tokens", "64"], "--gate-tokens 20480 of a corpus of .* tokens gives 1. To fit it, give a longer corpus \\(--data\\)."),
+        ("gate", ["--data", "SHORT", "--eval-tokens", "64", "--gate-tokens", "2048"],
+         "--gate-tokens 2048 of a corpus of .* tokens gives 1. To fit it, give a longer corpus \\(--data\\) and --gate-tokens 3072 or more."),
+    ],
 )
-def test_a_method_that_holds_out_sequences_refuses_too_little_text_before_collecting(small_model_dir, tmp_path, monkeypatch, method, options, flag):
-    """The gates and KVSplice stop on 2 held-out sequences of 1024 tokens: with 2 in all they are refused at once, naming the flag and
-    the tokens needed, not after the labels or samples are collected."""
+def test_a_method_that_holds_out_sequences_refuses_too_little_text_before_collecting(small_model_dir, tmp_path, monkeypatch, method, options, advice):
+    """The gates and KVSplice stop on 2 held-out sequences of 1024 tokens: with 2 or fewer in all they are refused at once (before
+    the recall sequences, the labels or the samples), with the fix that applies: a larger flag, or a longer corpus."""
+    from kvcompress.corpus import heldout_text
+
     for collector in ("kvcompress.calibration.gates.collect_retention_labels", "kvcompress.calibration.calibrate.collect_attention_samples"):
         monkeypatch.setattr(collector, lambda *args, **kwargs: pytest.fail("collected from a corpus too short to train on"))
-    with pytest.raises(SystemExit, match=rf"--method {method} holds out 2 of its calibration sequences of 1024 tokens .* at least 3072 tokens, and reads 2048 \({flag} .*{flag} 3072 or more"):
+    (tmp_path / "short.txt").write_text(heldout_text()[:9000])  # about 2,000 tokens
+    options = [str(tmp_path / "short.txt") if option == "SHORT" else option for option in options]
+    with pytest.raises(SystemExit, match=rf"--method {method} holds out 2 of its calibration sequences of 1024 tokens .* needs at least 3 sequences \(3072 tokens\), and {advice}"):
         main(["calibrate", "--model", str(small_model_dir), "--method", method, *options, "--output", str(tmp_path / "out")])

@@ -278,8 +278,11 @@ def test_a_compressor_for_another_model_is_refused():
     with pytest.raises(ValueError, match="layer 1 q_proj weight norm"):
         greedy(same_keys_and_values, PCACache(compressor), prompt_ids(20), new_tokens=2)
     other_architecture = tiny_model("qwen2")  # the same shapes
-    with pytest.raises(ValueError, match=r"fitted for tiny \(llama\), not for this qwen2 model"):
+    with pytest.raises(ValueError, match=r"fitted for tiny \(llama\), not for this model: its model_type 'qwen2' \(fitted: 'llama'\)\. Use"):
         greedy(other_architecture, PCACache(compressor), prompt_ids(20), new_tokens=2)
+    more_query_heads = tiny_model("llama", num_attention_heads=8, head_dim=16)  # the same KV heads and head dim
+    with pytest.raises(ValueError, match=r"not for this model: its num_attention_heads 8 \(fitted: 4\)\. Use"):
+        greedy(more_query_heads, PCACache(compressor), prompt_ids(20), new_tokens=2)
     other_shape = tiny_model("llama", num_key_value_heads=4)
     with pytest.raises(ValueError, match="2 KV heads of dim 16\\) but layer 0 of this model has 4 KV heads"):
         greedy(other_shape, PCACache(compressor), prompt_ids(20), new_tokens=2)

@@ -22,7 +22,7 @@ from kvcompress.calibration.sidecar import (
     training_warnings,
     unhealthy,
 )
-from kvcompress.calibration.trajectories import collect_trajectories, default_directory, load_trajectories
+from kvcompress.calibration.trajectories import collect_trajectories, default_directory, load_trajectories, trajectory_settings
 from kvcompress.hub import model_signature
 from kvcompress.rope import rope_inv_freq, rotate, to_window_frame, window_frame_references
 from kvcompress.sidecar import SidecarNetwork
@@ -123,20 +123,29 @@ def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path
         load_trajectories(tmp_path / "broken")
 
 
-def test_trajectories_of_one_model_are_never_trained_on_for_another(tiny, tmp_path):
-    """Another model's weights in a directory of the same name collect their own trajectories, a copy of the same weights
-    under another name resumes them, and a directory named by hand that holds another model's is refused."""
+def test_trajectories_of_one_model_or_text_are_never_trained_on_for_another(tiny, tmp_path, capsys):
+    """The default folder differs for other weights, another text or other sampling, and is the same for a copy of the same weights
+    under another name (which resumes it, saying so); a folder named by hand that holds another model's is refused."""
     model, ids, directory, _ = tiny
     retrained, renamed = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
         retrained.model.layers[1].self_attn.k_proj.weight.mul_(1.5)
     renamed.config._name_or_path = "/elsewhere/copy-of-tiny"
-    assert default_directory(retrained, tmp_path) != default_directory(model, tmp_path) == default_directory(model, tmp_path)
-    assert default_directory(renamed, tmp_path).name.startswith("copy-of-tiny-")
-    assert default_directory(renamed, tmp_path).name.split("-")[-1] == default_directory(model, tmp_path).name.split("-")[-1]
+
+    def folder(model, token_ids=ids, **sampling):
+        return default_directory(trajectory_settings(model, token_ids, sequence_length=LENGTH, **sampling), tmp_path)
+
+    assert folder(model) == folder(renamed) and folder(model).name.startswith("llama-")
+    assert len({folder(model), folder(retrained), folder(model, ids.flip(0)), folder(model, query_positions=16), folder(model, source="recall")}) == 5
+    assert folder(model, ids[: 2 * LENGTH]) == folder(model)  # more text beyond the first sequence: the same collection, resumed
+    capsys.readouterr()
     assert collect_trajectories(renamed, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16).sequences == 3
+    assert f"3 of the 3 sequences' trajectories are in {directory} from an earlier run: kept" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds trajectories of another model .*weights differ"):
         collect_trajectories(retrained, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
+    with pytest.raises(ValueError, match="other settings \\(text differ\\)"):
+        collect_trajectories(model, ids.flip(0), directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
+
 
 
 def test_an_untrained_sidecar_is_attention_matching(tiny):

@@ -75,7 +75,9 @@ class CalibrationReport:
             f"Baseline perplexity:    {self.baseline_perplexity:.2f}",
             f"Compressed perplexity:  {self.perplexity:.2f}",
             f"Perplexity degradation: {100 * self.degradation:+.2f}%",
-            f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens (sink and recent window included)",
+            f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens (sink and recent window included)"
+            + ("; nothing saved: at so few tokens the exact sink and window (and their room to grow) may still hold them all (measure "
+               "with more --eval-tokens), or the setting compresses nothing" if self.memory_savings <= 0 else ""),
             f"Calibration time:       {self.seconds:.1f}s (load, collection, fit; the checks above not included)",
         ]
         if self.peak_memory:

@@ -247,7 +247,7 @@ def _evaluate(args) -> None:
     )
     table = format_table(rows, args.ppl_tokens, args.passkey_tokens)
     print(f"\nmodel: {model.config.name_or_path}; streaming PPL on {args.ppl_tokens} held-out tokens in chunks of "
-          f"{args.ppl_chunk}; passkey at {args.passkey_tokens} tokens, {args.trials} trials per depth; memory at the end of a passkey run\n")
+          f"{args.ppl_chunk}; passkey at {args.passkey_tokens} tokens, {args.trials} trial{'s' if args.trials != 1 else ''} per depth; memory at the end of a passkey run\n")
     print(table)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -274,16 +274,18 @@ def _short_corpus(available: int, asked: int, flag: str) -> str:
     return f" (the corpus holds {available} of the {asked} of {flag})" if available < asked else ""
 
 
-def _check_validation_sequences(method: str, sequences: int, sequence_length: int, tokens: int, available: int, flag: str, asked: int) -> None:
-    """Refuse, before collecting, a corpus too short for a method that holds out some of its calibration sequences to stop on."""
+def _check_validation_sequences(method: str, sequences: int, sequence_length: int, available: int, flag: str, asked: int) -> None:
+    """Refuse, before collecting, a corpus (or a `flag`) too short for a method that holds out some of its calibration
+    sequences to stop on; `sequences`: those `asked` tokens of `available` give."""
     from .training import VALIDATION_SEQUENCES
 
     if sequences <= VALIDATION_SEQUENCES:
         needed = (VALIDATION_SEQUENCES + 1) * sequence_length
+        fix = f"raise {flag} to {needed} or more" if available >= needed else f"give a longer corpus (--data){f' and {flag} {needed} or more' if asked < needed else ''}"
         raise ValueError(
             f"--method {method} holds out {VALIDATION_SEQUENCES} of its calibration sequences of {sequence_length} tokens to validate on "
-            f"and trains on the rest: it needs more than {VALIDATION_SEQUENCES} sequences, at least {needed} tokens, and reads {tokens} "
-            f"({flag} {asked}, the corpus holds {available}). Give a longer corpus (--data) and {flag} {needed} or more."
+            f"and trains on the rest: it needs at least {VALIDATION_SEQUENCES + 1} sequences ({needed} tokens), and {flag} {asked} of a "
+            f"corpus of {available} tokens gives {sequences}. To fit it, {fix}."
         )
 
 
@@ -375,7 +377,7 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     fisher = f", then Fisher information over {args.fisher_sequences} sequences" if needs_fisher else ""
     tokens = min(len(token_ids), args.tokens)
     if args.method == "kvsplice":
-        _check_validation_sequences(args.method, -(-tokens // SAMPLE_SEQUENCE), SAMPLE_SEQUENCE, tokens, len(token_ids), "--tokens", args.tokens)
+        _check_validation_sequences(args.method, -(-tokens // SAMPLE_SEQUENCE), SAMPLE_SEQUENCE, len(token_ids), "--tokens", args.tokens)
     _phase(f"collecting {args.samples} key/value samples per head from {tokens} calibration tokens{_short_corpus(len(token_ids), args.tokens, '--tokens')}{fisher}")
     calibration = LowRankCalibration.from_token_ids(
         model, token_ids, heldout_ids, samples=args.samples, tokens=args.tokens, sink=args.sink,
@@ -401,12 +403,12 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     from .gates import LABEL_SEQUENCE, collect_retention_labels, labelled_tokens, train_gates
     from .recall import recall_sequences
 
+    _check_validation_sequences(args.method, labelled_tokens(len(token_ids), args.gate_tokens) // LABEL_SEQUENCE, LABEL_SEQUENCE, len(token_ids), "--gate-tokens", args.gate_tokens)
     facts = 4 if args.recall_facts is None else args.recall_facts
     recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=facts) if facts else None
     inv_freq = rope_inv_freq(model)
     source = token_ids if recall is None else recall.token_ids
     tokens = labelled_tokens(len(source), args.gate_tokens)
-    _check_validation_sequences(args.method, tokens // LABEL_SEQUENCE, LABEL_SEQUENCE, tokens, len(token_ids), "--gate-tokens", args.gate_tokens)
     _phase(f"labelling the tokens of {tokens} calibration tokens{_short_corpus(len(source), args.gate_tokens, '--gate-tokens')} that queries beyond the window attend to")
     labels = collect_retention_labels(model, source, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens)
     _phase(f"training the gates ({args.gate_steps} steps at most)")
@@ -458,19 +460,19 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     from .calibrate import measure
     from .recall import recall_sequences
     from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
-    from .trajectories import collect_trajectories, default_directory
+    from .trajectories import collect_trajectories, default_directory, trajectory_settings
 
     inv_freq = rope_inv_freq(model)
     gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id or model fails at once
     if gates is not None and not same_base_model(model_signature(model, args.model), gates.config["base_model"]):
         raise ValueError(f"--gates {args.gates} were fitted for {gates.config['base_model']['name_or_path']}, not for this model: give gates fitted for it (--method gate).")
-    directory = Path(args.trajectories) if args.trajectories else default_directory(model, cache_dir() / "trajectories")
     facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
+    stream = recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids
+    sampling = {"query_positions": args.query_positions, "source": f"recall sequences, {facts} facts each" if facts else None}
+    directory = Path(args.trajectories) if args.trajectories else default_directory(trajectory_settings(model, stream, **sampling), cache_dir() / "trajectories")
     _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept for a rerun; delete the folder when you are done)")
     trajectories = collect_trajectories(
-        model, recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids, directory,
-        sequences=args.trajectory_sequences + args.heldout_sequences, query_positions=args.query_positions, disk_budget_gb=args.disk_budget_gb,
-        source=f"recall sequences, {facts} facts each" if facts else None,
+        model, stream, directory, sequences=args.trajectory_sequences + args.heldout_sequences, disk_budget_gb=args.disk_budget_gb, **sampling,
     )
     train, heldout = trajectories.split(args.heldout_sequences)
     network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,32 @@ def _sample_positions(sequence_length: int, count: int, first: int, generator: t
     return candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
 
 
+def trajectory_settings(
+    model, token_ids: torch.Tensor, sequence_length: int = 1024, query_positions: int = 128, first_query: int = 64, seed: int = 0,
+    source: str | None = None,
+) -> dict:
+    """What a trajectory directory's manifest records and a resumed collection must match: the model (its signature), the
+    text (a digest of its first sequence's tokens), the sampling settings and the `source` of the stream (e.g. recall sequences)."""
+    num_layers, kv_heads, head_dim = kv_shape(model.config)
+    text = hashlib.sha256(token_ids[:sequence_length].to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return {
+        "base_model": model_signature(model), "sequence_length": sequence_length, "query_positions": query_positions,
+        "first_query": first_query, "seed": seed, "num_layers": num_layers, "kv_heads": kv_heads, "heads": model.config.num_attention_heads,
+        "head_dim": head_dim, "text": text, "loss": "sum of next-token cross-entropy over the sequence",
+    } | ({"source": source} if source else {})
+
+
+def default_directory(settings: dict, root: Path) -> Path:
+    """Where trajectories of `settings` (`trajectory_settings`) go under `root` unless asked otherwise: named by the model's
+    type and a digest of all else but the model's name and path (its weights' fingerprint to 3 digits, the text, the
+    sampling), so that another model, text or setting collects its own and a copy of the same model anywhere resumes them."""
+    signature = settings["base_model"]
+    identity = {name: value for name, value in settings.items() if name != "base_model"}
+    identity["base_model"] = {name: value for name, value in signature.items() if name not in ("name_or_path", "revision")}
+    identity["base_model"]["fingerprint"] = {name: [f"{norm:.3g}" for norm in norms] for name, norms in signature["fingerprint"].items()}
+    return root / f"{signature['model_type']}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 @torch.enable_grad()
 def collect_trajectories(
     model,
@@ -119,51 +146,36 @@ def collect_trajectories(
     sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them.
     `source` names what the stream is beyond its text (e.g. recall sequences), so that shards of another are not resumed."""
     output_dir = Path(output_dir)
-    num_layers, kv_heads, head_dim = kv_shape(model.config)
-    heads = model.config.num_attention_heads
+    settings = trajectory_settings(model, token_ids, sequence_length, query_positions, first_query, seed, source)
     needed = sequences * sequence_length
     if sequences < 1 or len(token_ids) < needed:
         raise ValueError(
             f"Too little calibration data for trajectories: {sequences} sequences of {sequence_length} tokens need {needed} tokens, "
-            f"the text has {len(token_ids)}. Give more text or ask for fewer sequences."
+            f"the text has {len(token_ids)}. Give more text or ask for fewer sequences (on the command line: --trajectory-sequences "
+            "and --heldout-sequences)."
         )
-    per_shard = shard_bytes(num_layers, kv_heads, heads, head_dim, sequence_length, query_positions)
+    per_shard = shard_bytes(settings["num_layers"], settings["kv_heads"], settings["heads"], settings["head_dim"], sequence_length, query_positions)
     if sequences * per_shard > disk_budget_gb * 1e9:
         fits = int(disk_budget_gb * 1e9 // per_shard)
         raise ValueError(
             f"{sequences} trajectory sequences take {sequences * per_shard / 1e9:.2f} GB, over the disk budget of {disk_budget_gb:g} GB "
             f"({fits} fit). Raise the budget, or collect fewer sequences or query positions."
         )
-    settings = {
-        "base_model": model_signature(model), "sequence_length": sequence_length, "query_positions": query_positions,
-        "first_query": first_query, "seed": seed, "num_layers": num_layers, "kv_heads": kv_heads, "heads": heads, "head_dim": head_dim,
-        "first_token": int(token_ids[0]), "loss": "sum of next-token cross-entropy over the sequence",
-    } | ({"source": source} if source else {})
     _check_manifest(output_dir, settings)
     generator = torch.Generator().manual_seed(seed)
     positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]
+    shards = [output_dir / f"sequence-{index:05d}.safetensors" for index in range(sequences)]
+    missing = [index for index, shard in enumerate(shards) if not _shard_complete(shard)]
+    if len(missing) < sequences:
+        tqdm.write(f"{sequences - len(missing)} of the {sequences} sequences' trajectories are in {output_dir} from an earlier run: kept", file=sys.stderr)
     with attention_tap(model, _query_output_probes, probing=True) as probes:
-        for index in tqdm(range(sequences), desc="trajectories", unit="seq"):
-            shard = output_dir / f"sequence-{index:05d}.safetensors"
-            if _shard_complete(shard):
-                continue
+        for index in tqdm(missing, desc="trajectories", unit="seq"):
             chunk = token_ids[index * sequence_length : (index + 1) * sequence_length][None].to(model.device)
             logits = model(input_ids=chunk, use_cache=False).logits[0]
             torch.nn.functional.cross_entropy(logits[:-1].float(), chunk[0, 1:].to(logits.device), reduction="sum").backward()
-            _write_shard(shard, [probes[layer] for layer in sorted(probes)], positions[index])
+            _write_shard(shards[index], [probes[layer] for layer in sorted(probes)], positions[index])
             probes.clear()
     return load_trajectories(output_dir, sequences)
-
-
-def default_directory(model, root: Path) -> Path:
-    """Where `model`'s trajectories go under `root` unless asked otherwise: named by the model's directory or id and a digest
-    of its weights' fingerprint, so that another model of the same name collects its own and a copy of the same model
-    resumes them."""
-    signature = model_signature(model)
-    identity = {name: value for name, value in signature.items() if name not in ("name_or_path", "revision")}
-    identity["fingerprint"] = {name: [f"{norm:.3g}" for norm in norms] for name, norms in identity["fingerprint"].items()}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return root / f"{Path(str(signature['name_or_path'])).name or 'model'}-{digest}"
 
 
 def _check_manifest(output_dir: Path, settings: dict) -> None:
