@@ -172,14 +172,15 @@ def _generate(args) -> None:
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     tokens = inputs.input_ids.shape[1]
     if expected is not None:
-        print(f"Prompt: {tokens} tokens, {args.context_tokens} of WikiText with a pass key hidden at depth {args.depth}, then the question.")
+        print(f"Prompt: {tokens} tokens of WikiText with a pass key hidden at depth {args.depth}, and a question about it.")
     if args.compressor:  # built again, now that the prompt is known: a fitted cache's ratio= is met at its length where it can be
         try:
             cache = CacheSpec.fitted(args.compressor).build(context=tokens)
         except ValueError:  # the same options built a cache above: only the length is new, too short for the ratio
             print(
-                f"Note: the prompt's {tokens} tokens are fewer than this cache's exact sink and window hold at its ratio, "
-                f"so it holds them exact; its ratio= is met from {DEFAULT_CONTEXT} tokens on."
+                f"Note: the prompt's {tokens} tokens are too few for this cache's ratio= (its exact sink and window alone would hold "
+                f"more than that share of them), so it keeps the setting that meets it at {DEFAULT_CONTEXT} tokens; what it holds here "
+                "is measured below."
             )
     _note_a_short_prompt(cache, tokens)
     started = time.perf_counter()
