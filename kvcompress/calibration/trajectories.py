@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kvcompress.hub import model_signature, same_base_model
-from kvcompress.models import kv_shape
+from kvcompress.models import cache_dir, kv_shape
 
 from .collect import attention_tap
 
@@ -133,7 +133,7 @@ def default_directory(settings: dict, root: Path) -> Path:
 def collect_trajectories(
     model,
     token_ids: torch.Tensor,
-    output_dir: str | Path,
+    output_dir: str | Path | None = None,
     sequences: int = 24,
     sequence_length: int = 1024,
     query_positions: int = 128,
@@ -143,10 +143,11 @@ def collect_trajectories(
     source: str | None = None,
 ) -> Trajectories:
     """Run the frozen `model` over `sequences` sequences of the 1-D `token_ids` stream, writing one shard per
-    sequence to `output_dir` (finished shards of an earlier run with the same settings are kept), and load them.
-    `source` names what the stream is beyond its text (e.g. recall sequences), so that shards of another are not resumed."""
-    output_dir = Path(output_dir)
+    sequence to `output_dir` (by default `default_directory` under kvcompress's cache; finished shards of an earlier run with
+    the same settings are kept), and load them. `source` names what the stream is beyond its text (e.g. recall sequences),
+    so that shards of another are not resumed."""
     settings = trajectory_settings(model, token_ids, sequence_length, query_positions, first_query, seed, source)
+    output_dir = default_directory(settings, cache_dir() / "trajectories") if output_dir is None else Path(output_dir)
     needed = sequences * sequence_length
     if sequences < 1 or len(token_ids) < needed:
         raise ValueError(
@@ -166,6 +167,7 @@ def collect_trajectories(
     positions = [_sample_positions(sequence_length, query_positions, first_query, generator) for _ in range(sequences)]
     shards = [output_dir / f"sequence-{index:05d}.safetensors" for index in range(sequences)]
     missing = [index for index, shard in enumerate(shards) if not _shard_complete(shard)]
+    tqdm.write(f"trajectories go to {output_dir}/ (finished sequences are kept for a rerun; delete the folder when you are done)", file=sys.stderr)
     if len(missing) < sequences:
         tqdm.write(f"{sequences - len(missing)} of the {sequences} sequences' trajectories are in {output_dir} from an earlier run: kept", file=sys.stderr)
     with attention_tap(model, _query_output_probes, probing=True) as probes:
