@@ -133,7 +133,8 @@ def expect_attention(layer: AttentionLayer, keys: torch.Tensor) -> None:
         raise AttentionNotEnabledError(
             f"The kvcompress attention did not run after the cache update of layer {stale[0].layer_idx}: "
             "the model's attention does not route through kvcompress. Call kvcompress.enable(model) once "
-            "(or load the model with kvcompress.load_model, or attn_implementation='kvcompress_sdpa')."
+            "(or load the model with kvcompress.load_model, or attn_implementation='kvcompress_sdpa'); enable refuses, saying why, a "
+            "model whose architecture kvcompress does not support."
         )
     _pending.entry = (layer, keys)
 

@@ -561,9 +561,11 @@ class CompressedCache(Cache):
             check_supported_config(config)
         self.keep = keep or KeepPolicy()
         self.encoding = encoding or Encoding()
-        for policy, kind in ((self.keep, KeepPolicy), (self.encoding, Encoding)):
+        for name, policy, kind in (("keep", self.keep, KeepPolicy), ("encoding", self.encoding, Encoding)):
+            if isinstance(policy, type) and issubclass(policy, kind):
+                raise TypeError(f"{name}= takes an instance of a policy, not the class: {name}={policy.__name__}().")
             if not isinstance(policy, kind):
-                raise TypeError(f"{kind.__name__.lower()} must be a kvcompress.policies.{kind.__name__}, got {type(policy).__name__}.")
+                raise TypeError(f"{name}= takes a kvcompress.policies.{kind.__name__} instance, got {type(policy).__name__}.")
         self.settings = CacheSettings.resolve(self.keep.preferred, fitted, sink=sink, window=window, block_size=block_size)
         if self.keep.budget is not None:
             self.keep.budget.check(self.settings)

@@ -178,8 +178,7 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
                 raise ConfigError(f"The {self.method} compressor's {name} holds {tensor.dtype}, not floating-point numbers: the weights file is not this artifact's.")
             if not bool(torch.isfinite(tensor).all()):
                 raise ConfigError(
-                    f"The {self.method} compressor's {name} holds NaN or infinite values: the weights file is corrupt. "
-                    "Re-download it (force_download=True) or re-calibrate."
+                    f"The {self.method} compressor's {name} holds NaN or infinite values: the weights file is corrupt. {DAMAGED_ADVICE}"
                 )
 
     def read_config(self) -> None:
@@ -429,9 +428,15 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
     if directory.exists() or looks_like_local_path(model_id):
         raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
     shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
-    if shipped is not None and model_id in _SHIPPED_IN_USE:
+    if shipped is not None and model_id in _SHIPPED_IN_USE and not download_kwargs.get("force_download"):
         return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE  # the Hub had no answer for it earlier in this process: do not wait again
     unreachable = not constants.HF_HUB_OFFLINE and not download_kwargs.get("local_files_only") and not _hub_host_resolves()
+    if download_kwargs.get("force_download") and (constants.HF_HUB_OFFLINE or download_kwargs.get("local_files_only") or unreachable):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True" if download_kwargs.get("local_files_only") else f"its host {_hub_host()} does not resolve (no network?)"
+        raise FileNotFoundError(
+            f"force_download=True downloads {model_id} again from the Hub, which cannot be reached here: {why}. Download it where the "
+            "Hub can be reached, or load the copy you have without force_download."
+        )
     if unreachable:  # no network: asking would retry for ~23 s before failing; the local Hub cache still counts
         download_kwargs = download_kwargs | {"local_files_only": True}
     try:
@@ -530,6 +535,7 @@ class PretrainedCompressor:
     path: Path
     calibration_metrics: dict  # measured by `kvcompress calibrate` (held-out perplexity, memory)
     evaluation: dict  # name -> value of the card's measured results (model-index), empty if it has none
+    load_options: dict  # the from_pretrained options those results were measured with (e.g. ratio=8, context=1536)
 
     @property
     def size_bytes(self) -> int:
@@ -554,6 +560,7 @@ def list_pretrained() -> list[PretrainedCompressor]:
             repo_id=f"{PRETRAINED_NAMESPACE}/{directory.name}", method=config["method"],
             cache_class=owner.cache_class_name if owner else "?", base_model=config["base_model"]["name_or_path"], path=directory,
             calibration_metrics=config.get("metrics", {}), evaluation={result.metric_name: result.metric_value for result in results},
+            load_options=json.loads(evaluation.read_text()).get("load_options", {}) if (evaluation := directory / EVALUATION_FILE).is_file() else {},
         ))
     return found
 
@@ -611,7 +618,10 @@ def _load(cls, config_file: str, weights_file: str, config_stamp, weights_stamp)
     if method != cls.method:
         owner = artifact_class(method)
         if owner is None:
-            raise ConfigError(f"{config_file} holds a {method!r} compressor: not a known kvcompress method (known: {', '.join(known_methods())}).")
+            raise ConfigError(
+                f"{config_file} holds a {method!r} compressor: not a known kvcompress method (known: {', '.join(known_methods())}). "
+                "A method of your own registers when the module that defines its artifact class is imported: import it first."
+            )
         loader = cls.cache_class_name or cls.__name__  # the cache the user called, where the artifact class has one
         raise ConfigError(
             f"{config_file} holds a {method!r} compressor, which {loader} does not load: load it with {owner.cache_class_name}.from_pretrained "

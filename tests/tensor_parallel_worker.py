@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DistributedConfig, DynamicCache
 
 import kvcompress
 from kvcompress import ComposedCache, GatedCache, H2OCache, KVSpliceCache, PCACache, SidecarCache, StreamingLLMCache, cache_kwargs, load_cache
@@ -69,7 +69,7 @@ def generate(model, cache, ids, mask) -> list:
 
 
 def main(path: str, length: int, artifacts: str) -> None:
-    model = kvcompress.enable(AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation="sdpa").eval())
+    model = kvcompress.enable(AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"), attn_implementation="sdpa").eval())
     ids, mask = prompt(model, length)
     dense = generate(model, DynamicCache(), ids, mask)
     results = {"equal dense": {}, "tokens": {}, "kv heads held": {}}

@@ -109,8 +109,12 @@ def test_a_log2_slot_bias_weighs_a_slot_like_two_copies():
 
 
 def test_policies_of_the_wrong_kind_are_refused():
-    with pytest.raises(TypeError, match="keeppolicy must be a kvcompress.policies.KeepPolicy"):
+    with pytest.raises(TypeError, match="keep= takes a kvcompress.policies.KeepPolicy instance, got StoreTwice"):
         CompressedCache(keep=StoreTwice())
+    with pytest.raises(TypeError, match="keep= takes a kvcompress.policies.KeepPolicy instance, got str"):
+        CompressedCache(keep="h2o")
+    with pytest.raises(TypeError, match=r"encoding= takes an instance of a policy, not the class: encoding=StoreTwice\(\)"):
+        CompressedCache(encoding=StoreTwice)
     with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
         CompressedCache(block_size=0)
 

@@ -80,6 +80,7 @@ def test_exactly_the_four_repositories_ship_each_complete():
         for name in ("compression_ratio", "perplexity", "passkey_1536", "passkey_6144", "multikey_1536"):
             assert item.evaluation[name] == pytest.approx(evaluation["row"][name], abs=1e-4)  # the card's model-index
         assert [row["cache"].split()[0] for row in evaluation["rows"]] == ["dense", config["method"], "streamingllm", "h2o"]
+        assert item.load_options == evaluation["load_options"]  # what `kvcompress pretrained` says to load it with
 
 
 def test_shipped_ids_load_offline_and_say_so_once():
@@ -132,6 +133,22 @@ def test_a_pinned_revision_is_not_replaced_by_the_shipped_copy(monkeypatch):
         PCACache.from_pretrained("kvcompress/smollm2-135m-instruct-pca-2x", revision="v0.0.1")
 
 
+def test_force_download_where_the_hub_cannot_be_reached_says_why(monkeypatch):
+    """The advice for a damaged download is force_download=True; where the Hub cannot be reached that names the reason,
+    not huggingface_hub's clash with the local_files_only that kvcompress had added."""
+    repo_id = "kvcompress/smollm2-135m-instruct-pca-2x"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    PCACache.from_pretrained(repo_id)  # the shipped copy, from now on used without asking the Hub again: unless forced
+    with pytest.raises(FileNotFoundError, match="force_download=True downloads .* cannot be reached here: HF_HUB_OFFLINE is set"):
+        PCACache.from_pretrained(repo_id, force_download=True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("kvcompress.hub._hub_host_resolves", lambda: False)
+    with pytest.raises(FileNotFoundError, match="cannot be reached here: its host .* does not resolve"):
+        PCACache.from_pretrained(repo_id, force_download=True)
+    with pytest.raises(FileNotFoundError, match="cannot be reached here: local_files_only=True"):
+        PCACache.from_pretrained(repo_id, force_download=True, local_files_only=True)
+
+
 @pytest.mark.parametrize("repo_id", sorted(SHIPPED))
 def test_shipped_compressor_refuses_another_model(repo_id, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -171,8 +188,12 @@ def test_generate_takes_the_cache_under_both_spellings():
 def test_cli_lists_and_dry_run_publishes_the_shipped_repositories(capsys, monkeypatch):
     cli(["pretrained"])
     listing = capsys.readouterr().out
-    for repo_id in SHIPPED:
-        assert f"| {repo_id} |" in listing
+    for repo_id, cache_class in SHIPPED.items():
+        assert f"| {repo_id} | {cache_class.__name__} |" in listing
+    # the gates' 7.8:1 is met with ratio=8 at the prompt's length; without options they keep their fitted default (about 4.8:1 there)
+    assert "| kvcompress/smollm2-135m-instruct-gate | GatedCache | ratio=8, context=1536 |" in listing
+    assert "| kvcompress/smollm2-135m-instruct-pca-2x | PCACache | - |" in listing
+    assert "Load one with <cache>.from_pretrained(<Hub id>, <options>)" in listing
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", lambda *a, **k: pytest.fail("a dry run uploaded"))
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda *a, **k: pytest.fail("a dry run created a repo"))
     cli(["publish", "--dry-run", "--namespace", "someone"])
@@ -212,7 +233,7 @@ def test_load_cache_builds_the_cache_each_artifact_names(monkeypatch, tmp_path):
     assert type(kvcompress.load_cache(local, window=32)) is PCACache and kvcompress.load_cache(local, window=32).settings.window == 32
     config = json.loads((local / CONFIG_FILE).read_text()) | {"method": "telepathy"}
     (local / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="'telepathy' compressor.*not a known kvcompress method"):
+    with pytest.raises(ConfigError, match="'telepathy' compressor.*not a known kvcompress method.*import it first"):
         kvcompress.load_cache(local)
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-dir"):
         kvcompress.load_cache(tmp_path / "no-such-dir")

@@ -576,8 +576,8 @@ def _check_calibrate(parser: _Parser, args) -> None:
 def _pretrained(args) -> None:
     from kvcompress import list_pretrained
 
-    print("| Hub id | cache | method | base model | compression | perplexity (dense) | pass key @1.5k / @6k | multi-key | artifact MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| Hub id | cache | options | method | base model | compression | perplexity (dense) | pass key @1.5k / @6k | multi-key | artifact MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for item in list_pretrained():
         results, metrics = item.evaluation, item.calibration_metrics
         ratio = results.get("compression_ratio") or 1 / (1 - metrics["measured_memory_savings"])
@@ -585,8 +585,14 @@ def _pretrained(args) -> None:
         dense = metrics["baseline_perplexity"]
         passkey = " / ".join(f"{results[name]:.2f}" if name in results else "-" for name in ("passkey_1536", "passkey_6144"))
         multikey = f"{results['multikey_1536']:.2f}" if "multikey_1536" in results else "-"
-        print(f"| {item.repo_id} | {item.cache_class} | {item.method} | {item.base_model} | {ratio:.2f}:1 | {perplexity:.2f} ({dense:.2f}) | {passkey} | {multikey} | {item.size_bytes / 2**20:.1f} |")
-    print("\nLoad one with <cache>.from_pretrained(<Hub id>); it is downloaded from the Hub where the Hub has it, else the copy shipped with kvcompress is used.")
+        options = ", ".join(f"{name}={value}" for name, value in item.load_options.items()) or "-"
+        cells = [item.repo_id, item.cache_class, options, item.method, item.base_model, f"{ratio:.2f}:1", f"{perplexity:.2f} ({dense:.2f})", passkey, multikey]
+        print(f"| {' | '.join(cells)} | {item.size_bytes / 2**20:.1f} |")
+    print(
+        "\nLoad one with <cache>.from_pretrained(<Hub id>, <options>): its numbers were measured with those options (without them a "
+        "compressor keeps the default it was fitted with). It is downloaded from the Hub where the Hub has it, else the copy shipped "
+        "with kvcompress is used."
+    )
 
 
 def _publish(args) -> None:
