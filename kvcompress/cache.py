@@ -217,6 +217,11 @@ class CompressedLayer(CacheLayerMixin):
         return -1  # transformers' contract (an abstract method of CacheLayerMixin): no fixed maximum
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 0 and self.cumulative_length:  # generate() cut away every input token the cache had seen: none was left
+            raise ValueError(
+                f"The input brings no token beyond the {self.cumulative_length} this cache already holds: a cache holds one conversation. "
+                "To continue it, give the whole conversation so far and the new turn; for another prompt, pass a new cache or call cache.reset()."
+            )
         held = self.table_store_width() + self.tail_length
         return held + query_length, self.cumulative_length - held  # negative when fillers and room outnumber evicted tokens: only the new tokens' columns are read then
 

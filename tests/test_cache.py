@@ -185,6 +185,19 @@ def test_a_second_generate_call_continues_the_cache_like_dense(cache):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_a_cache_used_again_for_a_shorter_prompt_says_to_reset_it(cache):
+    """transformers gives the model only the input beyond what the cache holds: for a shorter prompt, nothing (it failed
+    deep in the model with a reshape error). After reset() the cache generates what a new one does."""
+    model = tiny_model("llama")
+    used, short = CACHES[cache](128), prompt_ids(10, seed=2)
+    greedy(model, used, prompt_ids(40), new_tokens=4)
+    with pytest.raises(ValueError, match="no token beyond the 43 this cache already holds.*pass a new cache or call cache.reset"):
+        greedy(model, used, short, new_tokens=4)
+    used.reset()
+    assert torch.equal(greedy(model, used, short, new_tokens=4), greedy(model, CACHES[cache](128), short, new_tokens=4))
+
+
 def test_per_token_eviction_works_in_place():
     model = tiny_model("llama")
     cache = StreamingLLMCache(budget=16)
