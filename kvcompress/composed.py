@@ -69,7 +69,9 @@ class ComposedCache(CompressedCache):
             encoding = QuantizedEncoding(bits, group_size, encoding)
         if gate is not None:
             cost = self.kept_token_cost(gate, encoding)
-            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: gate_keep_ratio(gate, ratio, settings, context, policy, allocation, cost))
+            keep_ratio = resolve_keep_ratio(
+                keep_ratio, ratio, context, lambda: gate_keep_ratio(gate, ratio, settings, context, policy, allocation, cost), gate.default_keep_ratio,
+            )
             keep = GateKeep(gate, keep_ratio, policy, allocation, max_tokens)
         super().__init__(keep, encoding, fitted=vars(settings), config=config)
         self.gate, self.lowrank, self.keep_ratio, self.bits = gate, lowrank, keep_ratio, bits

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .hub import CompressorArtifact, FittedCache, frozen_module
-from .memory import DEFAULT_CONTEXT, kept_share, resolve_keep_ratio, slot_cost
+from .memory import DEFAULT_CONTEXT, DEFAULT_KEEP_RATIO, kept_share, resolve_keep_ratio, slot_cost
 from .policies import KeepPolicy, LayerView
 from .rope import rotate
 from .schema import Field, size
@@ -126,7 +126,8 @@ def gate_tensor_shapes(config: dict) -> dict[str, tuple]:
 
 def gate_sections(required: bool = True) -> dict:
     """The config sections of fitted gates (`kvcompress.schema`), for the gates' own artifact or one that carries them."""
-    return {"gates": Field(dict, required=required, fields={"hidden": size()}), "label": Field(dict, required=False)}
+    gates = {"hidden": size(), "keep_ratio": Field(float, required=False, low=0, high=1)}
+    return {"gates": Field(dict, required=required, fields=gates), "label": Field(dict, required=False)}
 
 
 class GateCompressor(CompressorArtifact):
@@ -150,14 +151,17 @@ class GateCompressor(CompressorArtifact):
         }
 
     @classmethod
-    def from_gates(cls, gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict) -> GateCompressor:
+    def from_gates(
+        cls, gates: GateBank, heldout_probabilities: torch.Tensor, inv_freq: torch.Tensor, config: dict, keep_ratio: float = DEFAULT_KEEP_RATIO,
+    ) -> GateCompressor:
         """The artifact of trained `gates`: with the model's RoPE frequencies (`kvcompress.rope.rope_inv_freq`) and the gates'
         probabilities on held-out tokens, from which thresholds are fitted for any keep ratio at load time. `config` holds
-        ``base_model`` (`kvcompress.hub.model_signature`) and ``cache`` (sink, window, block_size)."""
+        ``base_model`` (`kvcompress.hub.model_signature`) and ``cache`` (sink, window, block_size); `keep_ratio` is what its
+        caches keep without ratio= or keep_ratio= (`default_keep_ratio`)."""
         tensors = {f"gates.{name}": parameter.detach().float().contiguous() for name, parameter in gates.named_parameters()}
         tensors["rope.inv_freq"] = inv_freq.float().contiguous()
         tensors["heldout_probabilities"] = heldout_probabilities.reshape(gates.num_layers, gates.num_heads, -1).float().contiguous()
-        return cls(config | {"gates": {"hidden": gates.hidden}}, tensors)
+        return cls(config | {"gates": {"hidden": gates.hidden, "keep_ratio": keep_ratio}}, tensors)
 
     def bank(self, device: str | torch.device) -> GateBank:
         """The gate bank on `device`, built once and shared by every cache."""
@@ -168,6 +172,12 @@ class GateCompressor(CompressorArtifact):
             return frozen_module(lambda: GateBank(base["num_layers"], len(self.heads), base["head_dim"], self.config["gates"]["hidden"]), state)
 
         return self.on_device("gates", device, build)
+
+    @property
+    def default_keep_ratio(self) -> float:
+        """The share of tokens leaving the window that its caches keep when given neither ratio= nor keep_ratio=: the one it was
+        calibrated (and measured) with."""
+        return self.config["gates"].get("keep_ratio", DEFAULT_KEEP_RATIO)
 
     def thresholds(self, keep_ratio: float, policy: str = "head", allocation: str = "shared") -> torch.Tensor:
         """The served heads' thresholds ``[layers, heads]``, fitted over all of the model's heads (a shared threshold is the layer's)."""
@@ -262,7 +272,7 @@ class GateKeep(KeepPolicy):
     keeps_scores = True  # the store keeps each slot's gate probability (for the cap)
 
     def __init__(
-        self, compressor: GateCompressor, keep_ratio: float = 0.125, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
+        self, compressor: GateCompressor, keep_ratio: float = DEFAULT_KEEP_RATIO, policy: str = "head", allocation: str = "shared", max_tokens: int | None = None,
         target: GateBudget | None = None,
     ):
         if not isinstance(compressor, GateCompressor):
@@ -365,7 +375,7 @@ class GatedCache(FittedCache):
     them from `context` tokens on, and below it the share of old tokens kept at `context` (fewer tokens compress
     less, as the exact sink and window weigh more); each head holds its gate's most probable tokens. `keep_ratio`:
     instead, keep the tokens leaving the window whose probability reaches a threshold fitted to keep that share
-    of held-out calibration tokens (default 0.125); what that holds depends on the text. `policy` "head" (each
+    of held-out calibration tokens (default: the one it was calibrated with, `default_keep_ratio`); what that holds depends on the text. `policy` "head" (each
     head keeps its own tokens) or "layer" (a token is kept by all heads of the layer when any of them keeps it);
     `allocation` "shared" (one probability threshold for every head: heads keep what their gates expect to be
     needed) or "equal" (every head keeps the same share); under a budget they set the layers' shares only.
@@ -383,7 +393,7 @@ class GatedCache(FittedCache):
             raise TypeError(f"GatedCache needs a GateCompressor, got {type(compressor).__name__}.")
         settings = CacheSettings.resolve(compressor.cache_settings(), sink=sink, window=window, block_size=block_size)
         target = ratio_budget(compressor, ratio, keep_ratio, context, settings, policy, allocation)
-        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept)
+        keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept, compressor.default_keep_ratio)
         target = target if keep_ratio < 1 else None  # a ratio that every token meets: dense
         super().__init__(GateKeep(compressor, keep_ratio, policy, allocation, max_tokens, target), fitted=vars(settings), config=config)
         self.compressor, self.keep_ratio = compressor, keep_ratio

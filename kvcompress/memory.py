@@ -14,6 +14,7 @@ from collections.abc import Callable
 from .settings import MAX_TOKENS, Budget, CacheSettings, whole_number
 
 DEFAULT_CONTEXT = 4096  # tokens at which ``ratio=`` is met unless a cache is told the context it will see
+DEFAULT_KEEP_RATIO = 0.125  # share of tokens leaving the window that gates keep unless calibrated or told otherwise
 
 
 def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.0, held: Callable[[float], float] | None = None) -> float:
@@ -38,8 +39,9 @@ def kept_share(ratio: float, context: int, exact_tokens: float, cost: float = 1.
     return max(round(low, 4), 1e-4)
 
 
-def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, context: int, from_ratio: Callable[[], float], default: float = 0.125) -> float:
-    """One of `keep_ratio` (a share) or `ratio` (a memory target at `context` tokens, turned into a share by `from_ratio`), checked."""
+def resolve_keep_ratio(keep_ratio: float | None, ratio: float | None, context: int, from_ratio: Callable[[], float], default: float) -> float:
+    """One of `keep_ratio` (a share) or `ratio` (a memory target at `context` tokens, turned into a share by `from_ratio`), checked;
+    neither: `default` (the keep ratio the gates were calibrated with, `GateCompressor.default_keep_ratio`)."""
     check_context(context)
     if keep_ratio is not None and ratio is not None:
         raise ValueError("Give either ratio= (a memory target, e.g. 8 for 8:1) or keep_ratio= (the share of old tokens to keep), not both.")

@@ -318,7 +318,7 @@ class SidecarCache(FittedCache):
             )
         else:
             target = ratio_budget(compressor.gate, ratio, keep_ratio, context, settings, merged=compressor.slots / compressor.window)
-            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept)
+            keep_ratio = resolve_keep_ratio(keep_ratio, ratio, context, lambda: target.kept, compressor.gate.default_keep_ratio)
             keep = GateKeep(compressor.gate, keep_ratio, target=target)
         super().__init__(keep, encoding, fitted=vars(settings), window=window, config=config)
         self.compressor, self.mode, self.keep_ratio = compressor, mode, keep_ratio

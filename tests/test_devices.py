@@ -17,7 +17,7 @@ from kvcompress.models import check_device, check_dtype, default_model_path
 QUICK = {  # each method at a size that calibrates in seconds on two cores
     "pca": ["--rank", "8", "--samples", "256", "--tokens", "2048"],
     "kvsplice": ["--target-memory-reduction", "0.5", "--samples", "256", "--tokens", "4096", "--fisher-sequences", "2", "--kvsplice-steps", "10"],
-    "gate": ["--gate-tokens", "4096", "--gate-steps", "20", "--recall-facts", "2"],
+    "gate": ["--gate-tokens", "4096", "--gate-steps", "20", "--recall-facts", "2", "--keep-ratio", "0.25"],
     "sidecar": ["--trajectory-sequences", "2", "--heldout-sequences", "1", "--query-positions", "32", "--sidecar-steps", "4"],
 }
 
@@ -112,6 +112,8 @@ def test_every_method_calibrates_in_bfloat16_to_the_numbers_of_float32(method, s
     assert all(tensor.dtype != torch.bfloat16 for tensor in artifact.tensors.values())  # fitted and stored in float32
     for name, tolerance in AGREE[method].items():
         assert half[name] == pytest.approx(full[name], abs=tolerance), name
+    if method == "gate":  # loaded without options, the cache keeps the share it was checked at
+        assert kvcompress.load_cache(tmp_path / "float32").keep_ratio == 0.25
     if method == "pca":
         assert _subspace_overlap(tmp_path / "float32", tmp_path / "bfloat16") > 0.95
     # the held-out check runs the model in bfloat16 too: perplexities move, the cost of compressing does not

@@ -1,5 +1,7 @@
 """Evaluator mechanics on a tiny model: exact streaming perplexity, the table, the plot, bad input."""
 
+from types import SimpleNamespace
+
 import pytest
 from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
@@ -70,6 +72,14 @@ def test_evaluation_refuses_a_bad_cache_before_it_runs_any(spec, error, message)
     specs = [CacheSpec("dense"), CacheSpec("h2o", 4), CacheSpec.fitted(spec)]
     with pytest.raises(error, match=message):
         evaluate(None, None, specs, text=None)
+
+
+def test_caches_given_as_names_and_a_text_too_short_for_the_tasks_say_what_to_give():
+    with pytest.raises(TypeError, match=r"evaluate takes CacheSpec objects \(e.g. CacheSpec\('h2o', 8\).*got 'h2o'"):
+        evaluate(None, None, [CacheSpec("dense"), "h2o"], text=None)
+    words = lambda text: SimpleNamespace(input_ids=text.split())  # noqa: E731  (a tokenizer of words)
+    with pytest.raises(ValueError, match=r"has 500 tokens; the perplexity text and the pass-key prompts need 3200 \(128 \+ 2 trials x 1536\).*--ppl-tokens"):
+        evaluate(None, words, [CacheSpec("dense")], text="word " * 500, ppl_tokens=128)
 
 
 def test_a_ratio_the_pass_key_prompts_are_too_short_for_names_the_cache_and_what_to_change():

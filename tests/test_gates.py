@@ -6,7 +6,7 @@ from conftest import VOCAB, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcompress import cache_kwargs
+from kvcompress import ComposedCache, ConfigError, cache_kwargs
 from kvcompress.calibration.cli import _gate_warnings
 from kvcompress.calibration.gates import RetentionLabels, auc_per_group, collect_retention_labels, labelled_tokens, train_gates
 from kvcompress.gate import GateBank
@@ -198,6 +198,7 @@ def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):
     ids = prompt_ids(40)
     assert torch.equal(greedy(model, loaded, ids), greedy(model, GatedCache(compressor, 0.3), ids))
     assert GatedCache.from_pretrained(tmp_path).compressor is loaded.compressor
+    assert GatedCache.from_pretrained(tmp_path).keep_ratio == compressor.default_keep_ratio == 0.125  # from_gates' default
     with pytest.raises(ValueError, match="Unknown retention policy 'heads'"):
         GatedCache(compressor, 0.3, policy="heads")
     with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\]"):
@@ -208,6 +209,23 @@ def test_gate_artifacts_round_trip_and_refuse_bad_settings(gated, tmp_path):
 
     with pytest.raises(Exception, match="load it with GatedCache"):
         PCACache.from_pretrained(tmp_path)
+
+
+def test_gates_calibrated_at_a_keep_ratio_keep_it_when_loaded_without_options(gated, tmp_path):
+    """What the calibration measured is what a user gets: the keep ratio it was checked at goes with the artifact, for
+    GatedCache and for a composition; an artifact saved before it was recorded keeps 0.125; options still win."""
+    model, compressor = gated
+    half = GateCompressor(compressor.config | {"gates": compressor.config["gates"] | {"keep_ratio": 0.5}}, compressor.tensors)
+    half.save_pretrained(tmp_path / "half")
+    assert GatedCache.from_pretrained(tmp_path / "half").keep_ratio == 0.5
+    assert GatedCache.from_pretrained(tmp_path / "half", keep_ratio=0.3).keep_ratio == 0.3
+    assert ComposedCache(gate=half, bits=8).keep_ratio == 0.5
+    ids = prompt_ids(40)
+    assert torch.equal(greedy(model, GatedCache(half), ids), greedy(model, GatedCache(compressor, 0.5), ids))
+    older = GateCompressor(compressor.config | {"gates": {"hidden": compressor.config["gates"]["hidden"]}}, compressor.tensors)
+    assert GatedCache(older).keep_ratio == 0.125
+    with pytest.raises(ConfigError, match="gates.keep_ratio is 1.5; it must be a finite number from 0 to 1"):
+        GateCompressor(compressor.config | {"gates": compressor.config["gates"] | {"keep_ratio": 1.5}}, compressor.tensors)
 
 
 @pytest.mark.parametrize(
@@ -312,8 +330,9 @@ def test_the_tokens_a_calibration_records_are_the_tokens_its_labels_read(availab
     assert (int(labels.sequence.max()) + 1) * 256 == labelled_tokens(available, asked, sequence_length=256)
 
 
-def test_gates_whose_labels_have_one_class_are_reported_as_learning_nothing():
+def test_gates_whose_labels_have_one_class_or_that_score_near_chance_are_reported():
     assert _gate_warnings({"mean_positive_rate": 0.12, "median_auc": 0.91}, 0.02) == []
     assert "no calibration token reached the label threshold (0.02" in _gate_warnings({"mean_positive_rate": 0.0, "median_auc": float("nan")}, 0.02)[0]
     assert "raise --label-threshold" in _gate_warnings({"mean_positive_rate": 1.0, "median_auc": float("nan")}, 0.02)[0]
     assert "nothing to tell apart" in _gate_warnings({"mean_positive_rate": 0.3, "median_auc": float("nan")}, 0.02)[0]
+    assert "little better than chance (median AUC 0.51" in _gate_warnings({"mean_positive_rate": 0.12, "median_auc": 0.5115}, 0.02)[0]

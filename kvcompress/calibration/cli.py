@@ -29,10 +29,11 @@ from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, buil
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods, looks_like_local_path
 from kvcompress.lowrank import LowRankCompressor
-from kvcompress.memory import DEFAULT_CONTEXT
+from kvcompress.memory import DEFAULT_CONTEXT, DEFAULT_KEEP_RATIO
 from kvcompress.models import DEFAULT_MODEL, DTYPES, check_device
 
 DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --ratio nor --budget
+CHANCE_AUC = 0.6  # fitted gates whose median held-out AUC is below this are reported as close to chance
 SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
 DEMO_NEW_TOKENS, CHAT_NEW_TOKENS = 16, 128  # generate's default --max-new-tokens: a pass key is a few tokens, an answer a few sentences
 EMBEDDED_MODEL_GATES = "kvcompress/smollm2-135m-instruct-gate"  # generate's cache on the embedded model when none is chosen, at --ratio (default 8)
@@ -430,7 +431,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
         "calibration": {"data": data_name, "tokens": tokens, "recall_facts_per_sequence": facts},
     }
-    compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config)
+    compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config, keep_ratio=args.keep_ratio)
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
         f"recall_{name}": value for name, value in report.get("recall", {}).items() if name.endswith("rate")
     }
@@ -443,7 +444,8 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
 
 
 def _gate_warnings(report: dict, threshold: float) -> list[str]:
-    """What makes fitted gates meaningless: labels of one class only (no AUC), so the gates cannot tell tokens apart."""
+    """What makes fitted gates meaningless: labels of one class only (no AUC), so the gates cannot tell tokens apart, or
+    gates that tell them apart little better than chance (the shipped ones reach a median AUC of 0.95)."""
     rate = report["mean_positive_rate"]
     if rate == 0:
         return [f"no calibration token reached the label threshold ({threshold:g} of a later query's attention): the gates learned nothing. "
@@ -451,6 +453,9 @@ def _gate_warnings(report: dict, threshold: float) -> list[str]:
     if rate == 1 or math.isnan(report["median_auc"]):
         return [f"the labels leave the gates nothing to tell apart (mean positive rate {rate:.3f}, median AUC {report['median_auc']}): "
                 "raise --label-threshold, or calibrate on more varied text."]
+    if report["median_auc"] < CHANCE_AUC:
+        return [f"the gates tell the tokens that later queries need from the rest little better than chance (median AUC {report['median_auc']:.2f} "
+                "on held-out tokens; 0.5 is chance): they keep tokens almost at random. Train longer (--gate-steps) on more text (--gate-tokens)."]
     return []
 
 
@@ -717,7 +722,10 @@ def _add_calibrate(commands) -> None:
     kvsplice.add_argument("--kvsplice-steps", type=COUNT, default=300, help="training steps of each KVSplice projection")
 
     gate = _method_options(calibrate, "gate")
-    gate.add_argument("--keep-ratio", type=SHARE_OR_ALL, default=0.125, help="share of tokens leaving the window the check keeps")
+    gate.add_argument(
+        "--keep-ratio", type=SHARE_OR_ALL, default=DEFAULT_KEEP_RATIO,
+        help="share of tokens leaving the window that the check keeps, and that the compressor keeps when loaded without options",
+    )
     gate.add_argument("--label-threshold", type=SHARE, default=0.02, help="attention share from a later query that makes a token worth keeping")
     gate.add_argument("--gate-tokens", type=COUNT, default=20480, help="calibration tokens to label (in sequences of 1024)")
     gate.add_argument("--gate-steps", type=COUNT, default=400, help="training steps of the gates")

@@ -297,10 +297,17 @@ def evaluate(
     seed: int = 0,
 ) -> list[EvaluationRow]:
     """Evaluate every cache on the same text and the same passkey prompts."""
+    wrong = [spec for spec in specs if not isinstance(spec, CacheSpec)]
+    if wrong:
+        raise TypeError(f"evaluate takes CacheSpec objects (e.g. CacheSpec('h2o', 8), CacheSpec.fitted('DIR@ratio=8')), got {wrong[0]!r}.")
     check_specs(specs, passkey_tokens)
     ids = tokenizer(text).input_ids
     if len(ids) < ppl_tokens + passkey_tokens * trials:
-        raise ValueError(f"The evaluation text has {len(ids)} tokens; need at least {ppl_tokens + passkey_tokens * trials}.")
+        raise ValueError(
+            f"The evaluation text has {len(ids)} tokens; the perplexity text and the pass-key prompts need {ppl_tokens + passkey_tokens * trials} "
+            f"({ppl_tokens} + {trials} trials x {passkey_tokens}). Give a longer text, or fewer ppl_tokens, passkey_tokens or trials "
+            "(on the command line: --data, --ppl-tokens, --passkey-tokens, --trials)."
+        )
     ppl_ids = torch.tensor([ids[:ppl_tokens]], device=model.device)
     haystack = ids[ppl_tokens:]
     rng = random.Random(seed)
