@@ -437,7 +437,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     }
     setting = f"keep ratio {args.keep_ratio:g}, per-head policy"
     return _Fitted(
-        compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor, args.keep_ratio), setting, seconds, fit_metrics),
+        compressor, lambda seconds: measure(model, heldout_ids.to(model.device), compressor, GatedCache(compressor), setting, seconds, fit_metrics),
         {"gate_report.json": report}, plot=lambda _: _plot("plot_gate_report", report, args.plot, title="retention gates on held-out tokens"),
         warning="".join(f"WARNING: {line}\n" for line in _gate_warnings(report, args.label_threshold)),
     )
@@ -591,8 +591,9 @@ def _pretrained(args) -> None:
         passkey = " / ".join(f"{results[name]:.2f}" if name in results else "-" for name in ("passkey_1536", "passkey_6144"))
         multikey = f"{results['multikey_1536']:.2f}" if "multikey_1536" in results else "-"
         options = ", ".join(f"{name}={value}" for name, value in item.load_options.items()) or "-"
-        cells = [item.repo_id, item.cache_class, options, item.method, item.base_model, f"{ratio:.2f}:1", f"{perplexity:.2f} ({dense:.2f})", passkey, multikey]
-        print(f"| {' | '.join(cells)} | {item.size_bytes / 2**20:.1f} |")
+        cells = [item.repo_id, item.cache_class, options, item.method, item.base_model, f"{ratio:.2f}:1", f"{perplexity:.2f} ({dense:.2f})", passkey, multikey,
+                 f"{item.size_bytes / 2**20:.1f}"]
+        print(f"| {' | '.join(cells)} |")
     print(
         "\nLoad one with <cache>.from_pretrained(<Hub id>, <options>): its numbers were measured with those options (without them a "
         "compressor keeps the default it was fitted with). It is downloaded from the Hub where the Hub has it, else the copy shipped "

@@ -274,6 +274,9 @@ class EvaluationRow:
 
 def check_specs(specs: list[CacheSpec], passkey_tokens: int) -> None:
     """Build every cache once: a mistyped option or an impossible ratio fails before any cache runs (or the model loads)."""
+    wrong = [spec for spec in specs if not isinstance(spec, CacheSpec)]
+    if wrong:
+        raise TypeError(f"evaluate takes CacheSpec objects (e.g. CacheSpec('h2o', 8), CacheSpec.fitted('DIR@ratio=8')), got {wrong[0]!r}.")
     for spec in specs:
         try:
             spec.build(passkey_tokens)
@@ -297,9 +300,6 @@ def evaluate(
     seed: int = 0,
 ) -> list[EvaluationRow]:
     """Evaluate every cache on the same text and the same passkey prompts."""
-    wrong = [spec for spec in specs if not isinstance(spec, CacheSpec)]
-    if wrong:
-        raise TypeError(f"evaluate takes CacheSpec objects (e.g. CacheSpec('h2o', 8), CacheSpec.fitted('DIR@ratio=8')), got {wrong[0]!r}.")
     check_specs(specs, passkey_tokens)
     ids = tokenizer(text).input_ids
     if len(ids) < ppl_tokens + passkey_tokens * trials:
