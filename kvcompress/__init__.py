@@ -2,6 +2,7 @@
 
     model, tokenizer = kvcompress.load_model()            # or kvcompress.enable(your_model)
     cache = kvcompress.H2OCache(ratio=8)                  # or PCACache.from_pretrained("dir-or-hub-id"), ComposedCache..., ...
+    compressor, report = kvcompress.calibrate(model, tokenizer, "pca", rank=16)    # fit one for your model
     model.generate(**inputs, cache=cache, max_new_tokens=64)       # transformers < 5.24: past_key_values=cache
 """
 
@@ -20,6 +21,15 @@ from .sidecar import SidecarCache, SidecarCompressor
 from .slots import Slots
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`kvcompress.calibrate` (fit a compressor from Python, as `kvcompress calibrate` does) loads the calibration code on first use."""
+    if name == "calibrate":
+        from .calibration.cli import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")
 
 __all__ = [
     "AttentionNotEnabledError",
@@ -46,6 +56,7 @@ __all__ = [
     "StreamingLLMCache",
     "PretrainedCompressor",
     "cache_kwargs",
+    "calibrate",
     "enable",
     "list_pretrained",
     "load_cache",

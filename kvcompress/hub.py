@@ -50,6 +50,9 @@ DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only")  # from
 CONFIG_FILE = "compressor_config.json"
 WEIGHTS_FILE = "model.safetensors"
 EVALUATION_FILE = "evaluation.json"  # shipped repositories: the measured comparison their model card shows
+REPORT_FILES = (  # what calibration and benchmarks/pretrained.py write beside the weights: each describes the weights it was made for
+    "calibration_results.json", EVALUATION_FILE, "ranks.json", "fisher.json", "gate_report.json", "gate_report.png", "training_history.json", "training.png",
+)
 FINGERPRINT_TOLERANCE = 1e-2  # relative; loose enough for bf16/fp16 copies of the same weights
 PRETRAINED_NAMESPACE = "kvcompress"
 DAMAGED_ADVICE = ("From the Hub: download it again (from_pretrained(..., force_download=True)). A directory of your own: copy it again, "
@@ -212,12 +215,22 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
     def _save_pretrained(self, save_directory: Path) -> None:
         from . import __version__
 
-        weights = Path(save_directory) / WEIGHTS_FILE
+        directory = Path(save_directory)
+        weights = directory / WEIGHTS_FILE
+        earlier = _saved_compressor(directory)
         save_file({name: tensor.contiguous() for name, tensor in self.tensors.items()}, str(weights), metadata={"format": "pt"})
         config = {"format_version": FORMAT_VERSION, "kvcompress_version": __version__} | self.config
         config = {"sha256": checksum(config, weights)} | config
-        (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (directory / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
+        if earlier is not None and earlier[1] != hashlib.sha256(weights.read_bytes()).hexdigest():
+            removed = [name for name in REPORT_FILES if (directory / name).is_file()]
+            for name in removed:
+                (directory / name).unlink()
+            logger.warning(
+                f"{directory}/ held another compressor ({earlier[0]}), now replaced by this {self.method} one"
+                + (f"; its reports are removed ({', '.join(removed)}), since they describe the old weights." if removed else ".")
+            )
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
         """The model card: usage, how the artifact was made, its calibration metrics and, for a shipped
@@ -406,6 +419,36 @@ def checksum(config: dict, weights: Path) -> str:
     return digest.hexdigest()
 
 
+def _saved_compressor(directory: Path) -> tuple[str, str] | None:
+    """(method, sha256 of the weights file) of a compressor saved in `directory` before, if one is there: saving other
+    weights over it takes its reports away (transformers' save_pretrained likewise cleans out an earlier save's shards)."""
+    config, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not (config.is_file() and weights.is_file()):
+        return None
+    try:
+        method = json.loads(config.read_bytes()).get("method", "unknown method")
+    except (ValueError, AttributeError):
+        method = "unreadable config"
+    return str(method), hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+_BASELINE_CACHES = {"h2o": "H2OCache", "streamingllm": "StreamingLLMCache"}
+
+
+def _not_a_compressor(name: str) -> str | None:
+    """What a cache or method name passed where a compressor goes is, and what to pass instead (None: not such a name)."""
+    name = name.lower()
+    if name in _BASELINE_CACHES:
+        return (f"'{name}' names a cache, not a compressor: {_BASELINE_CACHES[name]} needs no fitted weights; build it directly, "
+                f"e.g. kvcompress.{_BASELINE_CACHES[name]}(ratio=8).")
+    owner = artifact_class(name)
+    if owner is None:
+        return None
+    shipped = [f"{PRETRAINED_NAMESPACE}/{repo}" for repo in shipped_names() if repo.split("-instruct-")[-1].split("-")[0] == name]
+    return (f"'{name}' names a method, not a compressor: {owner.cache_class_name}.from_pretrained needs one fitted for your model, a directory "
+            f"made by `kvcompress calibrate --method {name}` or a Hub id" + (f" (for {DEFAULT_MODEL}: {shipped[0]})" if shipped else "") + ".")
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     stat = Path(path).stat()
     return stat.st_mtime_ns, stat.st_size
@@ -427,6 +470,8 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
         return files
     if directory.exists() or looks_like_local_path(model_id):
         raise FileNotFoundError(f"{model_id} is not a compressor directory (none exists there) nor a Hub repo id like 'user/name'.")
+    if (mistaken := _not_a_compressor(model_id)) is not None:
+        raise FileNotFoundError(mistaken)
     shipped = shipped_repository(model_id) if download_kwargs.get("revision") in (None, "main") else None
     if shipped is not None and model_id in _SHIPPED_IN_USE and not download_kwargs.get("force_download"):
         return shipped / CONFIG_FILE, shipped / WEIGHTS_FILE  # the Hub had no answer for it earlier in this process: do not wait again

@@ -142,6 +142,20 @@ def load_model(
     return enable(model), tokenizer
 
 
+def check_token_ids(model, tokenizer, ids: list[int]) -> None:
+    """Refuse token ids the model has no embedding for: a tokenizer of another model otherwise fails deep inside the
+    model with "index out of range in self", naming neither."""
+    rows = model.get_input_embeddings().num_embeddings
+    if ids and max(ids) >= rows:
+        name = model.config.name_or_path
+        own = f"AutoTokenizer.from_pretrained({name!r})" if name else "the one saved with it"
+        raise ValueError(
+            f"The tokenizer ({tokenizer.name_or_path or type(tokenizer).__name__}) gave token id {max(ids)}, but the model ({name or 'unnamed'}) has "
+            f"embeddings only for ids below {rows}: the tokenizer belongs to another model. Use the model's own ({own}), or kvcompress.load_model, "
+            "which returns both."
+        )
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

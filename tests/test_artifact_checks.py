@@ -139,3 +139,23 @@ def test_a_new_artifact_class_registers_and_loads_as_its_cache(tmp_path, monkeyp
     assert artifact_class("reversed-pca") is ReversedPCACompressor and "reversed-pca" in known_methods(LowRankCompressor)
     assert type(kvcompress.load_cache(directory)) is ReversedPCACache
     assert type(LowRankCompressor.from_pretrained(directory)) is ReversedPCACompressor
+
+
+def test_saving_other_weights_over_a_compressor_replaces_it_and_removes_its_reports(tmp_path, caplog):
+    """save_pretrained overwrites, as transformers' does, but says so, and the old compressor's reports go with it: left
+    beside new weights (and pushed with them) they would describe a compressor that is no longer there."""
+    directory = _copy("kvcompress/smollm2-135m-instruct-gate", tmp_path)
+    (directory / "notes.txt").write_text("the user's own file")
+    reports = sorted(name for name in hub.REPORT_FILES if (directory / name).is_file())
+    assert {"calibration_results.json", "evaluation.json", "gate_report.json"} <= set(reports)
+    with caplog.at_level("WARNING", logger="kvcompress"):
+        hub.CompressorArtifact.from_pretrained(directory).save_pretrained(directory)  # the same weights (a card refreshed): nothing goes
+    assert all((directory / name).is_file() for name in reports) and not caplog.records
+    pca = PCACompressor.from_pretrained(shipped_repository("kvcompress/smollm2-135m-instruct-pca-2x"))
+    with caplog.at_level("WARNING", logger="kvcompress"):
+        pca.save_pretrained(directory)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{directory}/ held another compressor (gate), now replaced by this pca one; its reports are removed ({', '.join(reports)}), since they describe the old weights."
+    ]
+    assert not any((directory / name).exists() for name in reports) and (directory / "notes.txt").is_file()
+    assert type(kvcompress.load_cache(directory)) is kvcompress.PCACache

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import kvcompress
 from kvcompress.calibration import cli
 from kvcompress.calibration.calibrate import CalibrationReport
 from kvcompress.calibration.cli import build_parser, main
@@ -156,7 +157,7 @@ def no_model(monkeypatch):
     """`kvcompress calibrate` without a model: loading and the corpus are stubbed, the gate calibrator is `fit` (set it)."""
     calls = []
     monkeypatch.setattr("kvcompress.load_model", lambda name, device, dtype: calls.append("load") or (None, None))
-    monkeypatch.setattr("kvcompress.calibration.calibrate.calibration_corpus", lambda tokenizer, data, eval_tokens: (None, None, "corpus"))
+    monkeypatch.setattr("kvcompress.calibration.calibrate.calibration_corpus", lambda model, tokenizer, data, eval_tokens: (None, None, "corpus"))
     return calls
 
 
@@ -254,4 +255,28 @@ def test_a_rank_above_the_head_dim_is_refused_naming_the_option(ranks, flag):
 def test_a_summary_that_measured_no_savings_says_why_it_may_be(held, explained):
     summary = CalibrationReport("sidecar", "32:4 windows", 10.0, 10.0, held, 100, 128, 1.0).summary()
     assert f"Memory savings:         {100 - held:.1f}% measured at 128 tokens" in summary
-    assert ("may still hold them all (measure with more --eval-tokens), or the setting compresses nothing" in summary) == explained
+    assert ("may still hold them all (measure with more eval_tokens: --eval-tokens on the command line), or the setting compresses nothing" in summary) == explained
+
+
+def test_calibrate_from_python_fits_and_checks_as_the_command_does(default_model, tmp_path):
+    """kvcompress.calibrate: the command's defaults and report, its options by Python names, nothing saved until asked."""
+    model, tokenizer = default_model
+    compressor, report = kvcompress.calibrate(model, tokenizer, "pca", rank=16, window=16, samples=128, tokens=512, eval_tokens=96)
+    assert type(compressor) is kvcompress.PCACompressor and compressor.ranks.memory_fraction() == 0.25
+    assert compressor.config["metrics"] == report.metrics() and report.eval_tokens == 96 and report.memory_savings > 0
+    assert report.perplexity > report.baseline_perplexity
+    assert compressor.config["calibration"]["data"].startswith("WikiText-2") and compressor.cache_settings()["window"] == 16 and compressor.cache_settings()["sink"] == 4  # the command's default sink
+    compressor.save_pretrained(tmp_path / "pca")
+    assert type(kvcompress.load_cache(tmp_path / "pca")) is kvcompress.PCACache
+
+
+@pytest.mark.parametrize("options, error, says", [
+    ({}, ValueError, r"^give rank R, target_memory_reduction F or config FILE"),
+    ({"rank": 0}, ValueError, r"^rank: must be a whole number >= 1, got '0'\.$"),
+    ({"rank": 8, "gate_steps": 3}, ValueError, r"^gate_steps is an option of method gate, not of method pca\.$"),
+    ({"ranks": 8}, TypeError, r"calibrate\(\) has no option 'ranks'; did you mean 'rank'\? Its options: data, plot, eval_tokens"),
+    ({"rank": 8, "output": "dir"}, TypeError, r"calibrate\(\) takes no 'output': save with compressor.save_pretrained\(DIR\)"),
+])
+def test_calibrate_from_python_refuses_bad_options_in_python_names(options, error, says):
+    with pytest.raises(error, match=says):
+        kvcompress.calibrate(None, None, "pca", **options)  # refused before the model is used

@@ -211,3 +211,17 @@ def test_a_model_of_an_unsupported_architecture_is_refused_before_its_weights_lo
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="this model is 'gemma2'. Use one of the supported architectures"):
         kvcompress.load_model(str(tmp_path))
+
+
+def test_a_tokenizer_of_another_model_is_named_before_the_model_runs(default_model):
+    """Evaluation and calibration tokenize for the model: ids past its embedding used to fail inside it ("index out of range in self")."""
+    from kvcompress.calibration.calibrate import calibration_corpus
+    from kvcompress.evaluation.harness import CacheSpec, evaluate
+
+    _, tokenizer = default_model  # 49,152 tokens, for a model with 128
+    model = tiny_model("llama")
+    other = r"The tokenizer \(.*SmolLM2.*\) gave token id \d+, but the model \(unnamed\) has embeddings only for ids below 128: the tokenizer belongs to another model"
+    with pytest.raises(ValueError, match=other):
+        evaluate(model, tokenizer, [CacheSpec("h2o", 8)], "Some prose about a tiny model. " * 400, ppl_tokens=64, passkey_tokens=128, trials=1)
+    with pytest.raises(ValueError, match=other):
+        calibration_corpus(model, tokenizer, None, eval_tokens=64)

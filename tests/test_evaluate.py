@@ -1,11 +1,13 @@
 """Evaluator mechanics on a tiny model: exact streaming perplexity, the table, the plot, bad input."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 from conftest import prompt_ids, tiny_model
 from transformers import DynamicCache
 
+import kvcompress
 from kvcompress import GatedCache, H2OCache
 from kvcompress.calibration.plots import _line_name, plot_quality_vs_compression
 from kvcompress.corpus import load_text, split_text
@@ -17,6 +19,7 @@ from kvcompress.evaluation.harness import (
     evaluate,
     format_table,
     reference_perplexity,
+    results_json,
     streaming_perplexity,
 )
 
@@ -102,6 +105,14 @@ def test_table_lists_every_cache_with_its_measured_ratio_and_change_vs_dense():
     table = format_table(_rows(), 1024, 1536).splitlines()
     assert len(table) == 2 + 3
     assert "| h2o 4:1 | 4.00 |" in table[4] and "+30.0%" in table[4] and "| 0.25 |" in table[4]
+
+
+def test_results_json_keeps_every_row_and_what_produced_it():
+    results = json.loads(results_json(_rows(), model="m", data="d", settings={"ppl_tokens": 64}, command="kvcompress evaluate"))
+    assert {key: results[key] for key in ("model", "data", "settings", "command")} == {"model": "m", "data": "d", "settings": {"ppl_tokens": 64}, "command": "kvcompress evaluate"}
+    assert results["versions"]["kvcompress"] == kvcompress.__version__ and set(results["versions"]) == {"kvcompress", "transformers", "torch"}
+    assert [row["cache"] for row in results["rows"]] == ["dense", "h2o 2:1", "h2o 4:1"] and results["rows"][2]["measured_ratio"] == 4.0
+    assert results["rows"][1]["passkey"] == {"0.1": 1.0, "0.9": 0.5} and results["rows"][1]["perplexity"] == 11.0
 
 
 def test_plot_is_written(tmp_path):

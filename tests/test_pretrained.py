@@ -239,6 +239,19 @@ def test_load_cache_builds_the_cache_each_artifact_names(monkeypatch, tmp_path):
         kvcompress.load_cache(tmp_path / "no-such-dir")
 
 
+@pytest.mark.parametrize("name, says", [
+    ("h2o", r"'h2o' names a cache, not a compressor: H2OCache needs no fitted weights; build it directly, e.g. kvcompress.H2OCache\(ratio=8\)"),
+    ("StreamingLLM", r"'streamingllm' names a cache, not a compressor: StreamingLLMCache needs no fitted weights"),
+    ("pca", r"'pca' names a method, not a compressor: PCACache.from_pretrained needs one fitted for your model, a directory made by "
+            r"`kvcompress calibrate --method pca` or a Hub id \(for SmolLM2-135M-Instruct: kvcompress/smollm2-135m-instruct-pca-2x\)"),
+    ("gate", r"GatedCache.from_pretrained needs one .* \(for SmolLM2-135M-Instruct: kvcompress/smollm2-135m-instruct-gate\)"),
+])
+def test_a_cache_or_method_name_given_as_a_compressor_says_what_to_pass(name, says, monkeypatch):
+    """Neither is a directory nor a Hub id; without this the answer was that the Hub could not be reached."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=says):
+        kvcompress.load_cache(name)
+
 
 def test_a_mistyped_option_or_the_wrong_cache_class_says_what_would_do(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -30,6 +30,7 @@ from kvcompress.corpus import DEFAULT_CORPUS_NAME, HOLDOUT_FRACTION, load_text, 
 from kvcompress.evaluation.harness import streaming_perplexity
 from kvcompress.hub import artifact_class, known_methods, model_signature
 from kvcompress.lowrank import LowRankCompressor
+from kvcompress.models import check_token_ids
 from kvcompress.rope import rope_inv_freq
 
 from .collect import SAMPLE_SEQUENCE, collect_attention_samples
@@ -77,7 +78,7 @@ class CalibrationReport:
             f"Perplexity degradation: {100 * self.degradation:+.2f}%",
             f"Memory savings:         {100 * self.memory_savings:.1f}% measured at {self.eval_tokens} tokens (sink and recent window included)"
             + ("; nothing saved: at so few tokens the exact sink and window (and their room to grow) may still hold them all (measure "
-               "with more --eval-tokens), or the setting compresses nothing" if self.memory_savings <= 0 else ""),
+               "with more eval_tokens: --eval-tokens on the command line), or the setting compresses nothing" if self.memory_savings <= 0 else ""),
             f"Calibration time:       {self.seconds:.1f}s (load, collection, fit; the checks above not included)",
         ]
         if self.peak_memory:
@@ -100,15 +101,17 @@ def peak_memory() -> dict:
     return peak
 
 
-def calibration_corpus(tokenizer, data: str | None, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def calibration_corpus(model, tokenizer, data: str | None, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration token stream, held-out evaluation ids ``[1, eval_tokens]``, the corpus' name) of a corpus
-    (file or datasets name; None: the shipped WikiText-2)."""
+    (file or datasets name; None: the shipped WikiText-2) for `model`."""
     calibration_text, heldout = split_text(load_text(data))
-    heldout_ids = torch.tensor([tokenizer(heldout).input_ids[:eval_tokens]])
+    heldout_ids = tokenizer(heldout).input_ids[:eval_tokens]
+    check_token_ids(model, tokenizer, heldout_ids)
+    heldout_ids = torch.tensor([heldout_ids])
     if heldout_ids.shape[1] < eval_tokens:
         raise ValueError(
             f"The held-out part of the corpus (its last {HOLDOUT_FRACTION:.0%}) has {heldout_ids.shape[1]} tokens; evaluation needs {eval_tokens}. "
-            f"Give more text (about {eval_tokens / HOLDOUT_FRACTION:,.0f} tokens in all), or evaluate on fewer tokens (--eval-tokens)."
+            f"Give more text (about {eval_tokens / HOLDOUT_FRACTION:,.0f} tokens in all), or evaluate on fewer tokens (eval_tokens; on the command line --eval-tokens)."
         )
     return torch.tensor(tokenizer(calibration_text).input_ids), heldout_ids, data or f"{DEFAULT_CORPUS_NAME}, calibration part"
 
@@ -148,7 +151,7 @@ class LowRankCalibration:
     @classmethod
     def collect(cls, model, tokenizer, data: str | None = None, eval_tokens: int = 1024, **kwargs) -> LowRankCalibration:
         """Tokenize a corpus (file or datasets name; None: the shipped WikiText-2) and collect from its calibration part."""
-        token_ids, heldout_ids, data_name = calibration_corpus(tokenizer, data, eval_tokens)
+        token_ids, heldout_ids, data_name = calibration_corpus(model, tokenizer, data, eval_tokens)
         return cls.from_token_ids(model, token_ids, heldout_ids, data_name=data_name, **kwargs)
 
     @classmethod

@@ -8,11 +8,15 @@ error during the work is one line too; `--debug` shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
+import io
 import json
+import logging
 import math
 import random
+import re
 import shlex
 import shutil
 import sys
@@ -24,8 +28,8 @@ from pathlib import Path
 import torch
 
 from kvcompress.baselines import RecentOnly
-from kvcompress.corpus import heldout_text
-from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, check_specs, evaluate, format_table, passkey_context, rows_to_json
+from kvcompress.corpus import DEFAULT_CORPUS_NAME, heldout_text
+from kvcompress.evaluation.harness import CACHE_CLASSES, DEPTHS, CacheSpec, build_cache, cache_nbytes, check_specs, evaluate, format_table, passkey_context, results_json
 from kvcompress.extras import require
 from kvcompress.hub import CONFIG_FILE, known_methods, looks_like_local_path
 from kvcompress.lowrank import LowRankCompressor
@@ -36,6 +40,7 @@ DEFAULT_RATIO = 8  # kvcompress generate with a budgeted cache and neither --rat
 CHANCE_AUC = 0.6  # fitted gates whose median held-out AUC is below this are reported as close to chance
 SHORT_PROMPT_KEPT = 64  # prompt tokens a baseline's ratio must leave, at least, before generate stops warning that it keeps too few
 DEMO_NEW_TOKENS, CHAT_NEW_TOKENS = 16, 128  # generate's default --max-new-tokens: a pass key is a few tokens, an answer a few sentences
+logger = logging.getLogger("kvcompress")
 EMBEDDED_MODEL_GATES = "kvcompress/smollm2-135m-instruct-gate"  # generate's cache on the embedded model when none is chosen, at --ratio (default 8)
 LOWRANK_METHODS = tuple(known_methods(LowRankCompressor))  # pca, kvsplice: one calibrator
 
@@ -256,7 +261,8 @@ def _evaluate(args) -> None:
     print(table)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(rows_to_json(rows))
+        settings = {name: getattr(args, name) for name in ("ppl_tokens", "ppl_chunk", "passkey_tokens", "depths", "trials")}
+        Path(args.output).write_text(results_json(rows, model=model.config.name_or_path, data=f"{args.data or DEFAULT_CORPUS_NAME}, held-out part", settings=settings, command=args.command_line))
         print(f"\nwrote {args.output}")
     if args.plot:
         from .plots import plot_quality_vs_compression
@@ -320,9 +326,73 @@ def _calibrate(args) -> None:
     _phase(f"loading the model {args.model or DEFAULT_MODEL}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     _phase(f"reading and tokenizing the corpus {args.data or '(the shipped WikiText-2)'}")
-    corpus = calibration_corpus(tokenizer, args.data, args.eval_tokens)
+    corpus = calibration_corpus(model, tokenizer, args.data, args.eval_tokens)
     fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
     _finish(args, fitted, time.perf_counter() - started)
+
+
+PYTHON_REFUSED = {  # options of `kvcompress calibrate` that `calibrate()` does not take, and what stands for each
+    "model": "pass the model itself", "device": "the model's own device is used", "dtype": "the model's own dtype is used",
+    "output": "save with compressor.save_pretrained(DIR)", "overwrite": "save with compressor.save_pretrained(DIR)",
+    "push_to_hub": "upload with compressor.push_to_hub(REPO_ID)", "debug": "errors raise with their traceback", "method": "it is the third argument",
+}
+
+
+def calibrate(model, tokenizer, method: str, **options) -> tuple:
+    """Fit a compressor of `method` (pca, kvsplice, gate or sidecar) for `model` and check it on held-out text, as `kvcompress
+    calibrate` does: the same defaults, checks, progress and report, nothing saved. `options` are the command's options by their
+    Python names (``rank=16``, ``target_memory_reduction=0.5``, ``gate_steps=400``, ``data="corpus.txt"``, ``plot="gates.png"``;
+    `kvcompress calibrate --help` explains them). Returns ``(compressor, report)``: ``compressor.save_pretrained(DIR)`` saves
+    it, ``print(report.summary())`` shows what was measured.
+    """
+    from .calibrate import calibration_corpus
+
+    started = time.perf_counter()
+    parser = build_parser()
+    command = parser._subparsers._group_actions[0].choices["calibrate"]
+    options_of = {action.dest: action for action in command._actions if action.option_strings and action.dest not in PYTHON_REFUSED and action.dest != "help"}
+    for name in options:
+        if name in PYTHON_REFUSED:
+            raise TypeError(f"calibrate() takes no {name!r}: {PYTHON_REFUSED[name]}.")
+        if name not in options_of:
+            close = difflib.get_close_matches(name, options_of, n=1)
+            raise TypeError(f"calibrate() has no option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f" Its options: {', '.join(options_of)}.")
+    argv = ["calibrate", "--method", str(method), "--output", "(not saved)"]
+    for name, value in options.items():
+        if value is not None:
+            argv += [options_of[name].option_strings[0], *(map(str, value) if options_of[name].nargs == "+" else [str(value)])]
+    args = _parse_as_python(parser, argv)
+    try:
+        with torch.no_grad():
+            corpus = calibration_corpus(model, tokenizer, args.data, args.eval_tokens)
+            fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
+            _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense")
+            report = fitted.measure(time.perf_counter() - started)
+    except ValueError as error:  # the calibrators' refusals name the command line's flags
+        raise ValueError(_python_names(str(error))) from error
+    for line in fitted.warning.splitlines():
+        logger.warning(_python_names(line.removeprefix("WARNING: ")))
+    if args.plot and fitted.plot is not None:
+        print(f"wrote {fitted.plot(report)}")
+    return fitted.compressor, report
+
+
+def _parse_as_python(parser: _Parser, argv: list[str]):
+    """`argv` parsed and checked as the command line would be, its refusals raised as ValueError in Python's names (gate_steps, not --gate-steps)."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = parser.parse_args(argv)
+            args.check(args, saving=False)
+    except SystemExit:
+        message = errors.getvalue().strip().partition(": error: ")[2].rpartition(" (see ")[0]
+        raise ValueError(_python_names(message.replace("argument --", "--")) + ".") from None
+    return args
+
+
+def _python_names(message: str) -> str:
+    """A message of the command line with its flags as `calibrate()`'s keywords: --gate-steps as gate_steps."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda match: match.group(1).replace("-", "_"), message)
 
 
 def _finish(args, fitted: _Fitted, seconds: float) -> None:
@@ -545,8 +615,9 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> str:
     return plot_perplexity_vs_memory(curves, baseline, args.plot, title=title)
 
 
-def _check_calibrate(parser: _Parser, args) -> None:
-    """Everything that can be refused before the model loads: options of other methods, combinations, --output."""
+def _check_calibrate(parser: _Parser, args, saving: bool = True) -> None:
+    """Everything that can be refused before the model loads: options of other methods, combinations, --output (when `saving`:
+    `calibrate()` saves nothing)."""
     for group in parser._action_groups:
         methods = getattr(group, "methods", None)
         given = parser.given(args, *(action.option_strings[0] for action in group._group_actions)) if methods and args.method not in methods else []
@@ -571,6 +642,8 @@ def _check_calibrate(parser: _Parser, args) -> None:
         if get_token() is None:
             parser.error("--push-to-hub needs a Hub login: run `hf auth login` (or set HF_TOKEN) first")
     output = Path(args.output)
+    if not saving:
+        return
     if output.exists() and not output.is_dir():
         parser.error(f"--output {output} is a file; give a directory for the compressor")
     if (output / CONFIG_FILE).exists() and not args.overwrite:

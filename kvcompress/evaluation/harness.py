@@ -29,6 +29,7 @@ from kvcompress import H2OCache, StreamingLLMCache, cache_kwargs
 from kvcompress.cache import CompressedCache
 from kvcompress.composed import ComposedCache
 from kvcompress.hub import CompressorArtifact, load_cache
+from kvcompress.models import check_token_ids
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 COMPOSE = "compose"  # CacheSpec.fitted("compose@gate=DIR,lowrank=DIR,...") builds a ComposedCache
@@ -282,8 +283,8 @@ def check_specs(specs: list[CacheSpec], passkey_tokens: int) -> None:
             spec.build(passkey_tokens)
         except ValueError as error:
             raise ValueError(
-                f"{spec.label} cannot be built for the {passkey_tokens}-token pass-key prompts: {error} On the command line its options "
-                "follow the compressor (e.g. DIR@ratio=8,window=16) and --passkey-tokens sets the prompts' length."
+                f"{spec.label} cannot be built for the {passkey_tokens}-token pass-key prompts: {error} Change its options, or the prompts' length "
+                "(passkey_tokens). On the command line the options follow the compressor (e.g. DIR@ratio=8,window=16) and --passkey-tokens sets the length."
             ) from error
 
 
@@ -308,6 +309,7 @@ def evaluate(
             f"({ppl_tokens} + {trials} trials x {passkey_tokens}). Give a longer text, or fewer ppl_tokens, passkey_tokens or trials "
             "(on the command line: --data, --ppl-tokens, --passkey-tokens, --trials)."
         )
+    check_token_ids(model, tokenizer, ids)
     ppl_ids = torch.tensor([ids[:ppl_tokens]], device=model.device)
     haystack = ids[ppl_tokens:]
     rng = random.Random(seed)
@@ -361,5 +363,12 @@ def format_table(rows: list[EvaluationRow], ppl_tokens: int, passkey_tokens: int
     return "\n".join(lines)
 
 
-def rows_to_json(rows: list[EvaluationRow]) -> str:
-    return json.dumps([asdict(row) | {"measured_ratio": row.measured_ratio} for row in rows], indent=2)
+def results_json(rows: list[EvaluationRow], **about) -> str:
+    """The rows as JSON, with what produced them (`about`: model, data, settings, command) and the versions that ran: numbers
+    without their setting cannot be compared with a later run."""
+    import transformers
+
+    from kvcompress import __version__
+
+    versions = {"kvcompress": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    return json.dumps(about | {"versions": versions, "rows": [asdict(row) | {"measured_ratio": row.measured_ratio} for row in rows]}, indent=2) + "\n"
