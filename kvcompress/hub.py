@@ -462,6 +462,13 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
     repositories that ship inside kvcompress, the shipped copy is used and the log says so once.
     """
     directory = Path(model_id)
+    name, at, options = model_id.partition("@")
+    if at and "=" in options and not directory.exists():  # neither a Hub id nor a path holds both
+        keywords = ", ".join(options.split(","))
+        raise FileNotFoundError(
+            f"{model_id}: options after @ are the command line's way (and CacheSpec.fitted's) to give a compressor's options; "
+            f"in Python pass them as keywords: load_cache({name!r}, {keywords}) or <cache class>.from_pretrained({name!r}, {keywords})."
+        )
     if directory.is_dir():
         files = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for file in files:

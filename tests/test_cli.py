@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+from conftest import tiny_model
 
 import kvcompress
 from kvcompress.calibration import cli
@@ -265,6 +266,7 @@ def test_calibrate_from_python_fits_and_checks_as_the_command_does(default_model
     assert type(compressor) is kvcompress.PCACompressor and compressor.ranks.memory_fraction() == 0.25
     assert compressor.config["metrics"] == report.metrics() and report.eval_tokens == 96 and report.memory_savings > 0
     assert report.perplexity > report.baseline_perplexity
+    assert compressor.config["calibration"]["command"] == "kvcompress.calibrate(model, tokenizer, 'pca', rank=16, window=16, samples=128, tokens=512, eval_tokens=96)"
     assert compressor.config["calibration"]["data"].startswith("WikiText-2") and compressor.cache_settings()["window"] == 16 and compressor.cache_settings()["sink"] == 4  # the command's default sink
     compressor.save_pretrained(tmp_path / "pca")
     assert type(kvcompress.load_cache(tmp_path / "pca")) is kvcompress.PCACache
@@ -276,7 +278,13 @@ def test_calibrate_from_python_fits_and_checks_as_the_command_does(default_model
     ({"rank": 8, "gate_steps": 3}, ValueError, r"^gate_steps is an option of method gate, not of method pca\.$"),
     ({"ranks": 8}, TypeError, r"calibrate\(\) has no option 'ranks'; did you mean 'rank'\? Its options: data, plot, eval_tokens"),
     ({"rank": 8, "output": "dir"}, TypeError, r"calibrate\(\) takes no 'output': save with compressor.save_pretrained\(DIR\)"),
+    ({"rank": 8, "sweep": 1.5}, ValueError, r"^sweep: must be in \(0, 1\), got '1.5'\.$"),  # one number for a list: read as one
 ])
 def test_calibrate_from_python_refuses_bad_options_in_python_names(options, error, says):
     with pytest.raises(error, match=says):
-        kvcompress.calibrate(None, None, "pca", **options)  # refused before the model is used
+        kvcompress.calibrate(tiny_model("llama"), lambda text: None, "pca", **options)  # refused before the model is used
+
+
+def test_calibrate_from_python_says_what_it_takes_instead_of_none():
+    with pytest.raises(TypeError, match=r"calibrate\(\) takes a transformers model and its tokenizer \(kvcompress.load_model returns both\), got NoneType"):
+        kvcompress.calibrate(None, None, "gate")

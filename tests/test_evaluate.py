@@ -118,6 +118,8 @@ def test_results_json_keeps_every_row_and_what_produced_it():
 def test_plot_is_written(tmp_path):
     path = plot_quality_vs_compression(_rows(), tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_quality_vs_compression(_rows(), tmp_path / "named") == tmp_path / "named.png"  # the file matplotlib writes, reported
+    assert (tmp_path / "named.png").is_file()
 
 
 def test_corpus_split_keeps_a_heldout_tail(tmp_path):

@@ -296,3 +296,9 @@ def test_the_example_loads_any_shipped_id_and_shows_what_compression_loses(defau
     assert run.returncode == 0, run.stderr[-2000:]
     assert "dense: The museum's new director is Ada Okafor." in run.stdout and "pca-2x: The museum's new director is **<unk>" in run.stdout
     assert "(1.84:1)" in run.stdout
+
+
+def test_options_after_an_at_sign_say_to_pass_keywords_in_python(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"options after @ are the command line's way .* load_cache\('kvcompress/smollm2-135m-instruct-gate', ratio=8, context=1536\)"):
+        kvcompress.load_cache("kvcompress/smollm2-135m-instruct-gate@ratio=8,context=1536")

@@ -331,10 +331,10 @@ def _calibrate(args) -> None:
     _finish(args, fitted, time.perf_counter() - started)
 
 
-PYTHON_REFUSED = {  # options of `kvcompress calibrate` that `calibrate()` does not take, and what stands for each
-    "model": "pass the model itself", "device": "the model's own device is used", "dtype": "the model's own dtype is used",
-    "output": "save with compressor.save_pretrained(DIR)", "overwrite": "save with compressor.save_pretrained(DIR)",
-    "push_to_hub": "upload with compressor.push_to_hub(REPO_ID)", "debug": "errors raise with their traceback", "method": "it is the third argument",
+PYTHON_REFUSED = {  # options of `kvcompress calibrate` that `calibrate()` does not take (beside its arguments), and what stands for each
+    "device": "the model's own device is used", "dtype": "the model's own dtype is used", "output": "save with compressor.save_pretrained(DIR)",
+    "overwrite": "save with compressor.save_pretrained(DIR)", "push_to_hub": "upload with compressor.push_to_hub(REPO_ID)",
+    "debug": "errors raise with their traceback",
 }
 
 
@@ -343,14 +343,17 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
     calibrate` does: the same defaults, checks, progress and report, nothing saved. `options` are the command's options by their
     Python names (``rank=16``, ``target_memory_reduction=0.5``, ``gate_steps=400``, ``data="corpus.txt"``, ``plot="gates.png"``;
     `kvcompress calibrate --help` explains them). Returns ``(compressor, report)``: ``compressor.save_pretrained(DIR)`` saves
-    it, ``print(report.summary())`` shows what was measured.
+    it with its model card (the command also writes its reports beside it), ``print(report.summary())`` shows what was measured.
     """
     from .calibrate import calibration_corpus
 
     started = time.perf_counter()
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")) or not callable(tokenizer):
+        raise TypeError(f"calibrate() takes a transformers model and its tokenizer (kvcompress.load_model returns both), got {type(model).__name__} and {type(tokenizer).__name__}.")
     parser = build_parser()
     command = parser._subparsers._group_actions[0].choices["calibrate"]
-    options_of = {action.dest: action for action in command._actions if action.option_strings and action.dest not in PYTHON_REFUSED and action.dest != "help"}
+    arguments = ("model", "method", "help")  # calibrate()'s own arguments, or nothing to pass
+    options_of = {action.dest: action for action in command._actions if action.option_strings and action.dest not in (*PYTHON_REFUSED, *arguments)}
     for name in options:
         if name in PYTHON_REFUSED:
             raise TypeError(f"calibrate() takes no {name!r}: {PYTHON_REFUSED[name]}.")
@@ -360,8 +363,10 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
     argv = ["calibrate", "--method", str(method), "--output", "(not saved)"]
     for name, value in options.items():
         if value is not None:
-            argv += [options_of[name].option_strings[0], *(map(str, value) if options_of[name].nargs == "+" else [str(value)])]
+            several = options_of[name].nargs == "+" and isinstance(value, (list, tuple))  # sweep=[0.25, 0.5], or one number
+            argv += [options_of[name].option_strings[0], *map(str, value if several else [value])]
     args = _parse_as_python(parser, argv)
+    args.command_line = f"kvcompress.calibrate(model, tokenizer, {method!r}{''.join(f', {name}={value!r}' for name, value in options.items())})"
     try:
         with torch.no_grad():
             corpus = calibration_corpus(model, tokenizer, args.data, args.eval_tokens)
@@ -370,6 +375,7 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
             report = fitted.measure(time.perf_counter() - started)
     except ValueError as error:  # the calibrators' refusals name the command line's flags
         raise ValueError(_python_names(str(error))) from error
+    fitted.compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
     for line in fitted.warning.splitlines():
         logger.warning(_python_names(line.removeprefix("WARNING: ")))
     if args.plot and fitted.plot is not None:
@@ -385,7 +391,8 @@ def _parse_as_python(parser: _Parser, argv: list[str]):
             args = parser.parse_args(argv)
             args.check(args, saving=False)
     except SystemExit:
-        message = errors.getvalue().strip().partition(": error: ")[2].rpartition(" (see ")[0]
+        said = errors.getvalue().strip()
+        message = said.partition(": error: ")[2].rpartition(" (see ")[0] or said
         raise ValueError(_python_names(message.replace("argument --", "--")) + ".") from None
     return args
 

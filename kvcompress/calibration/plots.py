@@ -126,6 +126,7 @@ def plot_sidecar_training(history: list[dict], path: str | Path, title: str = ""
 def _save(figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
+    path = path if path.suffix else path.with_suffix(".png")  # what matplotlib writes for a name without one: report that name
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
