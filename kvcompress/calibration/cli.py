@@ -782,7 +782,8 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the artifact to this Hub repo (needs `hf auth login`)")
     calibrate.add_argument(
         "--plot", default=None, metavar="PNG",
-        help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice), the gate report (gate), training diagnostics (sidecar)",
+        help="also plot to this PNG: perplexity vs memory over --sweep (pca, kvsplice: Fisher information, then a fit and a held-out check "
+        "per point, so several times the calibration's time), the gate report (gate), training diagnostics (sidecar)",
     )
     calibrate.add_argument("--eval-tokens", type=COUNT, default=1024, help="held-out tokens for the perplexity check")
     calibrate.add_argument("--sink", type=COUNT_OR_ZERO, default=4, help="first tokens kept exact by the fitted cache")
@@ -797,7 +798,7 @@ def _add_calibrate(commands) -> None:
     lowrank.add_argument("--config", type=_existing_file, default=None, metavar="FILE", help="rank config JSON (see kvcompress.config); with a memory target, its enabled heads get Fisher ranks")
     lowrank.add_argument("--sweep", nargs="+", type=SHARE, default=[0.25, 0.5, 0.625, 0.75], help="memory reductions for --plot")
     lowrank.add_argument("--samples", type=COUNT, default=4096, help="key/value samples per head")
-    lowrank.add_argument("--tokens", type=COUNT, default=16384, help="calibration tokens to collect from")
+    lowrank.add_argument("--tokens", type=COUNT, default=16384, help="calibration tokens to collect from (kvsplice: at least 3 sequences of 1024, 2 of them held out to validate on)")
     lowrank.add_argument("--fisher-sequences", type=COUNT, default=8, help="512-token sequences for Fisher information")
     kvsplice = _method_options(calibrate, "kvsplice")
     kvsplice.add_argument("--kvsplice-steps", type=COUNT, default=300, help="training steps of each KVSplice projection")
@@ -808,7 +809,7 @@ def _add_calibrate(commands) -> None:
         help="share of tokens leaving the window that the check keeps, and that the compressor keeps when loaded without options",
     )
     gate.add_argument("--label-threshold", type=SHARE, default=0.02, help="attention share from a later query that makes a token worth keeping")
-    gate.add_argument("--gate-tokens", type=COUNT, default=20480, help="calibration tokens to label (in sequences of 1024)")
+    gate.add_argument("--gate-tokens", type=COUNT, default=20480, help="calibration tokens to label, in sequences of 1024 (at least 3072: 2 sequences are held out to validate on)")
     gate.add_argument("--gate-steps", type=COUNT, default=400, help="training steps of the gates")
     gate.add_argument("--gate-hidden", type=COUNT, default=256, help="width of each gate MLP")
 
