@@ -26,6 +26,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -218,13 +219,14 @@ class CompressorArtifact(ModelHubMixin, library_name="kvcompress", tags=["kvcomp
         directory = Path(save_directory)
         weights = directory / WEIGHTS_FILE
         earlier = _saved_compressor(directory)
+        replaced = earlier is not None and not _same_tensors(earlier[1], self.tensors)
         save_file({name: tensor.contiguous() for name, tensor in self.tensors.items()}, str(weights), metadata={"format": "pt"})
         config = {"format_version": FORMAT_VERSION, "kvcompress_version": __version__} | self.config
         config = {"sha256": checksum(config, weights)} | config
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (directory / "README.md").unlink(missing_ok=True)  # the card describes these weights: always regenerate it
-        if earlier is not None and earlier[1] != hashlib.sha256(weights.read_bytes()).hexdigest():
-            removed = [name for name in REPORT_FILES if (directory / name).is_file()]
+        if replaced:  # its reports: those written with it, not since (a plot of this compressor made before it was saved stays)
+            removed = [name for name in REPORT_FILES if (directory / name).is_file() and (directory / name).stat().st_mtime_ns <= earlier[2]]
             for name in removed:
                 (directory / name).unlink()
             logger.warning(
@@ -419,9 +421,9 @@ def checksum(config: dict, weights: Path) -> str:
     return digest.hexdigest()
 
 
-def _saved_compressor(directory: Path) -> tuple[str, str] | None:
-    """(method, sha256 of the weights file) of a compressor saved in `directory` before, if one is there: saving other
-    weights over it takes its reports away (transformers' save_pretrained likewise cleans out an earlier save's shards)."""
+def _saved_compressor(directory: Path) -> tuple[str, dict, int] | None:
+    """(method, tensors, when its config was written) of a compressor saved in `directory` before, if one is there: saving
+    other weights over it takes its reports away (transformers' save_pretrained likewise cleans out an earlier save's shards)."""
     config, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not (config.is_file() and weights.is_file()):
         return None
@@ -429,7 +431,24 @@ def _saved_compressor(directory: Path) -> tuple[str, str] | None:
         method = json.loads(config.read_bytes()).get("method", "unknown method")
     except (ValueError, AttributeError):
         method = "unreadable config"
-    return str(method), hashlib.sha256(weights.read_bytes()).hexdigest()
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError):
+        tensors = {}
+    return str(method), tensors, max(config.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+
+
+def _as_python(value: str) -> str:
+    """A command-line option value as Python source: a number as it is, anything else quoted."""
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return repr(value)
+
+
+def _same_tensors(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name].cpu()) for name in first)
 
 
 _BASELINE_CACHES = {"h2o": "H2OCache", "streamingllm": "StreamingLLMCache"}
@@ -462,13 +481,11 @@ def _resolve(model_id: str, **download_kwargs) -> tuple[Path, Path]:
     repositories that ship inside kvcompress, the shipped copy is used and the log says so once.
     """
     directory = Path(model_id)
-    name, at, options = model_id.partition("@")
-    if at and "=" in options and not directory.exists():  # neither a Hub id nor a path holds both
-        keywords = ", ".join(options.split(","))
-        raise FileNotFoundError(
-            f"{model_id}: options after @ are the command line's way (and CacheSpec.fitted's) to give a compressor's options; "
-            f"in Python pass them as keywords: load_cache({name!r}, {keywords}) or <cache class>.from_pretrained({name!r}, {keywords})."
-        )
+    name, _, options = model_id.partition("@")
+    if not directory.exists() and re.fullmatch(r"[A-Za-z_]\w*=[^,/\\=]+(,[A-Za-z_]\w*=[^,/\\=]+)*", options):  # the command line's DIR@key=value,...
+        keywords = ", ".join(f"{key}={_as_python(value)}" for key, value in (pair.split("=") for pair in options.split(",")))
+        call = f"ComposedCache.from_pretrained({keywords})" if name == "compose" else f"load_cache({name!r}, {keywords})"
+        raise FileNotFoundError(f"{model_id}: options after @ are the command line's way (and CacheSpec.fitted's) to give them; in Python pass keywords: {call}.")
     if directory.is_dir():
         files = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for file in files:

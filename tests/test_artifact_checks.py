@@ -2,6 +2,7 @@
 The registry of methods: every artifact class that sets `method` registers itself and names its cache."""
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -151,11 +152,16 @@ def test_saving_other_weights_over_a_compressor_replaces_it_and_removes_its_repo
     with caplog.at_level("WARNING", logger="kvcompress"):
         hub.CompressorArtifact.from_pretrained(directory).save_pretrained(directory)  # the same weights (a card refreshed): nothing goes
     assert all((directory / name).is_file() for name in reports) and not caplog.records
+    saved = (directory / CONFIG_FILE).stat().st_mtime_ns
+    new_plot = directory / "gate_report.png"  # a plot made since (calibrate(plot=...) before save_pretrained): it stays
+    new_plot.write_bytes(b"the new compressor's plot")
+    os.utime(new_plot, ns=(saved + 10**9, saved + 10**9))
+    reports.remove("gate_report.png")
     pca = PCACompressor.from_pretrained(shipped_repository("kvcompress/smollm2-135m-instruct-pca-2x"))
     with caplog.at_level("WARNING", logger="kvcompress"):
         pca.save_pretrained(directory)
     assert [record.getMessage() for record in caplog.records] == [
         f"{directory}/ held another compressor (gate), now replaced by this pca one; its reports are removed ({', '.join(reports)}), since they describe the old weights."
     ]
-    assert not any((directory / name).exists() for name in reports) and (directory / "notes.txt").is_file()
+    assert not any((directory / name).exists() for name in reports) and (directory / "notes.txt").is_file() and new_plot.is_file()
     assert type(kvcompress.load_cache(directory)) is kvcompress.PCACache

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from conftest import tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvcompress
 from kvcompress.calibration import cli
@@ -278,6 +279,8 @@ def test_calibrate_from_python_fits_and_checks_as_the_command_does(default_model
     ({"rank": 8, "gate_steps": 3}, ValueError, r"^gate_steps is an option of method gate, not of method pca\.$"),
     ({"ranks": 8}, TypeError, r"calibrate\(\) has no option 'ranks'; did you mean 'rank'\? Its options: data, plot, eval_tokens"),
     ({"rank": 8, "output": "dir"}, TypeError, r"calibrate\(\) takes no 'output': save with compressor.save_pretrained\(DIR\)"),
+    ({"rank": "16"}, TypeError, r"^calibrate\(\) takes rank as a number, got '16'\.$"),
+    ({"rank": 8, "plot": True}, TypeError, r"^calibrate\(\) takes plot as a path or a name, got True\.$"),
     ({"rank": 8, "sweep": 1.5}, ValueError, r"^sweep: must be in \(0, 1\), got '1.5'\.$"),  # one number for a list: read as one
 ])
 def test_calibrate_from_python_refuses_bad_options_in_python_names(options, error, says):
@@ -285,6 +288,14 @@ def test_calibrate_from_python_refuses_bad_options_in_python_names(options, erro
         kvcompress.calibrate(tiny_model("llama"), lambda text: None, "pca", **options)  # refused before the model is used
 
 
-def test_calibrate_from_python_says_what_it_takes_instead_of_none():
+def test_calibrate_from_python_says_what_it_takes_instead_of_none_or_an_unsupported_model():
     with pytest.raises(TypeError, match=r"calibrate\(\) takes a transformers model and its tokenizer \(kvcompress.load_model returns both\), got NoneType"):
         kvcompress.calibrate(None, None, "gate")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match=r"kvcompress supports Llama-family decoders .* this model is 'gpt2'"):  # before any work
+        kvcompress.calibrate(gpt2, lambda text: None, "pca", rank=8)
+
+
+def test_python_names_replace_only_the_commands_flags():
+    message = "corpus--v2.txt gives 2 sequences: raise --gate-tokens to 3072 (or --gate-tokens-like text stays)"
+    assert cli._python_names(message, ["--gate-tokens", "--method"]) == "corpus--v2.txt gives 2 sequences: raise gate_tokens to 3072 (or --gate-tokens-like text stays)"

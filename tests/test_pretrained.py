@@ -298,7 +298,14 @@ def test_the_example_loads_any_shipped_id_and_shows_what_compression_loses(defau
     assert "(1.84:1)" in run.stdout
 
 
-def test_options_after_an_at_sign_say_to_pass_keywords_in_python(monkeypatch):
+def test_options_after_an_at_sign_say_to_pass_keywords_in_python(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=r"options after @ are the command line's way .* load_cache\('kvcompress/smollm2-135m-instruct-gate', ratio=8, context=1536\)"):
         kvcompress.load_cache("kvcompress/smollm2-135m-instruct-gate@ratio=8,context=1536")
+    with pytest.raises(FileNotFoundError, match=r"pass keywords: ComposedCache.from_pretrained\(gate='my-gates', lowrank='my-pca'\)"):
+        kvcompress.load_cache("compose@gate=my-gates,lowrank=my-pca")
+    with pytest.raises(FileNotFoundError, match=r"is not a compressor directory \(none exists there\)"):  # a path, not options
+        kvcompress.load_cache(str(tmp_path / "runs" / "lr=3e-4@step=100" / "gate"))
+    named = tmp_path / "gates@ratio=8"  # a real directory of that name loads
+    shutil.copytree(shipped_repository("kvcompress/smollm2-135m-instruct-gate"), named)
+    assert type(kvcompress.load_cache(named)) is GatedCache

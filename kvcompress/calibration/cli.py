@@ -70,13 +70,16 @@ class _Parser(argparse.ArgumentParser):
         """As argparse's, but an unknown option is reported by the command it was given to, with the nearest one it has."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            commands = next((action.choices for action in self._actions if isinstance(action, argparse._SubParsersAction)), {})
-            parser = commands.get(getattr(parsed, "command", None), self)
+            parser = self.commands().get(getattr(parsed, "command", None), self)
             flags = [flag for action in parser._actions for flag in action.option_strings]
             close = [difflib.get_close_matches(extra.partition("=")[0], flags, n=1) if extra.startswith("-") else [] for extra in extras]
             hints = "".join(f"; did you mean {match[0]} for {extra}?" for extra, match in zip(extras, close) if match)
             parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
         return parsed
+
+    def commands(self) -> dict:
+        """The parser of each command (kvcompress calibrate, ...) by its name; none for a command's own parser."""
+        return next((action.choices for action in self._actions if isinstance(action, argparse._SubParsersAction)), {})
 
     def given(self, args, *flags: str) -> list[str]:
         """Those of `flags` that the command line set to something other than their default."""
@@ -110,6 +113,7 @@ SHARE = _checked(float, lambda x: 0 < x < 1, "in (0, 1)", "F")
 SHARE_OR_ALL = _checked(float, lambda x: 0 < x <= 1, "in (0, 1]", "F")
 DEPTH = _checked(float, lambda x: 0 <= x <= 1, "in [0, 1] (0: the start of the context, 1: its end)", "D")
 POSITIVE = _checked(float, lambda x: 0 < x < math.inf, "a number > 0", "X")
+NUMBERS = (COUNT, COUNT_OR_ZERO, RATIO, SHARE, SHARE_OR_ALL, DEPTH, POSITIVE, int)  # option types that `calibrate()` takes as numbers only
 
 
 def _model(text: str) -> str:
@@ -345,15 +349,19 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
     `kvcompress calibrate --help` explains them). Returns ``(compressor, report)``: ``compressor.save_pretrained(DIR)`` saves
     it with its model card (the command also writes its reports beside it), ``print(report.summary())`` shows what was measured.
     """
-    from .calibrate import calibration_corpus
+    from kvcompress import enable
+
+    from .calibrate import calibration_corpus, peak_memory
 
     started = time.perf_counter()
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")) or not callable(tokenizer):
         raise TypeError(f"calibrate() takes a transformers model and its tokenizer (kvcompress.load_model returns both), got {type(model).__name__} and {type(tokenizer).__name__}.")
+    enable(model)  # an unsupported model is refused now, not after the fit; a model already enabled stays as it is
     parser = build_parser()
-    command = parser._subparsers._group_actions[0].choices["calibrate"]
+    command = parser.commands()["calibrate"]
     arguments = ("model", "method", "help")  # calibrate()'s own arguments, or nothing to pass
     options_of = {action.dest: action for action in command._actions if action.option_strings and action.dest not in (*PYTHON_REFUSED, *arguments)}
+    python_names = functools.partial(_python_names, flags=[flag for action in command._actions for flag in action.option_strings])
     for name in options:
         if name in PYTHON_REFUSED:
             raise TypeError(f"calibrate() takes no {name!r}: {PYTHON_REFUSED[name]}.")
@@ -362,28 +370,35 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
             raise TypeError(f"calibrate() has no option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f" Its options: {', '.join(options_of)}.")
     argv = ["calibrate", "--method", str(method), "--output", "(not saved)"]
     for name, value in options.items():
+        several = options_of[name].nargs == "+" and isinstance(value, (list, tuple))  # sweep=[0.25, 0.5], or one number
+        numeric = options_of[name].type in NUMBERS
+        if any(isinstance(item, bool) or (numeric and isinstance(item, str)) for item in (value if several else [value])):
+            raise TypeError(f"calibrate() takes {name} as {'a number' if numeric else 'a path or a name'}, got {value!r}.")
         if value is not None:
-            several = options_of[name].nargs == "+" and isinstance(value, (list, tuple))  # sweep=[0.25, 0.5], or one number
             argv += [options_of[name].option_strings[0], *map(str, value if several else [value])]
-    args = _parse_as_python(parser, argv)
-    args.command_line = f"kvcompress.calibrate(model, tokenizer, {method!r}{''.join(f', {name}={value!r}' for name, value in options.items())})"
+    args = _parse_as_python(parser, argv, python_names)
+    shown = {name: str(value) if isinstance(value, Path) else value for name, value in options.items()}
+    args.command_line = f"kvcompress.calibrate(model, tokenizer, {method!r}{''.join(f', {name}={value!r}' for name, value in shown.items())})"
     try:
         with torch.no_grad():
             corpus = calibration_corpus(model, tokenizer, args.data, args.eval_tokens)
             fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
             _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense")
+            peak = peak_memory()  # of the calibration, before the check, as the command reports it
             report = fitted.measure(time.perf_counter() - started)
     except ValueError as error:  # the calibrators' refusals name the command line's flags
-        raise ValueError(_python_names(str(error))) from error
+        raise ValueError(python_names(str(error))) from error
+    report.peak_memory = peak
+    fitted.compressor.config["metrics"] = report.metrics()
     fitted.compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
     for line in fitted.warning.splitlines():
-        logger.warning(_python_names(line.removeprefix("WARNING: ")))
+        logger.warning(python_names(line.removeprefix("WARNING: ")))
     if args.plot and fitted.plot is not None:
         print(f"wrote {fitted.plot(report)}")
     return fitted.compressor, report
 
 
-def _parse_as_python(parser: _Parser, argv: list[str]):
+def _parse_as_python(parser: _Parser, argv: list[str], python_names: Callable[[str], str]):
     """`argv` parsed and checked as the command line would be, its refusals raised as ValueError in Python's names (gate_steps, not --gate-steps)."""
     errors = io.StringIO()
     try:
@@ -393,13 +408,14 @@ def _parse_as_python(parser: _Parser, argv: list[str]):
     except SystemExit:
         said = errors.getvalue().strip()
         message = said.partition(": error: ")[2].rpartition(" (see ")[0] or said
-        raise ValueError(_python_names(message.replace("argument --", "--")) + ".") from None
+        raise ValueError(python_names(message.replace("argument --", "--")) + ".") from None
     return args
 
 
-def _python_names(message: str) -> str:
-    """A message of the command line with its flags as `calibrate()`'s keywords: --gate-steps as gate_steps."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda match: match.group(1).replace("-", "_"), message)
+def _python_names(message: str, flags: list[str]) -> str:
+    """A message of the command line with its `flags` as `calibrate()`'s keywords: --gate-steps as gate_steps (other text stays)."""
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?![\w-])"
+    return re.sub(pattern, lambda match: match.group(1).lstrip("-").replace("-", "_"), message)
 
 
 def _finish(args, fitted: _Fitted, seconds: float) -> None:
@@ -648,9 +664,9 @@ def _check_calibrate(parser: _Parser, args, saving: bool = True) -> None:
 
         if get_token() is None:
             parser.error("--push-to-hub needs a Hub login: run `hf auth login` (or set HF_TOKEN) first")
-    output = Path(args.output)
     if not saving:
         return
+    output = Path(args.output)
     if output.exists() and not output.is_dir():
         parser.error(f"--output {output} is a file; give a directory for the compressor")
     if (output / CONFIG_FILE).exists() and not args.overwrite:
