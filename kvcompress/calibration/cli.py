@@ -351,7 +351,7 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
     """
     from kvcompress import enable
 
-    from .calibrate import calibration_corpus, peak_memory
+    from .calibrate import calibration_corpus
 
     started = time.perf_counter()
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")) or not callable(tokenizer):
@@ -383,13 +383,9 @@ def calibrate(model, tokenizer, method: str, **options) -> tuple:
         with torch.no_grad():
             corpus = calibration_corpus(model, tokenizer, args.data, args.eval_tokens)
             fitted = CALIBRATORS[args.method](args, model, tokenizer, *corpus)
-            _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense")
-            peak = peak_memory()  # of the calibration, before the check, as the command reports it
-            report = fitted.measure(time.perf_counter() - started)
+            report = _final_check(fitted, args.eval_tokens, time.perf_counter() - started)
     except ValueError as error:  # the calibrators' refusals name the command line's flags
         raise ValueError(python_names(str(error))) from error
-    report.peak_memory = peak
-    fitted.compressor.config["metrics"] = report.metrics()
     fitted.compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
     for line in fitted.warning.splitlines():
         logger.warning(python_names(line.removeprefix("WARNING: ")))
@@ -421,8 +417,6 @@ def _python_names(message: str, flags: list[str]) -> str:
 def _finish(args, fitted: _Fitted, seconds: float) -> None:
     """The tail every calibrator shares: save (before the minutes-long check, so a stop keeps the fit), measure on held-out
     text, save again with the metrics in the config and card, write the reports, summarise, plot and push."""
-    from .calibrate import peak_memory
-
     output, compressor = Path(args.output), fitted.compressor
     compressor.config.setdefault("calibration", {})["command"] = args.command_line  # the model card shows it
     if args.overwrite and (output / CONFIG_FILE).is_file():
@@ -430,11 +424,7 @@ def _finish(args, fitted: _Fitted, seconds: float) -> None:
         shutil.rmtree(output)  # only now the new one is fitted; no stale files of the old one beside it
     _phase(f"saving the compressor to {output}/")
     compressor.save_pretrained(output)
-    peak = peak_memory()  # of the calibration, before the check
-    _phase(f"checking streaming perplexity and memory on {args.eval_tokens} held-out tokens, compressed and dense (the final check)")
-    summary = fitted.measure(seconds)
-    summary.peak_memory = peak
-    compressor.config["metrics"] = summary.metrics()
+    summary = _final_check(fitted, args.eval_tokens, seconds)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
     for name, report in fitted.reports.items():
@@ -447,6 +437,19 @@ def _finish(args, fitted: _Fitted, seconds: float) -> None:
     if args.push_to_hub:
         _phase(f"pushing to the Hub repo {args.push_to_hub}")
         print(f"pushed: {compressor.push_to_hub(args.push_to_hub)}")
+
+
+def _final_check(fitted: _Fitted, eval_tokens: int, seconds: float):
+    """The check the command and `calibrate()` end with: the calibration's peak memory so far, then perplexity and memory on
+    held-out text, compressed and dense; the report's metrics go into the compressor's config (its model card shows them)."""
+    from .calibrate import peak_memory
+
+    peak = peak_memory()  # of the calibration, before the check
+    _phase(f"checking streaming perplexity and memory on {eval_tokens} held-out tokens, compressed and dense (the final check)")
+    report = fitted.measure(seconds)
+    report.peak_memory = peak
+    fitted.compressor.config["metrics"] = report.metrics()
+    return report
 
 
 def _cache_settings(args) -> dict:
