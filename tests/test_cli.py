@@ -267,6 +267,7 @@ def test_calibrate_from_python_fits_and_checks_as_the_command_does(default_model
     assert type(compressor) is kvcompress.PCACompressor and compressor.ranks.memory_fraction() == 0.25
     assert compressor.config["metrics"] == report.metrics() and report.eval_tokens == 96 and report.memory_savings > 0
     assert report.perplexity > report.baseline_perplexity
+    assert set(report.reports) == {"ranks.json"} and report.reports["ranks.json"]["per_layer_head"]["0/0"]["rank"] == 16  # what the command writes beside the artifact
     assert compressor.config["calibration"]["command"] == "kvcompress.calibrate(model, tokenizer, 'pca', rank=16, window=16, samples=128, tokens=512, eval_tokens=96)"
     assert compressor.config["calibration"]["data"].startswith("WikiText-2") and compressor.cache_settings()["window"] == 16 and compressor.cache_settings()["sink"] == 4  # the command's default sink
     compressor.save_pretrained(tmp_path / "pca")

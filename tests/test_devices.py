@@ -60,7 +60,7 @@ def test_a_gpu_that_is_not_there_is_refused():
 def test_unknown_devices_are_refused(device):
     if device == 3 and torch.cuda.device_count() > 3:
         pytest.skip("device 3 is GPU 3 on this machine")
-    with pytest.raises(ValueError, match=r"give cpu, cuda, cuda:N or auto|there are \d+ CUDA GPUs"):  # 3: GPU 3, where there are GPUs
+    with pytest.raises(ValueError, match=r"give cpu, cuda, cuda:N or auto|there are \d+ CUDA GPUs|torch finds no CUDA GPU here"):  # 3: GPU 3 (a CUDA build of torch)
         check_device(device)
 
 
@@ -195,3 +195,21 @@ def test_a_method_that_holds_out_sequences_refuses_too_little_text_before_collec
     options = [str(tmp_path / "short.txt") if option == "SHORT" else option for option in options]
     with pytest.raises(SystemExit, match=rf"--method {method} holds out 2 of its calibration sequences of 1024 tokens .* needs at least 3 sequences \(3072 tokens\), and {advice}"):
         main(["calibrate", "--model", str(small_model_dir), "--method", method, *options, "--output", str(tmp_path / "out")])
+
+
+def test_evaluate_writes_its_table_as_json_with_what_produced_it(small_model_dir, tmp_path, capsys):
+    """`kvcompress evaluate --output` end to end on a model a user brings: the rows the table printed, and the model, data,
+    settings and command that produced them."""
+    output = tmp_path / "results" / "run.json"
+    main(["evaluate", "--model", str(small_model_dir), "--caches", "dense", "h2o", "--ratios", "2", "--ppl-tokens", "128", "--passkey-tokens", "256",
+          "--depths", "0.5", "--trials", "1", "--output", str(output)])
+    printed, results = capsys.readouterr().out, json.loads(output.read_text())
+    assert f"wrote {output}" in printed
+    assert results["model"] == str(small_model_dir) and results["data"].endswith("held-out part")
+    assert results["settings"] == {"ppl_tokens": 128, "ppl_chunk": 32, "passkey_tokens": 256, "depths": [0.5], "trials": 1}
+    assert results["command"].startswith("kvcompress evaluate --model") and "--output" in results["command"]
+    dense, h2o = results["rows"]
+    assert (dense["cache"], h2o["cache"]) == ("dense", "h2o 2:1") and set(dense["passkey"]) == {"0.5"}
+    assert dense["measured_ratio"] == 1.0 and 1.5 < h2o["measured_ratio"] < 2.5 and h2o["nbytes"] < dense["nbytes"]
+    for row in (dense, h2o):  # the numbers the table printed
+        assert f"| {row['cache']} | {row['measured_ratio']:.2f} | {row['nbytes'] / 1024:.0f} | {row['dense_nbytes'] / 1024:.0f} | {row['perplexity']:.3f} |" in printed

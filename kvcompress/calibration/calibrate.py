@@ -51,6 +51,7 @@ class CalibrationReport:
     seconds: float
     fit_metrics: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)  # `peak_memory()` of the calibration, where it was taken
+    reports: dict = field(default_factory=dict)  # the method's further reports, file name -> content (the command writes them beside the artifact)
 
     @property
     def degradation(self) -> float:

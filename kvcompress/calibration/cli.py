@@ -427,9 +427,9 @@ def _finish(args, fitted: _Fitted, seconds: float) -> None:
     summary = _final_check(fitted, args.eval_tokens, seconds)
     compressor.save_pretrained(output)
     (output / "calibration_results.json").write_text(json.dumps(summary.metrics(), indent=2) + "\n")
-    for name, report in fitted.reports.items():
+    for name, report in summary.reports.items():
         (output / name).write_text(json.dumps(report, indent=2) + "\n")
-    written = "".join(f"{name}, " for name in fitted.reports)
+    written = "".join(f"{name}, " for name in summary.reports)
     print(f"\n{summary.summary()}\n" + fitted.warning + f"\nwrote {output}/ (compressor_config.json, model.safetensors, README.md, {written}calibration_results.json)")
     if args.plot and fitted.plot is not None:
         _phase(f"plotting to {args.plot}")
@@ -441,13 +441,14 @@ def _finish(args, fitted: _Fitted, seconds: float) -> None:
 
 def _final_check(fitted: _Fitted, eval_tokens: int, seconds: float):
     """The check the command and `calibrate()` end with: the calibration's peak memory so far, then perplexity and memory on
-    held-out text, compressed and dense; the report's metrics go into the compressor's config (its model card shows them)."""
+    held-out text, compressed and dense; the report's metrics go into the compressor's config (its model card shows them), and
+    it carries the method's further reports."""
     from .calibrate import peak_memory
 
     peak = peak_memory()  # of the calibration, before the check
     _phase(f"checking streaming perplexity and memory on {eval_tokens} held-out tokens, compressed and dense (the final check)")
     report = fitted.measure(seconds)
-    report.peak_memory = peak
+    report.peak_memory, report.reports = peak, fitted.reports
     fitted.compressor.config["metrics"] = report.metrics()
     return report
 
