@@ -52,8 +52,9 @@ def test_ruff_clean():
 
 
 def test_benchmarks_build_artifacts_through_the_public_api():
-    """Benchmarks measure the library as a user has it: they import nothing from calibration."""
-    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+    """Benchmarks measure the library as a user has it: they import nothing from calibration (but the ablation of the
+    recall statements, which calibrates through `kvcompress.calibrate` with each set of them)."""
+    for script in sorted(set((ROOT / "benchmarks").glob("*.py")) - {ROOT / "benchmarks" / "recall_wordings.py"}):
         imported = set()
         for node in ast.walk(ast.parse(script.read_text())):
             if isinstance(node, ast.Import):

@@ -7,7 +7,9 @@ pass-key task, see the README). Each sequence built here is prose with a few sho
 model recall them ("What is the locker code? The locker code is 4711."). The frozen model's
 attention while it answers is what labels the statements as worth keeping.
 
-The templates deliberately do not use the evaluation's pass-key wording.
+The statements come in several wordings and formats (`TEMPLATES`): gates that saw one kind of sentence
+keep that kind, and miss a number given in a list or a quote (docs/methods.md, recall wordings). None
+is the evaluation's pass-key wording or one of its held-out wordings (`evaluation.tasks.PHRASINGS`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ SUBJECTS = (
     "account PIN", "phone extension", "batch code", "flight number", "seat number", "badge number",
     "gate code", "parcel number", "case number", "member number",
 )
-STATEMENTS = ("The {subject} is {value}.", "Note: the {subject} is {value}.", "For the record, the {subject} is {value}.")
 QUESTION = "What is the {subject}? The {subject} is {value}."
+TEMPLATES = (  # (statement, the question that recalls it): sentences, a list item, an assignment, a quote, the number first
+    ("The {subject} is {value}.", QUESTION),
+    ("Note: the {subject} is {value}.", QUESTION),
+    ("For the record, the {subject} is {value}.", QUESTION),
+    ("{value} -- that is the {subject}.", "Which number was the {subject}? It was {value}."),
+    ("- {subject}: {value}", "The {subject} listed above: {value}."),
+    ("He wrote the {subject} ({value}) on a slip of paper.", "What did he write on the slip? The {subject}, {value}."),
+    ("{subject} = {value}", "Recall the value: {subject} = {value}."),
+    ("Remember this {subject}: {value}.", "The {subject} to remember was {value}."),
+    ('I was told the {subject} is "{value}".', "What was I told? The {subject} is {value}."),
+)
 
 
 @dataclass
@@ -46,8 +58,9 @@ def recall_sequences(
     while True:
         chosen = rng.sample(SUBJECTS, facts)
         values = [str(rng.randint(10 ** (digits - 1), 10**digits - 1)) for digits in (rng.randint(3, 7) for _ in chosen)]
-        statements = [encode(" " + rng.choice(STATEMENTS).format(subject=s, value=v) + " ") for s, v in zip(chosen, values)]
-        questions = encode("\n\n" + " ".join(QUESTION.format(subject=s, value=v) for s, v in zip(chosen, values)))
+        templates = [rng.choice(TEMPLATES) for _ in chosen]
+        statements = [encode(" " + statement.format(subject=s, value=v) + " ") for (statement, _), s, v in zip(templates, chosen, values)]
+        questions = encode("\n\n" + " ".join(question.format(subject=s, value=v) for (_, question), s, v in zip(templates, chosen, values)))
         if len(questions) > answer_room:
             raise ValueError(f"{facts} recall questions take {len(questions)} tokens, more than answer_room={answer_room}; ask for fewer facts.")
         statement_tokens = sum(map(len, statements))
