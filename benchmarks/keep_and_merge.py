@@ -35,7 +35,7 @@ import kvcompress
 from kvcompress import GatedCache, H2OCache, SidecarCache, StreamingLLMCache
 from kvcompress.corpus import heldout_text
 from kvcompress.evaluation.harness import answer, cache_nbytes, streaming_perplexity
-from kvcompress.evaluation.tasks import heldout_passkey_prompts, score
+from kvcompress.evaluation.tasks import score
 from kvcompress.gate import GateCompressor
 from kvcompress.sidecar import SidecarCompressor, SidecarNetwork
 
@@ -107,12 +107,8 @@ def run(args) -> dict:
     """Every cache of the grid on every task; the results so far are saved to `args.output` after each cache."""
     model, tokenizer = kvcompress.load_model(device=args.device)
     settings = Settings(short=args.short, long=args.long, trials=2)
-    ppl_ids, tasks = prompts(tokenizer, heldout_text(), settings)
-    hay = tokenizer(heldout_text()).input_ids[settings.ppl_tokens :]
-    tasks = {
-        "passkey": tasks["passkey"], "passkey_heldout": heldout_passkey_prompts(tokenizer, hay, settings.short, (0.2, 0.5, 0.8)),
-        "multikey": tasks["multikey"], "passkey_long": tasks["passkey_long"], "passkey_heldout_long": heldout_passkey_prompts(tokenizer, hay, settings.long, (0.5,)),
-    }
+    ppl_ids, found = prompts(tokenizer, heldout_text(), settings, heldout_wordings=True)
+    tasks = {task: found[task] for task in ("passkey", "passkey_heldout", "multikey", "passkey_long", "passkey_heldout_long")}
     references = reference_prompts(tasks, settings)
     measured = reference_runs(model, tokenizer, references, settings)
     started, results = time.perf_counter(), []

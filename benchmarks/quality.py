@@ -60,7 +60,7 @@ from kvcompress.evaluation.harness import (  # noqa: E402
     quantized_cache_backend_installed,
     streaming_perplexity,
 )
-from kvcompress.evaluation.tasks import Prompt, multikey_prompts, score, variables_prompts  # noqa: E402
+from kvcompress.evaluation.tasks import Prompt, heldout_passkey_prompts, multikey_prompts, score, variables_prompts  # noqa: E402
 from kvcompress.gate import GateCompressor  # noqa: E402
 from kvcompress.lowrank import LowRankCompressor  # noqa: E402
 
@@ -72,6 +72,8 @@ class Settings:
     long: int = 6144
     short_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
     long_depths: tuple = (0.1, 0.5, 0.9)
+    heldout_depths: tuple = (0.2, 0.5, 0.8)  # the pass key in the evaluator's held-out wordings, each at these depths
+    heldout_long_depths: tuple = (0.5,)
     trials: int = 2
     task_trials: int = 4
 
@@ -101,8 +103,9 @@ class Row:
         return self.dense_nbytes / self.nbytes if self.nbytes else float("nan")
 
 
-def prompts(tokenizer, text: str, settings: Settings) -> tuple[torch.Tensor, dict[str, list[Prompt]]]:
-    """The perplexity tokens and every task's prompts, cut from the held-out text."""
+def prompts(tokenizer, text: str, settings: Settings, heldout_wordings: bool = False) -> tuple[torch.Tensor, dict[str, list[Prompt]]]:
+    """The perplexity tokens and every task's prompts, cut from the held-out text; with `heldout_wordings`, also the pass
+    key in the wordings the evaluator holds out from calibration (`passkey_heldout`, `passkey_heldout_long`)."""
     ids = tokenizer(text).input_ids
     ppl, hay = ids[: settings.ppl_tokens], ids[settings.ppl_tokens :]
     tasks = {}
@@ -114,6 +117,9 @@ def prompts(tokenizer, text: str, settings: Settings) -> tuple[torch.Tensor, dic
         ]
     tasks["multikey"] = multikey_prompts(tokenizer, hay, settings.short, settings.task_trials)
     tasks["variables"] = variables_prompts(tokenizer, hay, settings.short, settings.task_trials)
+    if heldout_wordings:
+        tasks["passkey_heldout"] = heldout_passkey_prompts(tokenizer, hay, settings.short, settings.heldout_depths)
+        tasks["passkey_heldout_long"] = heldout_passkey_prompts(tokenizer, hay, settings.long, settings.heldout_long_depths)
     return torch.tensor([ppl]), tasks
 
 

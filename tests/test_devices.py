@@ -121,6 +121,22 @@ def test_every_method_calibrates_in_bfloat16_to_the_numbers_of_float32(method, s
     assert half["measured_memory_savings"] == pytest.approx(full["measured_memory_savings"], abs=0.02)
 
 
+@pytest.mark.parametrize("method", ["kvsplice", "gate", "sidecar"])  # pca has no randomness beyond its samples, which kvsplice shares
+def test_the_same_seed_fits_the_same_compressor_and_another_seed_another(method, small_model_dir, tmp_path):
+    """--seed: samples, recall statements, batches and initial weights follow it, so a calibration can be repeated exactly
+    and its spread over seeds measured; the artifact records the seed it was fitted with."""
+    def fit(name: str, seed: str) -> dict:
+        extra = ["--trajectories", str(tmp_path / f"trajectories-{name}")] if method == "sidecar" else []
+        _calibrate(small_model_dir, method, tmp_path / name, "--seed", seed, *extra)
+        artifact = kvcompress.hub.CompressorArtifact.from_pretrained(tmp_path / name)
+        assert artifact.config["calibration"]["seed"] == int(seed)
+        return artifact.tensors
+
+    first, again, other = fit("first", "0"), fit("again", "0"), fit("other", "1")
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
 def test_a_model_spread_with_accelerate_calibrates(small_model_dir, tmp_path):
     results = _calibrate(small_model_dir, "pca", tmp_path / "auto", "--device", "auto")
     assert results["measured_memory_savings"] > 0.3

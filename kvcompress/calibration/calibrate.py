@@ -159,19 +159,19 @@ class LowRankCalibration:
     def from_token_ids(
         cls, model, token_ids: torch.Tensor, heldout_ids: torch.Tensor, samples: int = 4096, tokens: int = 16384, sink: int = 4,
         sequence_length: int = SAMPLE_SEQUENCE, fisher_sequences: int = 0, fisher_sequence_length: int = 512,
-        name_or_path: str | None = None, data_name: str | None = None,
+        name_or_path: str | None = None, data_name: str | None = None, seed: int = 0,
     ) -> LowRankCalibration:
         """Collect samples (and Fisher information when `fisher_sequences`) from a 1-D token stream."""
         started = time.perf_counter()
         inv_freq = rope_inv_freq(model)
-        samples_ = collect_attention_samples(model, token_ids, samples=samples, max_tokens=tokens, sequence_length=sequence_length)
+        samples_ = collect_attention_samples(model, token_ids, samples=samples, max_tokens=tokens, sequence_length=sequence_length, seed=seed)
         kv = KVData.from_samples(samples_, inv_freq, sink)
         fisher = None
         if fisher_sequences:
             fisher = fisher_information(model, token_ids, inv_freq, sequences=fisher_sequences, sequence_length=fisher_sequence_length, sink=sink)
         return cls(
             model, kv, inv_freq, Spectrum.of(kv.keys), Spectrum.of(kv.values), model_signature(model, name_or_path),
-            {"data": data_name, "tokens": samples_.tokens_seen, "samples_per_head": samples, "sink_excluded": sink},
+            {"data": data_name, "tokens": samples_.tokens_seen, "samples_per_head": samples, "sink_excluded": sink, "seed": seed},
             heldout_ids.to(model.device), fisher, time.perf_counter() - started,
         )
 
@@ -183,14 +183,14 @@ class LowRankCalibration:
             raise ValueError("Fisher-guided ranks need Fisher information: collect with fisher_sequences > 0.")
         return fisher_ranks(self.fisher, self.key_spectrum, self.value_spectrum, template, target_memory_reduction), "fisher"
 
-    def fit(self, method: str, ranks: RankConfig, cache_settings: dict, kvsplice_steps: int = 300):
-        """A compressor of `method` at `ranks` and its fit metrics."""
+    def fit(self, method: str, ranks: RankConfig, cache_settings: dict, kvsplice_steps: int = 300, seed: int = 0):
+        """A compressor of `method` at `ranks` and its fit metrics (`seed`: KVSplice's training batches)."""
         if method not in known_methods(LowRankCompressor):
             raise ValueError(f"Unknown low-rank method {method!r}; choose from {', '.join(known_methods(LowRankCompressor))}.")
         key_ranks, value_ranks, exact = group_ranks(ranks)
         metrics = {}
         if method == "kvsplice":
-            key_heads, value_heads, metrics = fit_kvsplice(self.data, ranks, self.inv_freq, steps=kvsplice_steps, device=self.model.device)
+            key_heads, value_heads, metrics = fit_kvsplice(self.data, ranks, self.inv_freq, steps=kvsplice_steps, seed=seed, device=self.model.device)
         else:
             key_heads, value_heads = pca_heads(self.key_spectrum, key_ranks, exact), pca_heads(self.value_spectrum, value_ranks, exact)
         config = {"base_model": self.signature, "cache": cache_settings, "ranks": ranks.to_json(), "calibration": self.calibration}

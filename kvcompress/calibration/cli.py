@@ -483,12 +483,12 @@ def _fit_lowrank(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     _phase(f"collecting {args.samples} key/value samples per head from {tokens} calibration tokens{_short_corpus(len(token_ids), args.tokens, '--tokens')}{fisher}")
     calibration = LowRankCalibration.from_token_ids(
         model, token_ids, heldout_ids, samples=args.samples, tokens=args.tokens, sink=args.sink,
-        fisher_sequences=args.fisher_sequences if needs_fisher else 0, name_or_path=args.model, data_name=data_name,
+        fisher_sequences=args.fisher_sequences if needs_fisher else 0, name_or_path=args.model, data_name=data_name, seed=args.seed,
     )
     ranks, source = calibration.ranks(template, args.target_memory_reduction)
     settings = _cache_settings(args)
     _phase(f"fitting the {args.method} projections at the {'Fisher-guided' if source == 'fisher' else 'given'} ranks")
-    compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
+    compressor, fit_metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps, seed=args.seed)
     reports = {"ranks.json": ranks.to_json()} | ({"fisher.json": calibration.fisher.summary(calibration.data.num_heads)} if calibration.fisher is not None else {})
     return _Fitted(
         compressor, lambda seconds: calibration.measure(compressor, fit_metrics, source, seconds), reports,
@@ -507,7 +507,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
 
     _check_validation_sequences(args.method, labelled_tokens(len(token_ids), args.gate_tokens) // LABEL_SEQUENCE, LABEL_SEQUENCE, len(token_ids), "--gate-tokens", args.gate_tokens)
     facts = 4 if args.recall_facts is None else args.recall_facts
-    recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=facts) if facts else None
+    recall = recall_sequences(token_ids[: args.gate_tokens], tokenizer, facts=facts, seed=args.seed) if facts else None
     inv_freq = rope_inv_freq(model)
     source = token_ids if recall is None else recall.token_ids
     tokens = labelled_tokens(len(source), args.gate_tokens)
@@ -515,7 +515,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
     labels = collect_retention_labels(model, source, inv_freq, window=args.window, sink=args.sink, threshold=args.label_threshold, max_tokens=args.gate_tokens)
     _phase(f"training the gates ({args.gate_steps} steps at most)")
     with torch.enable_grad():
-        gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps, device=model.device)
+        gates, probabilities, report = train_gates(labels, hidden=args.gate_hidden, steps=args.gate_steps, seed=args.seed, device=model.device)
     if recall is not None:  # do the labels see the recall? statements should be positive far more often than prose
         report["recall"] = {
             "facts_per_sequence": facts,
@@ -526,7 +526,7 @@ def _fit_gates(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _Fi
         "base_model": model_signature(model, args.model),
         "cache": _cache_settings(args),
         "label": {"window": args.window, "threshold": args.label_threshold, "definition": "max over queries >= window later of the group-mean attention share"},
-        "calibration": {"data": data_name, "tokens": tokens, "recall_facts_per_sequence": facts},
+        "calibration": {"data": data_name, "tokens": tokens, "recall_facts_per_sequence": facts, "seed": args.seed},
     }
     compressor = GateCompressor.from_gates(gates, probabilities, inv_freq, config, keep_ratio=args.keep_ratio)
     fit_metrics = {"median_auc": report["median_auc"], "mean_positive_rate": report["mean_positive_rate"]} | {
@@ -573,17 +573,19 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     if gates is not None and not same_base_model(model_signature(model, args.model), gates.config["base_model"]):
         raise ValueError(f"--gates {args.gates} were fitted for {gates.config['base_model']['name_or_path']}, not for this model: give gates fitted for it (--method gate).")
     facts = args.recall_facts or 0  # statements recalled at each sequence's end: queries (and forces) that retrieve
-    stream = recall_sequences(token_ids, tokenizer, facts=facts).token_ids if facts else token_ids
+    stream = recall_sequences(token_ids, tokenizer, facts=facts, seed=args.seed).token_ids if facts else token_ids
     _phase(f"collecting the trajectories of {args.trajectory_sequences + args.heldout_sequences} sequences")
     trajectories = collect_trajectories(
         model, stream, args.trajectories, sequences=args.trajectory_sequences + args.heldout_sequences, disk_budget_gb=args.disk_budget_gb,
-        query_positions=args.query_positions, source=f"recall sequences, {facts} facts each" if facts else None,
+        query_positions=args.query_positions, seed=args.seed, source=f"recall sequences, {facts} facts each" if facts else None,
     )
     train, heldout = trajectories.split(args.heldout_sequences)
-    network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed without touching the caller's random state
+        torch.manual_seed(args.seed)
+        network = SidecarNetwork(*kv_shape(model.config), window=args.merge_window, slots=args.slots)
     weights = LossWeights.output_matching_only() if args.loss == "output" else LossWeights()
-    settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr, device=str(model.device))
-    references = reference_queries(train, inv_freq, recent_window=args.window)
+    settings = TrainingSettings(steps=args.sidecar_steps, sink=args.sink, learning_rate=args.sidecar_lr, seed=args.seed, device=str(model.device))
+    references = reference_queries(train, inv_freq, recent_window=args.window, seed=args.seed)
     _phase(f"training the sidecar network ({args.sidecar_steps} steps; first attention matching on the held-out sequences, the starting point)")
     with torch.enable_grad():
         training = train_sidecar(network, train, heldout, inv_freq, references, weights, settings)
@@ -593,7 +595,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
         "cache": {"sink": args.sink, "window": args.window},
         "calibration": {"data": data_name, "trajectory_sequences": train.sequences, "heldout_sequences": heldout.sequences,
                         "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions,
-                        "recall_facts_per_sequence": facts},
+                        "recall_facts_per_sequence": facts, "seed": args.seed},
         "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"]},
     }
     compressor = SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
@@ -634,7 +636,7 @@ def _plot_sweep(args, calibration, template, settings, baseline: float) -> str:
             ("fisher-guided ranks", calibration.ranks(template, target)),
             ("uniform ranks", (RankConfig.uniform(*shape, uniform_rank, algo=args.method), "given")),
         ):
-            compressor, metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps)
+            compressor, metrics = calibration.fit(args.method, ranks, settings, kvsplice_steps=args.kvsplice_steps, seed=args.seed)
             report = calibration.measure(compressor, metrics, label, 0.0, baseline=baseline)
             curves[label].append((ranks.memory_fraction(), report.perplexity))
             print(f"{args.method} {label} at {100 * ranks.memory_fraction():.1f}% memory: perplexity {report.perplexity:.3f} ({100 * report.degradation:+.2f}%)")
@@ -808,6 +810,11 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--eval-tokens", type=COUNT, default=1024, help="held-out tokens for the perplexity check")
     calibrate.add_argument("--sink", type=COUNT_OR_ZERO, default=4, help="first tokens kept exact by the fitted cache")
     calibrate.add_argument("--window", type=COUNT, default=64, help="recent tokens kept exact by the fitted cache")
+    calibrate.add_argument(
+        "--seed", type=COUNT_OR_ZERO, default=0,
+        help="random seed of the samples, recall statements, training batches and initial weights: the same seed on the same machine fits the same "
+        "compressor; other seeds show how much a result owes to chance",
+    )
     blocks = _method_options(calibrate, *LOWRANK_METHODS, "gate")
     blocks.add_argument("--block-size", type=COUNT, default=16, help="tokens that leave the window together")
 
