@@ -463,7 +463,7 @@ def _not_a_compressor(name: str) -> str | None:
     owner = artifact_class(name)
     if owner is None:
         return None
-    shipped = [f"{PRETRAINED_NAMESPACE}/{repo}" for repo in shipped_names() if json.loads((PRETRAINED_DIR / repo / CONFIG_FILE).read_text())["method"] == name]
+    shipped = [pretrained.repo_id for pretrained in list_pretrained() if pretrained.method == name]
     return (f"'{name}' names a method, not a compressor: {owner.cache_class_name}.from_pretrained needs one fitted for your model, a directory "
             f"made by `kvcompress calibrate --method {name}` or a Hub id" + (f" (for {DEFAULT_MODEL}: {shipped[0]})" if shipped else "") + ".")
 
