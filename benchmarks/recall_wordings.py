@@ -7,7 +7,7 @@ model, once per seed, its recall statements drawn from the first three `TEMPLATE
 locker code is 4711.", as before) or from all of them, and loads them as the shipped gates are (`ratio=8`, `context=`
 the prompt's length). Tasks, on held-out prose: streaming perplexity, the evaluator's pass key at 1.5k tokens, the same
 number in held-out wordings (`kvcompress.evaluation.tasks.PHRASINGS`), multi-key; with `--long` the pass key and held-out
-wordings at 6k too. About 15 minutes per row on 2 CPU cores (calibration 3 to 6 of them). The table gives each wording's
+wordings at 6k too. About 5 minutes per row on 2 CPU cores, 7 to 9 with `--long` (calibration about 2.5 of them). The table gives each wording's
 mean over the seeds and, beside it, the lowest and highest seed.
 """
 
