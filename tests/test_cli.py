@@ -98,6 +98,7 @@ def test_bad_numbers_are_refused_when_parsed(argv, message, capsys, tmp_path):
         (["calibrate", "--method", "pca", "--rank", "8", "--slots", "8"], "--slots is an option of --method sidecar"),
         (["calibrate", "--method", "pca", "--rank", "8", "--recall-facts", "2"], "--recall-facts is an option of --method gate / sidecar"),
         (["calibrate", "--method", "gate", "--gates", "g"], "--gates is an option of --method sidecar"),
+        (["calibrate", "--method", "sidecar", "--train-keep-ratio", "0.1"], "--train-keep-ratio is the share the gates keep while the network trains: it needs --gates"),
         (["calibrate", "--method", "pca", "--rank", "8", "--kvsplice-steps", "10"], "--kvsplice-steps is an option of --method kvsplice"),
         (["calibrate", "--method", "sidecar", "--block-size", "8"], "--block-size is an option of --method kvsplice / pca / gate"),
         (["calibrate", "--method", "pca", "--rank", "8", "--samples", "4096", "--tokens", "1024"], "--tokens (1024) must be at least --samples (4096)"),

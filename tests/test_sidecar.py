@@ -1,10 +1,11 @@
 """SidecarCache mechanics on tiny models: trajectories and their forces, the network, the losses, the cache and its artifacts."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from conftest import VOCAB, assert_left_padded_batch_matches_rows, greedy, prompt_ids, tiny_model
+from conftest import VOCAB, assert_left_padded_batch_matches_rows, cache_kwargs, greedy, prompt_ids, tiny_model
 from safetensors.torch import load_file
 from test_gates import tiny_gates
 from transformers import DynamicCache
@@ -12,6 +13,7 @@ from transformers import DynamicCache
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
 from kvcompress.attention_matching import attention_matching_merge
 from kvcompress.calibration.sidecar import (
+    KeptByGates,
     LossWeights,
     TrainingSettings,
     merge_stretches,
@@ -334,6 +336,46 @@ def test_keep_and_merge_keeps_gated_tokens_exact_and_merges_the_rest(tiny):
     merging = SidecarCache(compressor, mode="merge")
     greedy(model, merging, ids, new_tokens=16)
     assert merging.nbytes() < cache.nbytes() < everything.nbytes()
+
+
+def test_training_with_gates_keeps_the_tokens_the_cache_keeps_and_merges_only_the_rest(tiny):
+    """Keep-and-merge training (calibrate --gates): the gates keep in a step the tokens a keep-and-merge cache keeps over the
+    same sequence; they stay exact beside the super-tokens and the merge never sees them."""
+    model, ids, _, data = tiny
+    gates = tiny_gates(model)
+    kept = KeptByGates(gates, 0.3).kept(data.layer(0, 1)["keys"].float(), 1)  # [H, T] of sequence 0 (its first 128 tokens), layer 1
+    cache = SidecarCache(_compressor(model, data).with_gates(gates), keep_ratio=0.3)
+    with torch.no_grad():
+        model(input_ids=ids[None, :LENGTH], **cache_kwargs(cache))
+    layer = cache.layers[1]
+    handed = int(layer.handed[0])
+    held = torch.zeros(2, LENGTH, dtype=torch.bool)
+    for head in range(2):
+        held[head, [int(t) for t in layer.store["token_ids"][0, head] if 4 <= t < 4 + handed]] = True
+    chosen, agree = kept[:, 4 : 4 + handed], (held[:, 4 : 4 + handed] == kept[:, 4 : 4 + handed]).float().mean()
+    assert 0.2 < chosen.float().mean() < 0.8 and agree > 0.97  # trajectories hold keys in float16: a token at the threshold may differ
+
+    network, inv_freq = _network(), rope_inv_freq(model)
+    for parameter in network.out.parameters():  # a trained-looking network: nonzero corrections
+        torch.nn.init.normal_(parameter, std=0.01)
+    references = _references(model, data)
+    framed = window_frame_references(references.queries, references.offsets, 8, inv_freq)
+    batch = sample_stretches(data, 0, 1, regions=3, span=16, sink=4, augment=0.0, noise=0.0, generator=torch.Generator().manual_seed(0), gates=KeptByGates(gates, 0.3))
+    assert torch.equal(batch.kept, kept)
+    merged = merge_stretches(network, batch, 2, inv_freq, framed[1][None])
+    inside = batch.starts[:, None] + torch.arange(16)  # [R, span]
+    assert torch.equal(merged.kept, kept[:, inside].transpose(0, 1))
+    changed = batch.keys.clone(), batch.values.clone()
+    for tensor in changed:  # the kept tokens of the stretches, changed: the super-tokens do not move
+        tensor[:, inside.flatten()] += 3 * torch.randn(2, inside.numel(), 16) * kept[:, inside.flatten(), None]
+    again = merge_stretches(network, dataclasses.replace(batch, keys=changed[0], values=changed[1]), 2, inv_freq, framed[1][None])
+    assert torch.allclose(again.keys, merged.keys, atol=1e-5) and torch.allclose(again.values, merged.values, atol=1e-5)
+    every = dataclasses.replace(batch, kept=torch.ones_like(kept))  # every token kept: no slot stands for one, the step's context is dense
+    with torch.enable_grad():
+        _, metrics = step_losses(network, every, 2, inv_freq, framed, LossWeights(), torch.Generator().manual_seed(0), diagnose=True)
+        _, partly = step_losses(network, batch, 2, inv_freq, framed, LossWeights(), torch.Generator().manual_seed(0), diagnose=True)
+    assert metrics["consistency"] < 1e-10 and metrics["output_cosine"] > 0.99999
+    assert 0 < partly["consistency"] and all(torch.isfinite(torch.tensor(value)) for value in partly.values())
 
 
 def test_keep_and_merge_matches_each_row_alone_and_its_artifact_round_trips(tiny, tmp_path):

@@ -1,5 +1,5 @@
-"""SidecarCache on the real default model: the calibrate command collects trajectories with forces, trains,
-saves and reports; both merges beat StreamingLLM at the same measured memory on held-out prose."""
+"""SidecarCache on the real default model: the calibrate command collects trajectories with forces, trains (merging
+what the gates leave), saves and reports; both merges beat StreamingLLM at the same measured memory on held-out prose."""
 
 import json
 
@@ -25,6 +25,7 @@ def calibrated(tmp_path_factory, default_model):
         "calibrate", "--method", "sidecar", "--slots", "4", "--trajectories", str(trajectories), "--trajectory-sequences", "2",
         "--heldout-sequences", "1", "--query-positions", "64", "--sidecar-steps", "20", "--eval-tokens", "256", "--output", str(output),
         "--plot", str(directory / "training.png"), "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"), "--recall-facts", "2",
+        "--train-keep-ratio", "0.05",
     ])
     return output, trajectories, directory / "training.png"
 
@@ -47,6 +48,7 @@ def test_calibrate_command_collects_forces_trains_and_saves(calibrated, capsys):
     assert plot.stat().st_size > 10_000
     cache = SidecarCache.from_pretrained(output)
     assert cache.compressor.config["training"]["loss"] == "force" and cache.compressor.slots == 4 and cache.compressor.window == 32
+    assert cache.compressor.config["training"]["train_keep_ratio"] == 0.05  # it trained merging what the gates leave
     assert cache.mode == "keep_and_merge" and cache.compressor.gate.config["label"]["threshold"] > 0  # the gates travel with it
 
 

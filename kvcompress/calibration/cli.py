@@ -111,9 +111,10 @@ COUNT_OR_ZERO = _checked(int, lambda n: n >= 0, "a whole number >= 0", "N")
 RATIO = _checked(float, lambda x: 1 <= x < math.inf, "a compression ratio >= 1, e.g. 4 for 4:1", "RATIO")
 SHARE = _checked(float, lambda x: 0 < x < 1, "in (0, 1)", "F")
 SHARE_OR_ALL = _checked(float, lambda x: 0 < x <= 1, "in (0, 1]", "F")
+SHARE_OR_NONE = _checked(float, lambda x: 0 <= x < 1, "in [0, 1)", "F")
 DEPTH = _checked(float, lambda x: 0 <= x <= 1, "in [0, 1] (0: the start of the context, 1: its end)", "D")
 POSITIVE = _checked(float, lambda x: 0 < x < math.inf, "a number > 0", "X")
-NUMBERS = (COUNT, COUNT_OR_ZERO, RATIO, SHARE, SHARE_OR_ALL, DEPTH, POSITIVE, int)  # option types that `calibrate()` takes as numbers only
+NUMBERS = (COUNT, COUNT_OR_ZERO, RATIO, SHARE, SHARE_OR_ALL, SHARE_OR_NONE, DEPTH, POSITIVE, int)  # option types that `calibrate()` takes as numbers only
 
 
 def _model(text: str) -> str:
@@ -565,7 +566,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
 
     from .calibrate import measure
     from .recall import recall_sequences
-    from .sidecar import LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
+    from .sidecar import KeptByGates, LossWeights, TrainingSettings, reference_queries, train_sidecar, training_warnings
     from .trajectories import collect_trajectories
 
     inv_freq = rope_inv_freq(model)
@@ -588,7 +589,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
     references = reference_queries(train, inv_freq, recent_window=args.window, seed=args.seed)
     _phase(f"training the sidecar network ({args.sidecar_steps} steps; first attention matching on the held-out sequences, the starting point)")
     with torch.enable_grad():
-        training = train_sidecar(network, train, heldout, inv_freq, references, weights, settings)
+        training = train_sidecar(network, train, heldout, inv_freq, references, weights, settings, KeptByGates(gates, args.train_keep_ratio) if args.train_keep_ratio else None)
     best = training["best"]
     config = {
         "base_model": model_signature(model, args.model),
@@ -596,7 +597,7 @@ def _fit_sidecar(args, model, tokenizer, token_ids, heldout_ids, data_name) -> _
         "calibration": {"data": data_name, "trajectory_sequences": train.sequences, "heldout_sequences": heldout.sequences,
                         "sequence_length": trajectories.settings["sequence_length"], "query_positions": args.query_positions,
                         "recall_facts_per_sequence": facts, "seed": args.seed},
-        "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"]},
+        "training": {"loss": args.loss, "weights": vars(weights), "steps": args.sidecar_steps, "best_step": training["best_step"], "train_keep_ratio": args.train_keep_ratio},
     }
     compressor = SidecarCompressor.from_network(network, references.queries, references.offsets, inv_freq, config)
     compressor = compressor.with_gates(gates) if gates is not None else compressor
@@ -661,6 +662,8 @@ def _check_calibrate(parser: _Parser, args, saving: bool = True) -> None:
             parser.error("--rank-v needs --rank")
         if args.tokens < args.samples:
             parser.error(f"--tokens ({args.tokens}) must be at least --samples ({args.samples}): the samples are drawn from those tokens")
+    if args.method == "sidecar" and args.train_keep_ratio and not args.gates:
+        parser.error("--train-keep-ratio is the share the gates keep while the network trains: it needs --gates")
     if args.method == "sidecar" and args.slots >= args.merge_window:
         parser.error(f"--slots ({args.slots}) must be fewer than --merge-window ({args.merge_window}): each window of N tokens becomes k super-tokens")
     if args.plot:
@@ -856,7 +859,13 @@ def _add_calibrate(commands) -> None:
     sidecar.add_argument(
         "--gates", default=None, metavar="DIR_OR_HUB_ID",
         help="gates fitted for the same model (--method gate) to carry in the artifact: its caches keep what the gates mark exact and merge the rest "
-        "(keep-and-merge); the network itself trains on whole windows",
+        "(keep-and-merge); the network itself trains on whole windows unless --train-keep-ratio",
+    )
+    sidecar.add_argument(
+        "--train-keep-ratio", type=SHARE_OR_NONE, default=0.0,
+        help="with --gates: the share of the tokens leaving the window that the gates keep exact while the network trains, so that it merges only "
+        "the rest of each window, as the cache will (0.05 is about what they keep at 8:1 beside 32:1 merges); measured no better than whole "
+        "windows (docs/methods.md#keep-and-merge); 0: whole windows",
     )
     sidecar.add_argument("--loss", choices=["force", "output"], default="force", help="force: consistency + force + Jacobian + norm terms; output: output matching only (ablation)")
     sidecar.add_argument("--sidecar-steps", type=COUNT, default=400, help="training steps of the sidecar network")

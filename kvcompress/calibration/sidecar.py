@@ -6,6 +6,8 @@ the sampled future queries of all its query heads, their forces dL/dq and output
 (several windows at once, so super-tokens compete with each other), and every query after a stretch
 attends over the exact rest of its causal context plus the stretch's super-tokens, in one softmax:
 what the cache will do at inference. Real queries are joined by perturbed copies (query augmentation).
+With gates (`KeptByGates`, keep-and-merge) the tokens they keep stay exact beside the super-tokens and the
+network merges only the others, as the cache's keep-and-merge does.
 
 **Losses** (each relative to the size of its target, so no term can win by shrinking or inflating
 a scale, seed 001's two failures):
@@ -32,12 +34,14 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from kvcompress.attention_matching import MergedWindows, attention_matching_merge
+from kvcompress.gate import SCORE_GRID, GateCompressor
 from kvcompress.rope import rotate, to_window_frame, window_frame_references
 from kvcompress.sidecar import SidecarNetwork
 
 from .trajectories import Trajectories
 
 HEALTHY = (0.5, 2.0)
+DROPPED = -1e4  # the bias of a slot that stands for no token: no attention, and no NaN where a stretch's every slot is dropped
 
 
 @dataclass
@@ -56,6 +60,27 @@ class LossWeights:
 
 
 @dataclass
+class KeptByGates:
+    """Keep-and-merge's gates while the network trains: the tokens whose gate probability reaches the head's threshold for
+    `keep_ratio` stay exact, and the network learns to merge the rest of each window (what it merges at inference)."""
+
+    gates: GateCompressor
+    keep_ratio: float
+
+    def __post_init__(self):
+        self.thresholds = self.gates.thresholds(self.keep_ratio)  # [layers, heads]
+
+    def kept(self, keys: torch.Tensor, layer: int) -> torch.Tensor:
+        """Which tokens ``[H, T]`` of one sequence's layer (keys ``[H, T, D]`` at positions 0..T-1) the gates keep."""
+        inv_freq = self.gates.inv_freq(keys.device)
+        unrotated = rotate(keys[None], torch.arange(keys.shape[1], device=keys.device)[None], inv_freq, inverse=True)
+        with torch.no_grad():
+            probabilities = torch.sigmoid(self.gates.bank(keys.device).layer_logits(layer, unrotated))[0]
+        probabilities = (probabilities * SCORE_GRID).round() / SCORE_GRID  # as the cache scores them
+        return probabilities >= self.thresholds[layer].to(keys.device)[:, None]
+
+
+@dataclass
 class Stretch:
     """One step's data, float32: a sequence's layer, its queries and the stretches of windows to merge."""
 
@@ -67,6 +92,7 @@ class Stretch:
     output_grads: torch.Tensor  # [H, G, P, D]
     starts: torch.Tensor  # [R]: first token of each stretch
     layer: int
+    kept: torch.Tensor | None = None  # [H, T]: tokens held exact (keep-and-merge), merged by no window
 
     @property
     def real(self) -> int:
@@ -74,10 +100,11 @@ class Stretch:
 
 
 def sample_stretches(data: Trajectories, sequence: int, layer: int, regions: int, span: int, sink: int,
-                     augment: float, noise: float, generator: torch.Generator, device: str | torch.device = "cpu") -> Stretch:
+                     augment: float, noise: float, generator: torch.Generator, device: str | torch.device = "cpu",
+                     gates: KeptByGates | None = None) -> Stretch:
     """`regions` stretches of `span` tokens of one sequence's layer, with `augment` (a share of the real
-    queries) perturbed query copies: Gaussian noise of `noise` times each query's RMS. The random draws
-    are made on the CPU (the same on every device); the stretch is moved to `device` in float32."""
+    queries) perturbed query copies: Gaussian noise of `noise` times each query's RMS, and the tokens `gates`
+    keep. The random draws are made on the CPU (the same on every device); the stretch is moved to `device` in float32."""
     part = data.layer(sequence, layer)
     keys, values = (part[name].to(device, torch.float32) for name in ("keys", "values"))
     heads, _, dim = keys.shape
@@ -98,18 +125,21 @@ def sample_stretches(data: Trajectories, sequence: int, layer: int, regions: int
         rms = chosen.square().mean(-1, keepdim=True).sqrt()
         queries = torch.cat([queries, chosen + noise * rms * torch.randn(chosen.shape, generator=generator).to(device)], dim=-2)
         positions = torch.cat([positions, positions[pick]])
-    return Stretch(keys, values, queries, positions.to(device), forces, output_grads, starts.to(device), layer)
+    kept = gates.kept(keys, layer) if gates is not None else None
+    return Stretch(keys, values, queries, positions.to(device), forces, output_grads, starts.to(device), layer, kept)
 
 
 @dataclass
 class Merged:
-    """Super-tokens of every stretch (keys/values ``[R, H, S, D]``, bias ``[R, H, S]``) and the stretches' own tokens ``[R, H, span, D]``."""
+    """Super-tokens of every stretch (keys/values ``[R, H, S, D]``, bias ``[R, H, S]``: `DROPPED` for a slot that stands
+    for no token) and the stretches' own tokens ``[R, H, span, D]``, of which the gates keep `kept` ``[R, H, span]``."""
 
     keys: torch.Tensor
     values: torch.Tensor
     bias: torch.Tensor
     dense_keys: torch.Tensor
     dense_values: torch.Tensor
+    kept: torch.Tensor
 
 
 def merge_stretches(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq: torch.Tensor, references: torch.Tensor) -> Merged:
@@ -122,22 +152,26 @@ def merge_stretches(network: SidecarNetwork, batch: Stretch, windows: int, inv_f
     keys, values = batch.keys[:, index].transpose(0, 1), batch.values[:, index].transpose(0, 1)  # [R, H, span, D]
     window_starts = (batch.starts[:, None] + window * torch.arange(windows, device=device)).reshape(-1)
 
-    def per_window(t):  # [R, H, span, D] -> [R * windows, H, N, D]
-        return t.view(regions, heads, windows, window, dim).transpose(1, 2).reshape(regions * windows, heads, window, dim)
+    def per_window(t):  # [R, H, span, ...] -> [R * windows, H, N, ...]
+        return t.view(regions, heads, windows, window, *t.shape[3:]).transpose(1, 2).reshape(regions * windows, heads, window, *t.shape[3:])
 
     def per_stretch(t):  # [R * windows, H, k, ...] -> [R, H, windows * k, ...]
         t = t.view(regions, windows, heads, slots, *t.shape[3:]).transpose(1, 2)
         return t.reshape(regions, heads, windows * slots, *t.shape[4:])
 
     framed, window_values = to_window_frame(per_window(keys), window_starts, inv_freq), per_window(values)
+    kept = batch.kept[:, index].transpose(0, 1) if batch.kept is not None else torch.zeros(keys.shape[:-1], dtype=torch.bool, device=device)
+    excluded = per_window(kept)  # [R * windows, H, N]
     with torch.no_grad():
-        start = attention_matching_merge(framed, window_values, references, slots)
+        start = attention_matching_merge(framed, window_values, references, slots, excluded=excluded)
     groups = (batch.layer * heads + torch.arange(heads, device=device)).repeat(regions * windows)
     flat = lambda t: t.reshape(regions * windows * heads, *t.shape[2:])  # noqa: E731
-    merged_keys, merged_values, bias = network(flat(framed), flat(window_values), groups, MergedWindows(*(flat(t) for t in (start.keys, start.values, start.bias, start.selected))))
+    merged_keys, merged_values, bias = network(
+        flat(framed), flat(window_values), groups, MergedWindows(*(flat(t) for t in (start.keys, start.values, start.bias, start.selected))), flat(excluded))
     merged_keys = to_window_frame(merged_keys.view(regions * windows, heads, slots, dim), window_starts, inv_freq, inverse=False)
     merged_values, bias = merged_values.view(regions * windows, heads, slots, dim), bias.view(regions * windows, heads, slots)
-    return Merged(per_stretch(merged_keys), per_stretch(merged_values), per_stretch(bias), keys, values)
+    bias = bias.masked_fill(excluded.gather(-1, start.selected), DROPPED)  # a slot whose key is a kept token is dropped, as the cache drops it
+    return Merged(per_stretch(merged_keys), per_stretch(merged_values), per_stretch(bias), keys, values, kept)
 
 
 class StretchAttention:
@@ -155,7 +189,9 @@ class StretchAttention:
         span = merged.dense_keys.shape[2]
         causal = tokens[None, :] <= batch.positions[:, None]  # [Q, T]
         inside = (tokens[None, :] >= batch.starts[:, None]) & (tokens[None, :] < batch.starts[:, None] + span)  # [R, T]
-        self.context = (causal[None] & ~inside[:, None])[:, None, None]  # [R, 1, 1, Q, T]
+        kept = batch.kept if batch.kept is not None else inside.new_zeros(1, len(tokens))  # [H or 1, T]: exact beside the super-tokens
+        self.context = causal[None, None, None] & (~inside[:, None, None, None] | kept[None, :, None, None])  # [R, H or 1, 1, Q, T]
+        self.kept_in_stretch = (merged.kept & ~merged.kept.all(-1, keepdim=True))[:, :, None, None]  # [R, H, 1, 1, span]: not merged (unless all are kept)
         self.causal = causal[None, None]
         self.valid = (batch.positions[None, :] >= batch.starts[:, None] + span)[:, None, None]  # [R, 1, 1, Q]: stretch wholly past
 
@@ -182,7 +218,8 @@ class StretchAttention:
         return self._slot_logits(q).softmax(-1) @ self.m.values[:, :, None]
 
     def local_dense(self, q):
-        return ((q @ self.m.dense_keys[:, :, None].transpose(-1, -2)) * self.scale).softmax(-1) @ self.m.dense_values[:, :, None]
+        logits = (q @ self.m.dense_keys[:, :, None].transpose(-1, -2)) * self.scale
+        return logits.masked_fill(self.kept_in_stretch, float("-inf")).softmax(-1) @ self.m.dense_values[:, :, None]
 
     def entropy(self, q, merged: bool):
         probabilities = (self._merged_logits(q) if merged else self._dense_logits(q)).softmax(-1)
@@ -304,14 +341,15 @@ def set_input_scales(network: SidecarNetwork, data: Trajectories) -> None:
                 scale[layer * heads : (layer + 1) * heads] = rms.clamp(min=1e-6).to(scale.device)
 
 
-def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights, settings: TrainingSettings) -> dict:
-    """Held-out losses and diagnostics, averaged over fixed (sequence, layer) pairs and stretches."""
+def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights, settings: TrainingSettings,
+                     gates: KeptByGates | None = None) -> dict:
+    """Held-out losses and diagnostics, averaged over fixed (sequence, layer) pairs and stretches (merging what `gates` leave)."""
     generator = torch.Generator().manual_seed(settings.seed + 1)
     layers = data.num_layers
     totals, objective = {}, 0.0
     span = settings.windows * network.window
     for pair in range(settings.eval_pairs):
-        batch = sample_stretches(data, pair % data.sequences, (pair * 7) % layers, settings.regions, span, settings.sink, 0.0, 0.0, generator, settings.device)
+        batch = sample_stretches(data, pair % data.sequences, (pair * 7) % layers, settings.regions, span, settings.sink, 0.0, 0.0, generator, settings.device, gates)
         loss, metrics = step_losses(network, batch, settings.windows, inv_freq, references, weights, generator, diagnose=True)
         objective += float(loss.detach())
         for name, value in metrics.items():
@@ -320,10 +358,10 @@ def evaluate_sidecar(network: SidecarNetwork, data: Trajectories, inv_freq: torc
 
 
 def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Trajectories, inv_freq: torch.Tensor, references: References,
-                  weights: LossWeights | None = None, settings: TrainingSettings | None = None) -> dict:
+                  weights: LossWeights | None = None, settings: TrainingSettings | None = None, gates: KeptByGates | None = None) -> dict:
     """Train `network` in place, refining attention matching with `references`; keep the state with the lowest
     held-out objective. Returns the history (step 0: the untrained network, i.e. attention matching alone).
-    It trains on `settings.device` and is back on the CPU at the end."""
+    With `gates` it learns to merge what they leave (keep-and-merge). It trains on `settings.device` and is back on the CPU at the end."""
     weights, settings = weights or LossWeights(), settings or TrainingSettings()
     if (train.num_layers, train.num_heads) != (network.shape["num_layers"], network.shape["num_heads"]):
         raise ValueError(f"Trajectories of {train.num_layers} layers x {train.num_heads} KV heads do not fit a sidecar for {network.shape['num_layers']} x {network.shape['num_heads']}.")
@@ -336,13 +374,13 @@ def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Traject
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
     span = settings.windows * network.window
     framed = window_frame_references(references.queries.to(settings.device), references.offsets.to(settings.device), network.window, inv_freq)
-    initial = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings)
+    initial = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings, gates)
     history, best = [{"step": 0} | initial], (initial["objective"], {k: v.clone() for k, v in network.state_dict().items()}, 0)
     progress = tqdm(range(1, settings.steps + 1), desc="sidecar", unit="step")
     for step in progress:
         network.train()
         sequence, layer = int(torch.randint(train.sequences, (1,), generator=generator)), int(torch.randint(train.num_layers, (1,), generator=generator))
-        batch = sample_stretches(train, sequence, layer, settings.regions, span, settings.sink, settings.augment, settings.noise, generator, settings.device)
+        batch = sample_stretches(train, sequence, layer, settings.regions, span, settings.sink, settings.augment, settings.noise, generator, settings.device, gates)
         loss, metrics = step_losses(network, batch, settings.windows, inv_freq, framed, weights, generator)
         optimizer.zero_grad()
         loss.backward()
@@ -352,7 +390,7 @@ def train_sidecar(network: SidecarNetwork, train: Trajectories, heldout: Traject
         progress.set_postfix(loss=f"{float(loss.detach()):.4f}", k=f"{metrics['key_norm_ratio']:.2f}", v=f"{metrics['value_norm_ratio']:.2f}", j=f"{metrics['jacobian_norm_ratio']:.2f}")
         if step % settings.eval_every == 0 or step == settings.steps:
             network.eval()
-            metrics = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings)
+            metrics = evaluate_sidecar(network, heldout, inv_freq, framed, weights, settings, gates)
             history.append({"step": step} | metrics)
             if metrics["objective"] < best[0]:
                 best = (metrics["objective"], {k: v.clone() for k, v in network.state_dict().items()}, step)
