@@ -13,8 +13,10 @@ from transformers import DynamicCache
 from kvcompress import ConfigError, SidecarCache, SidecarCompressor
 from kvcompress.attention_matching import attention_matching_merge
 from kvcompress.calibration.sidecar import (
+    DROPPED,
     KeptByGates,
     LossWeights,
+    StretchAttention,
     TrainingSettings,
     merge_stretches,
     reference_queries,
@@ -370,6 +372,16 @@ def test_training_with_gates_keeps_the_tokens_the_cache_keeps_and_merges_only_th
         tensor[:, inside.flatten()] += 3 * torch.randn(2, inside.numel(), 16) * kept[:, inside.flatten(), None]
     again = merge_stretches(network, dataclasses.replace(batch, keys=changed[0], values=changed[1]), 2, inv_freq, framed[1][None])
     assert torch.allclose(again.keys, merged.keys, atol=1e-5) and torch.allclose(again.values, merged.values, atol=1e-5)
+    windows = kept.clone()  # one slot a window: a slot is dropped exactly where its window is wholly kept, per head
+    windows[0, inside[0, :8]] = True
+    wholly = windows[:, inside].transpose(0, 1).reshape(3, 2, 2, 8).all(-1)  # [R, H, windows]
+    dropped = merge_stretches(_network(8, 1), dataclasses.replace(batch, kept=windows), 2, inv_freq, framed[1][None]).bias == DROPPED
+    assert bool(wholly[0, 0, 0]) and torch.equal(dropped, wholly)
+    split = dataclasses.replace(batch, kept=torch.stack([torch.ones_like(kept[0]), torch.zeros_like(kept[1])]))  # head 0 keeps all, head 1 none
+    attention = StretchAttention(split, merge_stretches(network, split, 2, inv_freq, framed[1][None]))
+    error = (attention.merged(batch.queries.expand(3, *batch.queries.shape)) - attention.dense(batch.queries)).norm(dim=-1)  # [R, H, G, Q]
+    valid = attention.valid.expand(error.shape)
+    assert float(error[:, 0][valid[:, 0]].max()) < 1e-4 and float(error[:, 1][valid[:, 1]].max()) > 1e-3
     every = dataclasses.replace(batch, kept=torch.ones_like(kept))  # every token kept: no slot stands for one, the step's context is dense
     with torch.enable_grad():
         _, metrics = step_losses(network, every, 2, inv_freq, framed, LossWeights(), torch.Generator().manual_seed(0), diagnose=True)

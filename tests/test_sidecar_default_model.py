@@ -17,16 +17,27 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, default_model):
+    from kvcompress.calibration import sidecar
     from kvcompress.calibration.cli import main
 
     directory = tmp_path_factory.mktemp("sidecar")
     output, trajectories = directory / "sidecar", directory / "trajectories"
-    main([
-        "calibrate", "--method", "sidecar", "--slots", "4", "--trajectories", str(trajectories), "--trajectory-sequences", "2",
-        "--heldout-sequences", "1", "--query-positions", "64", "--sidecar-steps", "20", "--eval-tokens", "256", "--output", str(output),
-        "--plot", str(directory / "training.png"), "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"), "--recall-facts", "2",
-        "--train-keep-ratio", "0.05",
-    ])
+    trained_with = []
+
+    def train(*args, gates=None, **kwargs):
+        trained_with.append(gates)
+        return train_sidecar(*args, gates=gates, **kwargs)
+
+    train_sidecar = sidecar.train_sidecar
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sidecar, "train_sidecar", train)
+        main([
+            "calibrate", "--method", "sidecar", "--slots", "4", "--trajectories", str(trajectories), "--trajectory-sequences", "2",
+            "--heldout-sequences", "1", "--query-positions", "64", "--sidecar-steps", "20", "--eval-tokens", "256", "--output", str(output),
+            "--plot", str(directory / "training.png"), "--gates", str(PRETRAINED_DIR / "smollm2-135m-instruct-gate"), "--recall-facts", "2",
+            "--train-keep-ratio", "0.05",
+        ])
+    assert [type(gates).__name__ for gates in trained_with] == ["KeptByGates"] and trained_with[0].keep_ratio == 0.05  # it trained on what they leave
     return output, trajectories, directory / "training.png"
 
 

@@ -239,8 +239,10 @@ def _mean_squared_cosine(vectors: torch.Tensor) -> torch.Tensor:
     return ((unit @ unit.transpose(-1, -2)).square().sum((-1, -2)) - count) / (count * (count - 1))
 
 
-def _mean_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.norm(dim=-1).mean()
+def _mean_norm(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean norm of the vectors of `t` ``[..., D]`` that `where` ``[...]`` selects (all of them where it selects none)."""
+    norms = t.norm(dim=-1)
+    return norms[where].mean() if bool(where.any()) else norms.mean()
 
 
 def step_losses(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq: torch.Tensor, references: torch.Tensor, weights: LossWeights,
@@ -264,9 +266,10 @@ def step_losses(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq:
         force = torch.autograd.grad((output[..., :real, :] * batch.output_grads).sum(), queries, create_graph=True)[0][..., :real, :]
         terms["force"] = _relative(force - batch.forces, batch.forces, valid[..., :real])
     local_jv = jvp(attention.local_merged, (queries.detach(),), (probe.expand_as(queries),))[1]
+    held = merged.bias > DROPPED  # slots standing for tokens, compared with the tokens merged (not those kept)
     ratios = {
-        "key_norm_ratio": _mean_norm(merged.keys) / _mean_norm(merged.dense_keys),
-        "value_norm_ratio": _mean_norm(merged.values) / _mean_norm(merged.dense_values),
+        "key_norm_ratio": _mean_norm(merged.keys, held) / _mean_norm(merged.dense_keys, ~merged.kept),
+        "value_norm_ratio": _mean_norm(merged.values, held) / _mean_norm(merged.dense_values, ~merged.kept),
         "jacobian_norm_ratio": (local_jv.norm(dim=-1) * valid).sum() / (local_dense_jv.norm(dim=-1) * valid).sum().clamp(min=1e-30),
     }
     terms["norm"] = ratios["key_norm_ratio"].log().square() + ratios["value_norm_ratio"].log().square()
