@@ -76,13 +76,15 @@ def prompt_ids(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator).to(DEVICE)
 
 
-def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, **kwargs):
-    """The generated tokens only."""
+def greedy(model, cache, input_ids, attention_mask=None, new_tokens=32, with_logits=False, **kwargs):
+    """The generated tokens only; `with_logits`: and the logits each was chosen from ([batch, new_tokens, vocab])."""
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=with_logits, output_logits=with_logits, **kwargs,
     )
+    if with_logits:
+        return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
     return out[:, input_ids.shape[1]:]
 
 

@@ -3,8 +3,9 @@
 Hypothesis draws the model (architecture, KV heads, GQA ratio 1/2/4, head_dim, layers), a cache with its settings,
 and the inputs (a left-padded batch of 2-3 rows, chunked prefill, a second chat turn on the same cache), and checks
 what the library promises: lossless settings generate what `DynamicCache` generates; a left-padded batch generates,
-row for row, what each row generates alone; `nbytes()` counts every storage the layers hold; token budgets hold
-after every forward; and bad settings are refused with a ValueError or TypeError that names them, never anything else.
+row for row, what each row generates alone (but for ties within float rounding); `nbytes()` counts every storage the
+layers hold; token budgets hold after every forward; and bad settings are refused with a ValueError or TypeError that
+names them, never anything else.
 
 KVCOMPRESS_PROPERTY_EXAMPLES sets the examples per test. Unset (CI), each test runs 100 derandomized examples: the
 same ones on every run, so CI does not flake and a failure reproduces. Set, every run draws fresh random examples
@@ -198,17 +199,22 @@ def inputs(draw, fewest: int = 2):
     return Inputs(width, padding, chunk, draw(st.integers(8, 16)), turn, draw(st.integers(0, 1000)))
 
 
-def converse(model, cache, inputs: Inputs, rows: slice = slice(None), drop_padding: bool = False) -> torch.Tensor:
-    """The tokens `cache` generates for `rows` of the batch (without their padding: one row alone), then for the second turn."""
+def converse(model, cache, inputs: Inputs, rows: slice = slice(None), drop_padding: bool = False, with_logits: bool = False):
+    """The tokens `cache` generates for `rows` of the batch (without their padding: one row alone), then for the second turn;
+    `with_logits`: and the logits each was chosen from."""
     ids, mask, turn = (t[rows] for t in inputs.tensors())
     if drop_padding:
         start = inputs.padding[rows.start]
         ids, mask = ids[:, start:], mask[:, start:]
-    reply = greedy(model, cache, ids, mask, new_tokens=inputs.new_tokens, prefill_chunk_size=inputs.chunk)
+    first = greedy(model, cache, ids, mask, new_tokens=inputs.new_tokens, prefill_chunk_size=inputs.chunk, with_logits=with_logits)
     if not inputs.turn:
-        return reply
+        return first
+    reply = first[0] if with_logits else first
     history, mask = torch.cat([ids, reply, turn], dim=1), torch.cat([mask, torch.ones_like(reply), torch.ones_like(turn)], dim=1)
-    return torch.cat([reply, greedy(model, cache, history, mask, new_tokens=inputs.new_tokens, prefill_chunk_size=inputs.chunk)], dim=1)
+    second = greedy(model, cache, history, mask, new_tokens=inputs.new_tokens, prefill_chunk_size=inputs.chunk, with_logits=with_logits)
+    if with_logits:
+        return tuple(torch.cat(pair, dim=1) for pair in zip(first, second))
+    return torch.cat([reply, second], dim=1)
 
 
 @contextlib.contextmanager
@@ -314,16 +320,28 @@ def test_lossless_settings_generate_what_dense_generates(model, inputs, data):
     assert torch.equal(converse(network, spec.build(model), inputs), dense)
 
 
+# A batch and a row alone multiply matrices of other shapes, so their floats round differently; a quantized cache can then
+# round a value to the neighbouring level (measured: one int8 code in 5,184, moving logits by 3e-4). Where two tokens' logits
+# are closer than TIE, the row may choose the other one alone (and continue another text); nowhere else.
+TIE = 1e-3
+
+
 @PROFILE
 @given(model=models(), inputs=inputs(), data=st.data())
 def test_a_left_padded_batch_generates_what_each_row_generates_alone(model, inputs, data):
-    """Each row compresses in its own real tokens (`kvcompress.cache`): padding and batch-mates change nothing."""
+    """Each row compresses in its own real tokens (`kvcompress.cache`): padding and batch-mates change nothing but float
+    rounding, which may break a tie (`TIE`)."""
     spec = data.draw(caches(model), label="cache")
     network = load(model)
-    together = converse(network, spec.build(model), inputs)
+    tokens, logits = converse(network, spec.build(model), inputs, with_logits=True)
     for row in range(len(inputs.padding)):
-        alone = converse(network, spec.build(model), inputs, slice(row, row + 1), drop_padding=True)
-        assert torch.equal(together[row], alone[0]), f"row {row} of the batch differs from the row alone"
+        alone, alone_logits = converse(network, spec.build(model), inputs, slice(row, row + 1), drop_padding=True, with_logits=True)
+        differ = (tokens[row] != alone[0]).nonzero()
+        if len(differ):  # from here on the row alone continues another text: only this step's logits compare
+            step, chosen = int(differ[0]), torch.stack([tokens[row], alone[0]])[:, int(differ[0])]
+            gaps = [float(scores[step, chosen].diff().abs()) for scores in (logits[row], alone_logits[0])]
+            assert max(gaps) < TIE, f"row {row} of the batch differs from the row alone at token {step}, where the two choices' logits are {gaps} apart"
+
 
 
 def _tensors(value):
