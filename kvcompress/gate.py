@@ -173,6 +173,14 @@ class GateCompressor(CompressorArtifact):
 
         return self.on_device("gates", device, build)
 
+    def probabilities(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each token's gate probability ``[n, H, k]`` from its rotated `keys` ``[n, H, k, D]`` at `positions` ``[n, k]`` (the
+        gates were trained on keys with RoPE undone), kept to 1/`SCORE_GRID`: what caches rank and threshold by."""
+        unrotated = rotate(keys.float(), positions, self.inv_freq(keys.device), inverse=True)
+        with torch.no_grad():
+            probabilities = torch.sigmoid(self.bank(keys.device).layer_logits(layer_idx, unrotated))
+        return (probabilities * SCORE_GRID).round() / SCORE_GRID  # equal keys score equal, whatever the rounding of the model
+
     @property
     def default_keep_ratio(self) -> float:
         """The share of tokens leaving the window that its caches keep when given neither ratio= nor keep_ratio=: the one it was
@@ -297,10 +305,7 @@ class GateKeep(KeepPolicy):
         return served
 
     def choose(self, layer: LayerView, blocks: Slots) -> Slots:
-        positions = blocks.token_ids[:, 0]
-        keys = rotate(blocks.keys.float(), positions, self.compressor.inv_freq(positions.device), inverse=True)
-        probabilities = torch.sigmoid(self.compressor.bank(keys.device).layer_logits(layer.layer_idx, keys))  # [n, H, k]
-        probabilities = (probabilities * SCORE_GRID).round() / SCORE_GRID  # equal keys score equal, whatever the rounding of the model
+        probabilities = self.compressor.probabilities(layer.layer_idx, blocks.keys, blocks.token_ids[:, 0])  # [n, H, k]
         if self.target is not None:  # every token is a candidate: `bound` keeps the most probable that fit
             if self.policy == "layer":  # a token's score is its best head's, so that every head ranks the same
                 probabilities = probabilities.amax(dim=1, keepdim=True).expand_as(probabilities)
@@ -308,7 +313,7 @@ class GateKeep(KeepPolicy):
                 return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities)
             keep = self.fits(layer, blocks, probabilities)
             return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)
-        keep = probabilities >= self.thresholds[layer.layer_idx].to(keys.device)[None, :, None]
+        keep = probabilities >= self.thresholds[layer.layer_idx].to(probabilities.device)[None, :, None]
         if self.policy == "layer":
             keep = keep.any(dim=1, keepdim=True).expand_as(keep)
         return Slots(blocks.rows, blocks.keys, blocks.values, blocks.token_ids, scores=probabilities, keep=keep)

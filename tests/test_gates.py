@@ -251,17 +251,11 @@ def test_a_batch_decides_like_its_rows_when_a_token_repeats_a_calibration_token(
 
 def _probabilities_of_prompt_keys(model, compressor, layer_idx, ids, first, count):
     """The gate probabilities (on the policy's 1/4096 grid) of prompt tokens first..first+count, from a dense run."""
-    from kvcompress.gate import SCORE_GRID
-    from kvcompress.rope import rotate
-
     dense = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, **cache_kwargs(dense))
     keys = dense.layers[layer_idx].keys[:, :, first : first + count]
-    positions = torch.arange(first, first + count, device=keys.device)[None]
-    unrotated = rotate(keys, positions, compressor.inv_freq(keys.device), inverse=True)
-    probabilities = torch.sigmoid(compressor.bank(keys.device).layer_logits(layer_idx, unrotated))[0].cpu()
-    return (probabilities * SCORE_GRID).round() / SCORE_GRID
+    return compressor.probabilities(layer_idx, keys, torch.arange(first, first + count, device=keys.device)[None])[0].cpu()
 
 
 def test_a_ratio_fills_each_heads_budget_with_its_most_probable_tokens(gated):

@@ -34,7 +34,7 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from kvcompress.attention_matching import MergedWindows, attention_matching_merge
-from kvcompress.gate import SCORE_GRID, GateCompressor
+from kvcompress.gate import GateCompressor
 from kvcompress.rope import rotate, to_window_frame, window_frame_references
 from kvcompress.sidecar import SidecarNetwork
 
@@ -72,11 +72,7 @@ class KeptByGates:
 
     def kept(self, keys: torch.Tensor, layer: int) -> torch.Tensor:
         """Which tokens ``[H, T]`` of one sequence's layer (keys ``[H, T, D]`` at positions 0..T-1) the gates keep."""
-        inv_freq = self.gates.inv_freq(keys.device)
-        unrotated = rotate(keys[None], torch.arange(keys.shape[1], device=keys.device)[None], inv_freq, inverse=True)
-        with torch.no_grad():
-            probabilities = torch.sigmoid(self.gates.bank(keys.device).layer_logits(layer, unrotated))[0]
-        probabilities = (probabilities * SCORE_GRID).round() / SCORE_GRID  # as the cache scores them
+        probabilities = self.gates.probabilities(layer, keys[None], torch.arange(keys.shape[1], device=keys.device)[None])[0]
         return probabilities >= self.thresholds[layer].to(keys.device)[:, None]
 
 
