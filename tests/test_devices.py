@@ -124,10 +124,12 @@ def test_every_method_calibrates_in_bfloat16_to_the_numbers_of_float32(method, s
 @pytest.mark.parametrize("method", ["kvsplice", "gate", "sidecar"])  # pca has no randomness beyond its samples, which kvsplice shares
 def test_the_same_seed_fits_the_same_compressor_and_another_seed_another(method, small_model_dir, tmp_path):
     """--seed: samples, recall statements, batches and initial weights follow it, so a calibration can be repeated exactly
-    and its spread over seeds measured; the artifact records the seed it was fitted with."""
+    and its spread over seeds measured; the artifact records the seed it was fitted with, and the caller's random state is left as it was."""
     def fit(name: str, seed: str) -> dict:
         extra = ["--trajectories", str(tmp_path / f"trajectories-{name}")] if method == "sidecar" else []
+        caller = torch.random.get_rng_state()
         _calibrate(small_model_dir, method, tmp_path / name, "--seed", seed, *extra)
+        assert torch.equal(torch.random.get_rng_state(), caller)  # the seed steers the fit alone, not the caller's random numbers
         artifact = kvcompress.hub.CompressorArtifact.from_pretrained(tmp_path / name)
         assert artifact.config["calibration"]["seed"] == int(seed)
         return artifact.tensors

@@ -137,8 +137,9 @@ def train_gates(
     labels = data.labels
     train_keys, train_labels = data.keys[:, ~held_out].to(device), labels[:, ~held_out]
     valid_keys, valid_labels = data.keys[:, held_out].to(device), labels[:, held_out].to(device)
-    torch.manual_seed(seed)
-    gates = GateBank(data.num_layers, data.num_heads, data.keys.shape[-1], hidden).to(device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed` without touching the caller's random state
+        torch.manual_seed(seed)
+        gates = GateBank(data.num_layers, data.num_heads, data.keys.shape[-1], hidden).to(device)
     scale = train_keys.std(dim=1, keepdim=True).clamp(min=1e-6)  # keys vary a lot in scale across heads; fold a per-dim scale into w1
     with torch.no_grad():
         gates.w1 /= scale.transpose(1, 2)
