@@ -17,7 +17,7 @@ a scale, seed 001's two failures):
 * ``jacobian``: ``J_merged v`` against ``J_dense v`` for random probes v (seed 002), by `torch.func.jvp`;
 * ``norm``: squared log ratio of super-key (super-value) norms to the window's own;
 * ``jacobian_ratio``: squared log ratio of the stretch's local Jacobian norms, merged over dense;
-* ``diversity``: squared cosine between the super-keys of one window (k > 1).
+* ``diversity``: squared cosine between the super-keys of one window (k > 1), beyond that of the keys they merge.
 
 **Diagnostics** (seed 001), on held-out sequences at every evaluation: K and V norm ratios, the
 attention entropy ratio, the local Jacobian norm ratio (merged/dense) and output cosines. A ratio
@@ -228,11 +228,13 @@ def _relative(error: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, 
     return (error.square().sum(-1) * mask).sum() / (reference.square().sum(-1) * mask).sum().clamp(min=1e-30)
 
 
-def _mean_squared_cosine(vectors: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine between distinct vectors of each set ``[..., n, D]`` -> ``[...]``."""
+def _mean_squared_cosine(vectors: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between distinct vectors of each set ``[..., n, D]`` -> ``[...]``, among those `present`
+    ``[..., n]`` (0 for a set with fewer than two)."""
     unit = torch.nn.functional.normalize(vectors, dim=-1)
-    count = vectors.shape[-2]
-    return ((unit @ unit.transpose(-1, -2)).square().sum((-1, -2)) - count) / (count * (count - 1))
+    distinct = ~torch.eye(vectors.shape[-2], dtype=torch.bool, device=vectors.device)
+    pairs = present[..., :, None] & present[..., None, :] & distinct
+    return ((unit @ unit.transpose(-1, -2)).square() * pairs).sum((-1, -2)) / pairs.sum((-1, -2)).clamp(min=1)
 
 
 def _mean_norm(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -271,9 +273,10 @@ def step_losses(network: SidecarNetwork, batch: Stretch, windows: int, inv_freq:
     terms["norm"] = ratios["key_norm_ratio"].log().square() + ratios["value_norm_ratio"].log().square()
     terms["jacobian_ratio"] = ratios["jacobian_norm_ratio"].log().square()
     if network.slots > 1:
-        merged_similarity = _mean_squared_cosine(merged.keys.view(regions, merged.keys.shape[1], windows, network.slots, -1))
-        dense_similarity = _mean_squared_cosine(merged.dense_keys.view(regions, merged.keys.shape[1], windows, network.window, -1))
-        terms["diversity"] = torch.relu(merged_similarity - dense_similarity).mean()  # no more alike than the window's own keys
+        by_window = lambda t, size: t.reshape(regions, t.shape[1], windows, size, *t.shape[3:])  # noqa: E731
+        merged_similarity = _mean_squared_cosine(by_window(merged.keys, network.slots), by_window(held, network.slots))
+        dense_similarity = _mean_squared_cosine(by_window(merged.dense_keys, network.window), by_window(~merged.kept, network.window))
+        terms["diversity"] = torch.relu(merged_similarity - dense_similarity).mean()  # no more alike than the window's merged keys
     if diagnose:
         with torch.no_grad():
             real_valid = valid[..., :real].expand(output[..., :real, 0].shape).bool()
