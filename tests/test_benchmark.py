@@ -346,3 +346,36 @@ def test_merging_evicted_tokens_into_kept_slots_keeps_every_tokens_mass_and_off_
     reference = GatedCache(gates, ratio=4, context=100)
     feed(reference)
     assert all(torch.equal(a.store["values"], b.store["values"]) for a, b in zip(plain.layers, reference.layers))
+
+
+def test_lowering_the_merged_slots_bias_changes_only_their_bias():
+    """benchmarks/merged_slot_value.py: a shift lowers the logit bias of keep-and-merge's merged slots by exactly that much,
+    and holds the same slots (the same memory); at shift 0 the cache is the plain one."""
+    import merged_slot_value
+    import torch
+    from conftest import prompt_ids, tiny_model
+    from test_gates import tiny_gates
+    from test_sidecar import untrained_sidecar
+
+    from kvcompress import SidecarCache, cache_kwargs
+    from kvcompress.slots import SYNTHESIZED
+
+    model = tiny_model("llama")
+    compressor, ids = untrained_sidecar(model).with_gates(tiny_gates(model)), prompt_ids(120)
+
+    @torch.no_grad()
+    def filled(shift):
+        cache = SidecarCache(compressor, ratio=2, context=120, merge="attention_matching")
+        if shift is not None:
+            merged_slot_value.shifted(cache, shift)
+        model(input_ids=ids[:, :100], **cache_kwargs(cache))  # a prefill attends exactly; the next tokens see the merged slots
+        return cache, model(input_ids=ids[:, 100:], **cache_kwargs(cache)).logits
+
+    (plain, plain_logits), (_, unshifted_logits), (lowered, lowered_logits) = filled(None), filled(0.0), filled(5.0)
+    assert torch.equal(unshifted_logits, plain_logits) and not torch.allclose(lowered_logits, plain_logits)
+    before, after = plain.layers[0], lowered.layers[0]  # its keys come from the embeddings, which no shift changes
+    token_ids = before.store["token_ids"]
+    assert torch.equal(after.store["token_ids"], token_ids) and bool((token_ids == SYNTHESIZED).any())
+    difference = (before.store["bias"] - after.store["bias"])[token_ids != -1]
+    assert torch.allclose(difference, 5.0 * (token_ids[token_ids != -1] == SYNTHESIZED), atol=1e-5)
+    assert lowered.nbytes() == plain.nbytes()

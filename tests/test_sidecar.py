@@ -475,34 +475,3 @@ def test_keep_and_merge_refuses_what_it_cannot_do(tiny):
     with pytest.raises(TypeError, match="with_gates needs a GateCompressor"):
         plain.with_gates(plain)
 
-
-def test_lowering_the_merged_slots_bias_changes_only_their_bias():
-    """benchmarks/merged_slot_value.py: a shift lowers the logit bias of keep-and-merge's merged slots by exactly that much,
-    and holds the same slots (the same memory); at shift 0 the cache is the plain one."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import merged_slot_value
-
-    from kvcompress import cache_kwargs
-
-    model = tiny_model("llama")
-    compressor, ids = untrained_sidecar(model).with_gates(tiny_gates(model)), prompt_ids(120)
-
-    @torch.no_grad()
-    def filled(shift):
-        cache = SidecarCache(compressor, ratio=2, context=120, merge="attention_matching")
-        if shift is not None:
-            merged_slot_value.shifted(cache, shift)
-        model(input_ids=ids[:, :100], **cache_kwargs(cache))  # a prefill attends exactly; the next tokens see the merged slots
-        return cache, model(input_ids=ids[:, 100:], **cache_kwargs(cache)).logits
-
-    (plain, plain_logits), (_, unshifted_logits), (lowered, lowered_logits) = filled(None), filled(0.0), filled(5.0)
-    assert torch.equal(unshifted_logits, plain_logits) and not torch.allclose(lowered_logits, plain_logits)
-    before, after = plain.layers[0], lowered.layers[0]  # its keys come from the embeddings, which no shift changes
-    token_ids = before.store["token_ids"]
-    assert torch.equal(after.store["token_ids"], token_ids) and bool((token_ids == SYNTHESIZED).any())
-    difference = (before.store["bias"] - after.store["bias"])[token_ids != -1]
-    assert torch.allclose(difference, 5.0 * (token_ids[token_ids != -1] == SYNTHESIZED), atol=1e-5)
-    assert lowered.nbytes() == plain.nbytes()
