@@ -338,10 +338,10 @@ def test_a_left_padded_batch_generates_what_each_row_generates_alone(model, inpu
         alone, alone_logits = converse(network, spec.build(model), inputs, slice(row, row + 1), drop_padding=True, with_logits=True)
         differ = (tokens[row] != alone[0]).nonzero()
         if len(differ):  # from here on the row alone continues another text: only this step's logits compare
-            step, chosen = int(differ[0]), torch.stack([tokens[row], alone[0]])[:, int(differ[0])]
+            step = int(differ[0])
+            chosen = torch.stack([tokens[row, step], alone[0, step]])
             gaps = [float(scores[step, chosen].diff().abs()) for scores in (logits[row], alone_logits[0])]
             assert max(gaps) < TIE, f"row {row} of the batch differs from the row alone at token {step}, where the two choices' logits are {gaps} apart"
-
 
 
 def _tensors(value):
